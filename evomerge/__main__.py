@@ -1,0 +1,5 @@
+import sys
+
+from evomerge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,138 @@
+"""`evomerge` command line. User errors print one line on stderr and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from evomerge import __version__, environment
+
+EXIT_USAGE = 2
+PRESET_NAMES = ("default", "micro")  # evomerge.zoo.spec.PRESETS, without importing torch at start-up
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
+
+
+def _print(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_zoo_build(args) -> int:
+    from pydantic import ValidationError
+
+    from evomerge.zoo.build import build_zoo
+    from evomerge.zoo.spec import PRESETS
+
+    overrides = {k: v for k, v in (("seed", args.seed), ("architecture", args.architecture)) if v is not None}
+    try:
+        spec = PRESETS[args.preset].model_copy(update=overrides)
+        spec = type(spec).model_validate(spec.model_dump())
+    except ValidationError as e:
+        raise UserError(f"zoo spec: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+    try:
+        manifest = build_zoo(args.out, spec, progress=_print)
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
+    for m in manifest["models"]:
+        print(f"{m['name']:<14} {args.out}/{m['path']}  ({m['parameters']:,} parameters)")
+    print(f"content hash {manifest['content_hash'][:16]}")
+    return 0
+
+
+def cmd_zoo_tasks(args) -> int:
+    from evomerge.zoo.tasks import write_task_files
+
+    for path in write_task_files(args.out):
+        print(path)
+    return 0
+
+
+def cmd_zoo_eval(args) -> int:
+    from evomerge.zoo.quality import evaluate_zoo
+
+    try:
+        report = evaluate_zoo(args.zoo, args.tasks, split=args.split, limit=args.limit)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    print(f"scores on the {args.split} split (exact_match / acc, 0..1); merge = task arithmetic, lambda 1")
+    print(report.table())
+    pairs = ", ".join(f"{a}+{b}" for a, b in report.winning_pairs) or "none"
+    print(f"merges that beat both of their experts on the mean of the two skills: {pairs}")
+    if report.ok:
+        print("zoo quality: OK")
+        return 0
+    for failure in report.failures:
+        print(f"zoo quality: {failure}")
+    return 1 if args.strict else 0
+
+
+def cmd_eval(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate.lmeval import TaskError, TaskSuite, wrap_model
+    from evomerge.models.loading import ModelLoadError, load_causal_lm
+
+    try:
+        suite = TaskSuite(args.task, limit=args.limit)
+        model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+    except (TaskError, ModelLoadError) as e:
+        raise UserError(str(e)) from None
+    scores = suite.scores(wrap_model(model, tokenizer, batch_size=args.batch_size))
+    for name, value in scores.items():
+        print(f"{name}\t{value:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
+    parser.add_argument("--offline", action="store_true", help="never contact a model or dataset hub")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="the offline model zoo").add_subparsers(dest="zoo_command", required=True)
+    p = zoo.add_parser("build", help="train the tokenizer, base and experts (cached)")
+    p.add_argument("--out", required=True, type=Path, help="zoo directory")
+    p.add_argument("--preset", choices=sorted(PRESET_NAMES), default="default",
+                   help="default: the demo zoo; micro: seconds, learns nothing (smoke tests)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--architecture", choices=["llama", "qwen2"])
+    p.set_defaults(func=cmd_zoo_build)
+    p = zoo.add_parser("tasks", help="(re)write the zoo's lm-eval task files")
+    p.add_argument("--out", type=Path, default=Path("evaluators/zoo"))
+    p.set_defaults(func=cmd_zoo_tasks)
+    p = zoo.add_parser("eval", help="score base, experts and pairwise merges; check the zoo's quality")
+    p.add_argument("zoo", type=Path)
+    p.add_argument("--tasks", type=Path, default=Path("evaluators/zoo"))
+    p.add_argument("--split", choices=["search", "report"], default="search")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--strict", action="store_true", help="exit 1 when a quality property fails")
+    p.set_defaults(func=cmd_zoo_eval)
+
+    p = sub.add_parser("eval", help="score one model on lm-eval tasks")
+    p.add_argument("model", help="local model directory or hub id")
+    p.add_argument("--task", action="append", required=True, help="task YAML path or built-in name")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    environment.configure(offline=args.offline or None)
+    try:
+        return args.func(args)
+    except UserError as e:
+        _print(f"evomerge: error: {e}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _print("evomerge: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

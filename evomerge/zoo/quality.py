@@ -1,0 +1,106 @@
+"""Does the zoo demonstrate merging? Score every model, and task-arithmetic merges of expert pairs.
+
+The two properties the product is demonstrated on:
+1. each expert beats the base on its own skill by at least ``margin``;
+2. a task-arithmetic merge (lambda = 1) of two experts scores above each of the two experts on the
+   mean of the two skills: required of at least one pair; every pair is scored and reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+import torch
+
+from evomerge.evaluate.lmeval import TaskSuite, wrap_model
+from evomerge.merge.operators import task_arithmetic
+from evomerge.zoo.build import load_manifest
+from evomerge.zoo.tasks import task_name
+
+#: An expert must beat the base on its skill by this much (absolute score, 0..1).
+MARGIN = 0.05
+
+
+@dataclass
+class ZooReport:
+    skills: list[str]
+    #: model or merge name -> skill -> score on the split (0..1).
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    #: Expert pairs whose merge beats both experts on the mean of the two skills.
+    winning_pairs: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def table(self) -> str:
+        width = max(len(n) for n in self.scores) + 2
+        head = "model".ljust(width) + "".join(s.rjust(8) for s in self.skills)
+        rows = [head, "-" * len(head)]
+        for name, row in self.scores.items():
+            rows.append(name.ljust(width) + "".join(f"{row[s]:8.3f}" for s in self.skills))
+        return "\n".join(rows)
+
+
+def _mean(row: dict[str, float], keys: tuple[str, ...]) -> float:
+    return sum(row[k] for k in keys) / len(keys)
+
+
+def evaluate_zoo(
+    zoo_dir: str | Path, tasks_dir: str | Path, split: str = "search", limit: int | None = None,
+    merge_weight: float = 1.0, batch_size: int = 64,
+) -> ZooReport:
+    """Score base, experts and every expert pair's task-arithmetic merge on ``split``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    zoo_dir, tasks_dir = Path(zoo_dir), Path(tasks_dir)
+    manifest = load_manifest(zoo_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{zoo_dir}: no zoo manifest (build it with `evomerge zoo build`)")
+    experts = {m["skill"]: m for m in manifest["models"] if m["role"] == "expert"}
+    skill_names = list(experts)
+    suite = TaskSuite([tasks_dir / f"{task_name(s, split)}.yaml" for s in skill_names], limit=limit)
+
+    base_path = zoo_dir / "base"
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path, use_safetensors=True).eval()
+    lm = wrap_model(model, tokenizer, batch_size=batch_size)
+    states = {"base": {k: v.clone() for k, v in model.state_dict().items()}}
+    for skill, entry in experts.items():
+        from safetensors.torch import load_file
+
+        states[skill] = load_file(zoo_dir / entry["path"] / "model.safetensors")
+
+    report = ZooReport(skills=skill_names)
+
+    def score(name: str, state: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(state, strict=False)
+        by_task = suite.scores(lm)
+        report.scores[name] = {s: by_task[task_name(s, split)] for s in skill_names}
+
+    score("base", states["base"])
+    for skill in skill_names:
+        score(f"expert-{skill}", states[skill])
+    for a, b in combinations(skill_names, 2):
+        merged = {
+            k: task_arithmetic(base, [states[a][k], states[b][k]], [merge_weight, merge_weight])
+            for k, base in states["base"].items() if k in states[a]
+        }
+        score(f"merge({a}+{b})", merged)
+    model.load_state_dict(states["base"])
+
+    base_row = report.scores["base"]
+    for skill in skill_names:
+        gain = report.scores[f"expert-{skill}"][skill] - base_row[skill]
+        if gain < MARGIN:
+            report.failures.append(f"expert-{skill} beats the base on {skill} by only {gain:+.3f}")
+    for a, b in combinations(skill_names, 2):
+        merged = _mean(report.scores[f"merge({a}+{b})"], (a, b))
+        if all(merged > _mean(report.scores[f"expert-{e}"], (a, b)) for e in (a, b)):
+            report.winning_pairs.append((a, b))
+    if len(skill_names) > 1 and not report.winning_pairs:
+        report.failures.append("no pair of experts merges into a model that beats both on their mean")
+    return report
