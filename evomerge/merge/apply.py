@@ -1,0 +1,140 @@
+"""In-memory materialization: write a recipe's merge into a resident model's parameters in place.
+
+``ResidentMerge`` holds, on the model's device, the base weights and each expert's ``DeltaStats``
+(task vector plus lazily computed magnitude order, prefix sums, seeded uniform fields). Those are
+computed on the first candidate that needs them and reused by every later one, so a TIES, DARE,
+breadcrumbs or DELLA candidate is a handful of elementwise ops per tensor, like a linear one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from evomerge.merge.methods import DeltaStats, MergeError, field_seed, merge_tensor
+from evomerge.merge.plan import RecipePlan
+from evomerge.recipe import Recipe
+
+
+def compute_tensor(
+    plan: RecipePlan,
+    name: str,
+    base: torch.Tensor | None,
+    inputs: list[torch.Tensor] | None = None,
+    stats: list[DeltaStats] | None = None,
+) -> torch.Tensor:
+    """The merged float32 tensor ``name``: from the inputs' tensors, or their resident stats."""
+    method = plan.method
+    params = plan.resolve(name)
+    if method.family == "task_vector":
+        if stats is None:
+            seed = plan.recipe.evomerge.seed
+            stats = [DeltaStats(x.float() - base.float(), field_seed(seed, name, m))
+                     for x, m in zip(inputs, plan.inputs)]
+        merged = merge_tensor(method, base, stats, params.shared, list(params.per_model))
+    else:
+        if inputs is None:
+            inputs = [base + s.delta for s in stats]
+        merged = merge_tensor(method, None if method.family == "linear" else base, inputs,
+                              params.shared, list(params.per_model))
+    if params.lines_scale is not None and params.lines_scale != 1.0:
+        merged = base.float() + params.lines_scale * (merged - base.float())
+    return merged
+
+
+@dataclass
+class MaterializeResult:
+    seconds: float
+    #: Tensors whose merge holds NaN or inf (the model then holds them too: score it as failed).
+    nonfinite: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.nonfinite
+
+
+class ResidentMerge:
+    """A model object plus resident base weights and experts' task vectors.
+
+    ``model``: a module with the base's architecture (its parameters are overwritten);
+    ``base``: the base's state dict; ``experts``: model name -> state dict. All tensors are kept in
+    float32 on ``model``'s device. Recipes must name the base ``base_name`` and experts by the keys
+    of ``experts``.
+    """
+
+    def __init__(self, model: torch.nn.Module, base: dict[str, torch.Tensor],
+                 experts: dict[str, dict[str, torch.Tensor]], base_name: str = "base",
+                 num_layers: int | None = None):
+        self.model = model
+        self.base_name = base_name
+        self.num_layers = num_layers or int(getattr(model.config, "num_hidden_layers"))
+        device = next(model.parameters()).device
+        self.params = dict(model.named_parameters())
+        missing = [n for n in self.params if n not in base]
+        if missing:
+            raise MergeError(f"base state has no tensor '{missing[0]}' of the model")
+        self.base = {n: base[n].to(device=device, dtype=torch.float32) for n in self.params}
+        self.experts = list(experts)
+        self.stats: dict[str, list[DeltaStats]] = {}
+        self._seed: int | None = None
+        for name in self.params:
+            row = []
+            for expert, state in experts.items():
+                if name not in state:
+                    raise MergeError(f"expert '{expert}' has no tensor '{name}'")
+                if state[name].shape != self.base[name].shape:
+                    raise MergeError(f"expert '{expert}': tensor '{name}' has shape "
+                                     f"{tuple(state[name].shape)}, base has {tuple(self.base[name].shape)}")
+                delta = state[name].to(device=device, dtype=torch.float32) - self.base[name]
+                row.append(DeltaStats(delta, 0))
+            self.stats[name] = row
+
+    def _reseed(self, seed: int) -> None:
+        if seed == self._seed:
+            return
+        for name, row in self.stats.items():
+            for s, expert in zip(row, self.experts):
+                s.seed = field_seed(seed, name, expert)
+                s._uniform = None
+        self._seed = seed
+
+    def plan(self, recipe: Recipe) -> RecipePlan:
+        plan = RecipePlan(recipe, self.num_layers)
+        if recipe.base_model not in (None, self.base_name):
+            raise MergeError(f"recipe base_model '{recipe.base_model}' is not the resident base '{self.base_name}'")
+        unknown = [m for m in plan.inputs if m not in self.experts and m != self.base_name]
+        if unknown:
+            raise MergeError(f"recipe model '{unknown[0]}' is not resident; have: {', '.join(self.experts)}")
+        return plan
+
+    @torch.no_grad()
+    def materialize(self, recipe: Recipe, check_finite: bool = True) -> MaterializeResult:
+        """Write the recipe's merge into the model's parameters; returns timing and NaN/inf tensors."""
+        started = time.perf_counter()
+        plan = self.plan(recipe)
+        self._reseed(recipe.evomerge.seed)
+        index = {m: i for i, m in enumerate(self.experts)}
+        zero = None
+        nonfinite = []
+        for name, param in self.params.items():
+            base = self.base[name]
+            row = self.stats[name]
+            stats = []
+            for m in plan.inputs:
+                if m == self.base_name:  # linear may weight the base like any input
+                    zero = DeltaStats(torch.zeros_like(base), 0) if zero is None or zero.delta.shape != base.shape else zero
+                    stats.append(zero)
+                else:
+                    stats.append(row[index[m]])
+            merged = compute_tensor(plan, name, base, stats=stats)
+            if check_finite and not torch.isfinite(merged).all():
+                nonfinite.append(name)
+            param.copy_(merged)
+        return MaterializeResult(time.perf_counter() - started, nonfinite)
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        for name, param in self.params.items():
+            param.copy_(self.base[name])
