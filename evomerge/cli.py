@@ -86,6 +86,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from evomerge.merge.methods import MergeError
+    from evomerge.merge.ondisk import merge_to_disk, parse_size
+    from evomerge.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe)
+        out = merge_to_disk(recipe, args.out, allow_pickle=args.allow_pickle, overwrite=args.force,
+                            shard_bytes=parse_size(args.shard_size), progress=not args.quiet,
+                            device=args.device)
+    except (RecipeError, MergeError) as e:
+        raise UserError(f"{args.recipe}: {e}" if not str(e).startswith(str(args.recipe)) else str(e)) from None
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
@@ -110,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--strict", action="store_true", help="exit 1 when a quality property fails")
     p.set_defaults(func=cmd_zoo_eval)
+
+    p = sub.add_parser("merge", help="merge a recipe (mergekit-compatible YAML) from disk to disk")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="output model directory")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickled .bin checkpoints (they can execute code)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--shard-size", default="2GB", help="largest output shard (default 2GB)")
+    p.add_argument("--device", default="cpu", help="where to compute (cpu, cuda, cuda:1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("eval", help="score one model on lm-eval tasks")
     p.add_argument("model", help="local model directory or hub id")

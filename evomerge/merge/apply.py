@@ -21,26 +21,20 @@ from evomerge.recipe import Recipe
 def compute_tensor(
     plan: RecipePlan,
     name: str,
-    base: torch.Tensor | None,
+    base: torch.Tensor,
     inputs: list[torch.Tensor] | None = None,
     stats: list[DeltaStats] | None = None,
 ) -> torch.Tensor:
-    """The merged float32 tensor ``name``: from the inputs' tensors, or their resident stats."""
-    method = plan.method
+    """The merged float32 tensor ``name`` from the plan's inputs, given either their tensors
+    (``inputs``, in ``plan.inputs`` order) or their resident task-vector ``stats``."""
     params = plan.resolve(name)
-    if method.family == "task_vector":
-        if stats is None:
-            seed = plan.recipe.evomerge.seed
-            stats = [DeltaStats(x.float() - base.float(), field_seed(seed, name, m))
-                     for x, m in zip(inputs, plan.inputs)]
-        merged = merge_tensor(method, base, stats, params.shared, list(params.per_model))
-    else:
-        if inputs is None:
-            inputs = [base + s.delta for s in stats]
-        merged = merge_tensor(method, None if method.family == "linear" else base, inputs,
-                              params.shared, list(params.per_model))
+    base = base.float()
+    if stats is None:
+        seed = plan.recipe.evomerge.seed
+        stats = [DeltaStats(x.float() - base, field_seed(seed, name, i)) for i, x in enumerate(inputs)]
+    merged = merge_tensor(plan.method, base, stats, params.shared, list(params.per_model))
     if params.lines_scale is not None and params.lines_scale != 1.0:
-        merged = base.float() + params.lines_scale * (merged - base.float())
+        merged.sub_(base).mul_(params.lines_scale).add_(base)
     return merged
 
 
@@ -78,7 +72,7 @@ class ResidentMerge:
         self.base = {n: base[n].to(device=device, dtype=torch.float32) for n in self.params}
         self.experts = list(experts)
         self.stats: dict[str, list[DeltaStats]] = {}
-        self._seed: int | None = None
+        self._field_keys: dict[str, tuple[int, int]] = {}
         for name in self.params:
             row = []
             for expert, state in experts.items():
@@ -91,14 +85,18 @@ class ResidentMerge:
                 row.append(DeltaStats(delta, 0))
             self.stats[name] = row
 
-    def _reseed(self, seed: int) -> None:
-        if seed == self._seed:
-            return
-        for name, row in self.stats.items():
-            for s, expert in zip(row, self.experts):
-                s.seed = field_seed(seed, name, expert)
+    def _reseed(self, seed: int, order: list[str]) -> None:
+        """Random fields are seeded by (seed, tensor, input position): redraw those that moved."""
+        for position, expert in enumerate(order):
+            if expert == self.base_name or self._field_keys.get(expert) == (seed, position):
+                continue
+            i = self.experts.index(expert)
+            for name, row in self.stats.items():
+                s = row[i]
+                s.seed = field_seed(seed, name, position)
                 s._uniform = None
-        self._seed = seed
+                s._della = None
+            self._field_keys[expert] = (seed, position)
 
     def plan(self, recipe: Recipe) -> RecipePlan:
         plan = RecipePlan(recipe, self.num_layers)
@@ -114,20 +112,15 @@ class ResidentMerge:
         """Write the recipe's merge into the model's parameters; returns timing and NaN/inf tensors."""
         started = time.perf_counter()
         plan = self.plan(recipe)
-        self._reseed(recipe.evomerge.seed)
+        self._reseed(recipe.evomerge.seed, plan.inputs)
         index = {m: i for i, m in enumerate(self.experts)}
-        zero = None
         nonfinite = []
         for name, param in self.params.items():
             base = self.base[name]
             row = self.stats[name]
-            stats = []
-            for m in plan.inputs:
-                if m == self.base_name:  # linear may weight the base like any input
-                    zero = DeltaStats(torch.zeros_like(base), 0) if zero is None or zero.delta.shape != base.shape else zero
-                    stats.append(zero)
-                else:
-                    stats.append(row[index[m]])
+            # linear may weight the base like any input: a zero task vector
+            stats = [row[index[m]] if m != self.base_name else DeltaStats(torch.zeros_like(base), 0)
+                     for m in plan.inputs]
             merged = compute_tensor(plan, name, base, stats=stats)
             if check_finite and not torch.isfinite(merged).all():
                 nonfinite.append(name)

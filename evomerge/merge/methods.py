@@ -7,14 +7,17 @@ computed lazily: the in-memory path keeps it resident across candidates, so a de
 the sorted magnitudes rather than a sort; the on-disk path builds it per tensor and drops it.
 
 Semantics follow mergekit's (its ``merge_state_dicts`` is the test oracle) except where noted:
-DARE rescales kept entries by 1/density (the paper's 1/(1-p)), and random masks come from a seeded
-generator per (seed, tensor, model) instead of the global RNG, so a merge is reproducible.
+random masks come from a seeded generator per (seed, tensor, input position) instead of the global
+RNG, so a merge is reproducible. Rescaling after a random drop restores the delta's L1 norm, as
+mergekit does (for DARE this is about 1/density, the paper's 1/(1-p)); the L1 norm a draw keeps is
+a lookup in prefix sums sorted by the draw's keys, so it costs no extra pass.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,38 +151,46 @@ def get_method(name: str) -> Method:
 
 # --- per-(tensor, model) statistics -------------------------------------------------------------
 
-def field_seed(seed: int, tensor_name: str, model: str) -> int:
-    """The generator seed of one random field: stable across processes and platforms."""
-    digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model}".encode()).digest()
+def field_seed(seed: int, tensor_name: str, position: int) -> int:
+    """The generator seed of the random field of the ``position``-th input model (recipe order) for
+    one tensor: independent of where the model is stored; stable across processes and platforms."""
+    digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{position}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _sort_desc(values: torch.Tensor) -> torch.Tensor:
+    """Flat descending sort; numpy's sort is an order of magnitude faster than torch's on CPU."""
+    if values.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.sort(values.reshape(-1).numpy())[::-1].copy())
+    return torch.sort(values.reshape(-1), descending=True).values
 
 
 @dataclass
 class DeltaStats:
     """One model's task vector for one tensor, and what any density or drop mask needs of it.
 
-    Everything but ``delta`` is computed on first use and kept (float32, shape of the tensor unless
-    noted). ``seed`` fixes the uniform field behind random masks.
+    ``delta`` is float32 in the tensor's shape. The rest is computed on first use and kept:
+    magnitudes sorted descending (a density's threshold is then one lookup), their float64 prefix
+    sums (the L1 norm kept by any top-k mask), the L1 norm, the uniform field of random masks
+    (seeded by ``seed``) and DELLA's per-row magnitude ranks.
     """
 
     delta: torch.Tensor
     seed: int
-    _abs: torch.Tensor | None = field(default=None, repr=False)
-    _sorted: torch.Tensor | None = field(default=None, repr=False)  # |delta| descending, flat
-    _cumsum: torch.Tensor | None = field(default=None, repr=False)  # float64 prefix sums of _sorted
+    _sorted: torch.Tensor | None = field(default=None, repr=False)
+    _cumsum: torch.Tensor | None = field(default=None, repr=False)
+    _l1: float | None = field(default=None, repr=False)
     _uniform: torch.Tensor | None = field(default=None, repr=False)
     _della_rank: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def abs(self) -> torch.Tensor:
-        if self._abs is None:
-            self._abs = self.delta.abs()
-        return self._abs
+    _dots: tuple[float, float] | None = field(default=None, repr=False)
+    _della: tuple | None = field(default=None, repr=False)
 
     @property
     def sorted_desc(self) -> torch.Tensor:
         if self._sorted is None:
-            self._sorted = torch.sort(self.abs.reshape(-1), descending=True).values
+            self._sorted = _sort_desc(self.delta.abs())
         return self._sorted
 
     def top_sum(self, k: int) -> float:
@@ -189,6 +200,12 @@ class DeltaStats:
         if self._cumsum is None:
             self._cumsum = torch.cumsum(self.sorted_desc.double(), 0)
         return float(self._cumsum[k - 1])
+
+    @property
+    def l1(self) -> float:
+        if self._l1 is None:
+            self._l1 = float(self.delta.abs().sum(dtype=torch.float64))
+        return self._l1
 
     @property
     def uniform(self) -> torch.Tensor:
@@ -201,168 +218,268 @@ class DeltaStats:
     def della_rank(self) -> torch.Tensor:
         """Magnitude rank of each entry within its row, scaled to [0, 1] (rows: dim 1 of 2-D)."""
         if self._della_rank is None:
-            mags = self.abs if self.abs.dim() >= 2 else self.abs.unsqueeze(0)
-            ranks = mags.argsort(dim=1).argsort(dim=1).float()
+            mags = self.delta.abs()
+            mags = mags if mags.dim() >= 2 else mags.unsqueeze(0)
+            order = mags.argsort(dim=1)
+            ranks = torch.empty_like(order)
+            ranks.scatter_(1, order, torch.arange(mags.shape[1], device=mags.device).expand_as(order))
             span = (mags.shape[1] - 1) or 1
-            self._della_rank = (ranks / span).reshape(self.delta.shape)
+            self._della_rank = (ranks.float() / span).reshape(self.delta.shape)
         return self._della_rank
 
+    def drop_key(self, eps: float) -> torch.Tensor:
+        """Random drop keeps an entry iff key < density - eps, with key = u - 2 eps * rank: DARE is
+        eps = 0 (keep with probability density); DELLA's keep probability rises linearly with the
+        entry's magnitude rank in its row. Cached for the last eps, with the keys sorted and prefix
+        sums of |delta| in key order, so the L1 norm any threshold keeps is a lookup."""
+        if self._della is None or self._della[0] != eps:
+            key = self.uniform if eps == 0 else self.uniform - self.della_rank * (2 * eps)
+            flat = key.reshape(-1)
+            if flat.device.type == "cpu":
+                import numpy as np
 
-def _l1_scale(stats: DeltaStats, kept: torch.Tensor) -> float:
-    """Factor that restores the L1 norm of the delta after a mask (1 when either norm is ~0)."""
-    before = float(stats.abs.sum(dtype=torch.float64))
-    after = float(kept.abs().sum(dtype=torch.float64))
-    return 1.0 if before < 1e-7 or after < 1e-7 else before / after
+                order = torch.from_numpy(np.argsort(flat.numpy()))  # ties: any order, same prefix sums
+            else:
+                order = torch.argsort(flat)
+            self._della = (eps, key, flat[order], torch.cumsum(self.delta.reshape(-1)[order].abs().double(), 0))
+        return self._della[1]
 
+    def kept_l1(self, eps: float, lo: float) -> float:
+        """L1 norm of the entries a drop mask with threshold ``lo`` keeps (exact, O(log n))."""
+        self.drop_key(eps)
+        _, _, keys_sorted, cum = self._della
+        k = int(torch.searchsorted(keys_sorted, torch.tensor([lo], dtype=keys_sorted.dtype)).item())
+        return float(cum[k - 1]) if k > 0 else 0.0
 
-def sparsified(stats: DeltaStats, kind: str, p: dict[str, float], rescale: bool) -> torch.Tensor:
-    """The delta with the method's mask applied (and rescaled if asked); may alias stats.delta."""
-    delta = stats.delta
-    density = p.get("density", 1.0)
-    n = delta.numel()
-    if kind == "magnitude":
-        if density >= 1:
-            return delta
-        if density <= 0 or n == 0:
-            return torch.zeros_like(delta)
-        k = max(1, int(density * n))
-        kept = torch.where(stats.abs >= stats.sorted_desc[k - 1], delta, 0.0)
-        if rescale:
-            before, after = float(stats.abs.sum(dtype=torch.float64)), stats.top_sum(k)
-            if before >= 1e-7 and after >= 1e-7:
-                kept.mul_(before / after)
-        return kept
-    if kind == "outliers":
-        if density >= 1:
-            return delta
-        target = int(density * n)
-        n_top = min(int(p.get("gamma", 0.01) * n), n - target)
-        if target == 0:
-            return torch.zeros_like(delta)
-        hi, lo = stats.sorted_desc[n_top], stats.sorted_desc[n_top + target - 1]
-        kept = torch.where((stats.abs <= hi) & (stats.abs >= lo), delta, 0.0)
-        if rescale:
-            after = stats.top_sum(n_top + target) - stats.top_sum(n_top)
-            before = float(stats.abs.sum(dtype=torch.float64))
-            if before >= 1e-7 and after >= 1e-7:
-                kept.mul_(before / after)
-        return kept
-    if kind == "random":
-        if density >= 1:
-            return delta
-        kept = torch.where(stats.uniform < density, delta, 0.0)
-        if rescale and density > 0:
-            kept.mul_(1.0 / density)
-        return kept
-    if kind == "della":
-        if density >= 1:
-            return delta
-        if density <= 0:
-            return torch.zeros_like(delta)
-        eps = p.get("epsilon", 0.15)
-        if density + eps >= 1 or density - eps <= 0:
-            raise MergeError(f"della: density {density} +/- epsilon {eps} must stay inside (0, 1)")
-        keep_p = stats.della_rank * (2 * eps) + (density - eps)
-        kept = torch.where(stats.uniform < keep_p, delta, 0.0)
-        if rescale:
-            kept.mul_(_l1_scale(stats, kept))
-        return kept
-    raise MergeError(f"unknown sparsification '{kind}'")
+    def dots(self, base: torch.Tensor) -> tuple[float, float]:
+        """(base . delta, delta . delta): with |base|^2 they give slerp's angle for any t."""
+        if self._dots is None:
+            b, d = base.reshape(-1).double(), self.delta.reshape(-1).double()
+            self._dots = (float(b @ d), float(d @ d))
+        return self._dots
 
 
 # --- the merge of one tensor ----------------------------------------------------------------------
 
+#: Elements per chunk of the fused loops: the working set (a few float32 buffers) stays in cache.
+CHUNK = int(os.environ.get("EVOMERGE_MERGE_CHUNK", 1 << 16))
+
+
+@dataclass(frozen=True)
+class _Mask:
+    """How one input's delta is masked for one tensor: mode and its scalars."""
+
+    mode: str  # "all", "none", "top" (|d| >= lo), "band" (lo <= |d| <= hi), "drop" (drop_key(hi) < lo)
+    lo: float = 0.0
+    hi: float = 0.0
+    scale: float | None = None  # rescale factor applied after masking
+
+
+def _mask_for(kind: str | None, s: DeltaStats, p: dict[str, Any], rescale: bool) -> _Mask:
+    density = p.get("density", 1.0)
+    n = s.delta.numel()
+    if kind is None or density >= 1:
+        return _Mask("all")
+    if kind == "magnitude":
+        if density <= 0 or n == 0:
+            return _Mask("none")
+        k = max(1, int(density * n))
+        scale = None
+        if rescale:
+            before, after = s.l1, s.top_sum(k)
+            scale = before / after if before >= 1e-7 and after >= 1e-7 else None
+        return _Mask("top", float(s.sorted_desc[k - 1]), scale=scale)
+    if kind == "outliers":
+        target = int(density * n)
+        if target == 0:
+            return _Mask("none")
+        n_top = min(int(p.get("gamma", 0.01) * n), n - target)
+        scale = None
+        if rescale:
+            before, after = s.l1, s.top_sum(n_top + target) - s.top_sum(n_top)
+            scale = before / after if before >= 1e-7 and after >= 1e-7 else None
+        return _Mask("band", float(s.sorted_desc[n_top + target - 1]), float(s.sorted_desc[n_top]), scale)
+    if kind in ("random", "della"):
+        if density <= 0:
+            return _Mask("none")
+        eps = p.get("epsilon", 0.15) if kind == "della" else 0.0
+        if kind == "della" and (density + eps >= 1 or density - eps <= 0):
+            raise MergeError(f"della: density {density} +/- epsilon {eps} must stay inside (0, 1)")
+        lo = density - eps
+        scale = None
+        if rescale:  # back to the delta's L1 norm: what this draw keeps is a prefix-sum lookup
+            before, after = s.l1, s.kept_l1(eps, lo)
+            scale = before / after if before >= 1e-7 and after >= 1e-7 else None
+        return _Mask("drop", lo, eps, scale=scale)
+    raise MergeError(f"unknown sparsification '{kind}'")
+
+
+class _Scratch:
+    """Chunk-sized buffers reused across tensors and candidates (no allocation in the loop)."""
+
+    def __init__(self):
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, key: str, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+        k = (key, dtype, str(device))
+        buf = self._bufs.get(k)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, CHUNK), dtype=dtype, device=device)
+            self._bufs[k] = buf
+        return buf[:n]
+
+
+_SCRATCH = _Scratch()
+
+
+def _below(x: float) -> float:
+    """The largest float32 strictly below ``x`` (hardshrink keeps |v| > lambda; we need >=)."""
+    t = torch.tensor(x, dtype=torch.float32)
+    return float(torch.nextafter(t, torch.tensor(-1.0 if x > 0 else -2.0)))
+
+
+def _masked(m: _Mask, s: DeltaStats, a: int, b: int, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """Write input ``s``'s masked (and rescaled) delta for flat range [a, b) into ``out``.
+
+    Float-only ops: comparisons into bool tensors and bool-conditioned ``where`` cost several times
+    more than arithmetic on CPU. Kept entries are the delta's own values, dropped ones exactly 0.
+    """
+    d = s.delta.reshape(-1)[a:b]
+    if m.mode == "all":
+        return out.copy_(d)
+    if m.mode == "none":
+        return out.zero_()
+    if m.mode == "top":  # |d| >= lo
+        torch.hardshrink(d, _below(m.lo) if m.lo > 0 else 0.0, out=out)
+    elif m.mode == "band":  # lo <= |d| <= hi
+        torch.hardshrink(d, _below(m.lo) if m.lo > 0 else 0.0, out=out)
+        out.sub_(torch.hardshrink(d, m.hi, out=tmp))
+    else:  # drop (hi = epsilon): keep where key < lo
+        torch.lt(s.drop_key(m.hi).reshape(-1)[a:b], m.lo, out=tmp)
+        torch.mul(d, tmp, out=out)
+    if m.scale is not None:
+        out.mul_(m.scale)
+    return out
+
+
 def merge_tensor(
     method: Method,
-    base: torch.Tensor | None,
-    inputs: list[torch.Tensor | DeltaStats],
+    base: torch.Tensor,
+    stats: list[DeltaStats],
     shared: dict[str, Any],
     per_model: list[dict[str, Any]],
-    base_params: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor; float32 result.
+    """Merge one tensor from the inputs' task vectors against ``base``; float32 result.
 
-    ``inputs``: the non-base models' tensors (linear, slerp, model_stock) or their ``DeltaStats``
-    against ``base`` (task-vector methods). ``per_model[i]`` holds input i's resolved parameters;
-    ``base_params`` the base's own (linear only, when the base is weighted like any input).
+    ``per_model[i]`` holds input i's resolved parameters. For linear, an input that is the base
+    itself is a zero task vector.
     """
-    if method.family == "linear":
-        return _linear(base, inputs, shared, per_model, base_params)
+    base = base.float()
     if method.family == "slerp":
-        return _slerp(float(shared["t"]), base.float(), inputs[0].float())
+        return _slerp(float(shared["t"]), base, stats[0])
     if method.family == "model_stock":
-        return _model_stock(base.float(), [x.float() for x in inputs], bool(shared["filter_wise"]))
-    return _task_vector(method, base, inputs, shared, per_model)
+        return _model_stock(base, [base + s.delta for s in stats], bool(shared["filter_wise"]))
+    if method.family == "linear":
+        return _linear(base, stats, shared, per_model)
+    return _task_vector(method, base, stats, shared, per_model)
 
 
-def _linear(base, inputs, shared, per_model, base_params) -> torch.Tensor:
-    tensors = list(inputs)
+def _linear(base, stats, shared, per_model) -> torch.Tensor:
     weights = [float(p["weight"]) for p in per_model]
-    if base is not None and base_params is not None:
-        tensors.insert(0, base)
-        weights.insert(0, float(base_params["weight"]))
-    acc = torch.zeros_like(tensors[0], dtype=torch.float32)
-    for t, w in zip(tensors, weights):
-        acc.add_(t.float(), alpha=w)
-    if shared.get("normalize", True):
-        total = sum(weights)
-        if total == 0:
-            raise MergeError("linear: the weights sum to 0, cannot normalize")
-        acc.div_(total)
-    return acc
+    total = sum(weights)
+    if shared.get("normalize", True) and total == 0:
+        raise MergeError("linear: the weights sum to 0, cannot normalize")
+    out = torch.empty_like(base)
+    flat_out, flat_base, n = out.view(-1), base.reshape(-1), base.numel()
+    for a in range(0, n, CHUNK):
+        b = min(n, a + CHUNK)
+        acc = _SCRATCH.get("acc", b - a, torch.float32, base.device).zero_()
+        x = _SCRATCH.get("x", b - a, torch.float32, base.device)
+        for s, w in zip(stats, weights):
+            torch.add(flat_base[a:b], s.delta.reshape(-1)[a:b], out=x)  # the input's own weights
+            acc.add_(x, alpha=w)
+        if shared.get("normalize", True):
+            acc.div_(total)
+        flat_out[a:b].copy_(acc)
+    return out
 
 
 def _task_vector(method, base, stats: list[DeltaStats], shared, per_model) -> torch.Tensor:
-    rescale = bool(shared["rescale"])
+    """Generalized task arithmetic: mask, weight, optionally elect signs, normalize, scale by lambda.
+
+    Elementwise in mergekit's order of operations, so results agree bit for bit; chunked so that
+    every intermediate lives in a reused cache-sized buffer.
+    """
+    rescale, normalize, lam = bool(shared["rescale"]), bool(shared["normalize"]), float(shared["lambda"])
     weights = [float(p["weight"]) for p in per_model]
-    contribs = []
-    for s, p, w in zip(stats, per_model, weights):
-        d = sparsified(s, method.sparsify, p, rescale) if method.sparsify else s.delta
-        contribs.append(d * w)
-    if method.consensus:
-        # Elect a sign per entry by the sum of weighted deltas (TIES "sum"); keep agreeing entries.
-        pos = torch.zeros_like(contribs[0])
-        neg = torch.zeros_like(contribs[0])
-        for c in contribs:
-            pos.add_(c.clamp(min=0))
-            neg.add_(c.clamp(max=0))
-        positive = (pos + neg) >= 0
-        mixed = torch.where(positive, pos, neg)
-        if shared["normalize"]:
-            wpos = torch.zeros_like(pos)
-            wneg = torch.zeros_like(pos)
-            for c, w in zip(contribs, weights):
-                wpos.add_((c > 0).float(), alpha=w)
-                wneg.add_((c < 0).float(), alpha=w)
-            divisor = torch.where(positive, wpos, wneg)
-            divisor[divisor == 0] = 1
-            mixed.div_(divisor)
-    else:
-        mixed = contribs[0].clone() if len(contribs) == 1 else torch.stack(contribs).sum(0)
-        if shared["normalize"]:
-            total = sum(weights)
-            mixed.div_(total if abs(total) >= 1e-8 else 1.0)
-    lam = float(shared["lambda"])
-    if lam != 1:
-        mixed.mul_(lam)
-    return base.float() + mixed
+    masks = [_mask_for(method.sparsify, s, p, rescale) for s, p in zip(stats, per_model)]
+    total = sum(weights)
+    out = torch.empty_like(base)
+    flat_out, flat_base, n, dev = out.view(-1), base.reshape(-1), base.numel(), base.device
+    for a in range(0, n, CHUNK):
+        b = min(n, a + CHUNK)
+        L = b - a
+        c = _SCRATCH.get("c", L, torch.float32, dev)
+        tmp = _SCRATCH.get("tmp", L, torch.float32, dev)
+        acc = _SCRATCH.get("acc", L, torch.float32, dev).zero_()
+        if method.consensus:
+            pos = _SCRATCH.get("pos", L, torch.float32, dev).zero_()
+            neg = _SCRATCH.get("neg", L, torch.float32, dev).zero_()
+            if normalize:
+                wpos = _SCRATCH.get("wpos", L, torch.float32, dev).zero_()
+                wneg = _SCRATCH.get("wneg", L, torch.float32, dev).zero_()
+        for m, s, w in zip(masks, stats, weights):
+            if m.mode == "drop":  # random: no exact order to keep, fold scale and weight
+                _masked(_Mask(m.mode, m.lo, m.hi, (m.scale or 1.0) * w), s, a, b, c, tmp)
+            else:  # deterministic: (delta * mask) * rescale, then * weight, as mergekit
+                _masked(m, s, a, b, c, tmp)
+                c.mul_(w)
+            acc.add_(c)
+            if method.consensus:
+                pos.add_(torch.clamp(c, min=0, out=tmp))
+                neg.add_(torch.clamp(c, max=0, out=tmp))
+                if normalize:
+                    wpos.add_(torch.gt(c, 0, out=tmp), alpha=w)
+                    wneg.add_(torch.lt(c, 0, out=tmp), alpha=w)
+        if method.consensus:
+            # Elect each entry's sign by the sum of weighted deltas (TIES "sum"), keep the entries
+            # that agree: with g = [sum >= 0] in {0, 1}, p*g + n*(1-g) selects exactly.
+            g = torch.ge(acc, 0, out=acc)
+            notg = torch.sub(1.0, g, out=c)
+            mixed = pos.mul_(g).add_(neg.mul_(notg))
+            if normalize:
+                divisor = wpos.mul_(g).add_(wneg.mul_(notg))
+                divisor.add_(torch.eq(divisor, 0, out=tmp))  # 0 -> 1, as mergekit
+                mixed.div_(divisor)
+        else:
+            mixed = acc
+            if normalize:
+                mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+        if lam != 1:
+            mixed.mul_(lam)
+        torch.add(flat_base[a:b], mixed, out=flat_out[a:b])
+    return out
 
 
-def _slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
+def _slerp(t: float, base: torch.Tensor, other: DeltaStats, dot_threshold: float = 0.9995,
            eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors, linear when they are (anti)parallel."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    if a.numel() == 0:
-        return v0.clone()
-    na, nb = a.norm(), b.norm()
-    na = na if na > eps else torch.ones_like(na)
-    nb = nb if nb > eps else torch.ones_like(nb)
-    dot = torch.dot(a / na, b / nb).clamp(-1, 1)
-    if dot.abs() > dot_threshold:
-        return (1 - t) * v0 + t * v1
-    theta = torch.acos(dot)
-    s = torch.sin(theta)
-    return (torch.sin((1 - t) * theta) / s) * v0 + (torch.sin(t * theta) / s) * v1
+    """Spherical interpolation from ``base`` (t=0) to ``base + delta`` (t=1) over whole tensors,
+    linear when the two are (anti)parallel. The angle comes from cached dot products, so a new t
+    costs two fused elementwise ops."""
+    if base.numel() == 0:
+        return base.clone()
+    bd, dd = other.dots(base)
+    bb = float(base.reshape(-1).double() @ base.reshape(-1).double())
+    na, nb = math.sqrt(bb), math.sqrt(max(bb + 2 * bd + dd, 0.0))
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = max(-1.0, min(1.0, (bb + bd) / (na * nb)))
+    if abs(dot) > dot_threshold:
+        ca, cb = 1 - t, t
+    else:
+        theta = math.acos(dot)
+        ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    # ca * base + cb * (base + delta)
+    return torch.add(base * (ca + cb), other.delta, alpha=cb)
 
 
 def _model_stock(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:

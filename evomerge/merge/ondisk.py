@@ -1,0 +1,158 @@
+"""`evomerge merge RECIPE --out DIR`: a recipe merged from disk to disk, streaming.
+
+Everything is validated before any tensor is computed: models resolve, share the base's
+architecture, tensor names and shapes (the first mismatch is named), and every tensor's parameters
+resolve and lie in range. A merged tensor holding NaN or inf aborts the merge with its name;
+nothing is written at the target unless the whole merge succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from evomerge import __version__
+from evomerge.merge.apply import compute_tensor
+from evomerge.merge.io import (
+    DTYPE_NAMES, TOKENIZER_FILES, ModelSource, ShardedWriter, StagedDirectory, TensorInfo,
+    iter_with_progress, resolve_model_dir,
+)
+from evomerge.merge.methods import MergeError
+from evomerge.merge.plan import RecipePlan
+from evomerge.recipe import Recipe
+
+RECIPE_FILE = "mergekit_config.yml"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '1024' -> bytes."""
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4, "B": 1}
+    s = text.strip().upper()
+    for unit, factor in units.items():
+        if s.endswith(unit) and s[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(s[: -len(unit)]) * factor)
+    if s.isdigit():
+        return int(s)
+    raise MergeError(f"cannot read size '{text}' (use e.g. 500MB, 2GB)")
+
+
+def num_layers_of(config: dict) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in config:
+            return int(config[key])
+    raise MergeError("the base config names no layer count (num_hidden_layers)")
+
+
+def _check_compatible(base_ref: str, base: ModelSource, others: dict[str, ModelSource]) -> list[TensorInfo]:
+    infos = [base.info(n) for n in base.names()]
+    shapes = {i.name: i.shape for i in infos}
+    arch = (base.config.get("model_type"), tuple(base.config.get("architectures") or ()))
+    for ref, src in others.items():
+        other_arch = (src.config.get("model_type"), tuple(src.config.get("architectures") or ()))
+        if other_arch[0] != arch[0]:
+            raise MergeError(f"{ref}: model_type '{other_arch[0]}' differs from the base's '{arch[0]}'")
+        names = set(src.names())
+        for info in infos:
+            if info.name not in names:
+                raise MergeError(f"{ref}: has no tensor '{info.name}' (the base {base_ref} has)")
+            shape = src.info(info.name).shape
+            if shape != info.shape:
+                raise MergeError(f"{ref}: tensor '{info.name}' has shape {list(shape)}, "
+                                 f"the base has {list(info.shape)}")
+        extra = sorted(names - set(shapes))
+        if extra:
+            raise MergeError(f"{ref}: tensor '{extra[0]}' is not in the base {base_ref}")
+    return infos
+
+
+def model_card(recipe: Recipe, scores: dict[str, float] | None = None) -> str:
+    from evomerge.merge.methods import get_method
+
+    method = get_method(recipe.merge_method)
+    lines = [
+        "---", "library_name: transformers", "tags: [merge, evomerge]",
+        *(["base_model:", *[f"- {m}" for m in recipe.model_names()]]), "---", "",
+        "# Merged model", "",
+        f"Merged with [evomerge](https://github.com/) {__version__} using **{method.name}** "
+        f"({method.reference}).", "",
+    ]
+    if recipe.base_model:
+        lines += [f"Base model: `{recipe.base_model}`", ""]
+    lines += ["Models:", *[f"- `{m}`" for m in recipe.model_names() if m != recipe.base_model], ""]
+    if scores:
+        lines += ["## Scores", "", "| task | score |", "|---|---|",
+                  *[f"| {k} | {v:.4f} |" for k, v in scores.items()], ""]
+    lines += ["## Recipe", "", f"Runs unchanged with `mergekit-yaml {RECIPE_FILE} OUT` "
+              "(keys under `evomerge:` are ignored by mergekit).", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def merge_to_disk(
+    recipe: Recipe, out: str | Path, *, allow_pickle: bool = False, overwrite: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, device: str = "cpu",
+    scores: dict[str, float] | None = None,
+) -> Path:
+    """Merge ``recipe`` into a Hugging Face model directory at ``out``; returns its path."""
+    refs = recipe.model_names()
+    base_ref = recipe.base_model or refs[0]
+    dirs = {ref: resolve_model_dir(ref, allow_pickle) for ref in refs}
+    sources = {ref: ModelSource(d, allow_pickle) for ref, d in dirs.items()}
+    base = sources[base_ref]
+    infos = _check_compatible(base_ref, base, {r: s for r, s in sources.items() if r != base_ref})
+    plan = RecipePlan(recipe, num_layers_of(base.config))
+    inputs = plan.inputs
+    out_dtype = DTYPE_NAMES.get(recipe.out_dtype or recipe.dtype or "")
+    if (recipe.out_dtype or recipe.dtype) and out_dtype is None:
+        raise MergeError(f"dtype '{recipe.out_dtype or recipe.dtype}' is not one of {', '.join(DTYPE_NAMES)}")
+    out_infos = [TensorInfo(i.name, i.shape, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype)
+                 for i in infos]
+    for info in infos:  # every parameter resolves and is in range before any compute
+        if info.dtype.is_floating_point:
+            plan.resolve(info.name)
+    tok_ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base") else base_ref
+    if tok_ref not in dirs:
+        dirs[tok_ref] = resolve_model_dir(tok_ref, allow_pickle)
+
+    staged = StagedDirectory(out, overwrite=overwrite)
+    try:
+        writer = ShardedWriter(staged.path, out_infos, shard_bytes,
+                               metadata={"evomerge_version": __version__, "merge_method": recipe.merge_method})
+        started = time.perf_counter()
+        for info, out_info in zip(iter_with_progress(infos, "merging", progress), out_infos):
+            base_t = base.tensor(info.name)
+            if not info.dtype.is_floating_point:
+                writer.write(info.name, base_t)
+                continue
+            base_f = base_t.to(device=device, dtype=torch.float32)
+            tensors = [base_f if m == base_ref else sources[m].tensor(info.name).to(device=device, dtype=torch.float32)
+                       for m in inputs]
+            merged = compute_tensor(plan, info.name, base_f, inputs=tensors)
+            if not torch.isfinite(merged).all():
+                raise MergeError(f"merged tensor '{info.name}' contains NaN or inf; nothing was written")
+            writer.write(info.name, merged.to(out_info.dtype).cpu())
+            del base_f, tensors, merged
+        writer.close()
+        config = dict(base.config)
+        if out_dtype is not None:
+            name = next(k for k, v in DTYPE_NAMES.items() if v == out_dtype)
+            config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
+        (staged.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if (dirs[base_ref] / "generation_config.json").is_file():
+            shutil.copy2(dirs[base_ref] / "generation_config.json", staged.path)
+        for fname in TOKENIZER_FILES:
+            if (dirs[tok_ref] / fname).is_file():
+                shutil.copy2(dirs[tok_ref] / fname, staged.path)
+        recipe.save(staged.path / RECIPE_FILE)
+        (staged.path / "README.md").write_text(model_card(recipe, scores))
+        (staged.path / "evomerge.json").write_text(json.dumps(
+            {"evomerge_version": __version__, "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 3),
+             "inputs": {ref: str(d) for ref, d in dirs.items()}}, indent=2) + "\n")
+        return staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
