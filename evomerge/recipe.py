@@ -68,7 +68,12 @@ class Slice(BaseModel):
 
 
 class LinesStep(BaseModel):
-    """LiNeS post-step: the merged delta of layer l (0..L-1) is scaled by alpha + beta * l / (L-1)."""
+    """LiNeS post-step: the merged delta of layer l (0..L-1) is scaled by alpha + beta * l / (L-1);
+    tensors before the layers (embeddings) take alpha, those after (final norm, head) alpha + beta.
+
+    Reference: Wang et al., "LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances
+    Model Merging", ICLR 2025, arXiv:2410.17146.
+    """
 
     model_config = ConfigDict(extra="forbid")
     alpha: float = 1.0

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from evomerge.merge.methods import DeltaStats, MergeError, field_seed, merge_tensor
+from evomerge.merge.methods import DeltaStats, MergeError, all_finite, field_seed, merge_tensor
 from evomerge.merge.plan import RecipePlan
 from evomerge.recipe import Recipe
 
@@ -31,7 +31,8 @@ def compute_tensor(
     base = base.float()
     if stats is None:
         seed = plan.recipe.evomerge.seed
-        stats = [DeltaStats(x.float() - base, field_seed(seed, name, i)) for i, x in enumerate(inputs)]
+        stats = [DeltaStats(x.float() - base, field_seed(seed, name, i), resident=False)
+                 for i, x in enumerate(inputs)]
     merged = merge_tensor(plan.method, base, stats, params.shared, list(params.per_model))
     if params.lines_scale is not None and params.lines_scale != 1.0:
         merged.sub_(base).mul_(params.lines_scale).add_(base)
@@ -95,7 +96,7 @@ class ResidentMerge:
                 s = row[i]
                 s.seed = field_seed(seed, name, position)
                 s._uniform = None
-                s._della = None
+                s._drop_keys = None
             self._field_keys[expert] = (seed, position)
 
     def plan(self, recipe: Recipe) -> RecipePlan:
@@ -122,7 +123,7 @@ class ResidentMerge:
             stats = [row[index[m]] if m != self.base_name else DeltaStats(torch.zeros_like(base), 0)
                      for m in plan.inputs]
             merged = compute_tensor(plan, name, base, stats=stats)
-            if check_finite and not torch.isfinite(merged).all():
+            if check_finite and not all_finite(merged):
                 nonfinite.append(name)
             param.copy_(merged)
         return MaterializeResult(time.perf_counter() - started, nonfinite)

@@ -28,6 +28,7 @@ _DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_NAMES = {v: k for k, v in _DTYPES.items()}
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                "float64": torch.float64}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -41,16 +42,58 @@ class TensorInfo:
     dtype: torch.dtype
 
 
+class SafetensorsFile:
+    """One safetensors file read tensor by tensor with plain reads (no memory map), so a streamed
+    merge holds only the tensors in flight, not the pages of every input it has touched."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            (size,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            header = json.loads(os.pread(self._fd, size, 8))
+        except (struct.error, ValueError) as e:
+            os.close(self._fd)
+            raise MergeError(f"{path}: not a safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self._start = 8 + size
+        self.entries = header
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def info(self, name: str) -> TensorInfo:
+        e = self.entries[name]
+        return TensorInfo(name, tuple(e["shape"]), _NAMES[e["dtype"]])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        begin, end = e["data_offsets"]
+        buf = bytearray(end - begin)
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):  # pread may return short reads on large ranges
+            n = os.preadv(self._fd, [view[got:]], self._start + begin + got)
+            if n <= 0:
+                raise MergeError(f"{self.path}: truncated tensor '{name}'")
+            got += n
+        dtype = _NAMES[e["dtype"]]
+        if not buf:
+            return torch.empty(e["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(e["shape"])
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class ModelSource:
-    """A model directory's weights, read lazily tensor by tensor (memory-mapped safetensors).
+    """A model directory's weights, read lazily tensor by tensor (safetensors shards).
 
     Pickled checkpoints (``*.bin`` ...) are refused unless ``allow_pickle``; when allowed they are
     loaded whole (``torch.load(weights_only=True)``), since that format cannot be streamed.
     """
 
     def __init__(self, path: str | Path, allow_pickle: bool = False):
-        from safetensors import safe_open
-
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
             raise MergeError(f"{self.path}: not a model directory (no config.json)")
@@ -61,7 +104,7 @@ class ModelSource:
         self._pickled: dict[str, torch.Tensor] | None = None
         if files:
             for f in files:
-                handle = safe_open(str(f), framework="pt")
+                handle = SafetensorsFile(f)
                 self._handles[f.name] = handle
                 for key in handle.keys():
                     self._where[key] = f.name
@@ -83,14 +126,12 @@ class ModelSource:
         if self._pickled is not None:
             t = self._pickled[name]
             return TensorInfo(name, tuple(t.shape), t.dtype)
-        sl = self._handles[self._where[name]].get_slice(name)
-        dtype = {v: k for k, v in _DTYPES.items()}[sl.get_dtype()]
-        return TensorInfo(name, tuple(sl.get_shape()), dtype)
+        return self._handles[self._where[name]].info(name)
 
     def tensor(self, name: str) -> torch.Tensor:
         if self._pickled is not None:
             return self._pickled[name]
-        return self._handles[self._where[name]].get_tensor(name)
+        return self._handles[self._where[name]].tensor(name)
 
 
 def resolve_model_dir(ref: str, allow_pickle: bool = False) -> Path:
@@ -176,7 +217,8 @@ class ShardedWriter:
         if shard != self._open_shard:
             self._start(shard)
         data = tensor.detach().contiguous().cpu()
-        self._fh.write(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            self._fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> None:

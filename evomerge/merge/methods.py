@@ -143,6 +143,12 @@ METHODS: dict[str, Method] = {
 }
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True iff no entry is NaN or inf: one float64 reduction (it cannot overflow from float32
+    inputs, and inf - inf is NaN), cheaper than building an isfinite mask."""
+    return math.isfinite(float(t.sum(dtype=torch.float64)))
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise MergeError(f"unknown merge method '{name}'; valid: {', '.join(sorted(METHODS))}")
@@ -179,13 +185,16 @@ class DeltaStats:
 
     delta: torch.Tensor
     seed: int
+    #: Kept across candidates (in memory): worth sorting once so later lookups are O(1). A
+    #: one-shot merge (on disk) computes what it needs directly instead.
+    resident: bool = True
     _sorted: torch.Tensor | None = field(default=None, repr=False)
     _cumsum: torch.Tensor | None = field(default=None, repr=False)
     _l1: float | None = field(default=None, repr=False)
     _uniform: torch.Tensor | None = field(default=None, repr=False)
     _della_rank: torch.Tensor | None = field(default=None, repr=False)
     _dots: tuple[float, float] | None = field(default=None, repr=False)
-    _della: tuple | None = field(default=None, repr=False)
+    _drop_keys: dict | None = field(default=None, repr=False)  # eps -> (key, sorted keys, prefix sums)
 
     @property
     def sorted_desc(self) -> torch.Tensor:
@@ -227,27 +236,45 @@ class DeltaStats:
             self._della_rank = (ranks.float() / span).reshape(self.delta.shape)
         return self._della_rank
 
+    #: Drop keys kept per tensor and model: DARE's (eps = 0) and the last DELLA eps, so a search
+    #: alternating the two methods never re-sorts.
+    KEYS_KEPT = 2
+
     def drop_key(self, eps: float) -> torch.Tensor:
         """Random drop keeps an entry iff key < density - eps, with key = u - 2 eps * rank: DARE is
         eps = 0 (keep with probability density); DELLA's keep probability rises linearly with the
-        entry's magnitude rank in its row. Cached for the last eps, with the keys sorted and prefix
+        entry's magnitude rank in its row. For resident stats the keys are also sorted, with prefix
         sums of |delta| in key order, so the L1 norm any threshold keeps is a lookup."""
-        if self._della is None or self._della[0] != eps:
-            key = self.uniform if eps == 0 else self.uniform - self.della_rank * (2 * eps)
-            flat = key.reshape(-1)
-            if flat.device.type == "cpu":
-                import numpy as np
+        return self._keys(eps)[0]
 
-                order = torch.from_numpy(np.argsort(flat.numpy()))  # ties: any order, same prefix sums
-            else:
-                order = torch.argsort(flat)
-            self._della = (eps, key, flat[order], torch.cumsum(self.delta.reshape(-1)[order].abs().double(), 0))
-        return self._della[1]
+    def _keys(self, eps: float) -> tuple:
+        cache = self._drop_keys if self._drop_keys is not None else {}
+        self._drop_keys = cache
+        if eps in cache:
+            cache[eps] = cache.pop(eps)  # most recently used last
+            return cache[eps]
+        key = self.uniform if eps == 0 else self.uniform - self.della_rank * (2 * eps)
+        if not self.resident:
+            cache.clear()
+            cache[eps] = (key, None, None)
+            return cache[eps]
+        flat = key.reshape(-1)
+        if flat.device.type == "cpu":
+            import numpy as np
+
+            order = torch.from_numpy(np.argsort(flat.numpy()))  # ties: any order, same prefix sums
+        else:
+            order = torch.argsort(flat)
+        while len(cache) >= self.KEYS_KEPT:
+            cache.pop(next(iter(cache)))
+        cache[eps] = (key, flat[order], torch.cumsum(self.delta.reshape(-1)[order].abs().double(), 0))
+        return cache[eps]
 
     def kept_l1(self, eps: float, lo: float) -> float:
-        """L1 norm of the entries a drop mask with threshold ``lo`` keeps (exact, O(log n))."""
-        self.drop_key(eps)
-        _, _, keys_sorted, cum = self._della
+        """L1 norm of the entries a drop mask with threshold ``lo`` keeps (exact, O(log n) if resident)."""
+        key, keys_sorted, cum = self._keys(eps)
+        if keys_sorted is None:
+            return float((self.delta.abs() * (key < lo)).sum(dtype=torch.float64))
         k = int(torch.searchsorted(keys_sorted, torch.tensor([lo], dtype=keys_sorted.dtype)).item())
         return float(cum[k - 1]) if k > 0 else 0.0
 
@@ -385,6 +412,10 @@ def merge_tensor(
 
 
 def _linear(base, stats, shared, per_model) -> torch.Tensor:
+    """Weighted average of the inputs (normalized by the weights' sum unless normalize=false).
+
+    Reference: Wortsman et al., "Model soups", ICML 2022, arXiv:2203.05482; mergekit ``linear``.
+    """
     weights = [float(p["weight"]) for p in per_model]
     total = sum(weights)
     if shared.get("normalize", True) and total == 0:
@@ -409,6 +440,12 @@ def _task_vector(method, base, stats: list[DeltaStats], shared, per_model) -> to
 
     Elementwise in mergekit's order of operations, so results agree bit for bit; chunked so that
     every intermediate lives in a reused cache-sized buffer.
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023, arXiv:2212.04089;
+    Yadav et al., "TIES-Merging", NeurIPS 2023, arXiv:2306.01708 (trim, elect sign by sum, disjoint
+    mean); Yu et al., "Language Models are Super Mario" (DARE), ICML 2024, arXiv:2311.03099;
+    Davari & Belilovsky, "Model Breadcrumbs", ECCV 2024, arXiv:2312.06795; Deep et al.,
+    "DELLA-Merging", arXiv:2406.11617 (MAGPRUNE); mergekit's generalized task arithmetic.
     """
     rescale, normalize, lam = bool(shared["rescale"]), bool(shared["normalize"]), float(shared["lambda"])
     weights = [float(p["weight"]) for p in per_model]
@@ -465,7 +502,10 @@ def _slerp(t: float, base: torch.Tensor, other: DeltaStats, dot_threshold: float
            eps: float = 1e-8) -> torch.Tensor:
     """Spherical interpolation from ``base`` (t=0) to ``base + delta`` (t=1) over whole tensors,
     linear when the two are (anti)parallel. The angle comes from cached dot products, so a new t
-    costs two fused elementwise ops."""
+    costs two fused elementwise ops.
+
+    Reference: Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985; mergekit ``slerp``.
+    """
     if base.numel() == 0:
         return base.clone()
     bd, dd = other.dots(base)
@@ -483,7 +523,11 @@ def _slerp(t: float, base: torch.Tensor, other: DeltaStats, dot_threshold: float
 
 
 def _model_stock(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
-    """Interpolate the base toward the experts' average by their task vectors' mean cosine."""
+    """Interpolate the base toward the experts' average by their task vectors' mean cosine.
+
+    Reference: Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 2024,
+    arXiv:2403.19522; mergekit ``model_stock``.
+    """
     shape = w0.shape
     if filter_wise:
         if w0.dim() == 1:

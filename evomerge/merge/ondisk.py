@@ -21,7 +21,7 @@ from evomerge.merge.io import (
     DTYPE_NAMES, TOKENIZER_FILES, ModelSource, ShardedWriter, StagedDirectory, TensorInfo,
     iter_with_progress, resolve_model_dir,
 )
-from evomerge.merge.methods import MergeError
+from evomerge.merge.methods import MergeError, all_finite
 from evomerge.merge.plan import RecipePlan
 from evomerge.recipe import Recipe
 
@@ -132,7 +132,7 @@ def merge_to_disk(
             tensors = [base_f if m == base_ref else sources[m].tensor(info.name).to(device=device, dtype=torch.float32)
                        for m in inputs]
             merged = compute_tensor(plan, info.name, base_f, inputs=tensors)
-            if not torch.isfinite(merged).all():
+            if not all_finite(merged):
                 raise MergeError(f"merged tensor '{info.name}' contains NaN or inf; nothing was written")
             writer.write(info.name, merged.to(out_info.dtype).cpu())
             del base_f, tensors, merged
