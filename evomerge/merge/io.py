@@ -14,7 +14,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,5 +270,3 @@ def iter_with_progress(items: list, label: str, enabled: bool) -> Iterator:
 
     yield from tqdm(items, desc=label, unit="tensor", leave=False)
 
-
-ProgressFn = Callable[[str], None]

@@ -34,8 +34,7 @@ class MergeError(ValueError):
 class Param:
     """A declared method parameter.
 
-    ``per_model``: set per input model (else one value shared by all inputs of a tensor);
-    ``with_base``: a per-model parameter the base model takes as well (linear's weight).
+    ``per_model``: set per input model (else one value shared by all inputs of a tensor).
     """
 
     name: str
@@ -44,7 +43,6 @@ class Param:
     kind: type = float
     low: float | None = None
     high: float | None = None
-    with_base: bool = False
 
     def check(self, value: Any, where: str) -> Any:
         if self.kind is bool:
@@ -116,7 +114,7 @@ def _tv(name, reference, sparsify=None, consensus=False, normalize=False, rescal
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("linear", (Param("weight", per_model=True, with_base=True),
+        Method("linear", (Param("weight", per_model=True),
                           Param("normalize", per_model=False, default=True, kind=bool)),
                "Wortsman et al., Model soups, ICML 2022, arXiv:2203.05482",
                needs_base=False, family="linear"),

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
-import torch
-
 from evomerge.evaluate.lmeval import TaskSuite, wrap_model
-from evomerge.merge.operators import task_arithmetic
+from evomerge.merge.apply import ResidentMerge
+from evomerge.recipe import parse_recipe
 from evomerge.zoo.build import load_manifest
 from evomerge.zoo.tasks import task_name
 
@@ -76,21 +75,22 @@ def evaluate_zoo(
 
     report = ZooReport(skills=skill_names)
 
-    def score(name: str, state: dict[str, torch.Tensor]) -> None:
-        model.load_state_dict(state, strict=False)
+    def score(name: str) -> None:
         by_task = suite.scores(lm)
         report.scores[name] = {s: by_task[task_name(s, split)] for s in skill_names}
 
-    score("base", states["base"])
-    for skill in skill_names:
-        score(f"expert-{skill}", states[skill])
-    for a, b in combinations(skill_names, 2):
-        merged = {
-            k: task_arithmetic(base, [states[a][k], states[b][k]], [merge_weight, merge_weight])
-            for k, base in states["base"].items() if k in states[a]
-        }
-        score(f"merge({a}+{b})", merged)
     model.load_state_dict(states["base"])
+    score("base")
+    for skill in skill_names:
+        model.load_state_dict(states[skill], strict=False)
+        score(f"expert-{skill}")
+    resident = ResidentMerge(model, states["base"], {s: states[s] for s in skill_names})
+    for a, b in combinations(skill_names, 2):
+        resident.materialize(parse_recipe({
+            "merge_method": "task_arithmetic", "base_model": "base",
+            "models": [{"model": s, "parameters": {"weight": merge_weight}} for s in (a, b)]}))
+        score(f"merge({a}+{b})")
+    resident.restore_base()
 
     base_row = report.scores["base"]
     for skill in skill_names:
