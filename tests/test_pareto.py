@@ -1,0 +1,82 @@
+import math
+import random
+
+import pytest
+
+from evomerge.search.pareto import (
+    crowding_distances, dominates, front_indices, hypervolume, knee, pareto_ranks, spread, weighted_pick,
+)
+
+MAXMAX = ["maximize", "maximize"]
+
+
+def brute_front(points, directions):
+    sign = [-1 if d == "maximize" else 1 for d in directions]
+    pts = [tuple(s * v for s, v in zip(sign, p)) for p in points]
+    ok = [all(math.isfinite(v) for v in p) for p in pts]
+    return [i for i, p in enumerate(pts) if ok[i] and not any(ok[j] and dominates(q, p) for j, q in enumerate(pts) if j != i)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_front_and_ranks_agree_with_brute_force(seed):
+    rng = random.Random(seed)
+    directions = rng.choice([MAXMAX, ["minimize", "maximize"], ["maximize", "minimize", "maximize"]])
+    # Rounded values create ties and duplicates, the cases sorting code gets wrong.
+    points = [[round(rng.random(), 1) for _ in directions] for _ in range(60)]
+    points[3] = [float("nan")] * len(directions)
+    points[7][0] = float("inf")
+    ranks = pareto_ranks(points, directions)
+    assert front_indices(points, directions) == brute_front(points, directions)
+    assert ranks[3] is None and ranks[7] is None
+    remaining = [i for i, r in enumerate(ranks) if r is not None]
+    for rank in range(max(r for r in ranks if r is not None) + 1):
+        layer = [i for i in remaining if ranks[i] == rank]
+        sub = [points[i] for i in remaining]
+        assert layer == [remaining[j] for j in brute_front(sub, directions)]
+        remaining = [i for i in remaining if ranks[i] != rank]
+
+
+def test_hypervolume_by_hand_2d_and_maximize():
+    # minimize both, reference (4, 4): points (1,3), (2,2), (3,1) -> staircase area 3 + 2 + 1 = 6
+    assert hypervolume([(1, 3), (2, 2), (3, 1)], ["minimize"] * 2, (4, 4)) == pytest.approx(6.0)
+    # the same set as maximized accuracies against reference (0, 0)
+    assert hypervolume([(3, 1), (2, 2), (1, 3)], MAXMAX, (0, 0)) == pytest.approx(6.0)
+    # a dominated point, a point outside the reference box and a failed point add nothing
+    assert hypervolume([(3, 1), (2, 2), (1, 3), (1, 1), (5, -1), (float("nan"), 9)], MAXMAX, (0, 0)) == pytest.approx(6.0)
+    assert hypervolume([], MAXMAX, (0, 0)) == 0.0
+
+
+def test_hypervolume_3d_against_monte_carlo():
+    rng = random.Random(1)
+    pts = [(rng.random(), rng.random(), rng.random()) for _ in range(12)]
+    ref = (1.0, 1.0, 1.0)
+    exact = hypervolume(pts, ["minimize"] * 3, ref)
+    n = 200_000
+    hits = 0
+    for _ in range(n):
+        x = (rng.random(), rng.random(), rng.random())
+        hits += any(all(p[d] <= x[d] for d in range(3)) for p in pts)
+    assert exact == pytest.approx(hits / n, abs=0.005)
+
+
+def test_crowding_by_hand():
+    pts = [(0.0, 1.0), (0.25, 0.7), (0.5, 0.5), (1.0, 0.0)]
+    d = crowding_distances(pts, MAXMAX)
+    assert d[0] == d[3] == math.inf
+    assert d[1] == pytest.approx((0.5 - 0.0) / 1.0 + (1.0 - 0.5) / 1.0)
+    assert d[2] == pytest.approx((1.0 - 0.25) / 1.0 + (0.7 - 0.0) / 1.0)
+    assert spread(pts, MAXMAX, 3) == [0, 2, 3]
+
+
+def test_knee_and_weighted_picks():
+    pts = [(0.9, 0.1), (0.7, 0.6), (0.1, 0.9), (0.5, 0.5), (float("nan"), 1.0)]
+    assert front_indices(pts, MAXMAX) == [0, 1, 2]
+    assert knee(pts, MAXMAX) == 1  # the balanced member
+    assert weighted_pick(pts, MAXMAX, [1, 0]) == 0
+    assert weighted_pick(pts, MAXMAX, [0, 1]) == 2
+    with pytest.raises(ValueError, match="weights"):
+        weighted_pick(pts, MAXMAX, [0, 0])
+    with pytest.raises(ValueError, match="no finished candidate"):
+        knee([(float("nan"), 1.0)], MAXMAX)
+    with pytest.raises(ValueError, match="directions"):
+        front_indices(pts, ["max", "min"])
