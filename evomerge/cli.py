@@ -102,6 +102,30 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_space_show(args) -> int:
+    import json
+
+    from evomerge.search.space import Genome, SpaceError, load_space
+
+    try:
+        space = load_space(args.file)
+        if args.layers is None:
+            config = Path(args.model) / "config.json"
+            if not config.is_file():
+                raise UserError(f"{args.model}: not a model directory (no config.json)")
+            layers = int(json.loads(config.read_text()).get("num_hidden_layers", 0))
+        else:
+            layers = args.layers
+        genome = Genome(space, layers)
+    except SpaceError as e:
+        raise UserError(str(e)) from None
+    print(f"{args.file}: {genome.dimension} genes for a {layers}-layer model; method "
+          f"{' | '.join(space.methods)}; granularity {space.layers.granularity}")
+    for g in genome.genes:
+        print(f"  {g.name:<40} [{g.low:g}, {g.high:g}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
@@ -137,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where to compute (cpu, cuda, cuda:1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
+
+    space = sub.add_parser("space", help="search spaces").add_subparsers(dest="space_command", required=True)
+    p = space.add_parser("show", help="print a space's genes and dimension for a model")
+    p.add_argument("file", type=Path)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--layers", type=int, help="the model's layer count")
+    where.add_argument("--model", help="a model directory to read the layer count from")
+    p.set_defaults(func=cmd_space_show)
 
     p = sub.add_parser("eval", help="score one model on lm-eval tasks")
     p.add_argument("model", help="local model directory or hub id")
