@@ -254,6 +254,7 @@ def test_existing_output_needs_force(zoo, tmp_path):
     (lambda d: d.update(modules={}), "unsupported key 'modules'"),
     (lambda d: d["models"][0]["parameters"].update(density=2.0), "'density' = 2.0 is outside [0.0, 1.0]"),
     (lambda d: d["models"][0].update(model="/nonexistent/model"), "model directory not found: /nonexistent/model"),
+    (lambda d: d["models"][0].update(model="some-org/some-model"), "some-org/some-model: not a local directory and cannot be fetched"),
 ])
 def test_cli_errors_are_one_line_with_exit_2(zoo, tmp_path, edit, message):
     data = ties_recipe(zoo)

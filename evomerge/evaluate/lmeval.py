@@ -11,7 +11,9 @@ its dataset is fetched).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,14 +105,19 @@ class TaskSuite:
         self.names = names
         self.limit = limit
 
-    def evaluate(self, lm, log_samples: bool = False) -> dict:
-        """Run every task on ``lm`` (an lm-eval ``LM``); returns lm-eval's results dict."""
+    def evaluate(self, lm, log_samples: bool = False, quiet: bool = True) -> dict:
+        """Run every task on ``lm`` (an lm-eval ``LM``); returns lm-eval's results dict.
+
+        ``quiet`` swallows lm-eval's per-call progress bars (they ignore TQDM_DISABLE); errors still raise.
+        """
         from lm_eval.evaluator import evaluate
 
-        return evaluate(
-            lm, self.task_dict, limit=self.limit, bootstrap_iters=0,
-            log_samples=log_samples, verbosity="ERROR",
-        )
+        sink = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
+        with sink:
+            return evaluate(
+                lm, self.task_dict, limit=self.limit, bootstrap_iters=0,
+                log_samples=log_samples, verbosity="ERROR",
+            )
 
     def scores(self, lm, metrics: dict[str, str] | None = None) -> dict[str, float]:
         """One number per task: the named metric, or the first of PREFERRED_METRICS it reports."""
