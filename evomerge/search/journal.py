@@ -1,0 +1,149 @@
+"""A search that survives interruption: trials asked and told through a journal on disk.
+
+Every ask and tell is appended to ``journal.jsonl`` (flushed and fsync'd) before it takes effect
+for the caller. Resuming rebuilds the optimizer from its seed and replays the journal's events in
+their recorded order, which reproduces its state exactly (every optimizer is deterministic given
+its seed and the order of calls); trials that were asked but never told are handed out again first.
+So an interrupted-then-resumed search evaluates exactly the candidates an uninterrupted one would,
+none twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from evomerge.recipe import Recipe
+from evomerge.search.optimizers import Objective, make_optimizer
+from evomerge.search.pareto import front_indices, hypervolume
+from evomerge.search.space import Genome
+
+JOURNAL = "journal.jsonl"
+
+
+class JournalError(ValueError):
+    pass
+
+
+@dataclass
+class Trial:
+    id: int
+    unit: list[float]  # the optimizer's point in [0, 1]^d
+    genome: list[float]  # the same point in the genome's box
+    recipe: Recipe
+    status: str = "running"  # running | done | failed
+    values: list[float] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Search:
+    """A genome, an optimizer and a journal in ``directory``."""
+
+    def __init__(self, genome: Genome, optimizer: str, objectives: Sequence[Objective], seed: int,
+                 directory: str | Path, options: dict | None = None):
+        self.genome, self.objectives = genome, list(objectives)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / JOURNAL
+        self.header = {"event": "header", "optimizer": optimizer, "seed": seed, "options": options or {},
+                       "genes": [g.name for g in genome.genes], "objectives": [o.model_dump() for o in self.objectives]}
+        self.optimizer = make_optimizer(optimizer, genome.dimension, self.objectives, seed, **(options or {}))
+        lo, hi = genome.bounds
+        self._lo, self._span = lo, [b - a for a, b in zip(lo, hi)]
+        self.trials: list[Trial] = []
+        self._pending: list[int] = []
+        if self.path.exists() and self.path.stat().st_size:
+            self._replay()
+        else:
+            self._append(self.header)
+
+    # -- journal ----------------------------------------------------------------------------------
+    def _append(self, event: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _replay(self) -> None:
+        lines = self.path.read_text().splitlines()
+        events = []
+        for n, line in enumerate(lines, 1):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                if n == len(lines):  # a write cut short by the interruption: drop it
+                    break
+                raise JournalError(f"{self.path}:{n}: corrupt journal line") from None
+        if not events or events[0] != self.header:
+            raise JournalError(f"{self.path}: written by a different search (optimizer, seed, genes or "
+                               "objectives differ); use a new campaign directory")
+        for event in events[1:]:
+            if event["event"] == "enqueue":
+                self.optimizer.enqueue(event["unit"])
+            elif event["event"] == "ask":
+                unit = self.optimizer.ask()
+                if unit != event["unit"]:
+                    raise JournalError(f"{self.path}: trial {event['id']} does not replay (the optimizer's "
+                                       "library version changed?)")
+                self._new_trial(unit)
+            elif event["event"] == "tell":
+                self._apply_tell(event["id"], event["values"], event.get("info", {}))
+        with open(self.path, "r+") as f:  # drop a torn last line, if any
+            f.truncate(sum(len(line) + 1 for line in lines[: len(events)]))
+        self._pending = [t.id for t in self.trials if t.status == "running"]
+
+    # -- ask / tell -------------------------------------------------------------------------------
+    def _new_trial(self, unit: list[float]) -> Trial:
+        genome = [a + u * s for a, u, s in zip(self._lo, unit, self._span)]
+        trial = Trial(len(self.trials), unit, genome, self.genome.decode(genome))
+        self.trials.append(trial)
+        return trial
+
+    def enqueue(self, genome_vector: Sequence[float]) -> None:
+        """Evaluate a known point next (the uniform average, an expert alone, a hand recipe)."""
+        unit = [min(max((v - a) / s, 0.0), 1.0) if s else 0.0 for v, a, s in zip(genome_vector, self._lo, self._span)]
+        self._append({"event": "enqueue", "unit": unit})
+        self.optimizer.enqueue(unit)
+
+    def ask(self) -> Trial:
+        """The next candidate: one left running by an interruption first, else a new one."""
+        if self._pending:
+            return self.trials[self._pending.pop(0)]
+        unit = self.optimizer.ask()
+        self._append({"event": "ask", "id": len(self.trials), "unit": unit})
+        return self._new_trial(unit)
+
+    def tell(self, trial_id: int, values: Sequence[float] | None, info: dict | None = None) -> Trial:
+        """Record a result (``None`` for a failure: crash, NaN); failed trials never enter the front."""
+        if values is not None:
+            values = [float(v) for v in values]
+        self._append({"event": "tell", "id": trial_id, "values": values, "info": info or {}})
+        return self._apply_tell(trial_id, values, info or {})
+
+    def _apply_tell(self, trial_id, values, info) -> Trial:
+        trial = self.trials[trial_id]
+        if trial.status != "running":
+            raise JournalError(f"trial {trial_id} was already told")
+        failed = values is None or any(v != v or v in (float("inf"), float("-inf")) for v in values)
+        trial.status, trial.values, trial.info = ("failed" if failed else "done"), values, info
+        self.optimizer.tell(trial.unit, None if failed else values)
+        return trial
+
+    # -- results ----------------------------------------------------------------------------------
+    @property
+    def finished(self) -> list[Trial]:
+        return [t for t in self.trials if t.status == "done"]
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    def front(self) -> list[Trial]:
+        done = self.finished
+        return [done[i] for i in front_indices([t.values for t in done], self.directions)]
+
+    def hypervolume(self, reference: Sequence[float]) -> float:
+        return hypervolume([t.values for t in self.finished], self.directions, reference)

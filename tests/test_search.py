@@ -1,0 +1,123 @@
+import json
+
+import pytest
+
+from evomerge.search.journal import JOURNAL, JournalError, Search
+from evomerge.search.optimizers import OPTIMIZERS, Objective, make_optimizer
+from evomerge.search.space import Genome, load_space
+
+from conftest import REPO
+
+TWO = [Objective(name="a"), Objective(name="b")]
+ONE = [Objective(name="a")]
+
+
+def genome():
+    return Genome(load_space(REPO / "search_spaces" / "two_experts_layer_groups.yaml"), num_layers=4)
+
+
+def bowl(x):
+    """Two maximized objectives with a known trade-off: closeness to 0.3 and to 1.1 in every gene."""
+    return [-sum((v - 0.3) ** 2 for v in x), -sum((v - 1.1) ** 2 for v in x)]
+
+
+def run(search, n, workers=2, crash_at=None):
+    """The controller's policy: keep `workers` candidates in flight, tell the oldest result first,
+    stop at n told. With crash_at, die (return) right after filling the workers once crash_at
+    results are in, leaving candidates in flight. Failures: every 7th trial from the 4th."""
+    flying = []
+    told = lambda: sum(t.status != "running" for t in search.trials)
+    while told() < n:
+        while len(flying) < workers and told() + len(flying) < n:
+            flying.append(search.ask())
+        if crash_at is not None and told() >= crash_at:
+            return flying
+        t = flying.pop(0)
+        values = bowl(t.genome)[: len(search.objectives)]
+        search.tell(t.id, None if t.id % 7 == 3 else values)
+    return search
+
+
+@pytest.mark.parametrize("name", ["random", "cma", "tpe", "nsga2"])
+def test_same_seed_same_search_and_bounds(tmp_path, name):
+    objectives = ONE if name == "cma" else TWO
+    a = run(Search(genome(), name, objectives, 3, tmp_path / "a"), 16)
+    b = run(Search(genome(), name, objectives, 3, tmp_path / "b"), 16)
+    c = run(Search(genome(), name, objectives, 4, tmp_path / "c"), 16)
+    assert [t.genome for t in a.trials] == [t.genome for t in b.trials]
+    assert [t.genome for t in a.trials] != [t.genome for t in c.trials]
+    lo, hi = genome().bounds
+    assert all(l <= v <= h for t in a.trials for v, l, h in zip(t.genome, lo, hi))
+
+
+@pytest.mark.parametrize("name", ["random", "cma", "tpe", "nsga2"])
+def test_interrupted_then_resumed_search_equals_an_uninterrupted_one(tmp_path, name):
+    objectives = ONE if name == "cma" else TWO
+    whole = run(Search(genome(), name, objectives, 7, tmp_path / "whole"), 30)
+
+    part = Search(genome(), name, objectives, 7, tmp_path / "part")
+    in_flight = run(part, 30, crash_at=11)  # the controller dies with work in flight ...
+    assert len(in_flight) == 2
+    with open(tmp_path / "part" / JOURNAL, "a") as f:
+        f.write('{"event": "tell", "id": ')  # ... and its last write is torn
+    resumed = Search(genome(), name, objectives, 7, tmp_path / "part")
+    assert [t.id for t in resumed.trials if t.status == "running"] == [t.id for t in in_flight]
+    run(resumed, 30)  # in-flight work is handed out again first, then the search goes on
+
+    told = lambda s: [(t.id, t.unit, t.status) for t in s.trials if t.status != "running"]
+    assert told(resumed) == told(whole)
+    assert sorted(t.id for t in resumed.trials if t.status != "running") == list(range(30))
+    assert len(resumed.finished) == len(whole.finished) and resumed.front()
+
+
+def test_journal_of_another_search_is_refused(tmp_path):
+    run(Search(genome(), "random", TWO, 1, tmp_path), 3)
+    with pytest.raises(JournalError, match="different search"):
+        Search(genome(), "random", TWO, 2, tmp_path)
+
+
+def test_failed_trials_never_enter_the_front_and_cannot_be_told_twice(tmp_path):
+    s = Search(genome(), "nsga2", TWO, 0, tmp_path)
+    t1, t2 = s.ask(), s.ask()
+    s.tell(t1.id, None, {"reason": "worker crashed"})
+    s.tell(t2.id, [float("nan"), 1.0])
+    s.tell(s.ask().id, [0.5, 0.5])
+    assert [t.status for t in s.trials] == ["failed", "failed", "done"]
+    assert [t.id for t in s.front()] == [2]
+    with pytest.raises(JournalError, match="already told"):
+        s.tell(t1.id, [1.0, 1.0])
+    events = [json.loads(l) for l in (tmp_path / JOURNAL).read_text().splitlines()]
+    assert [e["info"] for e in events if e["event"] == "tell"][0] == {"reason": "worker crashed"}
+
+
+def test_known_recipes_are_evaluated_first(tmp_path):
+    g = genome()
+    for name in ("cma", "tpe"):
+        s = Search(g, name, ONE, 0, tmp_path / name)
+        s.enqueue(g.uniform_average())
+        first = s.ask()
+        assert [m.parameters["weight"] for m in first.recipe.models[1:]] == [[0.5] * 4] * 2
+        s.tell(first.id, bowl(first.genome)[:1])
+        assert s.ask().genome != first.genome
+
+
+def test_cma_beats_random_on_a_bowl(tmp_path):
+    error = {}
+    for name in ("cma", "random"):
+        s = run(Search(genome(), name, ONE, 0, tmp_path / name), 200, workers=1)
+        error[name] = -max(bowl(t.genome)[0] for t in s.finished)
+    assert error["cma"] < error["random"] / 10, error
+
+
+def test_multi_objective_front_and_hypervolume(tmp_path):
+    s = run(Search(genome(), "nsga2", TWO, 0, tmp_path), 40)
+    assert len(s.front()) >= 3
+    assert s.hypervolume([-10.0, -10.0]) > 0
+
+
+def test_unknown_optimizer_and_option():
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; valid: random, cma"):
+        make_optimizer("sgd", 3, ONE, 0)
+    with pytest.raises(ValueError, match="cma: unknown option"):
+        make_optimizer("cma", 3, ONE, 0, popsze=4)
+    assert set(OPTIMIZERS) >= {"random", "cma", "tpe", "nsga2", "nsga3", "gp", "cmaes"}
