@@ -121,3 +121,27 @@ def test_unknown_optimizer_and_option():
     with pytest.raises(ValueError, match="cma: unknown option"):
         make_optimizer("cma", 3, ONE, 0, popsze=4)
     assert set(OPTIMIZERS) >= {"random", "cma", "tpe", "nsga2", "nsga3", "gp", "cmaes"}
+
+
+@pytest.mark.parametrize("strategy", ["ipop", "bipop"])
+def test_cma_restarts(strategy):
+    from evomerge.search.optimizers import CMA
+
+    opt = CMA(3, ONE, 0, popsize=4, restarts=3, restart_strategy=strategy, tolfun=1e-2)
+    popsizes = []
+    for _ in range(2000):
+        x = opt.ask()
+        opt.tell(x, [-sum((v - 0.5) ** 2 for v in x)])
+        popsizes.append(opt.es.popsize)
+    assert opt.runs == 4  # the first run and three restarts
+    if strategy == "ipop":
+        assert sorted(set(popsizes)) == [4, 8, 16, 32]
+    else:
+        assert 8 in popsizes and opt.budget["small"] > 0  # both regimes ran
+
+
+@pytest.mark.parametrize("name", ["nsga3", "gp", "cmaes", "optuna-random"])
+def test_other_samplers_run(tmp_path, name):
+    objectives = ONE if name == "cmaes" else TWO
+    s = run(Search(genome(), name, objectives, 0, tmp_path), 12)
+    assert len(s.finished) >= 9 and s.front()
