@@ -89,7 +89,8 @@ class CMA(Optimizer):
     """pycma CMA-ES on the weighted sum; failed points are told as worse than anything seen."""
 
     name = "cma"
-    OPTIONS = {"popsize": None, "sigma0": 0.25, "restarts": 0, "restart_strategy": "ipop", "tolfun": 1e-11}
+    # sigma0 in units of the box (range / 6, a common rule; 0.25 measured ~1.6x slower on a 56-gene bowl)
+    OPTIONS = {"popsize": None, "sigma0": 1 / 6, "restarts": 0, "restart_strategy": "ipop", "tolfun": 1e-11}
 
     def __init__(self, dim, objectives, seed, **options):
         super().__init__(dim, objectives, seed, **options)
