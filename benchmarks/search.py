@@ -35,7 +35,7 @@ from evomerge.search.optimizers import Objective  # noqa: E402
 from evomerge.search.pareto import hypervolume  # noqa: E402
 from evomerge.search.space import Genome, SearchSpace, load_space  # noqa: E402
 
-BOWL_BUDGET = 600
+BOWL_BUDGET = 800
 FRONT_BUDGET = 150
 REFERENCE = [-2.6, -2.6]  # just beyond the front's worst values (-2.56)
 

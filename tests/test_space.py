@@ -152,3 +152,13 @@ def test_space_show_cli(zoo):
     bad = subprocess.run([sys.executable, "-m", "evomerge", "space", "show", str(SPACES / "nope.yaml"), "--layers", "4"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "cannot read" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_linear_spaces_average_the_experts_only():
+    genome = Genome(load_space(SPACES / "per_layer_linear.yaml"), num_layers=4)
+    x = [0.1 * (i + 1) for i in range(genome.dimension)]
+    recipe = genome.decode(x)
+    assert recipe.base_model == "base" and [m.model for m in recipe.models] == ["expert-add", "expert-rev"]
+    assert recipe.models[0].parameters["weight"] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert RecipePlan(recipe, num_layers=4).inputs == ["expert-add", "expert-rev"]
+    assert genome.encode(recipe) == x

@@ -74,6 +74,7 @@ class ResidentMerge:
         self.experts = list(experts)
         self.stats: dict[str, list[DeltaStats]] = {}
         self._field_keys: dict[str, tuple[int, int]] = {}
+        self._zeros: dict[str, DeltaStats] = {}
         for name in self.params:
             row = []
             for expert, state in experts.items():
@@ -119,14 +120,18 @@ class ResidentMerge:
         for name, param in self.params.items():
             base = self.base[name]
             row = self.stats[name]
-            # linear may weight the base like any input: a zero task vector
-            stats = [row[index[m]] if m != self.base_name else DeltaStats(torch.zeros_like(base), 0)
-                     for m in plan.inputs]
+            # linear may weight the base like any input: a zero task vector, made once
+            stats = [row[index[m]] if m != self.base_name else self._zero(name) for m in plan.inputs]
             merged = compute_tensor(plan, name, base, stats=stats)
             if check_finite and not all_finite(merged):
                 nonfinite.append(name)
             param.copy_(merged)
         return MaterializeResult(time.perf_counter() - started, nonfinite)
+
+    def _zero(self, name: str) -> DeltaStats:
+        if name not in self._zeros:
+            self._zeros[name] = DeltaStats(torch.zeros_like(self.base[name]), 0)
+        return self._zeros[name]
 
     @torch.no_grad()
     def restore_base(self) -> None:

@@ -236,10 +236,10 @@ class Genome:
                 else:
                     value = rng.fixed
                 (per_model[model] if model else shared)[name] = value
-        data = {"merge_method": method.name, "base_model": self.space.base,
-                "models": [{"model": self.space.base}] + [{"model": m, "parameters": per_model[m]} for m in self.space.models]}
-        if method.family == "linear":
-            data["models"][0]["parameters"] = {"weight": 0.0} if "weight" in model_params else {}
+        experts = [{"model": m, "parameters": per_model[m]} for m in self.space.models]
+        # linear averages the listed models only; the base is named for architecture and tokenizer
+        base_entry = [] if method.family == "linear" else [{"model": self.space.base}]
+        data = {"merge_method": method.name, "base_model": self.space.base, "models": base_entry + experts}
         if shared:
             data["parameters"] = shared
         ext = {"seed": self.seed}
