@@ -22,6 +22,8 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from evomerge.configfile import describe, read_yaml
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file and the field."""
@@ -163,13 +165,6 @@ UNSUPPORTED_KEYS = {
 }
 
 
-def _location(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     """Validate a recipe mapping; errors name ``source`` and the offending field."""
     if not isinstance(data, dict):
@@ -177,28 +172,11 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = _location(tuple(err["loc"]))
-        key = str(err["loc"][-1]) if err["loc"] else ""
-        if err["type"] == "extra_forbidden":
-            why = UNSUPPORTED_KEYS.get(key)
-            hint = f" ({why} is not supported)" if why else ""
-            raise RecipeError(f"{source}: unsupported key '{loc}'{hint}") from None
-        if err["type"] == "missing":
-            raise RecipeError(f"{source}: missing required field '{loc}'") from None
-        msg = err["msg"].removeprefix("Value error, ")
-        raise RecipeError(f"{source}: {loc + ': ' if loc else ''}{msg}") from None
+        raise RecipeError(f"{source}: {describe(e, UNSUPPORTED_KEYS)}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_recipe(data, str(path))
+    return parse_recipe(read_yaml(path, RecipeError), str(path))
 
 
 # --- parameter resolution (mergekit semantics) ------------------------------------------------

@@ -112,7 +112,7 @@ def test_out_of_box_values_are_clipped():
     ("base: b\nmodels: [x]\nmethod: ties\nparameters: {normalize: {low: 0, high: 1}}\n", "can only be fixed"),
     ("base: b\nmodels: [x]\nmethod: ties\nparameters: {density: {low: 0.5, high: 1.5}}\n", "leave the method's range"),
     ("base: b\nmodels: [x]\nmethod: ties\nparameters: {weight: {low: 1, high: 0}}\n", "low < high"),
-    ("base: b\nmodels: [x]\nmethod: ties\nlayer: {}\n", "unknown key 'layer'"),
+    ("base: b\nmodels: [x]\nmethod: ties\nlayer: {}\n", "unsupported key 'layer'"),
     ("base: b\nmodels: [b]\nmethod: ties\n", "without the base"),
 ])
 def test_invalid_spaces_name_file_and_field(tmp_path, text, message):

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.merge.methods import METHODS, get_method
-from evomerge.recipe import FilterValue, Recipe, RecipeError, _location, parse_recipe, resolve_setting
+from evomerge.configfile import describe, read_yaml
+from evomerge.recipe import FilterValue, Recipe, RecipeError, parse_recipe, resolve_setting
 
 
 class SpaceError(ValueError):
@@ -114,22 +114,11 @@ class SearchSpace(BaseModel):
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise SpaceError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(path, SpaceError)
     try:
         return SearchSpace.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = _location(tuple(err["loc"]))
-        if err["type"] == "extra_forbidden":
-            raise SpaceError(f"{path}: unknown key '{loc}'") from None
-        msg = err["msg"].removeprefix("Value error, ")
-        raise SpaceError(f"{path}: {loc + ': ' if loc else ''}{msg}") from None
+        raise SpaceError(f"{path}: {describe(e)}") from None
 
 
 @dataclass(frozen=True)
