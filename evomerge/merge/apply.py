@@ -24,6 +24,7 @@ def compute_tensor(
     base: torch.Tensor,
     inputs: list[torch.Tensor] | None = None,
     stats: list[DeltaStats] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The merged float32 tensor ``name`` from the plan's inputs, given either their tensors
     (``inputs``, in ``plan.inputs`` order) or their resident task-vector ``stats``."""
@@ -33,7 +34,7 @@ def compute_tensor(
         seed = plan.recipe.evomerge.seed
         stats = [DeltaStats(x.float() - base, field_seed(seed, name, i), resident=False)
                  for i, x in enumerate(inputs)]
-    merged = merge_tensor(plan.method, base, stats, params.shared, list(params.per_model))
+    merged = merge_tensor(plan.method, base, stats, params.shared, list(params.per_model), out)
     if params.lines_scale is not None and params.lines_scale != 1.0:
         merged.sub_(base).mul_(params.lines_scale).add_(base)
     return merged
@@ -122,10 +123,13 @@ class ResidentMerge:
             row = self.stats[name]
             # linear may weight the base like any input: a zero task vector, made once
             stats = [row[index[m]] if m != self.base_name else self._zero(name) for m in plan.inputs]
-            merged = compute_tensor(plan, name, base, stats=stats)
+            # float32 parameters take the merge directly: no temporary, no copy
+            direct = param.dtype == torch.float32 and param.is_contiguous()
+            merged = compute_tensor(plan, name, base, stats=stats, out=param.data if direct else None)
             if check_finite and not all_finite(merged):
                 nonfinite.append(name)
-            param.copy_(merged)
+            if merged.data_ptr() != param.data_ptr():
+                param.copy_(merged)
         return MaterializeResult(time.perf_counter() - started, nonfinite)
 
     def _zero(self, name: str) -> DeltaStats:

@@ -294,10 +294,18 @@ CHUNK = int(os.environ.get("EVOMERGE_MERGE_CHUNK", 1 << 16))
 class _Mask:
     """How one input's delta is masked for one tensor: mode and its scalars."""
 
-    mode: str  # "all", "none", "top" (|d| >= lo), "band" (lo <= |d| <= hi), "drop" (drop_key(hi) < lo)
+    mode: str  # "all", "none", "top" (|d| > lo), "band" (lo < |d| <= hi), "drop" (drop_key(hi) < lo)
     lo: float = 0.0
     hi: float = 0.0
     scale: float | None = None  # rescale factor applied after masking
+
+
+def _shrink(threshold: float) -> float:
+    """hardshrink's lambda that keeps |v| >= threshold: the largest float32 below it (0 stays 0)."""
+    if threshold <= 0:
+        return 0.0
+    t = torch.tensor(threshold, dtype=torch.float32)
+    return float(torch.nextafter(t, torch.tensor(0.0)))
 
 
 def _mask_for(kind: str | None, s: DeltaStats, p: dict[str, Any], rescale: bool) -> _Mask:
@@ -313,7 +321,7 @@ def _mask_for(kind: str | None, s: DeltaStats, p: dict[str, Any], rescale: bool)
         if rescale:
             before, after = s.l1, s.top_sum(k)
             scale = before / after if before >= 1e-7 and after >= 1e-7 else None
-        return _Mask("top", float(s.sorted_desc[k - 1]), scale=scale)
+        return _Mask("top", _shrink(float(s.sorted_desc[k - 1])), scale=scale)
     if kind == "outliers":
         target = int(density * n)
         if target == 0:
@@ -323,7 +331,7 @@ def _mask_for(kind: str | None, s: DeltaStats, p: dict[str, Any], rescale: bool)
         if rescale:
             before, after = s.l1, s.top_sum(n_top + target) - s.top_sum(n_top)
             scale = before / after if before >= 1e-7 and after >= 1e-7 else None
-        return _Mask("band", float(s.sorted_desc[n_top + target - 1]), float(s.sorted_desc[n_top]), scale)
+        return _Mask("band", _shrink(float(s.sorted_desc[n_top + target - 1])), float(s.sorted_desc[n_top]), scale)
     if kind in ("random", "della"):
         if density <= 0:
             return _Mask("none")
@@ -357,10 +365,6 @@ class _Scratch:
 _SCRATCH = _Scratch()
 
 
-def _below(x: float) -> float:
-    """The largest float32 strictly below ``x`` (hardshrink keeps |v| > lambda; we need >=)."""
-    t = torch.tensor(x, dtype=torch.float32)
-    return float(torch.nextafter(t, torch.tensor(-1.0 if x > 0 else -2.0)))
 
 
 def _masked(m: _Mask, s: DeltaStats, a: int, b: int, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
@@ -374,10 +378,10 @@ def _masked(m: _Mask, s: DeltaStats, a: int, b: int, out: torch.Tensor, tmp: tor
         return out.copy_(d)
     if m.mode == "none":
         return out.zero_()
-    if m.mode == "top":  # |d| >= lo
-        torch.hardshrink(d, _below(m.lo) if m.lo > 0 else 0.0, out=out)
-    elif m.mode == "band":  # lo <= |d| <= hi
-        torch.hardshrink(d, _below(m.lo) if m.lo > 0 else 0.0, out=out)
+    if m.mode == "top":  # |d| > lo (lo: just below the kept threshold)
+        torch.hardshrink(d, m.lo, out=out)
+    elif m.mode == "band":  # lo < |d| <= hi
+        torch.hardshrink(d, m.lo, out=out)
         out.sub_(torch.hardshrink(d, m.hi, out=tmp))
     else:  # drop (hi = epsilon): keep where key < lo
         torch.lt(s.drop_key(m.hi).reshape(-1)[a:b], m.lo, out=tmp)
@@ -393,8 +397,10 @@ def merge_tensor(
     stats: list[DeltaStats],
     shared: dict[str, Any],
     per_model: list[dict[str, Any]],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor from the inputs' task vectors against ``base``; float32 result.
+    """Merge one tensor from the inputs' task vectors against ``base``; float32 result, written
+    into ``out`` (a contiguous float32 tensor of base's shape) when the method allows.
 
     ``per_model[i]`` holds input i's resolved parameters. For linear, an input that is the base
     itself is a zero task vector.
@@ -405,11 +411,11 @@ def merge_tensor(
     if method.family == "model_stock":
         return _model_stock(base, [base + s.delta for s in stats], bool(shared["filter_wise"]))
     if method.family == "linear":
-        return _linear(base, stats, shared, per_model)
-    return _task_vector(method, base, stats, shared, per_model)
+        return _linear(base, stats, shared, per_model, out)
+    return _task_vector(method, base, stats, shared, per_model, out)
 
 
-def _linear(base, stats, shared, per_model) -> torch.Tensor:
+def _linear(base, stats, shared, per_model, out=None) -> torch.Tensor:
     """Weighted average of the inputs (normalized by the weights' sum unless normalize=false).
 
     Reference: Wortsman et al., "Model soups", ICML 2022, arXiv:2203.05482; mergekit ``linear``.
@@ -418,7 +424,7 @@ def _linear(base, stats, shared, per_model) -> torch.Tensor:
     total = sum(weights)
     if shared.get("normalize", True) and total == 0:
         raise MergeError("linear: the weights sum to 0, cannot normalize")
-    out = torch.empty_like(base)
+    out = torch.empty_like(base) if out is None else out
     flat_out, flat_base, n = out.view(-1), base.reshape(-1), base.numel()
     for a in range(0, n, CHUNK):
         b = min(n, a + CHUNK)
@@ -433,7 +439,7 @@ def _linear(base, stats, shared, per_model) -> torch.Tensor:
     return out
 
 
-def _task_vector(method, base, stats: list[DeltaStats], shared, per_model) -> torch.Tensor:
+def _task_vector(method, base, stats: list[DeltaStats], shared, per_model, out=None) -> torch.Tensor:
     """Generalized task arithmetic: mask, weight, optionally elect signs, normalize, scale by lambda.
 
     Elementwise in mergekit's order of operations, so results agree bit for bit; chunked so that
@@ -448,8 +454,11 @@ def _task_vector(method, base, stats: list[DeltaStats], shared, per_model) -> to
     rescale, normalize, lam = bool(shared["rescale"]), bool(shared["normalize"]), float(shared["lambda"])
     weights = [float(p["weight"]) for p in per_model]
     masks = [_mask_for(method.sparsify, s, p, rescale) for s, p in zip(stats, per_model)]
+    # random masks: no exact order of operations to keep, so fold the rescale and the weight
+    masks = [_Mask(m.mode, m.lo, m.hi, (m.scale or 1.0) * w) if m.mode == "drop" else m
+             for m, w in zip(masks, weights)]
     total = sum(weights)
-    out = torch.empty_like(base)
+    out = torch.empty_like(base) if out is None else out
     flat_out, flat_base, n, dev = out.view(-1), base.reshape(-1), base.numel(), base.device
     for a in range(0, n, CHUNK):
         b = min(n, a + CHUNK)
@@ -464,10 +473,8 @@ def _task_vector(method, base, stats: list[DeltaStats], shared, per_model) -> to
                 wpos = _SCRATCH.get("wpos", L, torch.float32, dev).zero_()
                 wneg = _SCRATCH.get("wneg", L, torch.float32, dev).zero_()
         for m, s, w in zip(masks, stats, weights):
-            if m.mode == "drop":  # random: no exact order to keep, fold scale and weight
-                _masked(_Mask(m.mode, m.lo, m.hi, (m.scale or 1.0) * w), s, a, b, c, tmp)
-            else:  # deterministic: (delta * mask) * rescale, then * weight, as mergekit
-                _masked(m, s, a, b, c, tmp)
+            _masked(m, s, a, b, c, tmp)
+            if m.mode != "drop":  # deterministic: (delta * mask) * rescale, then * weight, as mergekit
                 c.mul_(w)
             acc.add_(c)
             if method.consensus:

@@ -143,10 +143,7 @@ class CMA(Optimizer):
             self._asked_since_tell = False
             self.budget[self.regime] += popsize
             if self.es.stop() and self.runs <= self.options["restarts"]:
-                leftover = self.results
-                self._restart()
-                self.results = []  # points of the old run are not told to the new one
-                del leftover
+                self._restart()  # results still pending from the old run are not told to the new one
 
     def _restart(self) -> None:
         sigma0 = self.options["sigma0"]
