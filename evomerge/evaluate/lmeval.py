@@ -12,7 +12,6 @@ its dataset is fetched).
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 from dataclasses import dataclass
@@ -50,31 +49,26 @@ def resolve_task(ref: str | Path) -> TaskRef:
 
 
 def _local_config(ref: TaskRef) -> dict:
-    """The task's YAML as a dict, with relative ``data_files`` made absolute against its folder."""
+    """The task's YAML as a dict, with relative ``data_files`` made absolute against its folder
+    (a path, a list of paths, or a split -> path(s) mapping) and each local file checked."""
     config = yaml.safe_load(ref.yaml_path.read_text())
-    files = (config.get("dataset_kwargs") or {}).get("data_files")
-    if files is not None:
-        folder = ref.yaml_path.parent
+    kwargs = config.get("dataset_kwargs") or {}
+    if kwargs.get("data_files") is None:
+        return config
 
-        def absolute(p: str) -> str:
-            return p if Path(p).is_absolute() or "://" in p else str(folder / p)
+    def resolve(value):
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if "://" in value:
+            return value
+        path = Path(value) if Path(value).is_absolute() else ref.yaml_path.parent / value
+        if not path.exists():
+            raise TaskError(f"{ref.yaml_path}: data file not found: {path}")
+        return str(path)
 
-        config = copy.deepcopy(config)
-        if isinstance(files, dict):
-            config["dataset_kwargs"]["data_files"] = {
-                k: [absolute(x) for x in v] if isinstance(v, list) else absolute(v)
-                for k, v in files.items()
-            }
-        elif isinstance(files, list):
-            config["dataset_kwargs"]["data_files"] = [absolute(x) for x in files]
-        else:
-            config["dataset_kwargs"]["data_files"] = absolute(files)
-        missing = [
-            p for v in config["dataset_kwargs"]["data_files"].values()
-            for p in (v if isinstance(v, list) else [v]) if "://" not in p and not Path(p).exists()
-        ] if isinstance(config["dataset_kwargs"]["data_files"], dict) else []
-        if missing:
-            raise TaskError(f"{ref.yaml_path}: data file not found: {missing[0]}")
+    kwargs["data_files"] = resolve(kwargs["data_files"])
     return config
 
 
