@@ -1,8 +1,10 @@
 import json
+import random
+from collections import defaultdict
 
 import pytest
 
-from evomerge.search.journal import JOURNAL, JournalError, Search
+from evomerge.search.journal import JOURNAL, OPTUNA_VIEW, STUDY, JournalError, Search
 from evomerge.search.optimizers import OPTIMIZERS, Objective, make_optimizer
 from evomerge.search.space import Genome, load_space
 
@@ -21,10 +23,11 @@ def bowl(x):
     return [-sum((v - 0.3) ** 2 for v in x), -sum((v - 1.1) ** 2 for v in x)]
 
 
-def run(search, n, workers=2, crash_at=None):
+def run(search, n, workers=2, crash_at=None, noise=0.0):
     """The controller's policy: keep `workers` candidates in flight, tell the oldest result first,
     stop at n told. With crash_at, die (return) right after filling the workers once crash_at
-    results are in, leaving candidates in flight. Failures: every 7th trial from the 4th."""
+    results are in, leaving candidates in flight. Failures: every 7th trial from the 4th. With noise,
+    each trial's values get a gaussian of that scale, drawn from the trial's id (so reproducible)."""
     flying = []
     told = lambda: sum(t.status != "running" for t in search.trials)
     while told() < n:
@@ -33,7 +36,7 @@ def run(search, n, workers=2, crash_at=None):
         if crash_at is not None and told() >= crash_at:
             return flying
         t = flying.pop(0)
-        values = bowl(t.genome)[: len(search.objectives)]
+        values = [v + noise * random.Random(t.id).gauss(0, 1) for v in bowl(t.genome)[: len(search.objectives)]]
         search.tell(t.id, None if t.id % 7 == 3 else values)
     return search
 
@@ -50,23 +53,28 @@ def test_same_seed_same_search_and_bounds(tmp_path, name):
     assert all(l <= v <= h for t in a.trials for v, l, h in zip(t.genome, lo, hi))
 
 
-@pytest.mark.parametrize("name", ["random", "cma", "tpe", "nsga2"])
+@pytest.mark.parametrize("name", ["random", "cma", "cma-noise", "tpe", "nsga2"])
 def test_interrupted_then_resumed_search_equals_an_uninterrupted_one(tmp_path, name):
-    objectives = ONE if name == "cma" else TWO
-    whole = run(Search(genome(), name, objectives, 7, tmp_path / "whole"), 30)
+    objectives = TWO if name in ("random", "tpe", "nsga2") else ONE
+    options, noise = ({"noise": True, "popsize": 6}, 1.0) if name == "cma-noise" else ({}, 0.0)
+    name, n = name.split("-")[0], 60 if noise else 30
+    make = lambda d: Search(genome(), name, objectives, 7, tmp_path / d, options)
+    whole = run(make("whole"), n, noise=noise)
 
-    part = Search(genome(), name, objectives, 7, tmp_path / "part")
-    in_flight = run(part, 30, crash_at=11)  # the controller dies with work in flight ...
+    part = make("part")
+    in_flight = run(part, n, crash_at=n // 3, noise=noise)  # the controller dies with work in flight ...
     assert len(in_flight) == 2
     with open(tmp_path / "part" / JOURNAL, "a") as f:
         f.write('{"event": "tell", "id": ')  # ... and its last write is torn
-    resumed = Search(genome(), name, objectives, 7, tmp_path / "part")
+    resumed = make("part")
     assert [t.id for t in resumed.trials if t.status == "running"] == [t.id for t in in_flight]
-    run(resumed, 30)  # in-flight work is handed out again first, then the search goes on
+    run(resumed, n, noise=noise)  # in-flight work is handed out again first, then the search goes on
 
-    told = lambda s: [(t.id, t.unit, t.status) for t in s.trials if t.status != "running"]
+    told = lambda s: [(t.id, t.unit, t.replicate, t.status) for t in s.trials if t.status != "running"]
     assert told(resumed) == told(whole)
-    assert sorted(t.id for t in resumed.trials if t.status != "running") == list(range(30))
+    if noise:
+        assert any(t.replicate for t in whole.trials)
+    assert sorted(t.id for t in resumed.trials if t.status != "running") == list(range(n))
     assert len(resumed.finished) == len(whole.finished) and resumed.front()
 
 
@@ -145,3 +153,67 @@ def test_other_samplers_run(tmp_path, name):
     objectives = ONE if name == "cmaes" else TWO
     s = run(Search(genome(), name, objectives, 0, tmp_path), 12)
     assert len(s.finished) >= 9 and s.front()
+
+
+def noisy_cma(noise_scale, evals=600, **options):
+    """CMA with noise handling on a 4-gene bowl plus gaussian noise; the asks' replicates per point."""
+    from evomerge.search.optimizers import CMA
+
+    opt, rng = CMA(4, ONE, 0, noise=True, noise_max_evaluations=4, **options), random.Random(1)
+    replicates, sigmas = defaultdict(list), []
+    for _ in range(evals):
+        x, r = opt.ask_replicate()
+        replicates[tuple(x)].append(r)
+        opt.tell(x, [-sum((v - 0.5) ** 2 for v in x) + noise_scale * rng.gauss(0, 1)])
+        sigmas.append(opt.es.sigma)
+    return opt, replicates, sigmas
+
+
+def test_cma_noise_handling_replicates_and_adapts():
+    # no noise: re-evaluations agree with the originals, so one evaluation per point and no sigma boost
+    opt, replicates, _ = noisy_cma(0.0)
+    assert opt.noise.evaluations == 1 and opt.noise.noiseS < 0
+    assert all(len(set(r)) == len(r) for r in replicates.values())  # a point's replicates all differ
+    reevaluated = [r for r in replicates.values() if len(r) > 1]
+    assert reevaluated and all(r == [0, 4] for r in reevaluated)  # re-evaluations start past the max (4)
+    # pure noise: measured, the evaluations per point rise to the maximum and sigma is pushed up
+    opt, replicates, sigmas = noisy_cma(1.0)
+    assert opt.noise.evaluations == 4 and opt.noise.noiseS > 0
+    assert sorted(replicates.values(), key=len)[-1] == [0, 1, 2, 3, 4, 5, 6, 7]
+    plain = noisy_cma(1.0, noise_reevals=0)[2]  # measurement off: sigma only adapts as CMA-ES does
+    assert max(sigmas) > 2 * max(plain), (max(sigmas), max(plain))
+
+
+def test_replicates_get_their_own_merge_seed(tmp_path):
+    s = Search(genome(), "cma", ONE, 0, tmp_path, {"noise": True, "noise_max_evaluations": 3, "popsize": 4})
+    s.optimizer.noise.evaluations = 3
+    trials = [s.ask() for _ in range(3)]
+    assert [t.replicate for t in trials] == [0, 1, 2]
+    assert trials[0].genome == trials[1].genome == trials[2].genome
+    assert [t.recipe.evomerge.seed for t in trials] == [0, 1, 2]
+
+
+def load_view(directory):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=STUDY, storage=JournalStorage(JournalFileBackend(str(directory / OPTUNA_VIEW))))
+
+
+def test_optuna_view_of_every_told_trial_survives_resume_and_loss(tmp_path):
+    import optuna
+
+    s = Search(genome(), "cma", ONE, 0, tmp_path)
+    run(s, 10, crash_at=5)  # trial 3 fails, two left in flight
+    study = load_view(tmp_path)
+    told = [t for t in s.trials if t.status != "running"]
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.FAIL) == 1
+    assert [t.user_attrs["evomerge_trial"] for t in study.trials] == [t.id for t in told]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert [t.values for t in done] == [t.values for t in told if t.status == "done"]
+    assert [t.params for t in done][0] == dict(zip([g.name for g in genome().genes], told[0].genome))
+    (tmp_path / OPTUNA_VIEW).unlink()  # lost (or behind): rebuilt from the journal on resume
+    resumed = run(Search(genome(), "cma", ONE, 0, tmp_path), 10)
+    assert len(load_view(tmp_path).trials) == 10 == len([t for t in resumed.trials if t.status != "running"])
+    assert not (tmp_path / (OPTUNA_VIEW + ".staged")).exists()

@@ -6,6 +6,12 @@ their recorded order, which reproduces its state exactly (every optimizer is det
 its seed and the order of calls); trials that were asked but never told are handed out again first.
 So an interrupted-then-resumed search evaluates exactly the candidates an uninterrupted one would,
 none twice.
+
+Beside the journal, every told trial is also written to an Optuna journal storage,
+``optuna.journal`` (study ``evomerge``, one float parameter per gene), whatever the optimizer, so the
+campaign opens in optuna-dashboard or ``optuna.load_study``. It is a view, not the state: Optuna's
+storage does not hold a sampler's random state, so resuming from it alone would not be exact. It is
+rebuilt from the journal when it is missing or behind.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from evomerge.search.pareto import front_indices, hypervolume
 from evomerge.search.space import Genome
 
 JOURNAL = "journal.jsonl"
+OPTUNA_VIEW = "optuna.journal"
+STUDY = "evomerge"
 
 
 class JournalError(ValueError):
@@ -35,6 +43,7 @@ class Trial:
     genome: list[float]  # the same point in the genome's box
     recipe: Recipe
     status: str = "running"  # running | done | failed
+    replicate: int = 0  # k > 0: the k-th re-evaluation of the same genes, with merge seed + k
     values: list[float] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -59,6 +68,48 @@ class Search:
             self._replay()
         else:
             self._append(self.header)
+        self._study = self._open_view()
+
+    # -- Optuna view ------------------------------------------------------------------------------
+    def _open_view(self):
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        path = self.directory / OPTUNA_VIEW
+        told = [t for t in self.trials if t.status != "running"]
+        if path.exists():
+            try:
+                study = optuna.load_study(study_name=STUDY, storage=JournalStorage(JournalFileBackend(str(path))))
+                if len(study.trials) == len(told):
+                    return study
+            except Exception:  # unreadable or another study: rebuilt below
+                pass
+        staged = path.with_name(path.name + ".staged")
+        staged.unlink(missing_ok=True)
+        study = optuna.create_study(study_name=STUDY, directions=self.directions,
+                                    storage=JournalStorage(JournalFileBackend(str(staged))))
+        for trial in told:
+            self._add_to_view(study, trial)
+        os.replace(staged, path)
+        return optuna.load_study(study_name=STUDY, storage=JournalStorage(JournalFileBackend(str(path))))
+
+    def _add_to_view(self, study, trial: Trial) -> None:
+        import optuna
+
+        lo, hi = self.genome.bounds
+        params = {g.name: min(max(v, a), b) for g, v, a, b in zip(self.genome.genes, trial.genome, lo, hi)}
+        dists = {g.name: optuna.distributions.FloatDistribution(a, max(b, a + 1e-12))
+                 for g, a, b in zip(self.genome.genes, lo, hi)}
+        attrs = {"evomerge_trial": trial.id, "replicate": trial.replicate,
+                 **{k: v for k, v in trial.info.items() if isinstance(v, (int, float, str, bool))}}
+        if trial.status == "done":
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=trial.values,
+                                                      user_attrs=attrs))
+        else:
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, user_attrs=attrs,
+                                                      state=optuna.trial.TrialState.FAIL))
 
     # -- journal ----------------------------------------------------------------------------------
     def _append(self, event: dict) -> None:
@@ -84,11 +135,11 @@ class Search:
             if event["event"] == "enqueue":
                 self.optimizer.enqueue(event["unit"])
             elif event["event"] == "ask":
-                unit = self.optimizer.ask()
-                if unit != event["unit"]:
+                unit, replicate = self.optimizer.ask_replicate()
+                if unit != event["unit"] or replicate != event.get("replicate", 0):
                     raise JournalError(f"{self.path}: trial {event['id']} does not replay (the optimizer's "
                                        "library version changed?)")
-                self._new_trial(unit)
+                self._new_trial(unit, replicate)
             elif event["event"] == "tell":
                 self._apply_tell(event["id"], event["values"], event.get("info", {}))
         with open(self.path, "r+") as f:  # drop a torn last line, if any
@@ -96,9 +147,12 @@ class Search:
         self._pending = [t.id for t in self.trials if t.status == "running"]
 
     # -- ask / tell -------------------------------------------------------------------------------
-    def _new_trial(self, unit: list[float]) -> Trial:
+    def _new_trial(self, unit: list[float], replicate: int = 0) -> Trial:
         genome = [a + u * s for a, u, s in zip(self._lo, unit, self._span)]
-        trial = Trial(len(self.trials), unit, genome, self.genome.decode(genome))
+        recipe = self.genome.decode(genome)
+        if replicate:
+            recipe.evomerge.seed += replicate
+        trial = Trial(len(self.trials), unit, genome, recipe, replicate=replicate)
         self.trials.append(trial)
         return trial
 
@@ -112,16 +166,21 @@ class Search:
         """The next candidate: one left running by an interruption first, else a new one."""
         if self._pending:
             return self.trials[self._pending.pop(0)]
-        unit = self.optimizer.ask()
-        self._append({"event": "ask", "id": len(self.trials), "unit": unit})
-        return self._new_trial(unit)
+        unit, replicate = self.optimizer.ask_replicate()
+        event = {"event": "ask", "id": len(self.trials), "unit": unit}
+        if replicate:
+            event["replicate"] = replicate
+        self._append(event)
+        return self._new_trial(unit, replicate)
 
     def tell(self, trial_id: int, values: Sequence[float] | None, info: dict | None = None) -> Trial:
         """Record a result (``None`` for a failure: crash, NaN); failed trials never enter the front."""
         if values is not None:
             values = [float(v) for v in values]
         self._append({"event": "tell", "id": trial_id, "values": values, "info": info or {}})
-        return self._apply_tell(trial_id, values, info or {})
+        trial = self._apply_tell(trial_id, values, info or {})
+        self._add_to_view(self._study, trial)
+        return trial
 
     def _apply_tell(self, trial_id, values, info) -> Trial:
         trial = self.trials[trial_id]

@@ -9,6 +9,12 @@ resume (see ``evomerge.search.journal``).
 - ``cma``: pycma CMA-ES with box bounds, population size, sigma0, and IPOP/BIPOP restarts. Asks do not
   wait for a generation: once a generation's points are all out, further asks draw from the current
   distribution; a generation is told as soon as ``popsize`` results are in (in arrival order).
+  Optional noise handling (``noise: true``), after Hansen et al. 2009 (UH-CMA-ES, as pycma's
+  NoiseHandler measures it) but asynchronous: each point is evaluated ``evaluations`` times
+  (*replicates*: the same genes, a different merge seed, so random drop masks differ) and told as
+  the median; after each told generation a few of its points are re-evaluated with fresh replicates;
+  when those are in, the rank changes they cause measure the noise. Noise raises sigma and the
+  number of replicates (up to ``noise_max_evaluations``); no noise lowers the replicates back to 1.
 - ``tpe``, ``nsga2``, ``nsga3``, ``gp``, ``cmaes``, ``optuna-random``: Optuna samplers; the
   multi-objective ones (tpe, nsga2, nsga3, gp, optuna-random) receive the objective vector, the others
   a weighted sum.
@@ -60,8 +66,13 @@ class Optimizer:
         self._enqueued = [*getattr(self, "_enqueued", []), [float(v) for v in x]]
 
     def ask(self) -> list[float]:
+        return self.ask_replicate()[0]
+
+    def ask_replicate(self) -> tuple[list[float], int]:
+        """The next point and its replicate number: 0, or k > 0 for the k-th re-evaluation of a point
+        already asked (to be evaluated with a different random seed)."""
         queued = getattr(self, "_enqueued", [])
-        return queued.pop(0) if queued else self._ask()
+        return (queued.pop(0), 0) if queued else (self._ask(), 0)
 
     def _ask(self) -> list[float]:
         raise NotImplementedError
@@ -90,7 +101,8 @@ class CMA(Optimizer):
 
     name = "cma"
     # sigma0 in units of the box (range / 6, a common rule; 0.25 measured ~1.6x slower on a 56-gene bowl)
-    OPTIONS = {"popsize": None, "sigma0": 1 / 6, "restarts": 0, "restart_strategy": "ipop", "tolfun": 1e-11}
+    OPTIONS = {"popsize": None, "sigma0": 1 / 6, "restarts": 0, "restart_strategy": "ipop", "tolfun": 1e-11,
+               "noise": False, "noise_max_evaluations": 5, "noise_reevals": None}
 
     def __init__(self, dim, objectives, seed, **options):
         super().__init__(dim, objectives, seed, **options)
@@ -102,6 +114,16 @@ class CMA(Optimizer):
         self.budget = {"large": 0, "small": 0}
         self.large_popsize = self.default_popsize
         self.worst = None
+        self.noise = None
+        if self.options["noise"]:
+            import cma
+
+            if int(self.options["noise_max_evaluations"]) < 1:
+                raise ValueError("cma: noise_max_evaluations must be >= 1")
+            # pycma's measurement (rank-change statistic) and treatment (sigma and evaluations update);
+            # which points to re-evaluate is chosen here, from our generator (pycma's draws on the global one)
+            self.noise = cma.NoiseHandler(dim, maxevals=[1, 1, int(self.options["noise_max_evaluations"])],
+                                          reevals=self.options["noise_reevals"], epsilon=0)
         self._start(self.default_popsize, self.options["sigma0"], "large")
 
     def _start(self, popsize: int, sigma0: float, regime: str) -> None:
@@ -115,6 +137,8 @@ class CMA(Optimizer):
         self.es = cma.CMAEvolutionStrategy(x0, sigma0, opts)
         self.queue: list[list[float]] = []
         self.results: list[tuple[list[float], float]] = []
+        self.slots: list[tuple[list[float], int]] = []  # noise mode: (point, replicate) still to hand out
+        self.open: dict[tuple, dict] = {}  # noise mode: point -> its replicates' values so far
         self._asked_since_tell = False
         self.runs += 1
 
@@ -122,6 +146,18 @@ class CMA(Optimizer):
         if not self.queue:
             self._draw()
         return self.queue.pop(0)
+
+    def ask_replicate(self):
+        if self.noise is None or getattr(self, "_enqueued", None):
+            return super().ask_replicate()
+        if not self.slots:
+            self._draw()
+            n = int(self.noise.evaluations)
+            for x in self.queue:
+                self.open[tuple(x)] = {"values": [], "need": n}
+                self.slots.extend((x, j) for j in range(n))
+            self.queue = []
+        return self.slots.pop(0)
 
     def _draw(self) -> None:
         self.queue.extend(list(map(float, x)) for x in self.es.ask())
@@ -133,6 +169,16 @@ class CMA(Optimizer):
         else:
             f = scalarize(values, self.objectives)
             self.worst = f if self.worst is None else max(self.worst, f)
+        if self.noise is not None and tuple(x) in self.open:
+            rec = self.open[tuple(x)]
+            rec["values"].append(f)
+            if len(rec["values"]) < rec["need"]:
+                return
+            del self.open[tuple(x)]
+            f = float(np.median(rec["values"]))
+            if "measure" in rec:  # a re-evaluation for the noise measurement
+                self._remeasured(rec["measure"], rec["index"], f)
+                return
         self.results.append((list(x), f))
         while len(self.results) >= self.es.popsize:
             popsize = self.es.popsize
@@ -141,9 +187,40 @@ class CMA(Optimizer):
                 self._draw()
             self.es.tell([np.asarray(p) for p, _ in batch], [v for _, v in batch])
             self._asked_since_tell = False
+            if self.noise is not None:
+                self._reevaluate(batch)
             self.budget[self.regime] += popsize
             if self.es.stop() and self.runs <= self.options["restarts"]:
                 self._restart()  # results still pending from the old run are not told to the new one
+
+    def _reevaluate(self, batch: list[tuple[list[float], float]]) -> None:
+        """Hand out fresh replicates of a few of the generation's points before anything else: the
+        first ones asked and the best of the rest (pycma's policy)."""
+        fit = [v for _, v in batch]
+        if self.noise.lam_reeval == 0:  # measurement switched off
+            return
+        lam = self.noise.lam_reeval or 2 + len(fit) / 20
+        lam = int(lam) + (lam % 1 > self.rng.random())
+        first = lam - lam // 2
+        idx = list(range(first)) + [int(i) + first for i in np.argsort(fit[first:])[: lam - first]]
+        measure = {"fit": fit, "fitre": list(fit), "idx": idx, "left": len(idx), "es": self.es}
+        n, first_new = int(self.noise.evaluations), self.noise.maxevals  # replicates below maxevals are taken
+        slots = []
+        for i in idx:
+            x = batch[i][0]
+            self.open[tuple(x)] = {"values": [], "need": n, "measure": measure, "index": i}
+            slots.extend((x, first_new + j) for j in range(n))
+        self.slots[:0] = slots
+
+    def _remeasured(self, measure: dict, i: int, f: float) -> None:
+        measure["fitre"][i] = f
+        measure["left"] -= 1
+        if measure["left"] or measure["es"] is not self.es:  # incomplete, or the run has restarted
+            return
+        nh = self.noise
+        nh.fit, nh.fitre, nh.idx = measure["fit"], measure["fitre"], np.asarray(measure["idx"])
+        nh.update_measure()
+        self.es.sigma *= nh.treat()
 
     def _restart(self) -> None:
         sigma0 = self.options["sigma0"]
@@ -185,7 +262,7 @@ class OptunaSampler(Optimizer):
     def enqueue(self, x):
         self.study.enqueue_trial({f"x{i}": float(v) for i, v in enumerate(x)})
 
-    def ask(self):
+    def _ask(self):  # enqueued points are the study's own (enqueue_trial)
         trial = self.study.ask(self.dists)
         x = [float(trial.params[f"x{i}"]) for i in range(self.dim)]
         self.open.setdefault(tuple(x), []).append(trial)
