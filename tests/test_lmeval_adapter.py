@@ -123,3 +123,18 @@ def test_bad_task_references_fail_clearly(tmp_path):
 def test_the_network_guard_is_active():
     with pytest.raises(OutboundConnection):
         socket.create_connection(("198.51.100.7", 443), timeout=1)
+
+
+def test_templates_compile_once_and_tokenizations_are_remembered(zoo):
+    from lm_eval import utils
+
+    TaskSuite([TASKS_DIR / "zoo_sort_search.yaml"], limit=2)
+    assert utils.apply_template("{{a}}+{{b}}=", {"a": 1, "b": 2}) == "1+2="
+    assert utils.env.from_string("{{a}}") is utils.env.from_string("{{a}}")  # compiled once
+    assert utils.apply_template("{{ x | regex_replace('a', 'b') }}", {"x": "aa"}) == "bb"  # filters kept
+    model, tok = load_causal_lm(zoo / "base")
+    lm = wrap_model(model, tok)
+    first = lm.tok_encode("sort:cba=")
+    assert first == tok.encode("sort:cba=") and lm.tok_encode("sort:cba=") == first
+    first.append(-1)  # a caller's list is its own
+    assert lm.tok_encode("sort:cba=") == tok.encode("sort:cba=")

@@ -12,8 +12,10 @@ its dataset is fetched).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +77,14 @@ def _local_config(ref: TaskRef) -> dict:
 class TaskSuite:
     """A fixed list of lm-eval tasks, loaded once, that scores models.
 
-    ``limit`` caps the documents per task (the first ``limit`` of the task's split, the same for
-    every call, so scores of different models are comparable).
+    ``limit`` caps the documents per task, the same ones on every call so scores of different models
+    are comparable: the first ``limit`` of the task's split, or with ``subset_seed`` a seeded random
+    subset of that size (drawn once per task from (seed, task name)). ``num_fewshot`` maps task
+    names to their number of few-shot examples (drawn by lm-eval with ``fewshot_seed``).
     """
 
-    def __init__(self, tasks: list[str | Path], limit: int | None = None):
+    def __init__(self, tasks: list[str | Path], limit: int | None = None, subset_seed: int | None = None,
+                 num_fewshot: dict[str, int] | None = None, fewshot_seed: int = 1234):
         from lm_eval.tasks import TaskManager, get_task_dict
 
         refs = [resolve_task(t) for t in tasks]
@@ -95,9 +100,25 @@ class TaskSuite:
                 raise TaskError(f"unknown lm-eval task(s) {unknown} (not a .yaml path nor a built-in name)")
         specs = [_local_config(r) if r.yaml_path else r.name for r in refs]
         _quiet_lm_eval()
+        _cache_prompt_templates()
         self.task_dict = get_task_dict(specs, manager)
         self.names = names
         self.limit = limit
+        leaves = dict(_leaf_tasks(self.task_dict))
+        for name, shots in (num_fewshot or {}).items():
+            if name not in self.names:
+                raise TaskError(f"num_fewshot: {name!r} is not one of the suite's tasks {self.names}")
+            for leaf, task in leaves.items():
+                if leaf == name or leaf in _group_members(self.task_dict, name):
+                    task.set_config(key="num_fewshot", value=int(shots))
+                    task.set_fewshot_seed(seed=fewshot_seed)
+        self.samples = None
+        if limit is not None and subset_seed is not None:
+            self.samples = {}
+            for leaf, task in leaves.items():
+                n = len(task.eval_docs)
+                rng = random.Random(f"{subset_seed}:{leaf}")
+                self.samples[leaf] = sorted(rng.sample(range(n), limit)) if limit < n else list(range(n))
 
     def evaluate(self, lm, log_samples: bool = False, quiet: bool = True) -> dict:
         """Run every task on ``lm`` (an lm-eval ``LM``); returns lm-eval's results dict.
@@ -109,14 +130,34 @@ class TaskSuite:
         sink = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
         with sink:
             return evaluate(
-                lm, self.task_dict, limit=self.limit, bootstrap_iters=0,
-                log_samples=log_samples, verbosity="ERROR",
+                lm, self.task_dict, limit=None if self.samples is not None else self.limit,
+                samples=self.samples, bootstrap_iters=0, log_samples=log_samples, verbosity="ERROR",
             )
 
     def scores(self, lm, metrics: dict[str, str] | None = None) -> dict[str, float]:
         """One number per task: the named metric, or the first of PREFERRED_METRICS it reports."""
         results = self.evaluate(lm)["results"]
         return {name: pick_metric(results[name], (metrics or {}).get(name), name) for name in self.names}
+
+
+def _leaf_tasks(task_dict: dict):
+    """(name, Task) for every task in lm-eval's possibly nested task dict (groups hold subtasks)."""
+    for key, value in task_dict.items():
+        if isinstance(value, dict):
+            yield from _leaf_tasks(value)
+        else:
+            yield getattr(key, "group_name", key), value
+
+
+def _group_members(task_dict: dict, group: str) -> set[str]:
+    for key, value in task_dict.items():
+        if isinstance(value, dict):
+            if getattr(key, "group_name", key) == group:
+                return {n for n, _ in _leaf_tasks(value)}
+            found = _group_members(value, group)
+            if found:
+                return found
+    return set()
 
 
 def pick_metric(task_results: dict, metric: str | None, task: str) -> float:
@@ -128,13 +169,69 @@ def pick_metric(task_results: dict, metric: str | None, task: str) -> float:
     return float(values[wanted[0]])
 
 
+#: Tokenizations remembered per wrapped model (the same prompts come back for every candidate).
+TOKENIZATION_CACHE = 200_000
+
+
 def wrap_model(model, tokenizer, batch_size: int = 64, max_length: int | None = None):
-    """An lm-eval ``HFLM`` around an in-memory model object (weights may be rewritten in place)."""
+    """An lm-eval ``HFLM`` around an in-memory model object (weights may be rewritten in place).
+
+    It remembers its tokenizations: the tokenizer never changes while the weights do, and every
+    candidate sends the same prompts, so each string is tokenized once per worker.
+    """
     from lm_eval.models.huggingface import HFLM
 
+    class ResidentHFLM(HFLM):
+        _tokens: dict = {}
+
+        def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+            if kwargs:
+                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+            key = (string, add_special_tokens, left_truncate_len)
+            hit = self._tokens.get(key)
+            if hit is None:
+                hit = tuple(super().tok_encode(string, add_special_tokens, left_truncate_len))
+                if len(self._tokens) < TOKENIZATION_CACHE:
+                    self._tokens[key] = hit
+            return list(hit)  # callers get their own list, as from the tokenizer
+
     device = str(next(model.parameters()).device)
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                max_length=max_length)
+    lm = ResidentHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                      max_length=max_length)
+    lm._tokens = {}  # per instance
+    return lm
+
+
+def _cache_prompt_templates() -> None:
+    """Compile each of lm-eval's prompt templates once, not once per document per call.
+
+    lm-eval renders every ``doc_to_text``/``doc_to_target``/``doc_to_choice`` through
+    ``utils.env.from_string(template)``, which compiles the Jinja template anew on each call: with
+    the zoo's models that compilation was ~60% of a candidate's evaluation (benchmarks/pool.py).
+    Templates are pure functions of their source, so the compiled one is reused (same output).
+    """
+    from jinja2 import Environment
+    from lm_eval import utils
+
+    if getattr(utils.env, "_evomerge_cached", False):
+        return
+
+    class CachedEnvironment(Environment):
+        _evomerge_cached = True
+
+        @functools.lru_cache(maxsize=4096)
+        def _compiled(self, source: str):
+            return super().from_string(source)
+
+        def from_string(self, source, globals=None, template_class=None):
+            if globals is None and template_class is None and isinstance(source, str):
+                return self._compiled(source)
+            return super().from_string(source, globals, template_class)
+
+    cached = CachedEnvironment(loader=utils.env.loader, undefined=utils.env.undefined,
+                               keep_trailing_newline=utils.env.keep_trailing_newline)
+    cached.filters.update(utils.env.filters)
+    utils.env = cached
 
 
 def _quiet_lm_eval() -> None:

@@ -79,4 +79,13 @@ def write_task_files(out: str | Path, skill_names: list[str] | None = None) -> l
             path = out / f"{task_name(skill, split)}.yaml"
             path.write_text(yaml.safe_dump(_task_config(skill, split, data_rel), sort_keys=False))
             written.append(path)
+    for split in skills.SPLIT_SIZES:  # plain text for the perplexity objective
+        (out / "data" / f"general_{split}.txt").write_text(general_text(split))
     return written
+
+
+def general_text(split: str, lines: int = 200) -> str:
+    """Lines of the base's general text (copying, counting, words), seeded per split, for perplexity."""
+    rng = random.Random(f"{skills.EVAL_SEED}:general:{split}")
+    makers = [skills.GENERAL[k] for k in sorted(skills.GENERAL)]
+    return "".join(rng.choice(makers)(rng).text for _ in range(lines))

@@ -1,0 +1,321 @@
+"""A pool of scoring workers on Ray: dispatch as soon as a worker is free, survive worker deaths.
+
+By default the pool starts a private local Ray (``address="local"``: never an existing cluster found
+on the machine), bound to loopback, with its temporary files under the campaign directory, and shuts
+exactly that Ray down at the end (never ``ray stop``, which would kill every Ray on the machine).
+Given an address it joins that cluster instead and leaves it running.
+
+Fault tolerance: workers are actors that Ray restarts when their process dies. A candidate whose
+worker died (or overran ``timeout_s``: the worker is killed and restarted) is retried up to
+``max_retries`` times, then reported failed with the reason. Results already returned are never
+affected.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.cluster.worker import ScoringWorker, WorkerSpec
+from evomerge.evaluate.candidate import Score
+
+#: Unix socket paths are limited to 107 bytes; Ray puts ~70 characters of its own under its temp dir.
+MAX_TEMP_DIR = 36
+#: Seconds between readiness probes of a worker that is being restarted.
+PROBE_EVERY = 0.5
+
+
+class PoolError(RuntimeError):
+    """The pool could not start (Ray, or a worker failing to load its models)."""
+
+
+@dataclass
+class Outcome:
+    """A finished candidate: its key, score, which worker scored it, tries, and wall seconds from
+    first dispatch to result (includes queueing, transfer and any retries)."""
+
+    key: Any
+    score: Score
+    worker: int
+    attempts: int
+    seconds: float
+    pid: int | None = None
+
+
+@dataclass
+class _Job:
+    key: Any
+    recipe: dict
+    log_samples: bool
+    attempts: int = 0
+    first_dispatch: float | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Slot:
+    index: int
+    actor: Any
+    state: str = "starting"  # starting | idle | busy | restarting
+    job: _Job | None = None
+    ref: Any = None  # the running score call, or the readiness probe
+    since: float = 0.0
+    next_probe: float = 0.0
+    info: dict = field(default_factory=dict)
+    kill_reason: str | None = None  # set when the pool killed the worker itself (timeout)
+
+
+class WorkerPool:
+    def __init__(self, spec: WorkerSpec, workers: int = 1, cpus_per_worker: float = 1.0,
+                 gpus_per_worker: float = 0.0, address: str | None = None, temp_dir: str | Path | None = None,
+                 max_retries: int = 2, timeout_s: float | None = None, start_timeout_s: float = 300.0):
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.spec, self.n = spec, workers
+        self.cpus, self.gpus = cpus_per_worker, gpus_per_worker
+        self.address, self.temp_dir = address, Path(temp_dir) if temp_dir else None
+        self.max_retries, self.timeout_s, self.start_timeout_s = max_retries, timeout_s, start_timeout_s
+        self.slots: list[_Slot] = []
+        self.queue: deque[_Job] = deque()
+        self.started_ray = False
+        self.restarts = 0
+        self._ray_dir: Path | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> list[dict]:
+        """Start (or join) Ray and the workers; wait until every worker has loaded its models."""
+        from evomerge import environment
+
+        environment.configure()
+        import ray
+
+        if ray.is_initialized():
+            raise PoolError("Ray is already initialized in this process; one pool per process")
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                  "logging_level": "ERROR", "namespace": "evomerge"}
+        if self.address in (None, "local"):
+            cpus = max(1, int(round(self.n * self.cpus)))
+            gpus = int(-(-self.n * self.gpus // 1)) if self.gpus else 0
+            kwargs.update(address="local", num_cpus=cpus, num_gpus=gpus, _node_ip_address="127.0.0.1",
+                          _temp_dir=self._private_temp_dir())
+            self.started_ray = True
+        else:
+            kwargs["address"] = self.address
+        try:
+            ray.init(**kwargs)
+        except Exception as e:
+            self.started_ray = False
+            raise PoolError(f"cannot start Ray: {_first_line(e)}") from None
+        actor_cls = ray.remote(ScoringWorker)
+        threads = self.spec.threads or max(1, int(self.cpus))
+        spec = {**self.spec.to_dict(), "threads": threads}
+        # Ray restarts a dead worker (forever); the pool counts retries per candidate itself.
+        self._make = lambda: actor_cls.options(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=-1,
+                                               max_task_retries=0).remote(spec)
+        self.slots = [_Slot(i, self._make()) for i in range(self.n)]
+        refs = {s.actor.ready.remote(): s for s in self.slots}
+        deadline = time.monotonic() + self.start_timeout_s
+        try:
+            while refs:
+                done, _ = ray.wait(list(refs), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not done:
+                    raise PoolError(f"workers did not start within {self.start_timeout_s:.0f} s "
+                                    "(not enough CPUs/GPUs in the cluster for the requested resources?)")
+                slot = refs.pop(done[0])
+                try:
+                    slot.info = ray.get(done[0])
+                except Exception as e:
+                    raise PoolError(f"worker {slot.index} failed to start: {_cause(e)}") from None
+                slot.state = "idle"
+        except BaseException:
+            self.shutdown()
+            raise
+        return [s.info for s in self.slots]
+
+    def _private_temp_dir(self) -> str:
+        """Ray's temp dir: inside the campaign directory when its path is short enough for Ray's unix
+        sockets, else a short directory in the system temp dir linked from the campaign directory."""
+        if self.temp_dir is None:
+            self._ray_dir = Path(tempfile.mkdtemp(prefix="evomerge-ray-"))
+            return str(self._ray_dir)
+        self.temp_dir.parent.mkdir(parents=True, exist_ok=True)
+        if len(str(self.temp_dir.resolve())) <= MAX_TEMP_DIR:
+            self.temp_dir.mkdir(exist_ok=True)
+            return str(self.temp_dir.resolve())
+        short = Path(tempfile.mkdtemp(prefix="emray-"))
+        if self.temp_dir.is_symlink() or self.temp_dir.exists():
+            if self.temp_dir.is_symlink():
+                self.temp_dir.unlink()
+        if not self.temp_dir.exists():
+            self.temp_dir.symlink_to(short, target_is_directory=True)
+        self._ray_dir = short
+        return str(short)
+
+    def shutdown(self) -> None:
+        """Stop the workers and, if this pool started Ray, that Ray (and only it)."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for slot in self.slots:
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:
+                pass
+        self.slots = []
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+    def __enter__(self) -> "WorkerPool":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- work -------------------------------------------------------------------------------------
+    @property
+    def free(self) -> int:
+        """Workers that would start a new candidate right now (idle, nothing queued for them)."""
+        return max(0, sum(s.state == "idle" for s in self.slots) - len(self.queue))
+
+    @property
+    def in_flight(self) -> int:
+        """Candidates submitted and not yet returned by ``poll``."""
+        return len(self.queue) + sum(s.job is not None for s in self.slots)
+
+    def submit(self, key: Any, recipe: dict, log_samples: bool = False) -> None:
+        """Queue a candidate (a recipe as a plain dict); it starts on the first free worker."""
+        self.queue.append(_Job(key, recipe, log_samples))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        for slot in self.slots:
+            if not self.queue:
+                return
+            if slot.state == "idle":
+                job = self.queue.popleft()
+                job.attempts += 1
+                job.first_dispatch = job.first_dispatch or time.perf_counter()
+                slot.state, slot.job, slot.since = "busy", job, time.monotonic()
+                slot.ref = slot.actor.score.remote(job.recipe, job.log_samples)
+
+    def poll(self, timeout: float | None = None) -> list[Outcome]:
+        """Wait up to ``timeout`` seconds (None: until something finishes) and return every candidate
+        finished by then, in completion order; also handles worker deaths, restarts and timeouts."""
+        import ray
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: list[Outcome] = []
+        while True:
+            self._probe_restarting()
+            self._kill_overdue()
+            self._dispatch()
+            refs = {s.ref: s for s in self.slots if s.ref is not None}
+            if not refs and not self.queue:
+                return out
+            now = time.monotonic()
+            wait = 0.0 if out else (PROBE_EVERY if deadline is None else max(0.0, min(PROBE_EVERY, deadline - now)))
+            if self.timeout_s is not None:
+                wait = min(wait, PROBE_EVERY)
+            done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait) if refs else ([], [])
+            for ref in done:
+                slot = refs[ref]
+                if slot.state == "busy":
+                    result = self._collect(slot, ref)
+                    if result is not None:
+                        out.append(result)
+                else:
+                    self._restart_probe_done(slot, ref)
+            if out and not done:
+                return out
+            if deadline is not None and time.monotonic() >= deadline:
+                return out
+
+    def _collect(self, slot: _Slot, ref) -> Outcome | None:
+        import ray
+
+        job = slot.job
+        slot.job, slot.ref = None, None
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            reason = slot.kill_reason or f"worker died during evaluation ({_cause(e)})"
+            slot.kill_reason = None
+            job.reasons.append(reason)
+            self._restarting(slot)
+            if job.attempts <= self.max_retries:
+                self.queue.appendleft(job)
+                return None
+            return self._outcome(job, Score("failed", reason=f"{reason}; gave up after {job.attempts} attempts"), slot)
+        except Exception as e:  # the call itself raised (a bug in the worker): fail the candidate, keep the worker
+            slot.state = "idle"
+            return self._outcome(job, Score("failed", reason=f"worker raised {_cause(e)}"), slot)
+        slot.state = "idle"
+        score = Score(result["status"], values=result["values"], reason=result["reason"],
+                      timings=result["timings"], samples=result.get("samples"))
+        return self._outcome(job, score, slot, pid=result.get("pid"))
+
+    def _outcome(self, job: _Job, score: Score, slot: _Slot, pid: int | None = None) -> Outcome:
+        seconds = time.perf_counter() - (job.first_dispatch or time.perf_counter())
+        if job.reasons and score.status == "done":
+            score.timings["retried_after"] = job.reasons[-1]
+        return Outcome(job.key, score, slot.index, job.attempts, seconds, pid)
+
+    def _restarting(self, slot: _Slot) -> None:
+        self.restarts += 1
+        slot.state, slot.ref, slot.next_probe = "restarting", None, time.monotonic()
+
+    def _probe_restarting(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.state == "restarting" and slot.ref is None and now >= slot.next_probe:
+                slot.ref = slot.actor.ready.remote()
+
+    def _restart_probe_done(self, slot: _Slot, ref) -> None:
+        import ray
+
+        slot.ref = None
+        try:
+            slot.info = ray.get(ref)
+            slot.state = "idle"
+        except ray.exceptions.ActorUnavailableError:  # still coming back
+            slot.next_probe = time.monotonic() + PROBE_EVERY
+        except ray.exceptions.RayActorError:  # gone for good: a fresh worker in its place
+            slot.actor = self._make()
+            slot.next_probe = time.monotonic()
+
+    def _kill_overdue(self) -> None:
+        import ray
+
+        if self.timeout_s is None:
+            return
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.state == "busy" and now - slot.since > self.timeout_s and not slot.kill_reason:
+                slot.kill_reason = f"evaluation exceeded timeout_s={self.timeout_s:g}"
+                ray.kill(slot.actor, no_restart=False)
+
+    def worker_pids(self) -> list[int | None]:
+        return [s.info.get("pid") for s in self.slots]
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _cause(e: BaseException) -> str:
+    """The root cause of a Ray error in one line (Ray wraps the worker's exception and traceback)."""
+    cause = getattr(e, "cause", None) or getattr(e, "__cause__", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        return _cause(cause)
+    text = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    # Ray's messages put the original exception's "Type: message" on the last line
+    last = text[-1].strip() if text else type(e).__name__
+    return last if len(last) < 300 else last[:300] + "..."

@@ -1,0 +1,74 @@
+"""The worker: one process (a Ray actor) that owns a device and scores recipes with resident state.
+
+It loads the base once, keeps the experts' task vectors and the merge engine's statistics
+resident, builds the lm-eval tasks and model wrapper once (``CandidateScorer``), and per recipe
+returns the objectives and timings. The class is plain Python; the pool wraps it with ``ray.remote``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs to build its resident state; plain data, sent to every worker."""
+
+    models: dict[str, str]  # name -> local directory or hub id
+    base: str
+    evaluator: dict  # an EvaluatorConfig's fields ...
+    evaluator_source: str | None = None  # ... and the file they came from (relative paths)
+    split: str | None = None
+    device: str = "auto"  # auto: cuda when the worker has a GPU, else cpu
+    dtype: str | None = None  # torch dtype name for the resident model (default: as saved)
+    threads: int | None = None  # torch CPU threads per worker (default: its CPU share)
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ScoringWorker:
+    def __init__(self, spec: dict):
+        spec = WorkerSpec(**spec)
+        os.environ.update(spec.env)
+        import torch
+
+        from evomerge.evaluate.candidate import CandidateScorer
+        from evomerge.evaluate.config import parse_evaluator
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        device = spec.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        evaluator = parse_evaluator(spec.evaluator, spec.evaluator_source)
+        self.scorer = CandidateScorer(spec.models, spec.base, evaluator, split=spec.split, device=device,
+                                      dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                                      allow_pickle=spec.allow_pickle)
+
+    def ready(self) -> dict:
+        """Where this worker runs: pid, device, threads, seconds it took to load."""
+        import torch
+
+        return {"pid": os.getpid(), "device": self.device, "threads": torch.get_num_threads(),
+                "load_seconds": self.scorer.load_seconds}
+
+    def score(self, recipe: dict, log_samples: bool = False) -> dict:
+        from evomerge.recipe import parse_recipe
+
+        started = time.perf_counter()
+        try:
+            parsed = parse_recipe(recipe, "<candidate>")
+        except Exception as e:
+            return {"status": "failed", "values": None, "reason": f"invalid recipe: {e}", "timings": {},
+                    "samples": None, "pid": os.getpid()}
+        out = self.scorer.score(parsed, log_samples=log_samples).to_dict()
+        out["timings"]["worker"] = time.perf_counter() - started
+        out["pid"] = os.getpid()
+        return out

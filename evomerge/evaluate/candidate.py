@@ -1,0 +1,183 @@
+"""Score merge candidates in memory: one resident model, rewritten per recipe, scored on the objectives.
+
+A ``CandidateScorer`` loads the base once, keeps the experts' task vectors and the merge engine's
+statistics resident (``ResidentMerge``), builds the lm-eval task dict and the ``HFLM`` wrapper once
+around the one model object, and tokenizes the perplexity texts once. Per candidate it only
+rewrites the weights in place and runs the forward passes. Whatever goes wrong with one candidate
+(non-finite weights or logits, an evaluation that raises, a NaN objective) gives a failed
+``Score`` with the reason; it never raises.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from evomerge.evaluate.config import EvaluatorConfig
+from evomerge.recipe import Recipe
+
+
+@dataclass
+class Score:
+    """One candidate's result. ``values``: objective name -> value (None when failed)."""
+
+    status: str  # done | failed
+    values: dict[str, float] | None = None
+    reason: str | None = None
+    #: seconds: materialize (merge into the weights), evaluate (lm-eval and perplexity), forward (the
+    #: part of evaluate inside the model's forward passes), total (in the scorer)
+    timings: dict[str, float] = field(default_factory=dict)
+    #: lm-eval's per-sample records, compacted, when asked for: task -> list of records
+    samples: dict[str, list[dict]] | None = None
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "values": self.values, "reason": self.reason,
+                "timings": self.timings, "samples": self.samples}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+class CandidateScorer:
+    """Resident state for scoring recipes over ``models`` (name -> local dir or hub id)."""
+
+    def __init__(self, models: dict[str, str], base: str, evaluator: EvaluatorConfig, split: str | None = None,
+                 device: str = "cpu", dtype: str | None = None, trust_remote_code: bool = False,
+                 allow_pickle: bool = False):
+        from evomerge.evaluate.lmeval import TaskSuite, resolve_task, wrap_model
+        from evomerge.evaluate.perplexity import PerplexityScorer
+        from evomerge.merge.apply import ResidentMerge
+        from evomerge.merge.io import ModelSource, resolve_model_dir
+        from evomerge.models.loading import load_causal_lm
+
+        started = time.perf_counter()
+        self.split = split or evaluator.split
+        self.evaluator = evaluator
+        torch_dtype = getattr(torch, dtype) if dtype else None
+        base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
+        self.model, self.tokenizer = load_causal_lm(base_dir, trust_remote_code=trust_remote_code,
+                                                    allow_pickle=allow_pickle, dtype=torch_dtype, device=device)
+        params = dict(self.model.named_parameters())
+        base_state = {n: p.detach().clone() for n, p in params.items()}  # the model's own tensors get merges
+        experts = {}
+        for name, ref in models.items():
+            if name == base:
+                continue
+            source = ModelSource(resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+            have = set(source.names())
+            experts[name] = {n: source.tensor(n) for n in params if n in have}
+        self.resident = ResidentMerge(self.model, base_state, experts, base_name=base)
+
+        # objectives: lm-eval tasks (deduplicated: two objectives may read two metrics of one task)
+        self.task_of: dict[str, str] = {}
+        refs, shots = [], {}
+        for o in evaluator.objectives:
+            if o.task is None:
+                continue
+            ref = evaluator.resolve(o.task, self.split)
+            task = resolve_task(ref).name
+            self.task_of[o.name] = task
+            if ref not in refs:
+                refs.append(ref)
+            if o.num_fewshot is not None:
+                shots[task] = o.num_fewshot
+        self.suite = TaskSuite(refs, limit=evaluator.limit, subset_seed=evaluator.seed, num_fewshot=shots,
+                               fewshot_seed=evaluator.seed) if refs else None
+        max_length = getattr(self.model.config, "max_position_embeddings", None)
+        self.lm = wrap_model(self.model, self.tokenizer, batch_size=evaluator.batch_size) if refs else None
+        self.perplexity = {
+            o.name: PerplexityScorer(evaluator.resolve(o.perplexity, self.split), self.tokenizer,
+                                     block_size=evaluator.block_size, limit=evaluator.limit, seed=evaluator.seed,
+                                     batch_size=evaluator.batch_size, max_length=max_length, unit=o.unit)
+            for o in evaluator.objectives if o.perplexity is not None
+        }
+        # time spent inside the model's forward passes (generation calls forward per token)
+        self._forward = [0.0, 0.0]  # [seconds, started-at]
+        self.model.register_forward_pre_hook(lambda *_: self._forward.__setitem__(1, time.perf_counter()))
+        self.model.register_forward_hook(
+            lambda *_: self._forward.__setitem__(0, self._forward[0] + time.perf_counter() - self._forward[1]))
+        vocab = int(self.model.config.vocab_size)
+        self._probe = torch.arange(min(16, vocab)).unsqueeze(0).to(device)
+        self.load_seconds = time.perf_counter() - started
+
+    @torch.no_grad()
+    def _logits_finite(self) -> bool:
+        return bool(torch.isfinite(self.model(input_ids=self._probe).logits).all())
+
+    def score(self, recipe: Recipe, log_samples: bool = False) -> Score:
+        """Merge ``recipe`` into the resident model and score it on every objective."""
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        def failed(reason: str) -> Score:
+            timings["total"] = time.perf_counter() - started
+            return Score("failed", reason=reason, timings=timings)
+
+        try:
+            merged = self.resident.materialize(recipe)
+        except Exception as e:  # a recipe the resident models cannot take (unknown model, bad value)
+            return failed(f"merge failed: {_first_line(e)}")
+        timings["materialize"] = merged.seconds
+        if merged.nonfinite:
+            return failed(f"non-finite weights after merging ({len(merged.nonfinite)} tensors, "
+                          f"first: {merged.nonfinite[0]})")
+        evaluate_started = time.perf_counter()
+        self._forward[0] = 0.0
+        try:
+            if not self._logits_finite():
+                return failed("non-finite logits")
+            values: dict[str, float] = {}
+            samples = None
+            if self.suite is not None:
+                from evomerge.evaluate.lmeval import pick_metric
+
+                out = self.suite.evaluate(self.lm, log_samples=log_samples)
+                for o in self.evaluator.objectives:
+                    if o.name in self.task_of:
+                        task = self.task_of[o.name]
+                        values[o.name] = pick_metric(out["results"][task], o.metric, task)
+                if log_samples:
+                    samples = {t: [_compact(r) for r in recs] for t, recs in out.get("samples", {}).items()}
+            for name, scorer in self.perplexity.items():
+                values[name] = scorer.score(self.model)
+        except Exception as e:
+            timings["evaluate"] = time.perf_counter() - evaluate_started
+            detail = traceback.extract_tb(e.__traceback__)[-1]
+            return failed(f"evaluation raised {_first_line(e)} (at {detail.filename.rsplit('/', 1)[-1]}:{detail.lineno})")
+        timings["evaluate"] = time.perf_counter() - evaluate_started
+        timings["forward"] = self._forward[0]
+        bad = [n for n, v in values.items() if not math.isfinite(v)]
+        if bad:
+            return failed(f"objective '{bad[0]}' is {values[bad[0]]}")
+        ordered = {o.name: values[o.name] for o in self.evaluator.objectives}
+        timings["total"] = time.perf_counter() - started
+        return Score("done", values=ordered, timings=timings, samples=samples)
+
+
+def _compact(record: dict) -> dict[str, Any]:
+    """A per-sample record reduced to what a reader needs: the document id, target, the model's
+    (filtered) answer and the per-sample metric values."""
+    keep = {"doc_id": record.get("doc_id"), "target": _plain(record.get("target")),
+            "response": _plain(record.get("filtered_resps"))}
+    for key in record.get("metrics", []):
+        if key in record:
+            keep[key] = _plain(record[key])
+    return keep
+
+
+def _plain(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)

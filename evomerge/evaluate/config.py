@@ -1,0 +1,119 @@
+"""Evaluator files (``evaluators/*.yaml``): what a candidate is scored on.
+
+An evaluator names its objectives. Each is either an lm-eval task with the metric read from it, or
+the perplexity of a local text file, with a direction, a weight (for single-objective optimizers)
+and, for tasks, a number of few-shot examples. ``{split}`` in a task or text path is replaced by
+the split being scored: ``search`` during a campaign, ``report`` (held out) when a winner is
+exported. ``limit`` documents per task are scored, a subset drawn once from ``seed``, the same for
+every candidate so fitness is comparable. Paths are relative to the evaluator file; a task that is
+not a ``.yaml`` path is a built-in lm-eval task name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from evomerge.configfile import describe, read_yaml
+
+SPLITS = ("search", "report")
+
+
+class EvaluatorError(ValueError):
+    """An evaluator file that cannot be used; the message names the file and the field."""
+
+
+class ObjectiveSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: The objective's name in results, MLflow metrics and the front.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    #: lm-eval task: a YAML path (relative to the evaluator file) or a built-in task name.
+    task: str | None = None
+    #: Metric read from the task's results (default: exact_match, acc, acc_norm, ... whichever it reports).
+    metric: str | None = None
+    #: Perplexity (per token) of the model on this local text file, instead of a task.
+    perplexity: str | None = None
+    #: Default: maximize for a task, minimize for perplexity.
+    direction: Literal["maximize", "minimize"] | None = None
+    weight: float = 1.0
+    num_fewshot: int | None = Field(default=None, ge=0)
+    #: Perplexity units: ``block`` (running text cut into block_size tokens) or ``line`` (each line
+    #: its own sequence, for models trained on short lines like the zoo's).
+    unit: Literal["block", "line"] = "block"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.task is None) == (self.perplexity is None):
+            raise ValueError("give exactly one of 'task' or 'perplexity'")
+        if self.perplexity is not None and (self.metric or self.num_fewshot is not None):
+            raise ValueError("'metric' and 'num_fewshot' apply to tasks, not to perplexity")
+        if self.direction is None:
+            self.direction = "minimize" if self.perplexity is not None else "maximize"
+        return self
+
+
+class EvaluatorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    objectives: list[ObjectiveSpec] = Field(min_length=1)
+    #: Split scored during the search; export scores the held-out ``report`` split.
+    split: Literal["search", "report"] = "search"
+    #: Documents per task (a fixed seeded subset); text blocks for perplexity. None: all of them.
+    limit: int | None = Field(default=None, ge=1)
+    #: Seed of the subsets (documents, text blocks) and of few-shot example draws.
+    seed: int = 0
+    batch_size: int = Field(default=64, ge=1)
+    #: Tokens per perplexity block (capped by the model's maximum length).
+    block_size: int = Field(default=64, ge=2)
+    _source: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [o.name for o in self.objectives]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"objective names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    def resolve(self, ref: str, split: str) -> str:
+        """A task or text reference for ``split``: ``{split}`` filled in, local paths made absolute."""
+        ref = ref.replace("{split}", split)
+        local = ref.endswith((".yaml", ".yml", ".txt", ".jsonl")) or "/" in ref
+        if local and self._source is not None and not Path(ref).is_absolute():
+            return str((self._source.parent / ref).resolve())
+        return ref
+
+    def check_files(self, split: str) -> None:
+        """Every local task and text file of ``split`` exists (before any compute starts)."""
+        for i, o in enumerate(self.objectives):
+            for key in ("task", "perplexity"):
+                ref = getattr(o, key)
+                if ref is None:
+                    continue
+                path = self.resolve(ref, split)
+                if (key == "perplexity" or path.endswith((".yaml", ".yml"))) and not Path(path).is_file():
+                    where = f"{self._source}: " if self._source else ""
+                    raise EvaluatorError(f"{where}objectives[{i}].{key}: file not found: {path}")
+
+
+def parse_evaluator(data, source: str | Path | None = None) -> EvaluatorConfig:
+    where = f"{source}: " if source else ""
+    try:
+        config = EvaluatorConfig.model_validate(data)
+    except ValidationError as e:
+        raise EvaluatorError(f"{where}{describe(e)}") from None
+    config._source = Path(source).resolve() if source else None
+    return config
+
+
+def load_evaluator(path: str | Path, check_split: str | None = None) -> EvaluatorConfig:
+    """Read and validate an evaluator file; with ``check_split``, also check its local files."""
+    config = parse_evaluator(read_yaml(path, EvaluatorError), path)
+    if check_split:
+        config.check_files(check_split)
+    return config

@@ -1,0 +1,167 @@
+"""Evaluator files, the in-memory candidate scorer and the perplexity objective, on the real zoo."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from evomerge.evaluate.candidate import CandidateScorer
+from evomerge.evaluate.config import EvaluatorError, load_evaluator, parse_evaluator
+from evomerge.evaluate.lmeval import TaskSuite, wrap_model
+from evomerge.evaluate.perplexity import PerplexityScorer
+from evomerge.models.loading import load_causal_lm
+from evomerge.recipe import parse_recipe
+
+from conftest import REPO
+
+EVALUATORS = REPO / "evaluators"
+
+
+def evaluator(tmp_path, objectives, **extra):
+    return parse_evaluator({"objectives": objectives, **extra}, EVALUATORS / "inline.yaml")
+
+
+def models(zoo, names=("expert-add", "expert-sort")):
+    return {"base": str(zoo / "base"), **{n: str(zoo / n) for n in names}}
+
+
+def alone(expert, others=("expert-add", "expert-sort")):
+    """A linear recipe equal to one expert exactly (the others at weight 0)."""
+    return parse_recipe({"merge_method": "linear", "base_model": "base", "models": [
+        {"model": m, "parameters": {"weight": 1.0 if m == expert else 0.0}} for m in others]})
+
+
+@pytest.mark.parametrize("data, message", [
+    ({}, "missing required field 'objectives'"),
+    ({"objectives": [{"name": "a"}]}, "objectives[0]: give exactly one of 'task' or 'perplexity'"),
+    ({"objectives": [{"name": "a", "task": "x"}, {"name": "a", "task": "y"}]}, "repeated: a"),
+    ({"objectives": [{"name": "a", "task": "x"}], "limit": 0}, "limit: Input should be greater than or equal to 1"),
+    ({"objectives": [{"name": "a", "perplexity": "t.txt", "metric": "acc"}]}, "apply to tasks"),
+    ({"objectives": [{"name": "a", "task": "x", "weigth": 2}]}, "unsupported key 'objectives[0].weigth'"),
+])
+def test_bad_evaluator_files_name_file_and_field(tmp_path, data, message):
+    import yaml
+
+    path = tmp_path / "ev.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(EvaluatorError) as e:
+        load_evaluator(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_split_placeholder_and_missing_files(tmp_path):
+    ev = load_evaluator(EVALUATORS / "zoo_three_skills.yaml", check_split="report")
+    assert ev.resolve(ev.objectives[0].task, "report") == str(EVALUATORS / "zoo" / "zoo_add_report.yaml")
+    assert ev.objectives[3].direction == "minimize" and ev.objectives[0].direction == "maximize"
+    assert ev.resolve("hellaswag", "search") == "hellaswag"  # a built-in lm-eval task name stays a name
+    (tmp_path / "ev.yaml").write_text("objectives: [{name: a, task: 'gone_{split}.yaml'}]\n")
+    with pytest.raises(EvaluatorError, match=r"ev.yaml: objectives\[0\].task: file not found: .*gone_search.yaml"):
+        load_evaluator(tmp_path / "ev.yaml", check_split="search")
+
+
+def test_seeded_subset_is_fixed_and_scores_only_those_documents(zoo):
+    task = EVALUATORS / "zoo" / "zoo_sort_search.yaml"
+    a = TaskSuite([task], limit=30, subset_seed=5)
+    assert a.samples == {"zoo_sort_search": sorted(random.Random("5:zoo_sort_search").sample(range(200), 30))}
+    assert TaskSuite([task], limit=30, subset_seed=5).samples == a.samples
+    assert TaskSuite([task], limit=30, subset_seed=6).samples != a.samples
+    model, tok = load_causal_lm(zoo / "expert-sort")
+    out = a.evaluate(wrap_model(model, tok), log_samples=True)
+    records = out["samples"]["zoo_sort_search"]
+    assert sorted(r["doc_id"] for r in records) == a.samples["zoo_sort_search"]
+    assert out["results"]["zoo_sort_search"]["acc,none"] == pytest.approx(sum(r["acc"] for r in records) / 30)
+
+
+def test_few_shot_examples_are_set_per_task(zoo):
+    suite = TaskSuite([EVALUATORS / "zoo" / "zoo_rev_search.yaml"], limit=3, subset_seed=0,
+                      num_fewshot={"zoo_rev_search": 2})
+    model, tok = load_causal_lm(zoo / "base")
+    records = suite.evaluate(wrap_model(model, tok), log_samples=True)["samples"]["zoo_rev_search"]
+    prompt = records[0]["arguments"][0][0]
+    assert prompt.count("rev:") == 3 and prompt.count("\n\n") == 2  # two solved examples, then the question
+
+
+def test_scorer_equals_scoring_the_expert_loaded_from_disk(zoo):
+    ev = parse_evaluator({"limit": 40, "seed": 3, "objectives": [
+        {"name": "add", "task": "zoo/zoo_add_{split}.yaml", "metric": "exact_match"},
+        {"name": "sort", "task": "zoo/zoo_sort_{split}.yaml"},
+        {"name": "sort_again", "task": "zoo/zoo_sort_{split}.yaml", "metric": "acc"}]},
+        EVALUATORS / "inline.yaml")
+    scorer = CandidateScorer(models(zoo), "base", ev)
+    assert len(scorer.suite.names) == 2  # one task read for two objectives
+    suite = TaskSuite([EVALUATORS / "zoo" / f"zoo_{s}_search.yaml" for s in ("add", "sort")], limit=40, subset_seed=3)
+    for expert in ("expert-add", "expert-sort"):
+        model, tok = load_causal_lm(zoo / expert)
+        results = suite.evaluate(wrap_model(model, tok))["results"]
+        score = scorer.score(alone(expert))
+        assert score.status == "done" and list(score.values) == ["add", "sort", "sort_again"]
+        assert score.values == {"add": results["zoo_add_search"]["exact_match,none"],
+                                "sort": results["zoo_sort_search"]["acc,none"],
+                                "sort_again": results["zoo_sort_search"]["acc,none"]}
+        assert set(score.timings) == {"materialize", "evaluate", "forward", "total"}
+        assert 0 < score.timings["forward"] < score.timings["evaluate"]
+    # the report split is a different, held-out set of documents
+    report = CandidateScorer(models(zoo), "base", ev, split="report")
+    assert report.suite.names == ["zoo_add_report", "zoo_sort_report"]
+
+
+def hand_perplexity(model, sequences):
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in sequences:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
+            count += len(ids) - 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.parametrize("unit", ["line", "block"])
+def test_perplexity_equals_the_hand_computed_value(zoo, tmp_path, unit):
+    model, tok = load_causal_lm(zoo / "base")
+    text = tmp_path / "t.txt"
+    text.write_text("copy:12=12\nnext:3=4 5\nab cd\n\nsort:cba=abc\n")
+    lines = [tok(line, add_special_tokens=False)["input_ids"] for line in text.read_text().splitlines(keepends=True)
+             if line.strip()]
+    if unit == "line":
+        expected = hand_perplexity(model, lines)
+    else:
+        flat = [t for line in lines for t in line]
+        expected = hand_perplexity(model, [flat[i:i + 8] for i in range(0, len(flat) - 7, 8)])
+    scorer = PerplexityScorer(text, tok, block_size=8, unit=unit, batch_size=2)
+    assert scorer.score(model) == pytest.approx(expected, rel=1e-5)
+    some = PerplexityScorer(text, tok, block_size=8, unit=unit, limit=2, seed=1)
+    assert len(some.ids) == 2
+
+
+def test_broken_candidates_fail_with_a_reason_and_the_scorer_goes_on(zoo):
+    ev = parse_evaluator({"limit": 10, "objectives": [
+        {"name": "sort", "task": "zoo/zoo_sort_{split}.yaml"},
+        {"name": "ppl", "perplexity": "zoo/data/general_{split}.txt", "unit": "line"}]}, EVALUATORS / "inline.yaml")
+    scorer = CandidateScorer(models(zoo), "base", ev)
+    huge = parse_recipe({"merge_method": "task_arithmetic", "base_model": "base", "models": [
+        {"model": "expert-add", "parameters": {"weight": 1e38}}, {"model": "expert-sort", "parameters": {"weight": 1e38}}]})
+    failed = scorer.score(huge)
+    assert failed.status == "failed" and failed.values is None
+    assert failed.reason.startswith(("non-finite weights", "non-finite logits"))
+    unknown = parse_recipe({"merge_method": "linear", "models": [{"model": "expert-rev", "parameters": {"weight": 1}}]})
+    assert scorer.score(unknown).reason.startswith("merge failed: MergeError: recipe model 'expert-rev' is not resident")
+    good = scorer.score(alone("expert-sort"))
+    assert good.status == "done" and good.values["ppl"] > 1 and 0 <= good.values["sort"] <= 1
+    # an evaluation that raises (here: a metric the task does not report) fails only that candidate
+    bad = CandidateScorer(models(zoo), "base", parse_evaluator(
+        {"limit": 5, "objectives": [{"name": "s", "task": "zoo/zoo_sort_{split}.yaml", "metric": "bleu"}]},
+        EVALUATORS / "inline.yaml"))
+    result = bad.score(alone("expert-sort"))
+    assert result.status == "failed" and "evaluation raised TaskError" in result.reason and "'bleu'" in result.reason
+
+
+def test_per_sample_records_on_request(zoo):
+    ev = parse_evaluator({"limit": 6, "objectives": [{"name": "add", "task": "zoo/zoo_add_{split}.yaml"}]},
+                         EVALUATORS / "inline.yaml")
+    scorer = CandidateScorer(models(zoo), "base", ev)
+    assert scorer.score(alone("expert-add")).samples is None
+    score = scorer.score(alone("expert-add"), log_samples=True)
+    records = score.samples["zoo_add_search"]
+    assert len(records) == 6 and set(records[0]) >= {"doc_id", "target", "response", "exact_match"}
+    assert sum(r["exact_match"] for r in records) / 6 == score.values["add"]
