@@ -126,6 +126,143 @@ def cmd_space_show(args) -> int:
     return 0
 
 
+def _campaign_errors():
+    from evomerge.campaign import CampaignError
+    from evomerge.experiment import ExperimentError
+    from evomerge.search.journal import JournalError
+
+    return (CampaignError, ExperimentError, JournalError)
+
+
+def _finish(summary: dict) -> int:
+    d = summary["directory"]
+    print(f"evaluations {summary['evaluations']} ({summary['done']} done, {summary['failed']} failed); "
+          f"front: {len(summary['front'])} candidates" +
+          (f"; hypervolume {summary['hypervolume']:.4g}" if "hypervolume" in summary else ""))
+    print(f"campaign: {d}")
+    if summary["stopped"]:
+        print(f"stopped ({summary['stopped']}); continue with: evomerge resume {d}")
+        return 130
+    print(f"front:    evomerge pareto {d}")
+    print(f"export:   evomerge export {d} --best --out {d}/export")
+    uri = summary["tracking_uri"]
+    if uri.startswith("sqlite"):
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  "
+              "(then filter runs with: tags.pareto = 'true')")
+    else:
+        print(f"MLflow: {uri} (filter runs with: tags.pareto = 'true')")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from evomerge import campaign
+
+    try:
+        loaded = campaign.prepare(args.experiment, args.out)
+        return _finish(campaign.run(loaded))
+    except _campaign_errors() as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_resume(args) -> int:
+    from evomerge import campaign
+
+    try:
+        loaded = campaign.open_campaign(args.campaign)
+        return _finish(campaign.run(loaded))
+    except _campaign_errors() as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_status(args) -> int:
+    from evomerge import campaign
+
+    try:
+        loaded = campaign.open_campaign(args.campaign, check=False)
+        search = loaded.search()
+    except _campaign_errors() as e:
+        raise UserError(str(e)) from None
+    exp = loaded.experiment
+    told = [t for t in search.trials if t.status != "running"]
+    done = search.finished
+    print(f"campaign {exp.name}: {loaded.directory}")
+    print(f"optimizer {exp.optimizer.name}, seed {exp.seed}, objectives "
+          + ", ".join(f"{o.name} ({o.direction})" for o in loaded.objectives))
+    budget = exp.budget.max_evaluations
+    print(f"evaluations {len(told)}" + (f"/{budget}" if budget else "") + f": {len(done)} done, "
+          f"{len(told) - len(done)} failed, {len(search.trials) - len(told)} in flight when last stopped")
+    print(f"elapsed {loaded.state.get('elapsed_s', 0):.0f} s; "
+          + ("finished" if loaded.state.get("finished") else "not finished (evomerge resume to continue)"))
+    if done:
+        front = search.front()
+        ref = loaded.state.get("reference_point") or (exp.reference_point and [exp.reference_point[o.name] for o in loaded.objectives])
+        print(f"front {len(front)} candidates" + (f", hypervolume {search.hypervolume(ref):.4g}" if ref else ""))
+    print(f"tracking {loaded.tracking()[0]}; parent run {loaded.state.get('parent_run_id')}")
+    return 0
+
+
+def cmd_pareto(args) -> int:
+    from evomerge import campaign
+    from evomerge.tracking.mlflow_tracker import front_plots
+
+    try:
+        loaded = campaign.open_campaign(args.campaign, check=False)
+        search = loaded.search()
+    except _campaign_errors() as e:
+        raise UserError(str(e)) from None
+    rows = campaign.front_table(loaded, search)
+    if not rows:
+        raise UserError(f"{args.campaign}: no finished candidate yet")
+    names = [o.name for o in loaded.objectives]
+    print("trial  " + "".join(f"{n:>14}" for n in names) + f"{'crowding':>10}")
+    for r in rows:
+        print(f"{r['trial']:>5}  " + "".join(f"{r[n]:>14.5g}" for n in names) + f"{r['crowding']:>10.3g}")
+    done = search.finished
+    html, png = front_plots([t.id for t in done], [t.values for t in done], [r["trial"] for r in rows],
+                            names, [o.direction for o in loaded.objectives])
+    out = Path(args.plot) if args.plot else loaded.directory / "front.png"
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    plt.imsave(tmp, png)
+    tmp.replace(out)
+    html_out = out.with_suffix(".html")
+    html_out.write_text(html)
+    print(f"plot: {out} (interactive: {html_out})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from evomerge import campaign
+    from evomerge.export import export
+
+    weights = None
+    if args.weights:
+        try:
+            weights = {k.strip(): float(v) for k, v in (item.split("=", 1) for item in args.weights.split(","))}
+        except ValueError:
+            raise UserError(f"--weights {args.weights!r}: expected objective=weight,... (numbers)") from None
+    try:
+        loaded = campaign.open_campaign(args.campaign, check=False)
+        search = loaded.search()
+        trial = campaign.pick(loaded, search, best=args.best, trial=args.trial, weights=weights)
+        if (Path(args.out).exists() and any(Path(args.out).iterdir())) and not args.force:
+            raise UserError(f"--out {args.out} exists and is not empty (use --force to replace it)")
+        record = export(loaded, trial, Path(args.out), force=args.force, evaluate=not args.no_eval,
+                        register=args.register, progress=not args.quiet)
+    except _campaign_errors() as e:
+        raise UserError(str(e)) from None
+    print(f"trial {trial.id}: " + ", ".join(f"{k} {v:.4g}" for k, v in record["search_scores"].items())
+          + " (search split)")
+    if "report_scores" in record:
+        print("report split: " + ", ".join(f"{k} {v:.4g}" for k, v in record["report_scores"].items()))
+    if record.get("registered"):
+        print(f"registered in MLflow: {record['registered']}")
+    print(f"exported to {record['path']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
@@ -169,6 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--layers", type=int, help="the model's layer count")
     where.add_argument("--model", help="a model directory to read the layer count from")
     p.set_defaults(func=cmd_space_show)
+
+    p = sub.add_parser("run", help="run a campaign from an experiment file")
+    p.add_argument("experiment", type=Path)
+    p.add_argument("--out", type=Path, help="campaign directory (default: the file's output_dir)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("resume", help="continue an interrupted campaign")
+    p.add_argument("campaign", type=Path)
+    p.set_defaults(func=cmd_resume)
+    p = sub.add_parser("status", help="where a campaign stands")
+    p.add_argument("campaign", type=Path)
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("pareto", help="print a campaign's Pareto front and plot it")
+    p.add_argument("campaign", type=Path)
+    p.add_argument("--plot", help="PNG file to write (default: CAMPAIGN/front.png; an .html beside it)")
+    p.set_defaults(func=cmd_pareto)
+    p = sub.add_parser("export", help="merge a chosen candidate to disk, score it on the report split")
+    p.add_argument("campaign", type=Path)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--best", action="store_true", help="single objective: the best; several: the front's knee")
+    which.add_argument("--trial", type=int, help="a trial by number")
+    which.add_argument("--weights", help="objective=weight,... : the front member best under these weights")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-eval", action="store_true", help="skip scoring on the report split")
+    p.add_argument("--register", metavar="NAME", help="also register the model in MLflow's model registry")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="score one model on lm-eval tasks")
     p.add_argument("model", help="local model directory or hub id")

@@ -1,0 +1,224 @@
+"""Experiment files (``experiments/*.yaml``): one campaign, validated before any compute.
+
+Paths inside the file (models given as local directories, the search space, the evaluator) are
+relative to the file; ``output_dir`` is relative to the working directory. A model that is not an
+existing path is a hub id. ``check_experiment`` goes further than the schema: the files parse, the
+models exist and share one architecture, the space's models are all given, the tracking server
+answers. Each problem is one ``ExperimentError`` line naming the file and field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evomerge.configfile import describe, read_yaml
+
+
+class ExperimentError(ValueError):
+    pass
+
+
+class OptimizerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: random | cma | tpe | nsga2 | nsga3 | gp | cmaes | optuna-random
+    name: str = "nsga2"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Seeds(BaseModel):
+    """Known recipes evaluated first."""
+
+    model_config = ConfigDict(extra="forbid")
+    uniform_average: bool = True
+    experts_alone: bool = True
+    recipes: list[str] = Field(default_factory=list)  # hand recipe YAML files (relative to the file)
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: Candidates to finish (done or failed), over all runs and resumes of the campaign.
+    max_evaluations: int | None = Field(default=None, ge=1)
+    #: Wall-clock minutes of searching, summed over all runs and resumes of the campaign.
+    max_minutes: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.max_evaluations is None and self.max_minutes is None:
+            raise ValueError("give max_evaluations, max_minutes, or both")
+        return self
+
+
+class Workers(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    #: GPUs per worker (fractions share one GPU between workers); 0 on CPU machines.
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    #: None: a private local Ray; "host:port" or "ray://...": join that cluster.
+    address: str | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    max_retries: int = Field(default=2, ge=0)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class Tracking(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: None: a local store inside the output directory (sqlite + artifacts); or http(s)://host:port.
+    uri: str | None = None
+    #: MLflow experiment name (default: the campaign name).
+    experiment: str | None = None
+    #: Seconds between refreshes of the front tags, hypervolume and plots in MLflow.
+    refresh_s: float = Field(default=10.0, gt=0)
+
+
+class Experiment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = 0
+    #: model name (as used by the search space) -> local directory or hub id
+    models: dict[str, str] = Field(min_length=2)
+    search_space: str
+    evaluator: str
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    #: Objectives searched, by evaluator objective name (default: all of the evaluator's).
+    objectives: list[str] | None = None
+    #: Hypervolume reference point, objective -> value (default: worst value among the seeds).
+    reference_point: dict[str, float] | None = None
+    seeds: Seeds = Field(default_factory=Seeds)
+    budget: Budget
+    workers: Workers = Field(default_factory=Workers)
+    output_dir: str
+    tracking: Tracking = Field(default_factory=Tracking)
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+def parse_experiment(data: Any, source: str | Path) -> Experiment:
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as e:
+        raise ExperimentError(f"{source}: {describe(e)}") from None
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(f"{path}: experiment file not found")
+    return resolve_paths(parse_experiment(read_yaml(path, ExperimentError), path), path.parent)
+
+
+def resolve_paths(exp: Experiment, folder: Path) -> Experiment:
+    """Relative file paths made absolute against ``folder`` (the experiment file's)."""
+    def local(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (folder / q).resolve())
+
+    def model(ref: str) -> str:
+        q = Path(ref).expanduser()
+        looks_local = ref.startswith((".", "/", "~")) or (folder / q).exists()
+        return local(ref) if looks_local else ref  # else a hub id
+
+    return exp.model_copy(update={
+        "models": {k: model(v) for k, v in exp.models.items()},
+        "search_space": local(exp.search_space), "evaluator": local(exp.evaluator),
+        "seeds": exp.seeds.model_copy(update={"recipes": [local(r) for r in exp.seeds.recipes]}),
+    })
+
+
+def check_experiment(exp: Experiment, source: str | Path, check_tracking: bool = True) -> dict:
+    """Everything that can be checked before compute; returns the parts it loaded
+    (``space``, ``evaluator``, ``num_layers``). Raises ExperimentError naming file and field."""
+    from evomerge.evaluate.config import EvaluatorError, load_evaluator
+    from evomerge.search.optimizers import OPTIMIZERS
+    from evomerge.search.space import SpaceError, load_space
+
+    def fail(field: str, msg: str):
+        raise ExperimentError(f"{source}: {field}: {msg}")
+
+    try:
+        space = load_space(exp.search_space)
+    except SpaceError as e:
+        fail("search_space", str(e))
+    try:
+        evaluator = load_evaluator(exp.evaluator, check_split=evaluator_split(exp.evaluator))
+        evaluator.check_files("report")
+    except EvaluatorError as e:
+        fail("evaluator", str(e))
+    names = [o.name for o in evaluator.objectives]
+    for i, name in enumerate(exp.objectives or []):
+        if name not in names:
+            fail(f"objectives[{i}]", f"'{name}' is not an objective of the evaluator ({', '.join(names)})")
+    if exp.optimizer.name not in OPTIMIZERS:
+        fail("optimizer.name", f"unknown optimizer '{exp.optimizer.name}'; valid: {', '.join(OPTIMIZERS)}")
+    if exp.reference_point is not None:
+        wanted = exp.objectives or names
+        if sorted(exp.reference_point) != sorted(wanted):
+            fail("reference_point", f"give one value for each objective: {', '.join(wanted)}")
+    for i, model in enumerate([space.base, *space.models]):
+        if model not in exp.models:
+            fail("models", f"the search space uses model '{model}', which the experiment does not give")
+    configs = {}
+    for name, ref in exp.models.items():
+        configs[name] = _model_config(ref, exp.allow_pickle, lambda msg, n=name: fail(f"models.{n}", msg))
+    base = configs[space.base]
+    for name, config in configs.items():
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+            if config.get(key) != base.get(key):
+                fail(f"models.{name}", f"incompatible with the base '{space.base}': {key} is "
+                                       f"{config.get(key)!r}, the base's is {base.get(key)!r}")
+    for i, recipe in enumerate(exp.seeds.recipes):
+        if not Path(recipe).is_file():
+            fail(f"seeds.recipes[{i}]", f"file not found: {recipe}")
+    if check_tracking and exp.tracking.uri and exp.tracking.uri.startswith(("http://", "https://")):
+        problem = tracking_unreachable(exp.tracking.uri)
+        if problem:
+            fail("tracking.uri", f"tracking server {exp.tracking.uri} unreachable: {problem}")
+    return {"space": space, "evaluator": evaluator, "num_layers": int(base["num_hidden_layers"])}
+
+
+def evaluator_split(path: str) -> str:
+    from evomerge.evaluate.config import load_evaluator
+
+    return load_evaluator(path).split
+
+
+def _model_config(ref: str, allow_pickle: bool, fail) -> dict:
+    from evomerge.models.loading import weight_files
+
+    path = Path(ref)
+    if path.is_absolute():
+        if not path.is_dir():
+            fail(f"model directory not found: {ref}")
+        if not (path / "config.json").is_file():
+            fail(f"{ref}: not a Hugging Face model directory (no config.json)")
+        safe, pickled = weight_files(path)
+        if not safe and not (pickled and allow_pickle):
+            fail(f"{ref}: no safetensors weights" + (" (only pickled ones; set allow_pickle: true to load them)"
+                                                   if pickled else ""))
+        return json.loads((path / "config.json").read_text())
+    try:  # a hub id: its config only (small); weights are fetched by the workers
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(ref, "config.json")).read_text())
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"'{ref}' is not a local directory and its config cannot be fetched from the hub: {first}")
+
+
+def tracking_unreachable(uri: str, timeout: float = 5.0) -> str | None:
+    """None if an MLflow server answers at ``uri``, else why not (one line)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            return None if r.status == 200 else f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}"
+    except Exception as e:
+        return str(getattr(e, "reason", e))

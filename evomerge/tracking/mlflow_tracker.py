@@ -1,0 +1,296 @@
+"""MLflow tracking of a campaign: a parent run, one child run per candidate, the live Pareto front.
+
+One MLflow experiment per campaign. The parent run holds the configuration (params, and the
+experiment file as an artifact), the library versions, and, refreshed every ``refresh_s`` seconds
+and at the end: the hypervolume and front size per step, the front as a table, and a scatter plot of
+the objectives (interactive HTML and PNG). Each candidate is a child run: genes and decoded recipe
+values as params, objectives and timings as metrics, its status. Front members carry the tags
+``pareto=true`` and ``pareto_rank`` (1 = the front), updated as the front changes, so the MLflow UI
+filters to the front by itself (``tags.pareto = 'true'``).
+
+Logging runs on a background thread: a sqlite-backed run costs ~50 ms, as much as a candidate's
+evaluation on the zoo, and must not hold up the search loop. Candidates are queued; ``close``
+drains the queue. Children are created only once a candidate is finished, so a crash never leaves a
+child RUNNING; the parent is reopened on resume and candidates told but not yet logged are logged then.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import queue
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from evomerge.search.pareto import hypervolume, pareto_ranks
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "evomerge.trial"
+
+
+def param_key(name: str) -> str:
+    """MLflow keys allow alphanumerics and _ - . space : / only."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)[:250]
+
+
+def local_store(directory: Path) -> tuple[str, str]:
+    """(tracking URI, artifact location) of the default store inside a campaign directory."""
+    directory = directory.resolve()
+    return f"sqlite:///{directory / 'mlflow.db'}", (directory / "mlartifacts").as_uri()
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, objectives: Sequence[str], directions: Sequence[str],
+                 artifact_location: str | None = None, refresh_s: float = 10.0):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri, self.experiment_name = uri, experiment
+        self.objectives, self.directions = list(objectives), list(directions)
+        self.artifact_location, self.refresh_s = artifact_location, refresh_s
+        self.reference: list[float] | None = None
+        self.parent: str | None = None
+        self._runs: dict[int, str] = {}  # trial id -> child run id
+        self._done: dict[int, list[float]] = {}  # trial id -> objective values
+        self._ranks: dict[int, int | None] = {}
+        self._failed = 0
+        self._told = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._dirty = False
+
+    # -- lifecycle (controller thread) -------------------------------------------------------------
+    def open(self, parent_run_id: str | None, params: dict[str, str], tags: dict[str, str],
+             config_file: Path | None) -> str:
+        """Create the experiment and parent run, or reopen the parent of an earlier run of the campaign."""
+        from mlflow.entities import Param, RunTag
+
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            self.experiment_name, artifact_location=self.artifact_location)
+        self.experiment_id = exp_id
+        if parent_run_id:
+            self.client.update_run(parent_run_id, status="RUNNING")
+            self.parent = parent_run_id
+            self._load_children()
+        else:
+            run = self.client.create_run(exp_id, tags={"mlflow.runName": f"campaign {self.experiment_name}", **tags})
+            self.parent = run.info.run_id
+            items = [Param(param_key(k), str(v)[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.parent, params=items[i:i + 100])
+            if config_file is not None:
+                self.client.log_artifact(self.parent, str(config_file))
+        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+        return self.parent
+
+    def _load_children(self) -> None:
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent}'",
+                                           max_results=1000, page_token=token)
+            for run in page:
+                tid = int(run.data.tags[TRIAL_TAG])
+                self._runs[tid] = run.info.run_id
+                self._told += 1
+                if run.info.status == "FINISHED":
+                    self._done[tid] = [run.data.metrics[o] for o in self.objectives]
+                    rank = run.data.tags.get("pareto_rank")
+                    self._ranks[tid] = int(rank) if rank and rank.isdigit() else None
+                else:
+                    self._failed += 1
+            token = page.token
+            if not token:
+                return
+
+    @property
+    def logged(self) -> set[int]:
+        return set(self._runs)
+
+    def candidate(self, trial, gene_names: Sequence[str]) -> None:
+        """Queue a finished candidate (a search Trial) for logging."""
+        self._check()
+        self._queue.put(("candidate", trial, list(gene_names)))
+
+    def set_reference(self, reference: Sequence[float]) -> None:
+        self._queue.put(("reference", list(reference), None))
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Log everything queued, refresh the front and plots, end the parent run with ``status``."""
+        if self._thread is None:
+            return
+        self._queue.put(("close", status, None))
+        self._thread.join()
+        self._thread = None
+        self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"MLflow tracking failed: {type(err).__name__}: {err}") from err
+
+    # -- background thread ------------------------------------------------------------------------
+    def _work(self) -> None:
+        last = time.monotonic()
+        while True:
+            try:
+                kind, a, b = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                kind = None
+            try:
+                if kind == "candidate":
+                    self._log_candidate(a, b)
+                elif kind == "reference":
+                    self.reference, self._dirty = a, True
+                elif kind == "close":
+                    self._refresh(final=True)
+                    self.client.set_terminated(self.parent, a)
+                    return
+                if self._dirty and time.monotonic() - last >= self.refresh_s:
+                    self._refresh()
+                    last = time.monotonic()
+            except BaseException as e:  # reported to the controller on its next call
+                self._error = e
+                if kind == "close":
+                    return
+
+    def _log_candidate(self, trial, gene_names: list[str]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        if trial.id in self._runs:
+            return
+        now = int(time.time() * 1000)
+        info = trial.info or {}
+        tags = {PARENT_TAG: self.parent, "mlflow.runName": f"trial-{trial.id:05d}", TRIAL_TAG: str(trial.id),
+                "status": trial.status, "pareto": "false"}
+        if info.get("reason"):
+            tags["reason"] = str(info["reason"])[:5000]
+        run = self.client.create_run(self.experiment_id, start_time=now, tags=tags)
+        params = [Param(param_key(f"gene.{n}"), repr(float(v))) for n, v in zip(gene_names, trial.genome)]
+        params += [Param(param_key(k), v) for k, v in recipe_params(trial.recipe).items()]
+        if trial.replicate:
+            params.append(Param("replicate", str(trial.replicate)))
+        metrics = []
+        if trial.status == "done":
+            metrics += [Metric(param_key(o), float(v), now, 0) for o, v in zip(self.objectives, trial.values)]
+        for key in ("materialize", "evaluate", "forward", "total"):
+            if key in info.get("timings", {}):
+                metrics.append(Metric(f"time_{key}_s", float(info["timings"][key]), now, 0))
+        for key in ("wall_s", "attempts"):
+            if key in info:
+                metrics.append(Metric(key, float(info[key]), now, 0))
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run.info.run_id, params=params[i:i + 100], metrics=metrics if i == 0 else [])
+        self.client.set_terminated(run.info.run_id, "FINISHED" if trial.status == "done" else "FAILED")
+        self._runs[trial.id] = run.info.run_id
+        self._told += 1
+        if trial.status == "done":
+            self._done[trial.id] = list(trial.values)
+            self._ranks[trial.id] = None
+        else:
+            self._failed += 1
+        self._dirty = True
+
+    def _refresh(self, final: bool = False) -> None:
+        if not self._dirty and not final:
+            return
+        self._dirty = False
+        ids = sorted(self._done)
+        points = [self._done[i] for i in ids]
+        ranks = pareto_ranks(points, self.directions) if points else []
+        for tid, rank in zip(ids, ranks):
+            if self._ranks.get(tid) != rank:
+                run = self._runs[tid]
+                was_front = self._ranks.get(tid) == 1
+                self.client.set_tag(run, "pareto_rank", str(rank))
+                if (rank == 1) != was_front:
+                    self.client.set_tag(run, "pareto", "true" if rank == 1 else "false")
+                self._ranks[tid] = rank
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        front = [tid for tid, r in zip(ids, ranks) if r == 1]
+        metrics = [Metric("front_size", len(front), now, self._told), Metric("failed", self._failed, now, self._told),
+                   Metric("finished", self._told, now, self._told)]
+        if self.reference is not None and points:
+            metrics.append(Metric("hypervolume", hypervolume(points, self.directions, self.reference), now, self._told))
+        self.client.log_batch(self.parent, metrics=metrics)
+        self.client.set_tag(self.parent, "front", json.dumps(front)[:5000])
+        if front:
+            self._log_front_artifacts(ids, points, front)
+
+    def _log_front_artifacts(self, ids, points, front) -> None:
+        rows = sorted(front, key=lambda t: self._done[t])
+        table = {"trial": rows, "run_id": [self._runs[t] for t in rows]}
+        for j, name in enumerate(self.objectives):
+            table[name] = [self._done[t][j] for t in rows]
+        self.client.log_dict(self.parent, table, "front.json")
+        html, png = front_plots(ids, points, front, self.objectives, self.directions)
+        self.client.log_text(self.parent, html, "front.html")
+        self.client.log_image(self.parent, png, "front.png") if png is not None else None
+
+
+def recipe_params(recipe) -> dict[str, str]:
+    """The decoded recipe's values as flat params: method, seed, per-model and global parameters."""
+    out = {"recipe.merge_method": recipe.merge_method, "recipe.seed": str(recipe.evomerge.seed)}
+    for entry in recipe.models or []:
+        for key, value in (entry.parameters or {}).items():
+            out[f"recipe.{entry.model}.{key}"] = json.dumps(_plain(value))[:6000]
+    for key, value in (recipe.parameters or {}).items():
+        out[f"recipe.{key}"] = json.dumps(_plain(value))[:6000]
+    if recipe.evomerge.lines is not None:
+        out["recipe.lines"] = json.dumps(recipe.evomerge.lines.model_dump())
+    return out
+
+
+def _plain(value):
+    if hasattr(value, "model_dump"):
+        return value.model_dump(exclude_none=True)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def front_plots(ids, points, front, objectives, directions):
+    """(interactive HTML with plotly.js embedded, so it opens offline; PNG as a numpy image) of the first two objectives (or the one objective
+    against the trial number): every finished candidate, the front highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import plotly.graph_objects as go
+
+    if len(objectives) >= 2:
+        xs, ys, xl, yl = [p[0] for p in points], [p[1] for p in points], objectives[0], objectives[1]
+    else:
+        xs, ys, xl, yl = list(ids), [p[0] for p in points], "trial", objectives[0]
+    on = set(front)
+    fx = [x for x, t in zip(xs, ids) if t in on]
+    fy = [y for y, t in zip(ys, ids) if t in on]
+    fig = go.Figure()
+    fig.add_scatter(x=xs, y=ys, mode="markers", name="candidates", text=[f"trial {t}" for t in ids],
+                    marker={"color": "lightgray"})
+    fig.add_scatter(x=fx, y=fy, mode="markers", name="Pareto front", text=[f"trial {t}" for t in ids if t in on],
+                    marker={"color": "crimson", "size": 10})
+    fig.update_layout(xaxis_title=xl, yaxis_title=yl, title="evomerge: candidates and Pareto front")
+    html = fig.to_html(include_plotlyjs=True, full_html=True)
+    f, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    ax.scatter(xs, ys, c="lightgray", s=14, label="candidates")
+    ax.scatter(fx, fy, c="crimson", s=30, label="Pareto front")
+    ax.set_xlabel(xl)
+    ax.set_ylabel(yl)
+    ax.legend()
+    f.tight_layout()
+    buf = io.BytesIO()
+    f.savefig(buf, format="png")
+    plt.close(f)
+    buf.seek(0)
+    png = plt.imread(buf, format="png")
+    return html, (np.asarray(png * 255, dtype=np.uint8) if png is not None else None)
