@@ -6,7 +6,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-ZOO    ?= .cache/zoo
+ZOO    := .cache/zoo
+DEMO   ?= runs/demo
+EVOMERGE := $(VENV)/bin/evomerge --offline
 
 .PHONY: test demo install zoo tasks clean
 
@@ -24,15 +26,22 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The default campaign (experiments/demo.yaml, which reads the zoo from .cache/zoo): build the zoo,
+# check its quality, run the campaign (or finish it, if an earlier `make demo` was interrupted),
+# print the front, export the knee of the front scored on the held-out report split.
 demo: $(STAMP)
-	$(VENV)/bin/evomerge --offline zoo build --out $(ZOO)
-	$(VENV)/bin/evomerge --offline zoo eval $(ZOO) --tasks evaluators/zoo --strict
+	$(EVOMERGE) zoo build --out $(ZOO)
+	$(EVOMERGE) zoo eval $(ZOO) --tasks evaluators/zoo --strict
+	@if [ -f $(DEMO)/campaign.json ]; then $(EVOMERGE) resume $(DEMO); \
+	 else $(EVOMERGE) run experiments/demo.yaml --out $(DEMO); fi
+	$(EVOMERGE) pareto $(DEMO)
+	$(EVOMERGE) export $(DEMO) --best --out $(DEMO)/export --force --quiet
 
 zoo: $(STAMP)
-	$(VENV)/bin/evomerge --offline zoo build --out $(ZOO)
+	$(EVOMERGE) zoo build --out $(ZOO)
 
 tasks: $(STAMP)
 	$(VENV)/bin/evomerge zoo tasks --out evaluators/zoo
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) .cache .pytest_cache runs

@@ -138,13 +138,15 @@ class Display:
         self.tty = self.stream.isatty()
         self.every, self.last = every, 0.0
 
-    def update(self, text: str, force: bool = False) -> None:
+    def update(self, text, force: bool = False) -> None:
+        """``text``: a string, or a callable making it (only called when a line is shown)."""
         now = time.monotonic()
-        if self.tty:
-            self.stream.write("\r\033[K" + text)
+        if self.tty and (force or now - self.last >= 0.2):
+            self.stream.write("\r\033[K" + (text() if callable(text) else text))
             self.stream.flush()
-        elif force or now - self.last >= self.every:
-            self.stream.write(text + "\n")
+            self.last = now
+        elif not self.tty and (force or now - self.last >= self.every):
+            self.stream.write((text() if callable(text) else text) + "\n")
             self.stream.flush()
             self.last = now
 
@@ -225,6 +227,10 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
     started = time.monotonic()
     session_told0 = told()
     try:
+        met = lambda: (budget_n is not None and told() >= budget_n) or (budget_s is not None and elapsed0 >= budget_s)
+        if met():  # nothing left to do: no workers to start
+            status = "FINISHED"
+            return summary(loaded, search, reference, None)
         display.update(f"starting {exp.workers.count} worker(s) ...", force=True)
         try:
             pool.start()
@@ -258,7 +264,8 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
                     tracker.set_reference(reference)
                 if on_result:
                     on_result(trial)
-                display.update(progress_line(search, budget_n, budget_s, elapsed0, started, session_told0, reference))
+                display.update(lambda: progress_line(search, budget_n, budget_s, elapsed0, started, session_told0,
+                                                     reference))
             if (budget_s is not None and elapsed0 + time.monotonic() - started >= budget_s
                     and pool.in_flight == 0):
                 break

@@ -14,7 +14,8 @@ from evomerge.evaluate.config import parse_evaluator
 
 from conftest import REPO
 
-EVALUATOR = {"limit": 100, "seed": 1, "objectives": [
+# 200 documents per task in batches of 8: an evaluation takes a few seconds, long enough to be killed in
+EVALUATOR = {"limit": None, "seed": 1, "batch_size": 8, "objectives": [
     {"name": "add", "task": "zoo/zoo_add_{split}.yaml"}, {"name": "sort", "task": "zoo/zoo_sort_{split}.yaml"}]}
 SOURCE = str(REPO / "evaluators" / "inline.yaml")
 
@@ -55,14 +56,14 @@ def test_pool_scores_candidates_and_survives_a_killed_worker(zoo, tmp_path):
         started = ray_processes()
         assert set(pool.worker_pids()) <= started
 
-        # 1. dispatch as workers free up; kill worker 0 while it evaluates: its candidate is retried
-        victim = pool.worker_pids()[0]
+        # 1. dispatch as workers free up; kill a worker while it evaluates: its candidate is retried
         for key, r in recipes.items():
             pool.submit(key, r)
         assert pool.free == 0 and pool.in_flight == 5
-        time.sleep(0.8)  # both workers are inside an evaluation (each takes over a second)
+        time.sleep(0.8)  # both workers are inside an evaluation (each takes seconds)
         outcomes = pool.poll(timeout=0)
-        victim_key = pool.slots[0].job.key
+        busy = next(s for s in pool.slots if s.job is not None)
+        victim, victim_key = busy.info["pid"], busy.job.key
         os.kill(victim, signal.SIGKILL)
         outcomes += drain(pool)
         assert sorted(o.key for o in outcomes) == list(recipes)  # every candidate once, nothing lost

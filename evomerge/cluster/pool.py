@@ -13,6 +13,7 @@ affected.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections import deque
@@ -84,6 +85,7 @@ class WorkerPool:
         self.started_ray = False
         self.restarts = 0
         self._ray_dir: Path | None = None
+        self._reaper = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> list[dict]:
@@ -110,6 +112,13 @@ class WorkerPool:
         except Exception as e:
             self.started_ray = False
             raise PoolError(f"cannot start Ray: {_first_line(e)}") from None
+        if self.started_ray:  # ends this Ray's leftovers should the controller be killed
+            import subprocess
+            import sys
+
+            self._reaper = subprocess.Popen([sys.executable, "-m", "evomerge.cluster.reaper", str(os.getpid()),
+                                             kwargs["_temp_dir"]], stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         actor_cls = ray.remote(ScoringWorker)
         threads = self.spec.threads or max(1, int(self.cpus))
         spec = {**self.spec.to_dict(), "threads": threads}
@@ -159,17 +168,20 @@ class WorkerPool:
         """Stop the workers and, if this pool started Ray, that Ray (and only it)."""
         import ray
 
-        if not ray.is_initialized():
-            return
-        for slot in self.slots:
-            try:
-                ray.kill(slot.actor, no_restart=True)
-            except Exception:
-                pass
+        if ray.is_initialized():
+            for slot in self.slots:
+                try:
+                    ray.kill(slot.actor, no_restart=True)
+                except Exception:
+                    pass
+            if self.started_ray:
+                ray.shutdown()
         self.slots = []
-        if self.started_ray:
-            ray.shutdown()
-            self.started_ray = False
+        self.started_ray = False
+        if self._reaper is not None:  # Ray is down: the watchdog has nothing left to guard
+            self._reaper.kill()
+            self._reaper.wait()
+            self._reaper = None
 
     def __enter__(self) -> "WorkerPool":
         self.start()
@@ -223,7 +235,13 @@ class WorkerPool:
             wait = 0.0 if out else (PROBE_EVERY if deadline is None else max(0.0, min(PROBE_EVERY, deadline - now)))
             if self.timeout_s is not None:
                 wait = min(wait, PROBE_EVERY)
-            done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait) if refs else ([], [])
+            done = []
+            if refs:  # the first to finish, then whatever else is ready already
+                done, rest = ray.wait(list(refs), num_returns=1, timeout=wait)
+                if done and rest:
+                    done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            elif wait:
+                time.sleep(wait)
             for ref in done:
                 slot = refs[ref]
                 if slot.state == "busy":

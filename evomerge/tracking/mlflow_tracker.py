@@ -33,7 +33,9 @@ TRIAL_TAG = "evomerge.trial"
 
 
 def param_key(name: str) -> str:
-    """MLflow keys allow alphanumerics and _ - . space : / only."""
+    """MLflow keys allow alphanumerics and _ - . space : / only: ``weight[expert-add]@0`` becomes
+    ``weight.expert-add.0``."""
+    name = name.replace("[", ".").replace("]", "").replace("@", ".")
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)[:250]
 
 
@@ -46,8 +48,12 @@ def local_store(directory: Path) -> tuple[str, str]:
 class Tracker:
     def __init__(self, uri: str, experiment: str, objectives: Sequence[str], directions: Sequence[str],
                  artifact_location: str | None = None, refresh_s: float = 10.0):
+        import logging
+
         from mlflow import MlflowClient
 
+        for name in ("mlflow", "alembic"):  # store creation and migrations log at INFO
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=uri)
         self.uri, self.experiment_name = uri, experiment
         self.objectives, self.directions = list(objectives), list(directions)
@@ -203,7 +209,8 @@ class Tracker:
         self._dirty = False
         ids = sorted(self._done)
         points = [self._done[i] for i in ids]
-        ranks = pareto_ranks(points, self.directions) if points else []
+        # published 1-based: pareto_rank 1 is the front (pareto_ranks counts from 0)
+        ranks = [None if r is None else r + 1 for r in pareto_ranks(points, self.directions)] if points else []
         for tid, rank in zip(ids, ranks):
             if self._ranks.get(tid) != rank:
                 run = self._runs[tid]

@@ -1,0 +1,336 @@
+"""Campaigns end to end through the CLI: bad files, a real MLflow server, Ctrl-C, SIGKILL, resume, export."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+import yaml
+
+from conftest import REPO
+
+TASKS = REPO / "evaluators" / "zoo"
+
+
+def write_evaluator(tmp_path):
+    path = tmp_path / "evaluator.yaml"
+    path.write_text(yaml.safe_dump({"limit": 20, "seed": 0, "batch_size": 20, "objectives": [
+        {"name": "add", "task": str(TASKS / "zoo_add_{split}.yaml"), "metric": "exact_match"},
+        {"name": "sort", "task": str(TASKS / "zoo_sort_{split}.yaml"), "metric": "acc"}]}))
+    return path
+
+
+def experiment(tmp_path, zoo, name="exp.yaml", **overrides):
+    data = {
+        "name": "t-campaign", "seed": 3,
+        "models": {m: str(zoo / m) for m in ("base", "expert-add", "expert-sort")},
+        "search_space": str(REPO / "search_spaces" / "two_experts_layer_groups.yaml"),
+        "evaluator": str(write_evaluator(tmp_path)),
+        "optimizer": {"name": "nsga2", "options": {"sampler_options": {"population_size": 4}}},
+        "reference_point": {"add": 0.0, "sort": 0.0},
+        "budget": {"max_evaluations": 12},
+        "workers": {"count": 1},
+        "output_dir": str(tmp_path / "campaign"),
+        "tracking": {"refresh_s": 0.5},
+    }
+    for key, value in overrides.items():
+        if value is None:
+            data.pop(key, None)
+        elif key in ("budget", "workers", "tracking", "optimizer") and isinstance(value, dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli(*args, cwd, timeout=300, **kw):
+    return subprocess.run([sys.executable, "-m", "evomerge", "--offline", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def start(*args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "evomerge", "--offline", *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def tells(directory):
+    path = directory / "journal.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event["event"] == "tell":
+            out.append(event["id"])
+    return out
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def session_processes(pgid):
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            pass
+    return out
+
+
+# -- bad input: one line, exit 2, nothing computed or written -------------------------------------
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BAD = {
+    "missing budget": ({"budget": None}, r"exp.yaml: missing required field 'budget'"),
+    "unknown optimizer": ({"optimizer": {"name": "sgd"}}, "exp.yaml: optimizer.name: unknown optimizer 'sgd'"),
+    "missing model": ({"models": {"expert-add": "/nonexistent/model"}}, "exp.yaml: models.expert-add: model directory not found"),
+    "space model not given": ({"models": "drop-sort"}, "exp.yaml: models: the search space uses model 'expert-sort'"),
+    "unknown objective": ({"objectives": ["add", "speed"]}, "exp.yaml: objectives[1]: 'speed' is not an objective"),
+    "bad reference": ({"reference_point": {"add": 0.0}}, "exp.yaml: reference_point: give one value for each objective"),
+    "unreachable tracking": ({"tracking": {"uri": "http://127.0.0.1:PORT"}}, "exp.yaml: tracking.uri: tracking server http://127.0.0.1:PORT unreachable"),
+    "incompatible architecture": ({"models": "wide-sort"}, "exp.yaml: models.expert-sort: incompatible with the base 'base': hidden_size"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_experiments_fail_in_one_line_before_any_compute(zoo, tmp_path, case):
+    overrides, message = BAD[case]
+    port = str(free_port())
+    overrides = json.loads(json.dumps(overrides).replace("PORT", port))
+    message = message.replace("PORT", port)
+    if overrides.get("models") == "drop-sort":
+        overrides["models"] = {m: str(zoo / m) for m in ("base", "expert-add")}
+    elif overrides.get("models") == "wide-sort":
+        wide = tmp_path / "wide"
+        wide.mkdir()
+        config = json.loads((zoo / "expert-sort" / "config.json").read_text())
+        (wide / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+        (wide / "model.safetensors").write_bytes((zoo / "expert-sort" / "model.safetensors").read_bytes())
+        overrides["models"] = {m: str(zoo / m) for m in ("base", "expert-add")} | {"expert-sort": str(wide)}
+    elif "models" in overrides:
+        overrides["models"] = {m: str(zoo / m) for m in ("base", "expert-add", "expert-sort")} | overrides["models"]
+    path = experiment(tmp_path, zoo, **overrides)
+    result = cli("run", path, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"evomerge: error: {path}: "), result.stderr
+    assert message.replace("exp.yaml", str(path)).split(": ", 1)[1] in lines[0]
+    assert not (tmp_path / "campaign").exists()  # nothing written
+
+
+# -- a real MLflow server --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "mlflow") if (REPO / ".venv" / "bin" / "mlflow").exists()
+                             else "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return urllib.request.urlopen(url + "/health", timeout=1).status == 200
+            except OSError:
+                return False
+        wait_for(up, 90, "the MLflow server")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def rest(url, path, body=None):
+    if body is None:
+        req = urllib.request.Request(url + path)
+    else:
+        req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def runs(url, experiment_id, filter_string):
+    return rest(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id], "filter": filter_string,
+                                                      "max_results": 1000}).get("runs", [])
+
+
+def test_campaign_tracks_runs_front_and_artifacts_on_a_real_mlflow_server(zoo, tmp_path, mlflow_server):
+    from evomerge import campaign
+
+    path = experiment(tmp_path, zoo, tracking={"uri": mlflow_server, "experiment": "t-server"})
+    result = cli("run", path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "evaluations 12 (" in result.stdout and f"MLflow: {mlflow_server}" in result.stdout
+
+    exp_id = rest(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=t-server")["experiment"]["experiment_id"]
+    (parent,) = runs(mlflow_server, exp_id, "tags.`evomerge.campaign_dir` != ''")
+    pid = parent["info"]["run_id"]
+    assert parent["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert params["experiment.seed"] == "3" and params["experiment.optimizer.name"] == "nsga2"
+    assert "versions.torch" in params and "versions.lm_eval" in params
+    children = runs(mlflow_server, exp_id, f"tags.mlflow.parentRunId = '{pid}'")
+    assert len(children) == 12
+    trial_of = {int({t["key"]: t["value"] for t in c["data"]["tags"]}["evomerge.trial"]): c for c in children}
+    assert sorted(trial_of) == list(range(12))
+
+    loaded = campaign.open_campaign(tmp_path / "campaign", check=False)
+    search = loaded.search()
+    for trial in search.trials:
+        c = trial_of[trial.id]
+        metrics = {m["key"]: m["value"] for m in c["data"]["metrics"]}
+        cparams = {p["key"]: p["value"] for p in c["data"]["params"]}
+        assert c["info"]["status"] == ("FINISHED" if trial.status == "done" else "FAILED")
+        if trial.status == "done":
+            assert [metrics["add"], metrics["sort"]] == trial.values
+        assert metrics["time_evaluate_s"] > 0
+        assert float(cparams["gene.weight.expert-add.0"]) == pytest.approx(trial.genome[0])
+        assert json.loads(cparams["recipe.expert-add.weight"])[0] == pytest.approx(trial.genome[0])
+    # the UI's filter finds exactly the front
+    front = runs(mlflow_server, exp_id, "tags.pareto = 'true'")
+    assert sorted(int({t["key"]: t["value"] for t in r["data"]["tags"]}["evomerge.trial"]) for r in front) == \
+        sorted(t.id for t in search.front())
+    assert all({t["key"]: t["value"] for t in r["data"]["tags"]}["pareto_rank"] == "1" for r in front)
+    history = rest(mlflow_server, f"/api/2.0/mlflow/metrics/get-history?run_id={pid}&metric_key=hypervolume")["metrics"]
+    assert history and history[-1]["step"] == 12
+    assert history[-1]["value"] == pytest.approx(search.hypervolume([0.0, 0.0]))
+    files = {f["path"] for f in rest(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={pid}")["files"]}
+    assert {"front.json", "front.html", "front.png", "experiment.yaml"} <= files
+
+
+# -- Ctrl-C, SIGKILL, resume, then export ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def resumed(zoo, tmp_path_factory):
+    """A 16-candidate campaign stopped by Ctrl-C, resumed, SIGKILLed mid-run, resumed to the end."""
+    tmp = tmp_path_factory.mktemp("resume")
+    path = experiment(tmp, zoo, budget={"max_evaluations": 16}, optimizer={"name": "cma", "options": {"popsize": 4}},
+                      objectives=["add", "sort"])
+    directory = tmp / "campaign"
+    log = {}
+    proc = start("run", path, cwd=tmp)
+    try:
+        wait_for(lambda: len(tells(directory)) >= 4, 180, "4 results")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        log["interrupted"] = (proc.returncode, out, err, len(tells(directory)))
+        proc = start("resume", directory, cwd=tmp)
+        wait_for(lambda: len(tells(directory)) >= 9, 180, "9 results")
+        os.kill(proc.pid, signal.SIGKILL)  # the controller only: its Ray must go away by itself
+        proc.wait(timeout=30)
+        pgid = proc.pid
+        deadline = time.time() + 30
+        while time.time() < deadline and session_processes(pgid):
+            time.sleep(0.5)
+        log["left_after_kill"] = session_processes(pgid)
+        log["killed_at"] = len(tells(directory))
+        log["final"] = cli("resume", directory, cwd=tmp)
+    finally:
+        for p in [proc.pid]:
+            try:
+                os.killpg(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return tmp, directory, log
+
+
+def test_ctrl_c_and_sigkill_then_resume_finish_the_exact_budget(resumed):
+    from mlflow import MlflowClient
+
+    from evomerge import campaign
+
+    tmp, directory, log = resumed
+    code, out, err, told = log["interrupted"]
+    assert code == 130 and "stopped (interrupted); continue with: evomerge resume" in out, err[-2000:]
+    assert 4 <= told < 16
+    assert not log["left_after_kill"], "Ray processes outlived the SIGKILLed controller"
+    assert 9 <= log["killed_at"] < 16
+    final = log["final"]
+    assert final.returncode == 0, final.stderr[-3000:]
+    ids = tells(directory)
+    assert len(ids) == 16 and sorted(ids) == list(range(16))  # exactly the budget, none twice
+    loaded = campaign.open_campaign(directory, check=False)
+    assert loaded.state["finished"] and loaded.state["elapsed_s"] > 0
+    uri, _ = loaded.tracking()
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("t-campaign")
+    everything = client.search_runs([exp.experiment_id], max_results=1000)
+    assert not [r.info.run_id for r in everything if r.info.status == "RUNNING"]  # no orphans
+    parent = client.get_run(loaded.state["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(int(r.data.tags["evomerge.trial"]) for r in children) == list(range(16))
+    status = cli("status", directory, cwd=tmp)
+    assert status.returncode == 0 and "evaluations 16/16" in status.stdout and "finished" in status.stdout
+
+
+def test_pareto_and_export(resumed):
+    from evomerge import campaign
+    from evomerge.recipe import load_recipe
+
+    tmp, directory, _ = resumed
+    pareto = cli("pareto", directory, cwd=tmp)
+    assert pareto.returncode == 0, pareto.stderr
+    assert (directory / "front.png").read_bytes()[:4] == b"\x89PNG" and (directory / "front.html").exists()
+    search = campaign.open_campaign(directory, check=False).search()
+    front = search.front()
+    assert {int(line.split()[0]) for line in pareto.stdout.splitlines()[1:-1]} == {t.id for t in front}
+
+    best_add = max(front, key=lambda t: (t.values[0], -t.id))
+    out = tmp / "export-add"
+    result = cli("export", directory, "--weights", "add=1,sort=0", "--out", out, "--quiet", "--register", "t-model",
+                 cwd=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "evomerge.json").read_text())
+    assert meta["trial"] == best_add.id and meta["search_scores"] == {"add": best_add.values[0], "sort": best_add.values[1]}
+    assert set(meta["report_scores"]) == {"add", "sort"} and "registered in MLflow: t-model version 1" in result.stdout
+    recipe = load_recipe(out / "mergekit_config.yml")
+    assert recipe.base_model.endswith("/base") and all(m.model.startswith("/") for m in recipe.models)
+    assert "(report split)" in (out / "README.md").read_text()
+
+    again = cli("export", directory, "--trial", "1", "--out", out, cwd=tmp)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+    forced = cli("export", directory, "--trial", "1", "--out", out, "--force", "--no-eval", "--quiet", cwd=tmp)
+    assert forced.returncode == 0 and json.loads((out / "evomerge.json").read_text())["trial"] == 1
+    for args, message in ((["--weights", "speed=1"], "unknown objective(s) speed"),
+                          (["--trial", "99"], "the campaign has trials 0..15")):
+        bad = cli("export", directory, *args, "--out", tmp / "never", cwd=tmp)
+        assert bad.returncode == 2 and message in bad.stderr and not (tmp / "never").exists()
+
+
+def test_shipped_experiments_are_valid(zoo):
+    from evomerge.experiment import check_experiment, load_experiment
+
+    for path in sorted((REPO / "experiments").glob("*.yaml")):
+        exp = load_experiment(path)
+        if path.name.startswith("template"):
+            assert exp.workers.gpus_per_worker == 1  # parses; names hub models, so not checked offline
+            continue
+        parts = check_experiment(exp, path, check_tracking=False)
+        assert parts["num_layers"] == 4 and exp.budget.max_evaluations
