@@ -246,7 +246,8 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
             elif stop["why"] is None:
                 while pool.free and (budget_n is None or n + pool.in_flight < budget_n):
                     trial = search.ask()
-                    pool.submit(trial.id, trial.recipe.model_dump(exclude_none=True))
+                    pool.submit(trial.id, trial.recipe.model_dump(exclude_none=True),
+                                log_samples=exp.tracking.log_samples)
             if stop["why"] is not None:
                 break
             for outcome in pool.poll(timeout=1.0):
@@ -256,7 +257,7 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
                 if outcome.score.reason:
                     info["reason"] = outcome.score.reason
                 trial = search.tell(outcome.key, values, info)
-                tracker.candidate(trial, gene_names)
+                tracker.candidate(trial, gene_names, samples=outcome.score.samples)
                 if reference is None and len(search.finished) >= max(1, n_seeds):
                     reference = worst(search, directions)
                     loaded.state["reference_point"] = reference

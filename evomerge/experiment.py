@@ -74,6 +74,9 @@ class Tracking(BaseModel):
     experiment: str | None = None
     #: Seconds between refreshes of the front tags, hypervolume and plots in MLflow.
     refresh_s: float = Field(default=10.0, gt=0)
+    #: Log every candidate's per-sample records (document, target, answer, metrics) as its
+    #: ``samples.json`` artifact; off by default (it costs an artifact write per candidate).
+    log_samples: bool = False
 
 
 class Experiment(BaseModel):

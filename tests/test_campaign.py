@@ -184,7 +184,7 @@ def runs(url, experiment_id, filter_string):
 def test_campaign_tracks_runs_front_and_artifacts_on_a_real_mlflow_server(zoo, tmp_path, mlflow_server):
     from evomerge import campaign
 
-    path = experiment(tmp_path, zoo, tracking={"uri": mlflow_server, "experiment": "t-server"})
+    path = experiment(tmp_path, zoo, tracking={"uri": mlflow_server, "experiment": "t-server", "log_samples": True})
     result = cli("run", path, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "evaluations 12 (" in result.stdout and f"MLflow: {mlflow_server}" in result.stdout
@@ -223,6 +223,16 @@ def test_campaign_tracks_runs_front_and_artifacts_on_a_real_mlflow_server(zoo, t
     assert history[-1]["value"] == pytest.approx(search.hypervolume([0.0, 0.0]))
     files = {f["path"] for f in rest(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={pid}")["files"]}
     assert {"front.json", "front.html", "front.png", "experiment.yaml"} <= files
+    # per-sample records of a candidate: 20 documents per task, their answers and metrics
+    done = next(t for t in search.trials if t.status == "done")
+    run_id = trial_of[done.id]["info"]["run_id"]
+    assert "samples.json" in {f["path"] for f in rest(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}")["files"]}
+    from mlflow import MlflowClient
+
+    records = MlflowClient(tracking_uri=mlflow_server).download_artifacts(run_id, "samples.json", str(tmp_path))
+    samples = json.loads(open(records).read())
+    assert sorted(samples) == ["zoo_add_search", "zoo_sort_search"] and len(samples["zoo_add_search"]) == 20
+    assert sum(r["exact_match"] for r in samples["zoo_add_search"]) / 20 == done.values[0]
 
 
 # -- Ctrl-C, SIGKILL, resume, then export ------------------------------------------------------------

@@ -119,10 +119,10 @@ class Tracker:
     def logged(self) -> set[int]:
         return set(self._runs)
 
-    def candidate(self, trial, gene_names: Sequence[str]) -> None:
-        """Queue a finished candidate (a search Trial) for logging."""
+    def candidate(self, trial, gene_names: Sequence[str], samples: dict | None = None) -> None:
+        """Queue a finished candidate (a search Trial) for logging, with its per-sample records if any."""
         self._check()
-        self._queue.put(("candidate", trial, list(gene_names)))
+        self._queue.put(("candidate", trial, (list(gene_names), samples)))
 
     def set_reference(self, reference: Sequence[float]) -> None:
         self._queue.put(("reference", list(reference), None))
@@ -151,7 +151,7 @@ class Tracker:
                 kind = None
             try:
                 if kind == "candidate":
-                    self._log_candidate(a, b)
+                    self._log_candidate(a, *b)
                 elif kind == "reference":
                     self.reference, self._dirty = a, True
                 elif kind == "close":
@@ -166,7 +166,7 @@ class Tracker:
                 if kind == "close":
                     return
 
-    def _log_candidate(self, trial, gene_names: list[str]) -> None:
+    def _log_candidate(self, trial, gene_names: list[str], samples: dict | None = None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         if trial.id in self._runs:
@@ -193,6 +193,8 @@ class Tracker:
                 metrics.append(Metric(key, float(info[key]), now, 0))
         for i in range(0, len(params), 100):
             self.client.log_batch(run.info.run_id, params=params[i:i + 100], metrics=metrics if i == 0 else [])
+        if samples:
+            self.client.log_dict(run.info.run_id, samples, "samples.json")
         self.client.set_terminated(run.info.run_id, "FINISHED" if trial.status == "done" else "FAILED")
         self._runs[trial.id] = run.info.run_id
         self._told += 1
