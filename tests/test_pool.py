@@ -121,3 +121,4 @@ def test_a_worker_that_cannot_load_fails_the_start_with_the_reason(zoo, tmp_path
     import ray
 
     assert not ray.is_initialized()
+

@@ -97,13 +97,12 @@ class WorkerPool:
 
         if ray.is_initialized():
             raise PoolError("Ray is already initialized in this process; one pool per process")
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                  "logging_level": "ERROR", "namespace": "evomerge"}
+        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "namespace": "evomerge"}
         if self.address in (None, "local"):
             cpus = max(1, int(round(self.n * self.cpus)))
             gpus = int(-(-self.n * self.gpus // 1)) if self.gpus else 0
             kwargs.update(address="local", num_cpus=cpus, num_gpus=gpus, _node_ip_address="127.0.0.1",
-                          _temp_dir=self._private_temp_dir())
+                          _temp_dir=self._private_temp_dir(), include_dashboard=False)
             self.started_ray = True
         else:
             kwargs["address"] = self.address
