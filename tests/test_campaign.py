@@ -18,9 +18,9 @@ from conftest import REPO
 TASKS = REPO / "evaluators" / "zoo"
 
 
-def write_evaluator(tmp_path):
-    path = tmp_path / "evaluator.yaml"
-    path.write_text(yaml.safe_dump({"limit": 20, "seed": 0, "batch_size": 20, "objectives": [
+def write_evaluator(tmp_path, limit=20, batch_size=20, name="evaluator.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"limit": limit, "seed": 0, "batch_size": batch_size, "objectives": [
         {"name": "add", "task": str(TASKS / "zoo_add_{split}.yaml"), "metric": "exact_match"},
         {"name": "sort", "task": str(TASKS / "zoo_sort_{split}.yaml"), "metric": "acc"}]}))
     return path
@@ -240,8 +240,10 @@ def test_campaign_tracks_runs_front_and_artifacts_on_a_real_mlflow_server(zoo, t
 def resumed(zoo, tmp_path_factory):
     """A 16-candidate campaign stopped by Ctrl-C, resumed, SIGKILLed mid-run, resumed to the end."""
     tmp = tmp_path_factory.mktemp("resume")
+    # every document in small batches: a candidate takes about a second, so the signals land mid-campaign
+    slow = write_evaluator(tmp, limit=None, batch_size=4, name="slow-evaluator.yaml")
     path = experiment(tmp, zoo, budget={"max_evaluations": 16}, optimizer={"name": "cma", "options": {"popsize": 4}},
-                      objectives=["add", "sort"])
+                      objectives=["add", "sort"], evaluator=str(slow))
     directory = tmp / "campaign"
     log = {}
     proc = start("run", path, cwd=tmp)
