@@ -221,6 +221,8 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
         stop["why"] = "terminated"
 
     old_term = signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C stops cleanly even when started from a shell that ignores SIGINT for background jobs
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     status = "FAILED"
     told = lambda: sum(t.status != "running" for t in search.trials)
     elapsed0 = float(loaded.state.get("elapsed_s", 0.0))
@@ -275,6 +277,7 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
         stop["why"] = "interrupted"
     finally:
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
         loaded.state["elapsed_s"] = elapsed0 + time.monotonic() - started
         pool.shutdown()
         display.end()
