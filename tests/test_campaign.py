@@ -346,3 +346,24 @@ def test_shipped_experiments_are_valid(zoo):
             continue
         parts = check_experiment(exp, path, check_tracking=False)
         assert parts["num_layers"] == 4 and exp.budget.max_evaluations
+
+
+def test_a_child_run_cut_off_mid_write_is_replaced_on_resume(tmp_path):
+    """SIGKILL between creating a child run and ending it leaves it RUNNING: reopening the parent
+    deletes it, so the journal's candidate is logged anew and no run stays RUNNING."""
+    from mlflow import MlflowClient
+
+    from evomerge.tracking.mlflow_tracker import PARENT_TAG, TRIAL_TAG, Tracker, local_store
+
+    uri, artifacts = local_store(tmp_path)
+    tracker = Tracker(uri, "t-cut", ["a"], ["maximize"], artifacts)
+    parent = tracker.open(None, {}, {}, None)
+    tracker.close("KILLED")
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.get_experiment_by_name("t-cut").experiment_id
+    cut = client.create_run(exp_id, tags={PARENT_TAG: parent, TRIAL_TAG: "0"}).info.run_id
+    again = Tracker(uri, "t-cut", ["a"], ["maximize"], artifacts)
+    assert again.open(parent, {}, {}, None) == parent and again.logged == set()
+    again.close()
+    assert client.get_run(cut).info.lifecycle_stage == "deleted"
+    assert not client.search_runs([exp_id], "attributes.status = 'RUNNING'")

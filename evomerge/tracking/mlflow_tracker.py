@@ -11,14 +11,15 @@ filters to the front by itself (``tags.pareto = 'true'``).
 Logging runs on a background thread: a sqlite-backed run costs ~50 ms, as much as a candidate's
 evaluation on the zoo, and must not hold up the search loop. Candidates are queued; ``close``
 drains the queue. Children are created only once a candidate is finished, so a crash never leaves a
-child RUNNING; the parent is reopened on resume and candidates told but not yet logged are logged then.
+child RUNNING for long: a child cut off mid-write (the controller SIGKILLed between creating and
+ending it) is deleted when the parent is reopened on resume, and every candidate told but not
+logged is logged then.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import queue
 import re
 import threading
@@ -74,7 +75,7 @@ class Tracker:
     def open(self, parent_run_id: str | None, params: dict[str, str], tags: dict[str, str],
              config_file: Path | None) -> str:
         """Create the experiment and parent run, or reopen the parent of an earlier run of the campaign."""
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         exp = self.client.get_experiment_by_name(self.experiment_name)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
@@ -102,6 +103,9 @@ class Tracker:
             page = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent}'",
                                            max_results=1000, page_token=token)
             for run in page:
+                if run.info.status == "RUNNING":  # the controller died while writing it: log it anew
+                    self.client.delete_run(run.info.run_id)
+                    continue
                 tid = int(run.data.tags[TRIAL_TAG])
                 self._runs[tid] = run.info.run_id
                 self._told += 1
@@ -167,7 +171,7 @@ class Tracker:
                     return
 
     def _log_candidate(self, trial, gene_names: list[str], samples: dict | None = None) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         if trial.id in self._runs:
             return
