@@ -14,7 +14,6 @@ budgeted number of finished candidates, none evaluated twice.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from evomerge import __version__
-from evomerge.experiment import Experiment, ExperimentError, check_experiment, load_experiment
+from evomerge.experiment import Experiment, check_experiment, load_experiment
 
 STATE = "campaign.json"
 EXPERIMENT_COPY = "experiment.yaml"
@@ -84,6 +83,12 @@ class Loaded:
         genome = Genome(self.parts["space"], self.parts["num_layers"], seed=self.experiment.seed)
         return Search(genome, self.experiment.optimizer.name, self.objectives, self.experiment.seed,
                       self.directory, self.experiment.optimizer.options)
+
+    @property
+    def reference_point(self) -> list[float] | None:
+        """The hypervolume reference: the experiment's, else the one fixed once the seeds were scored."""
+        given = self.experiment.reference_point
+        return [given[o.name] for o in self.objectives] if given else self.state.get("reference_point")
 
     def tracking(self) -> tuple[str, str | None]:
         from evomerge.tracking.mlflow_tracker import local_store
@@ -179,9 +184,9 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
     exp, directory = loaded.experiment, loaded.directory
     display = display or Display()
     search = loaded.search()
-    fresh = not search.trials
-    if fresh:
-        for point in seed_points(loaded, search):
+    seeds = seed_points(loaded, search)
+    if not search.trials:
+        for point in seeds:
             search.enqueue(point)
     names = [o.name for o in loaded.objectives]
     directions = [o.direction for o in loaded.objectives]
@@ -197,7 +202,7 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
     if loaded.state.get("parent_run_id") != parent:
         loaded.state["parent_run_id"] = parent
         loaded.save_state()
-    reference = exp.reference_point and [exp.reference_point[n] for n in names] or loaded.state.get("reference_point")
+    reference = loaded.reference_point
     if reference:
         tracker.set_reference(reference)
     for trial in search.trials:  # told before an interruption but never logged
@@ -206,7 +211,6 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
 
     budget_n = exp.budget.max_evaluations
     budget_s = exp.budget.max_minutes * 60 if exp.budget.max_minutes else None
-    n_seeds = len(seed_points(loaded, search))
     spec = WorkerSpec(models=exp.models, base=loaded.parts["space"].base,
                       evaluator=loaded.parts["evaluator"].model_dump(), evaluator_source=exp.evaluator,
                       split=loaded.parts["evaluator"].split, device=exp.workers.device, dtype=exp.workers.dtype,
@@ -260,7 +264,7 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
                     info["reason"] = outcome.score.reason
                 trial = search.tell(outcome.key, values, info)
                 tracker.candidate(trial, gene_names, samples=outcome.score.samples)
-                if reference is None and len(search.finished) >= max(1, n_seeds):
+                if reference is None and len(search.finished) >= max(1, len(seeds)):
                     reference = worst(search, directions)
                     loaded.state["reference_point"] = reference
                     loaded.save_state()
@@ -362,8 +366,7 @@ def front_table(loaded: Loaded, search) -> list[dict]:
     return sorted(rows, key=lambda r: r[first.name], reverse=first.direction == "maximize")
 
 
-def pick(loaded: Loaded, search, best: bool = False, trial: int | None = None,
-         weights: dict[str, float] | None = None):
+def pick(loaded: Loaded, search, trial: int | None = None, weights: dict[str, float] | None = None):
     """The trial to export: by id, by weights over the front, or the best (single objective: the
     best weighted sum; several: the front's knee)."""
     from evomerge.search.optimizers import scalarize

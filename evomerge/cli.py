@@ -174,14 +174,19 @@ def cmd_resume(args) -> int:
         raise UserError(str(e)) from None
 
 
-def cmd_status(args) -> int:
+def _open_for_reading(directory):
+    """A campaign directory and its search, replayed from the journal (no compute, no tracking check)."""
     from evomerge import campaign
 
     try:
-        loaded = campaign.open_campaign(args.campaign, check=False)
-        search = loaded.search()
+        loaded = campaign.open_campaign(directory, check=False)
+        return loaded, loaded.search()
     except _campaign_errors() as e:
         raise UserError(str(e)) from None
+
+
+def cmd_status(args) -> int:
+    loaded, search = _open_for_reading(args.campaign)
     exp = loaded.experiment
     told = [t for t in search.trials if t.status != "running"]
     done = search.finished
@@ -195,7 +200,7 @@ def cmd_status(args) -> int:
           + ("finished" if loaded.state.get("finished") else "not finished (evomerge resume to continue)"))
     if done:
         front = search.front()
-        ref = loaded.state.get("reference_point") or (exp.reference_point and [exp.reference_point[o.name] for o in loaded.objectives])
+        ref = loaded.reference_point
         print(f"front {len(front)} candidates" + (f", hypervolume {search.hypervolume(ref):.4g}" if ref else ""))
     print(f"tracking {loaded.tracking()[0]}; parent run {loaded.state.get('parent_run_id')}")
     return 0
@@ -205,11 +210,7 @@ def cmd_pareto(args) -> int:
     from evomerge import campaign
     from evomerge.tracking.mlflow_tracker import front_plots
 
-    try:
-        loaded = campaign.open_campaign(args.campaign, check=False)
-        search = loaded.search()
-    except _campaign_errors() as e:
-        raise UserError(str(e)) from None
+    loaded, search = _open_for_reading(args.campaign)
     rows = campaign.front_table(loaded, search)
     if not rows:
         raise UserError(f"{args.campaign}: no finished candidate yet")
@@ -243,10 +244,9 @@ def cmd_export(args) -> int:
             weights = {k.strip(): float(v) for k, v in (item.split("=", 1) for item in args.weights.split(","))}
         except ValueError:
             raise UserError(f"--weights {args.weights!r}: expected objective=weight,... (numbers)") from None
+    loaded, search = _open_for_reading(args.campaign)
     try:
-        loaded = campaign.open_campaign(args.campaign, check=False)
-        search = loaded.search()
-        trial = campaign.pick(loaded, search, best=args.best, trial=args.trial, weights=weights)
+        trial = campaign.pick(loaded, search, trial=args.trial, weights=weights)
         if (Path(args.out).exists() and any(Path(args.out).iterdir())) and not args.force:
             raise UserError(f"--out {args.out} exists and is not empty (use --force to replace it)")
         record = export(loaded, trial, Path(args.out), force=args.force, evaluate=not args.no_eval,

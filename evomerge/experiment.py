@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -148,8 +148,9 @@ def check_experiment(exp: Experiment, source: str | Path, check_tracking: bool =
     except SpaceError as e:
         fail("search_space", str(e))
     try:
-        evaluator = load_evaluator(exp.evaluator, check_split=evaluator_split(exp.evaluator))
-        evaluator.check_files("report")
+        evaluator = load_evaluator(exp.evaluator)
+        for split in {evaluator.split, "report"}:  # searched, and scored at export
+            evaluator.check_files(split)
     except EvaluatorError as e:
         fail("evaluator", str(e))
     names = [o.name for o in evaluator.objectives]
@@ -182,12 +183,6 @@ def check_experiment(exp: Experiment, source: str | Path, check_tracking: bool =
         if problem:
             fail("tracking.uri", f"tracking server {exp.tracking.uri} unreachable: {problem}")
     return {"space": space, "evaluator": evaluator, "num_layers": int(base["num_hidden_layers"])}
-
-
-def evaluator_split(path: str) -> str:
-    from evomerge.evaluate.config import load_evaluator
-
-    return load_evaluator(path).split
 
 
 def _model_config(ref: str, allow_pickle: bool, fail) -> dict:

@@ -155,9 +155,8 @@ class WorkerPool:
             self.temp_dir.mkdir(exist_ok=True)
             return str(self.temp_dir.resolve())
         short = Path(tempfile.mkdtemp(prefix="emray-"))
-        if self.temp_dir.is_symlink() or self.temp_dir.exists():
-            if self.temp_dir.is_symlink():
-                self.temp_dir.unlink()
+        if self.temp_dir.is_symlink():  # an earlier run's link
+            self.temp_dir.unlink()
         if not self.temp_dir.exists():
             self.temp_dir.symlink_to(short, target_is_directory=True)
         self._ray_dir = short

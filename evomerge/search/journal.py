@@ -100,8 +100,10 @@ class Search:
 
         lo, hi = self.genome.bounds
         params = {g.name: min(max(v, a), b) for g, v, a, b in zip(self.genome.genes, trial.genome, lo, hi)}
-        dists = {g.name: optuna.distributions.FloatDistribution(a, max(b, a + 1e-12))
-                 for g, a, b in zip(self.genome.genes, lo, hi)}
+        if not hasattr(self, "_view_dists"):  # the same for every trial: built once
+            self._view_dists = {g.name: optuna.distributions.FloatDistribution(a, max(b, a + 1e-12))
+                                for g, a, b in zip(self.genome.genes, lo, hi)}
+        dists = self._view_dists
         attrs = {"evomerge_trial": trial.id, "replicate": trial.replicate,
                  **{k: v for k, v in trial.info.items() if isinstance(v, (int, float, str, bool))}}
         if trial.status == "done":
