@@ -25,7 +25,7 @@ def _states(n_experts=3, seed=0, scale=0.05):
 
 def _ours(method, base, experts, params_global, params_model, seed=0):
     models = [{"model": "base"}] + [{"model": m, "parameters": params_model.get(m, {})} for m in experts]
-    if METHODS[method].family == "linear":
+    if not METHODS[method].base_is_origin:
         models[0]["parameters"] = params_model.get("base", {})
     recipe = parse_recipe({"merge_method": method, "base_model": "base", "models": models,
                            "parameters": params_global, "evomerge": {"seed": seed}})
@@ -33,7 +33,7 @@ def _ours(method, base, experts, params_global, params_model, seed=0):
     out = {}
     for name in NAMES:
         inputs = [experts[m][name] for m in plan.inputs if m != "base"]
-        if METHODS[method].family == "linear":
+        if not METHODS[method].base_is_origin:
             inputs = [base[name] if m == "base" else experts[m][name] for m in plan.inputs]
         out[name] = compute_tensor(plan, name, base[name], inputs=inputs)
     return out
@@ -92,8 +92,9 @@ def test_slerp_parallel_inputs_fall_back_to_linear_and_hand_values():
     assert torch.allclose(ours[NAMES[0]], torch.full(SHAPES[0], 1.5))  # 0.75*1 + 0.25*3
     # Orthogonal unit vectors: slerp at t=0.5 is (a + b) / sqrt(2).
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    from evomerge.merge.methods import DeltaStats, _slerp
-    assert torch.allclose(_slerp(0.5, a, DeltaStats(b - a, 0)), torch.tensor([1.0, 1.0]) / 2 ** 0.5)
+    from evomerge.merge.methods import DeltaStats, merge_tensor
+    slerped = merge_tensor(METHODS["slerp"], a, [DeltaStats(b - a, 0)], {"t": 0.5}, [{}])
+    assert torch.allclose(slerped, torch.tensor([1.0, 1.0]) / 2 ** 0.5)
 
 
 def test_ties_by_hand():

@@ -14,19 +14,23 @@ import math
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from evomerge.errors import first_line
 from evomerge.evaluate.config import EvaluatorConfig
 from evomerge.recipe import Recipe
+
+#: Journaled and compared as these strings.
+ScoreStatus = Literal["done", "failed"]
 
 
 @dataclass
 class Score:
     """One candidate's result. ``values``: objective name -> value (None when failed)."""
 
-    status: str  # done | failed
+    status: ScoreStatus
     values: dict[str, float] | None = None
     reason: str | None = None
     #: seconds: materialize (merge into the weights), evaluate (lm-eval and perplexity), forward (the
@@ -38,11 +42,6 @@ class Score:
     def to_dict(self) -> dict:
         return {"status": self.status, "values": self.values, "reason": self.reason,
                 "timings": self.timings, "samples": self.samples}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 class CandidateScorer:
@@ -123,7 +122,7 @@ class CandidateScorer:
         try:
             merged = self.resident.materialize(recipe)
         except Exception as e:  # a recipe the resident models cannot take (unknown model, bad value)
-            return failed(f"merge failed: {_first_line(e)}")
+            return failed(f"merge failed: {first_line(e, with_type=True)}")
         timings["materialize"] = merged.seconds
         if merged.nonfinite:
             return failed(f"non-finite weights after merging ({len(merged.nonfinite)} tensors, "
@@ -150,7 +149,7 @@ class CandidateScorer:
         except Exception as e:
             timings["evaluate"] = time.perf_counter() - evaluate_started
             detail = traceback.extract_tb(e.__traceback__)[-1]
-            return failed(f"evaluation raised {_first_line(e)} (at {detail.filename.rsplit('/', 1)[-1]}:{detail.lineno})")
+            return failed(f"evaluation raised {first_line(e, with_type=True)} (at {detail.filename.rsplit('/', 1)[-1]}:{detail.lineno})")
         timings["evaluate"] = time.perf_counter() - evaluate_started
         timings["forward"] = self._forward[0]
         bad = [n for n, v in values.items() if not math.isfinite(v)]

@@ -13,13 +13,15 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 
 class PerplexityScorer:
     def __init__(self, path: str | Path, tokenizer, block_size: int = 64, limit: int | None = None,
-                 seed: int = 0, batch_size: int = 64, max_length: int | None = None, unit: str = "block"):
+                 seed: int = 0, batch_size: int = 64, max_length: int | None = None,
+                 unit: Literal["block", "line"] = "block"):
         path = Path(path)
         size = min(block_size, max_length or block_size)
         lines = [tokenizer(line, add_special_tokens=False)["input_ids"]

@@ -121,7 +121,7 @@ class ResidentMerge:
         for name, param in self.params.items():
             base = self.base[name]
             row = self.stats[name]
-            # linear may weight the base like any input: a zero task vector, made once
+            # where the base is not the origin (linear) it may be an input: a zero task vector, made once
             stats = [row[index[m]] if m != self.base_name else self._zero(name) for m in plan.inputs]
             # float32 parameters take the merge directly: no temporary, no copy
             direct = param.dtype == torch.float32 and param.is_contiguous()

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from evomerge.errors import first_line
 from evomerge.merge.methods import MergeError
-from evomerge.models.loading import PICKLE_SUFFIXES
+from evomerge.models.loading import ModelLoadError, checked_weight_files, is_local_model
 
 _DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -98,26 +99,23 @@ class ModelSource:
         if not (self.path / "config.json").is_file():
             raise MergeError(f"{self.path}: not a model directory (no config.json)")
         self.config = json.loads((self.path / "config.json").read_text())
-        files = sorted(self.path.glob("*.safetensors"))
+        try:
+            files = checked_weight_files(self.path, allow_pickle)
+        except ModelLoadError as e:  # merges report MergeError
+            raise MergeError(str(e)) from None
         self._handles = {}
         self._where: dict[str, str] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
-        if files:
-            for f in files:
-                handle = SafetensorsFile(f)
-                self._handles[f.name] = handle
-                for key in handle.keys():
-                    self._where[key] = f.name
+        if files[0].suffix != ".safetensors":  # pickled, allowed: loaded whole, it cannot be streamed
+            self._pickled = {}
+            for p in files:
+                self._pickled.update(torch.load(p, map_location="cpu", weights_only=True))
             return
-        pickled = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if not pickled:
-            raise MergeError(f"{self.path}: no weight files (*.safetensors)")
-        if not allow_pickle:
-            raise MergeError(f"{self.path}: only pickled weights ({pickled[0].name}); refusing to load "
-                             "them without --allow-pickle (they can execute code)")
-        self._pickled = {}
-        for p in pickled:
-            self._pickled.update(torch.load(p, map_location="cpu", weights_only=True))
+        for f in files:
+            handle = SafetensorsFile(f)
+            self._handles[f.name] = handle
+            for key in handle.keys():
+                self._where[key] = f.name
 
     def names(self) -> list[str]:
         return list(self._pickled) if self._pickled is not None else list(self._where)
@@ -138,7 +136,7 @@ def resolve_model_dir(ref: str, allow_pickle: bool = False) -> Path:
     """A local model directory for ``ref``: an existing path, or a hub id fetched (weights and
     tokenizer files only; safetensors unless pickle is allowed) into the local hub cache."""
     path = Path(ref).expanduser()
-    if path.exists() or ref.startswith((".", "/", "~")):
+    if is_local_model(ref):
         if not path.is_dir():
             raise MergeError(f"model directory not found: {ref}")
         return path
@@ -150,8 +148,7 @@ def resolve_model_dir(ref: str, allow_pickle: bool = False) -> Path:
     try:
         return Path(snapshot_download(ref, allow_patterns=patterns))
     except Exception as e:  # the hub client raises many types; all mean "cannot get it"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MergeError(f"{ref}: not a local directory and cannot be fetched from the hub: {first}") from None
+        raise MergeError(f"{ref}: not a local directory and cannot be fetched from the hub: {first_line(e)}") from None
 
 
 # --- the streaming writer ------------------------------------------------------------------------

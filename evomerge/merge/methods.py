@@ -1,6 +1,7 @@
 """Merge methods: one registry of declared parameters, and the tensor math behind each method.
 
-Every method merges one tensor at a time: ``merge_tensor(method, base, inputs, shared, per_model)``.
+Every method merges one tensor at a time through the kernel the registry (at the end) gives it:
+``merge_tensor(method, base, stats, shared, per_model)``.
 What depends only on the inputs (the task vectors, their magnitudes sorted once, cumulative sums, the
 seeded uniform field behind random drop masks, DELLA's magnitude ranks) lives in ``DeltaStats``,
 computed lazily: the in-memory path keeps it resident across candidates, so a density is a lookup in
@@ -18,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -61,19 +63,28 @@ class Param:
         return value
 
 
+#: How a task-vector method sparsifies each delta (see _mask_for).
+Sparsifier = Literal["magnitude", "random", "outliers", "della"]
+#: ``kernel(method, base, stats, shared, per_model, out)``: one merged float32 tensor (see merge_tensor).
+Kernel = Callable[["Method", torch.Tensor, list["DeltaStats"], dict[str, Any], list[dict[str, Any]],
+                   "torch.Tensor | None"], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     params: tuple[Param, ...]
     reference: str
-    needs_base: bool = True
+    kernel: Kernel
+    #: True: the base is the origin of every input's task vector, so it is required and is not an
+    #: input itself. False (linear): the base is an ordinary input, averaged only when listed.
+    base_is_origin: bool = True
     #: Bounds on the number of non-base input models.
     min_models: int = 1
     max_models: int | None = None
     #: For task-vector methods: how each delta is sparsified, and whether signs are elected.
-    sparsify: str | None = None
+    sparsify: Sparsifier | None = None
     consensus: bool = False
-    family: str = "task_vector"
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -90,67 +101,10 @@ class Method:
         return tuple(p for p in self.params if p.per_model)
 
 
-def _tv_params(normalize: bool, rescale: bool, sparsify: str | None) -> tuple[Param, ...]:
-    params = [
-        Param("weight", per_model=True),
-        Param("normalize", per_model=False, default=normalize, kind=bool),
-        Param("rescale", per_model=False, default=rescale, kind=bool),
-        Param("lambda", per_model=False, default=1.0),
-    ]
-    if sparsify:
-        params.append(Param("density", per_model=True, default=1.0, low=0.0, high=1.0))
-    if sparsify == "outliers":
-        params.append(Param("gamma", per_model=True, default=0.01, low=0.0, high=1.0))
-    if sparsify == "della":
-        params.append(Param("epsilon", per_model=True, default=0.15, low=0.0, high=0.5))
-    return tuple(params)
-
-
-def _tv(name, reference, sparsify=None, consensus=False, normalize=False, rescale=False) -> Method:
-    return Method(name, _tv_params(normalize, rescale, sparsify), reference, sparsify=sparsify,
-                  consensus=consensus)
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("linear", (Param("weight", per_model=True),
-                          Param("normalize", per_model=False, default=True, kind=bool)),
-               "Wortsman et al., Model soups, ICML 2022, arXiv:2203.05482",
-               needs_base=False, family="linear"),
-        _tv("task_arithmetic", "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089"),
-        _tv("ties", "Yadav et al., TIES-Merging, NeurIPS 2023, arXiv:2306.01708",
-            sparsify="magnitude", consensus=True, normalize=True),
-        _tv("dare_ties", "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv:2311.03099",
-            sparsify="random", consensus=True, rescale=True),
-        _tv("dare_linear", "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv:2311.03099",
-            sparsify="random", rescale=True),
-        _tv("breadcrumbs", "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, arXiv:2312.06795",
-            sparsify="outliers"),
-        _tv("breadcrumbs_ties", "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, arXiv:2312.06795",
-            sparsify="outliers", consensus=True),
-        _tv("della", "Deep et al., DELLA-Merging, arXiv:2406.11617",
-            sparsify="della", consensus=True, normalize=True, rescale=True),
-        _tv("della_linear", "Deep et al., DELLA-Merging, arXiv:2406.11617", sparsify="della", rescale=True),
-        Method("slerp", (Param("t", per_model=False, low=0.0, high=1.0),),
-               "Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985",
-               min_models=1, max_models=1, family="slerp"),
-        Method("model_stock", (Param("filter_wise", per_model=False, default=False, kind=bool),),
-               "Jang et al., Model Stock, ECCV 2024, arXiv:2403.19522", min_models=2, family="model_stock"),
-    )
-}
-
-
 def all_finite(t: torch.Tensor) -> bool:
     """True iff no entry is NaN or inf: one float64 reduction (it cannot overflow from float32
     inputs, and inf - inf is NaN), cheaper than building an isfinite mask."""
     return math.isfinite(float(t.sum(dtype=torch.float64)))
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise MergeError(f"unknown merge method '{name}'; valid: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
 
 
 # --- per-(tensor, model) statistics -------------------------------------------------------------
@@ -308,7 +262,7 @@ def _shrink(threshold: float) -> float:
     return float(torch.nextafter(t, torch.tensor(0.0)))
 
 
-def _mask_for(kind: str | None, s: DeltaStats, p: dict[str, Any], rescale: bool) -> _Mask:
+def _mask_for(kind: Sparsifier | None, s: DeltaStats, p: dict[str, Any], rescale: bool) -> _Mask:
     density = p.get("density", 1.0)
     n = s.delta.numel()
     if kind is None or density >= 1:
@@ -402,20 +356,13 @@ def merge_tensor(
     """Merge one tensor from the inputs' task vectors against ``base``; float32 result, written
     into ``out`` (a contiguous float32 tensor of base's shape) when the method allows.
 
-    ``per_model[i]`` holds input i's resolved parameters. For linear, an input that is the base
-    itself is a zero task vector.
+    ``per_model[i]`` holds input i's resolved parameters. Where the base is not the origin (linear),
+    an input that is the base itself is a zero task vector.
     """
-    base = base.float()
-    if method.family == "slerp":
-        return _slerp(float(shared["t"]), base, stats[0])
-    if method.family == "model_stock":
-        return _model_stock(base, [base + s.delta for s in stats], bool(shared["filter_wise"]))
-    if method.family == "linear":
-        return _linear(base, stats, shared, per_model, out)
-    return _task_vector(method, base, stats, shared, per_model, out)
+    return method.kernel(method, base.float(), stats, shared, per_model, out)
 
 
-def _linear(base, stats, shared, per_model, out=None) -> torch.Tensor:
+def _linear(method, base, stats, shared, per_model, out=None) -> torch.Tensor:
     """Weighted average of the inputs (normalized by the weights' sum unless normalize=false).
 
     Reference: Wortsman et al., "Model soups", ICML 2022, arXiv:2203.05482; mergekit ``linear``.
@@ -503,7 +450,7 @@ def _task_vector(method, base, stats: list[DeltaStats], shared, per_model, out=N
     return out
 
 
-def _slerp(t: float, base: torch.Tensor, other: DeltaStats, dot_threshold: float = 0.9995,
+def _slerp(method, base, stats, shared, per_model, out=None, dot_threshold: float = 0.9995,
            eps: float = 1e-8) -> torch.Tensor:
     """Spherical interpolation from ``base`` (t=0) to ``base + delta`` (t=1) over whole tensors,
     linear when the two are (anti)parallel. The angle comes from cached dot products, so a new t
@@ -511,6 +458,7 @@ def _slerp(t: float, base: torch.Tensor, other: DeltaStats, dot_threshold: float
 
     Reference: Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985; mergekit ``slerp``.
     """
+    t, other = float(shared["t"]), stats[0]
     if base.numel() == 0:
         return base.clone()
     bd, dd = other.dots(base)
@@ -527,12 +475,13 @@ def _slerp(t: float, base: torch.Tensor, other: DeltaStats, dot_threshold: float
     return torch.add(base * (ca + cb), other.delta, alpha=cb)
 
 
-def _model_stock(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
+def _model_stock(method, base, stats, shared, per_model, out=None) -> torch.Tensor:
     """Interpolate the base toward the experts' average by their task vectors' mean cosine.
 
     Reference: Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 2024,
     arXiv:2403.19522; mergekit ``model_stock``.
     """
+    w0, ws, filter_wise = base, [base + s.delta for s in stats], bool(shared["filter_wise"])
     shape = w0.shape
     if filter_wise:
         if w0.dim() == 1:
@@ -552,3 +501,61 @@ def _model_stock(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool) ->
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denom), denom))
     avg = sum(ws) / n
     return (t * avg + (1 - t) * w0).reshape(shape)
+
+
+# --- the registry -----------------------------------------------------------------------------------
+
+def _tv_params(normalize: bool, rescale: bool, sparsify: Sparsifier | None) -> tuple[Param, ...]:
+    params = [
+        Param("weight", per_model=True),
+        Param("normalize", per_model=False, default=normalize, kind=bool),
+        Param("rescale", per_model=False, default=rescale, kind=bool),
+        Param("lambda", per_model=False, default=1.0),
+    ]
+    if sparsify:
+        params.append(Param("density", per_model=True, default=1.0, low=0.0, high=1.0))
+    if sparsify == "outliers":
+        params.append(Param("gamma", per_model=True, default=0.01, low=0.0, high=1.0))
+    if sparsify == "della":
+        params.append(Param("epsilon", per_model=True, default=0.15, low=0.0, high=0.5))
+    return tuple(params)
+
+
+def _tv(name, reference, sparsify=None, consensus=False, normalize=False, rescale=False) -> Method:
+    return Method(name, _tv_params(normalize, rescale, sparsify), reference, _task_vector,
+                  sparsify=sparsify, consensus=consensus)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("linear", (Param("weight", per_model=True),
+                          Param("normalize", per_model=False, default=True, kind=bool)),
+               "Wortsman et al., Model soups, ICML 2022, arXiv:2203.05482", _linear, base_is_origin=False),
+        _tv("task_arithmetic", "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089"),
+        _tv("ties", "Yadav et al., TIES-Merging, NeurIPS 2023, arXiv:2306.01708",
+            sparsify="magnitude", consensus=True, normalize=True),
+        _tv("dare_ties", "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv:2311.03099",
+            sparsify="random", consensus=True, rescale=True),
+        _tv("dare_linear", "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv:2311.03099",
+            sparsify="random", rescale=True),
+        _tv("breadcrumbs", "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, arXiv:2312.06795",
+            sparsify="outliers"),
+        _tv("breadcrumbs_ties", "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, arXiv:2312.06795",
+            sparsify="outliers", consensus=True),
+        _tv("della", "Deep et al., DELLA-Merging, arXiv:2406.11617",
+            sparsify="della", consensus=True, normalize=True, rescale=True),
+        _tv("della_linear", "Deep et al., DELLA-Merging, arXiv:2406.11617", sparsify="della", rescale=True),
+        Method("slerp", (Param("t", per_model=False, low=0.0, high=1.0),),
+               "Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985", _slerp,
+               min_models=1, max_models=1),
+        Method("model_stock", (Param("filter_wise", per_model=False, default=False, kind=bool),),
+               "Jang et al., Model Stock, ECCV 2024, arXiv:2403.19522", _model_stock, min_models=2),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise MergeError(f"unknown merge method '{name}'; valid: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

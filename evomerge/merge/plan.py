@@ -51,12 +51,12 @@ class RecipePlan:
                   else [s.model for s in recipe.slices[0].sources])
         if len(set(listed)) != len(listed):
             raise MergeError("a model is listed twice")
-        if self.method.family == "linear":
-            self.inputs = listed
-        else:
+        if self.method.base_is_origin:
             if not recipe.base_model:
                 raise MergeError(f"{self.method.name} needs a base_model")
             self.inputs = [m for m in listed if m != recipe.base_model]
+        else:
+            self.inputs = listed
         n = len(self.inputs)
         if n < self.method.min_models or (self.method.max_models and n > self.method.max_models):
             most = self.method.max_models or "any"

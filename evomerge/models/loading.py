@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evomerge.errors import first_line
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class ModelLoadError(ValueError):
     """A model that cannot be loaded, with the reason in one line."""
+
+
+def is_local_model(ref: str | Path, relative_to: Path | None = None) -> bool:
+    """True if ``ref`` names a local model directory rather than a hub id: it is written as a path
+    (starts with '.', '/' or '~') or exists (relative to ``relative_to`` when given)."""
+    path = Path(ref).expanduser()
+    return str(ref).startswith((".", "/", "~")) or (relative_to / path if relative_to else path).exists()
 
 
 def weight_files(model_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -22,26 +31,33 @@ def weight_files(model_dir: Path) -> tuple[list[Path], list[Path]]:
     return safe, pickled
 
 
+def checked_weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
+    """The weight files to load from ``model_dir``: its safetensors files, else (only with
+    ``allow_pickle``) its pickled checkpoints. Raises ModelLoadError when there are none to load."""
+    safe, pickled = weight_files(model_dir)
+    if safe:
+        return safe
+    if not pickled:
+        raise ModelLoadError(f"{model_dir}: no weight files (*.safetensors)")
+    if not allow_pickle:
+        raise ModelLoadError(f"{model_dir}: only pickled weights ({pickled[0].name}), which can execute "
+                             "code when loaded; refusing them unless pickle is allowed "
+                             "(--allow-pickle, or allow_pickle: true in an experiment)")
+    return pickled
+
+
 def load_causal_lm(ref: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False,
                    dtype=None, device: str | None = None):
     """``(model, tokenizer)`` for a local model directory or a hub id; the model is in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(ref)
-    is_local = path.exists() or str(ref).startswith((".", "/", "~"))
-    if is_local:
+    if is_local_model(ref):
         if not path.is_dir():
             raise ModelLoadError(f"model directory not found: {ref}")
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{ref}: not a Hugging Face model directory (no config.json)")
-        safe, pickled = weight_files(path)
-        if not safe and pickled and not allow_pickle:
-            raise ModelLoadError(
-                f"{ref}: only pickled weights ({pickled[0].name}); refusing to load them "
-                "without an explicit allow_pickle (they can execute code)"
-            )
-        if not safe and not pickled:
-            raise ModelLoadError(f"{ref}: no weight files (*.safetensors)")
+        checked_weight_files(path, allow_pickle)
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -49,8 +65,7 @@ def load_causal_lm(ref: str | Path, trust_remote_code: bool = False, allow_pickl
         tokenizer = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(str(ref), **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"{ref}: cannot load model: {first}") from None
+        raise ModelLoadError(f"{ref}: cannot load model: {first_line(e)}") from None
     if device:
         model.to(device)
     return model.eval(), tokenizer

@@ -226,8 +226,8 @@ class Genome:
                     value = rng.fixed
                 (per_model[model] if model else shared)[name] = value
         experts = [{"model": m, "parameters": per_model[m]} for m in self.space.models]
-        # linear averages the listed models only; the base is named for architecture and tokenizer
-        base_entry = [] if method.family == "linear" else [{"model": self.space.base}]
+        # listed only as the task vectors' origin: a method that averages its inputs would weight it
+        base_entry = [{"model": self.space.base}] if method.base_is_origin else []
         data = {"merge_method": method.name, "base_model": self.space.base, "models": base_entry + experts}
         if shared:
             data["parameters"] = shared
