@@ -126,16 +126,26 @@ def test_multi_objective_front_and_hypervolume(tmp_path):
 def test_unknown_optimizer_and_option():
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'; valid: random, cma"):
         make_optimizer("sgd", 3, ONE, 0)
-    with pytest.raises(ValueError, match="cma: unknown option"):
+    with pytest.raises(ValueError, match="popsze: not an option of optimizer 'cma'; valid: popsize, sigma0"):
         make_optimizer("cma", 3, ONE, 0, popsze=4)
+    with pytest.raises(ValueError, match="popsize: Input should be greater than or equal to 2"):
+        make_optimizer("cma", 3, ONE, 0, popsize=1)
+    with pytest.raises(ValueError, match="restart_strategy: Input should be 'ipop' or 'bipop'"):
+        make_optimizer("cma", 3, ONE, 0, restart_strategy="pop")
+    with pytest.raises(ValueError, match="NSGAIISampler takes no option.s. population_siz; valid: .*population_size"):
+        make_optimizer("nsga2", 3, ONE, 0, sampler_options={"population_siz": 4})
+    with pytest.raises(ValueError, match="x: not an option of optimizer 'random'; valid: none"):
+        make_optimizer("random", 3, ONE, 0, x=1)
     assert set(OPTIMIZERS) >= {"random", "cma", "tpe", "nsga2", "nsga3", "gp", "cmaes"}
+    # every registered optimizer builds from its defaults, and its options model is what it holds
+    for name, kind in OPTIMIZERS.items():
+        assert isinstance(make_optimizer(name, 3, ONE, 0).options, kind.Options)
 
 
 @pytest.mark.parametrize("strategy", ["ipop", "bipop"])
 def test_cma_restarts(strategy):
-    from evomerge.search.optimizers import CMA
 
-    opt = CMA(3, ONE, 0, popsize=4, restarts=3, restart_strategy=strategy, tolfun=1e-2)
+    opt = make_optimizer("cma", 3, ONE, 0, popsize=4, restarts=3, restart_strategy=strategy, tolfun=1e-2)
     popsizes = []
     for _ in range(2000):
         x = opt.ask()
@@ -157,9 +167,8 @@ def test_other_samplers_run(tmp_path, name):
 
 def noisy_cma(noise_scale, evals=600, **options):
     """CMA with noise handling on a 4-gene bowl plus gaussian noise; the asks' replicates per point."""
-    from evomerge.search.optimizers import CMA
 
-    opt, rng = CMA(4, ONE, 0, noise=True, noise_max_evaluations=4, **options), random.Random(1)
+    opt, rng = make_optimizer("cma", 4, ONE, 0, noise=True, noise_max_evaluations=4, **options), random.Random(1)
     replicates, sigmas = defaultdict(list), []
     for _ in range(evals):
         x, r = opt.ask_replicate()

@@ -22,12 +22,14 @@ resume (see ``evomerge.search.journal``).
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class Objective(BaseModel):
@@ -44,22 +46,24 @@ def scalarize(values: Sequence[float], objectives: Sequence[Objective]) -> float
     return float(sum(o.weight * (-v if o.direction == "maximize" else v) for v, o in zip(values, objectives)))
 
 
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
 class Optimizer:
-    """ask() -> a point of [0, 1]^dim; tell(point, values or None for a failure)."""
+    """ask() -> a point of [0, 1]^dim; tell(point, values or None for a failure).
+
+    ``options`` is the optimizer's own options model (``Options``), validated at the edge."""
 
     name = "base"
     multi_objective = False
+    Options: type[BaseModel] = NoOptions
 
-    def __init__(self, dim: int, objectives: Sequence[Objective], seed: int, **options: Any):
+    def __init__(self, dim: int, objectives: Sequence[Objective], seed: int, options: BaseModel | None = None):
         if dim < 1:
             raise ValueError("the genome has no searched gene")
         self.dim, self.objectives, self.seed = dim, list(objectives), seed
-        unknown = set(options) - set(self.OPTIONS)
-        if unknown:
-            raise ValueError(f"{self.name}: unknown option(s) {sorted(unknown)}; valid: {sorted(self.OPTIONS) or 'none'}")
-        self.options = {**self.OPTIONS, **options}
-
-    OPTIONS: dict[str, Any] = {}
+        self.options = options if options is not None else self.Options()
 
     def enqueue(self, x: Sequence[float]) -> None:
         """Make ``x`` (a known recipe's point) the next ask."""
@@ -85,8 +89,8 @@ class RandomSearch(Optimizer):
     name = "random"
     multi_objective = True
 
-    def __init__(self, dim, objectives, seed, **options):
-        super().__init__(dim, objectives, seed, **options)
+    def __init__(self, dim, objectives, seed, options=None):
+        super().__init__(dim, objectives, seed, options)
         self.rng = np.random.default_rng(seed)
 
     def _ask(self):
@@ -96,42 +100,53 @@ class RandomSearch(Optimizer):
         pass
 
 
+class CMAOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: Points per generation (default 4 + 3 ln d, pycma's).
+    popsize: int | None = Field(default=None, ge=2)
+    #: Initial step size in units of the unit box (range / 6, a common rule; 0.25 measured ~1.6x
+    #: slower on a 56-gene bowl).
+    sigma0: float = Field(default=1 / 6, gt=0, le=1)
+    #: Restarts after pycma's stopping criteria, with a larger (ipop) or alternating (bipop) population.
+    restarts: int = Field(default=0, ge=0)
+    restart_strategy: Literal["ipop", "bipop"] = "ipop"
+    tolfun: float = Field(default=1e-11, ge=0)
+    #: Noise handling: replicates per point and re-evaluations (see the module docstring).
+    noise: bool = False
+    noise_max_evaluations: int = Field(default=5, ge=1)
+    noise_reevals: int | None = Field(default=None, ge=0)
+
+
 class CMA(Optimizer):
     """pycma CMA-ES on the weighted sum; failed points are told as worse than anything seen."""
 
     name = "cma"
-    # sigma0 in units of the box (range / 6, a common rule; 0.25 measured ~1.6x slower on a 56-gene bowl)
-    OPTIONS = {"popsize": None, "sigma0": 1 / 6, "restarts": 0, "restart_strategy": "ipop", "tolfun": 1e-11,
-               "noise": False, "noise_max_evaluations": 5, "noise_reevals": None}
+    Options = CMAOptions
 
-    def __init__(self, dim, objectives, seed, **options):
-        super().__init__(dim, objectives, seed, **options)
-        if self.options["restart_strategy"] not in ("ipop", "bipop"):
-            raise ValueError("cma: restart_strategy must be 'ipop' or 'bipop'")
+    def __init__(self, dim, objectives, seed, options=None):
+        super().__init__(dim, objectives, seed, options)
         self.rng = np.random.default_rng(seed)
-        self.default_popsize = self.options["popsize"] or 4 + int(3 * math.log(dim))
+        self.default_popsize = self.options.popsize or 4 + int(3 * math.log(dim))
         self.runs = 0
         self.budget = {"large": 0, "small": 0}
         self.large_popsize = self.default_popsize
         self.worst = None
         self.noise = None
-        if self.options["noise"]:
+        if self.options.noise:
             import cma
 
-            if int(self.options["noise_max_evaluations"]) < 1:
-                raise ValueError("cma: noise_max_evaluations must be >= 1")
             # pycma's measurement (rank-change statistic) and treatment (sigma and evaluations update);
             # which points to re-evaluate is chosen here, from our generator (pycma's draws on the global one)
-            self.noise = cma.NoiseHandler(dim, maxevals=[1, 1, int(self.options["noise_max_evaluations"])],
-                                          reevals=self.options["noise_reevals"], epsilon=0)
-        self._start(self.default_popsize, self.options["sigma0"], "large")
+            self.noise = cma.NoiseHandler(dim, maxevals=[1, 1, self.options.noise_max_evaluations],
+                                          reevals=self.options.noise_reevals, epsilon=0)
+        self._start(self.default_popsize, self.options.sigma0, "large")
 
     def _start(self, popsize: int, sigma0: float, regime: str) -> None:
         import cma
 
         self.regime = regime
         opts = {"bounds": [0.0, 1.0], "popsize": popsize, "seed": int(self.rng.integers(1, 2**31 - 1)),
-                "verbose": -9, "verb_log": 0, "verb_disp": 0, "tolfun": self.options["tolfun"],
+                "verbose": -9, "verb_log": 0, "verb_disp": 0, "tolfun": self.options.tolfun,
                 "randn": lambda *shape: self.rng.standard_normal(shape)}
         x0 = self.rng.random(self.dim).tolist() if self.runs else [0.5] * self.dim
         self.es = cma.CMAEvolutionStrategy(x0, sigma0, opts)
@@ -190,7 +205,7 @@ class CMA(Optimizer):
             if self.noise is not None:
                 self._reevaluate(batch)
             self.budget[self.regime] += popsize
-            if self.es.stop() and self.runs <= self.options["restarts"]:
+            if self.es.stop() and self.runs <= self.options.restarts:
                 self._restart()  # results still pending from the old run are not told to the new one
 
     def _reevaluate(self, batch: list[tuple[list[float], float]]) -> None:
@@ -223,8 +238,8 @@ class CMA(Optimizer):
         self.es.sigma *= nh.treat()
 
     def _restart(self) -> None:
-        sigma0 = self.options["sigma0"]
-        if self.options["restart_strategy"] == "ipop" or self.budget["small"] >= self.budget["large"]:
+        sigma0 = self.options.sigma0
+        if self.options.restart_strategy == "ipop" or self.budget["small"] >= self.budget["large"]:
             self.large_popsize *= 2
             self._start(self.large_popsize, sigma0, "large")
         else:  # BIPOP's small regime: a random, smaller population and step size
@@ -233,31 +248,54 @@ class CMA(Optimizer):
             self._start(max(2, popsize), sigma0 * 10 ** (-2 * float(self.rng.random())), "small")
 
 
+def _optuna_samplers() -> dict[str, tuple[type, bool]]:
+    """Optuna sampler name -> (class, whether it takes the objective vector rather than a weighted sum)."""
+    import optuna
+
+    s = optuna.samplers
+    return {"tpe": (s.TPESampler, True), "nsga2": (s.NSGAIISampler, True), "nsga3": (s.NSGAIIISampler, True),
+            "gp": (s.GPSampler, True), "cmaes": (s.CmaEsSampler, False), "optuna-random": (s.RandomSampler, True)}
+
+
+OPTUNA_SAMPLERS = ("tpe", "nsga2", "nsga3", "gp", "cmaes", "optuna-random")
+
+
+class OptunaOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: Keyword arguments of the Optuna sampler's constructor (``seed`` comes from the experiment).
+    sampler_options: dict[str, Any] = Field(default_factory=dict)
+
+
 class OptunaSampler(Optimizer):
     """An Optuna sampler over d float parameters in [0, 1], through study.ask/tell."""
 
-    SAMPLERS = {"tpe": True, "nsga2": True, "nsga3": True, "gp": True, "cmaes": False, "optuna-random": True}
-    OPTIONS = {"sampler_options": {}}
+    Options = OptunaOptions
 
-    def __init__(self, dim, objectives, seed, name="tpe", **options):
+    def __init__(self, dim, objectives, seed, options=None, name="tpe"):
         self.name = name
-        super().__init__(dim, objectives, seed, **options)
+        super().__init__(dim, objectives, seed, options)
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
-        self.multi_objective = self.SAMPLERS[name] and len(objectives) > 1
-        kw = {"seed": seed, **self.options["sampler_options"]}
-        sampler = {
-            "tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
-            "nsga3": optuna.samplers.NSGAIIISampler, "gp": optuna.samplers.GPSampler,
-            "cmaes": optuna.samplers.CmaEsSampler, "optuna-random": optuna.samplers.RandomSampler,
-        }[name](**kw)
+        cls, takes_vector = _optuna_samplers()[name]
+        self.multi_objective = takes_vector and len(objectives) > 1
+        sampler = cls(**{"seed": seed, **self.options.sampler_options})
         if self.multi_objective:
             self.study = optuna.create_study(directions=[o.direction for o in objectives], sampler=sampler)
         else:
             self.study = optuna.create_study(direction="minimize", sampler=sampler)
         self.dists = {f"x{i}": optuna.distributions.FloatDistribution(0.0, 1.0) for i in range(dim)}
         self.open: dict[tuple, list] = {}
+
+    @staticmethod
+    def check_sampler_options(name: str, options: dict[str, Any]) -> None:
+        """Refuse keywords the sampler's constructor does not take (before any compute)."""
+        cls = _optuna_samplers()[name][0]
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "seed"}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ValueError(f"sampler_options: {cls.__name__} takes no option(s) {', '.join(unknown)}; "
+                             f"valid: {', '.join(sorted(accepted))}")
 
     def enqueue(self, x):
         self.study.enqueue_trial({f"x{i}": float(v) for i, v in enumerate(x)})
@@ -280,15 +318,49 @@ class OptunaSampler(Optimizer):
             self.study.tell(trial, scalarize(values, self.objectives))
 
 
-OPTIMIZERS = ["random", "cma", *OptunaSampler.SAMPLERS]
+@dataclass(frozen=True)
+class OptimizerKind:
+    """A registered optimizer: its options model and how to build it."""
+
+    name: str
+    Options: type[BaseModel]
+    build: Callable[..., Optimizer]  # (dim, objectives, seed, options) -> Optimizer
+
+
+def _registry() -> dict[str, OptimizerKind]:
+    kinds = [OptimizerKind("random", NoOptions, RandomSearch), OptimizerKind("cma", CMAOptions, CMA)]
+    for sampler in OPTUNA_SAMPLERS:
+        kinds.append(OptimizerKind(sampler, OptunaOptions,
+                                   lambda d, o, s, opts, n=sampler: OptunaSampler(d, o, s, opts, name=n)))
+    return {k.name: k for k in kinds}
+
+
+#: name -> OptimizerKind, in the order they are documented.
+OPTIMIZERS: dict[str, OptimizerKind] = _registry()
+
+
+def check_options(name: str, options: dict[str, Any]) -> BaseModel:
+    """The optimizer ``name``'s options, validated; ValueError (one line, naming the option) otherwise."""
+    from evomerge.configfile import field_path
+
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
+    kind = OPTIMIZERS[name]
+    try:
+        typed = kind.Options.model_validate(options or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = field_path(tuple(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            valid = ", ".join(kind.Options.model_fields) or "none"
+            raise ValueError(f"{where}: not an option of optimizer '{name}'; valid: {valid}") from None
+        raise ValueError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+    if isinstance(typed, OptunaOptions):
+        OptunaSampler.check_sampler_options(name, typed.sampler_options)
+    return typed
 
 
 def make_optimizer(name: str, dim: int, objectives: Sequence[Objective], seed: int, **options) -> Optimizer:
     """The optimizer ``name`` (see OPTIMIZERS) with its options; unknown names and options are refused."""
-    if name == "random":
-        return RandomSearch(dim, objectives, seed, **options)
-    if name == "cma":
-        return CMA(dim, objectives, seed, **options)
-    if name in OptunaSampler.SAMPLERS:
-        return OptunaSampler(dim, objectives, seed, name=name, **options)
-    raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
+    options = check_options(name, options)  # refuses unknown names first
+    return OPTIMIZERS[name].build(dim, objectives, seed, options)
