@@ -1,18 +1,30 @@
 """Export a campaign's chosen candidate: merged on disk, scored on the held-out report split.
 
 The recipe names models as the search space does; the exported recipe names them by their
-locations (directories or hub ids) so it runs unchanged with ``evomerge merge`` or mergekit. The
-merge streams through the merge engine into a staging directory; the report-split scores go into
-the model card and ``evomerge.json``; the directory appears only when everything succeeded.
-Optionally the model is logged to the campaign's MLflow experiment and registered.
+locations (directories or hub ids) so it runs unchanged with ``evomerge merge`` or mergekit.
+Everything (weights, report-split scores, model card, recipe, ``evomerge.json``) is staged in a
+hidden sibling ``.NAME.partial-PID`` and renamed into place last; with ``force`` an existing export
+stays in place until the new one is complete. Ctrl-C removes the staging; what a SIGKILL left
+beside the target is removed by the next export to the same target (an old export moved aside
+whose replacement never arrived is restored instead). Optionally the model is logged to the
+campaign's MLflow experiment and registered.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import sys
 from pathlib import Path
 
 from evomerge.campaign import CampaignError, Loaded
+from evomerge.errors import first_line
+
+#: Test hook: when set, the export stops itself (SIGSTOP) inside the merge, its weights written and
+#: the rest of the directory not yet, so a signal lands mid-merge (a small model's takes milliseconds).
+STOP_IN_MERGE = "EVOMERGE_EXPORT_STOP_IN_MERGE"
 
 
 def located_recipe(recipe, models: dict[str, str]):
@@ -49,39 +61,65 @@ def score_model_dir(path: Path, loaded: Loaded, split: str = "report") -> dict[s
     return score.values
 
 
+def _stop_after_weights(staging: Path) -> None:
+    marker = f".{staging.name}.partial-"  # the merge engine's own staging of ``staging``
+
+    def hook(event: str, args: tuple) -> None:  # config.json: the first file written after the weights
+        if event == "open" and marker in str(args[0]) and str(args[0]).endswith("/config.json"):
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    sys.addaudithook(hook)
+
+
+def _merge_into(recipe, staging: Path, out: Path, force: bool, allow_pickle: bool, progress: bool) -> None:
+    from evomerge.merge.apply import MergeError
+    from evomerge.merge.ondisk import merge_to_disk
+    from evomerge.zoo.build import sweep_stale_staging
+
+    try:
+        sweep_stale_staging(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+            raise CampaignError(f"{out} exists and is not empty (pass --force to replace it)")
+        if os.environ.get(STOP_IN_MERGE):
+            _stop_after_weights(staging)
+        merge_to_disk(recipe, staging, allow_pickle=allow_pickle, progress=progress)
+    except MergeError as e:
+        raise CampaignError(first_line(e)) from None
+    except OSError as e:
+        raise CampaignError(f"cannot write {out}: {e.strerror or first_line(e)}") from None
+
+
 def export(loaded: Loaded, trial, out: Path, force: bool = False, evaluate: bool = True,
            register: str | None = None, progress: bool = True) -> dict:
-    from evomerge.merge.apply import MergeError
-    from evomerge.merge.ondisk import merge_to_disk, model_card
+    """Export ``trial`` to ``out`` atomically (see the module docstring); returns what
+    ``evomerge.json`` records, plus ``path`` (and ``registered`` with ``register``)."""
+    from evomerge.merge.ondisk import model_card
+    from evomerge.zoo.build import staging_dir, swap_into_place
 
     exp = loaded.experiment
     recipe = located_recipe(trial.recipe, exp.models)
+    staging = staging_dir(out)
     try:
-        path = merge_to_disk(recipe, out, allow_pickle=exp.allow_pickle, overwrite=force, progress=progress)
-    except (MergeError, FileExistsError, ValueError) as e:
-        raise CampaignError(str(e)) from None
-    record = {"campaign": str(loaded.directory), "trial": trial.id, "genome": trial.genome,
-              "search_scores": dict(zip([o.name for o in loaded.objectives], trial.values or [])),
-              "seed": exp.seed}
-    if evaluate:
-        try:
-            scores = score_model_dir(path, loaded)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(path, ignore_errors=True)  # nothing half-made is left behind
-            raise
-        record["report_scores"] = scores
-        card = model_card(recipe, {f"{k} (report split)": v for k, v in scores.items()})
-        card += ("\n## Search\n\nCampaign `" + exp.name + f"`, trial {trial.id}; search-split scores: "
-                 + ", ".join(f"{k} {v:.4g}" for k, v in record["search_scores"].items()) + ".\n")
-        (path / "README.md").write_text(card)
-    meta = json.loads((path / "evomerge.json").read_text())
-    meta.update(record)
-    (path / "evomerge.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _merge_into(recipe, staging, out, force, exp.allow_pickle, progress)
+        record = {"campaign": str(loaded.directory), "trial": trial.id, "genome": trial.genome,
+                  "search_scores": dict(zip([o.name for o in loaded.objectives], trial.values or [])),
+                  "seed": exp.seed}
+        if evaluate:
+            scores = score_model_dir(staging, loaded)
+            record["report_scores"] = scores
+            card = model_card(recipe, {f"{k} (report split)": v for k, v in scores.items()})
+            card += ("\n## Search\n\nCampaign `" + exp.name + f"`, trial {trial.id}; search-split scores: "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in record["search_scores"].items()) + ".\n")
+            (staging / "README.md").write_text(card)
+        meta = json.loads((staging / "evomerge.json").read_text())
+        meta.update(record)
+        (staging / "evomerge.json").write_text(json.dumps(meta, indent=2) + "\n")
+        swap_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-made is left behind
     if register:
-        record["registered"] = register_model(loaded, trial, path, register, record.get("report_scores"))
-    record["path"] = str(path)
+        record["registered"] = register_model(loaded, trial, out, register, record.get("report_scores"))
+    record["path"] = str(out)
     return record
 
 

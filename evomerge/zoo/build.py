@@ -1,8 +1,14 @@
 """Build the offline model zoo: tokenizer, base pretraining, expert fine-tunes, manifest.
 
-Deterministic for a seed on a given torch build and thread count; cached by the spec's fingerprint
-(a second build of the same spec returns at once); written into a temporary sibling directory and
-renamed into place at the end, so an interrupted build leaves nothing half-written at the target.
+The weights are a function of the seed *and* of where they are built: the torch version, its thread
+count (``torch.get_num_threads()``), the CPU capability its kernels dispatch to
+(``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512...) and the machine architecture; the
+manifest records all four under ``reproducible_on``. A seed reproduces the same bytes only where all
+four match. The cache key is the spec alone (a second build of the same spec returns at once): a zoo
+built elsewhere stays valid, it is simply not bit-identical to one built here. The zoo is built in a
+hidden sibling ``.NAME.partial-PID`` and renamed into place at the end, so an interrupted build
+leaves nothing half-written at the target; what a killed build left there is removed by the next
+build of the same target.
 """
 
 from __future__ import annotations
@@ -11,9 +17,10 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
+import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -123,6 +130,52 @@ def _cached(out: Path, spec: ZooSpec) -> dict | None:
     return None
 
 
+def staging_dir(target: Path) -> Path:
+    """The hidden sibling in which this process builds ``target`` before renaming it into place."""
+    return target.with_name(f".{target.name}.partial-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # left by an earlier, interrupted call of this very process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_staging(target: Path) -> None:
+    """Remove what killed builds of ``target`` left beside it: ``.NAME.partial-PID`` (and
+    ``..NAME.partial-PID.partial-*``, the merge engine's own staging of it) and ``.NAME.old-PID``,
+    for PIDs no longer alive. An old copy whose replacement never arrived is restored as ``target``."""
+    pattern = re.compile(rf"\.\.?{re.escape(target.name)}\.(?:partial|old)-(\d+)(?:\.partial-\w+)?")
+    if not target.parent.is_dir():
+        return
+    for entry in sorted(target.parent.iterdir()):
+        found = pattern.fullmatch(entry.name)
+        if not found or _alive(int(found[1])):
+            continue
+        if entry.name == f".{target.name}.old-{found[1]}" and not target.exists():
+            entry.rename(target)  # killed between moving the old copy aside and renaming the new one in
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Rename the complete ``staging`` to ``target``; an existing ``target`` is moved aside to
+    ``.NAME.old-PID`` only then, and removed after."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def build_zoo(out: str | os.PathLike, spec: ZooSpec, progress: Progress = lambda _: None) -> dict:
     """Build (or reuse) the zoo of ``spec`` in ``out`` and return its manifest.
 
@@ -132,6 +185,7 @@ def build_zoo(out: str | os.PathLike, spec: ZooSpec, progress: Progress = lambda
     that is not a zoo.
     """
     out = Path(out)
+    sweep_stale_staging(out)
     cached = _cached(out, spec)
     if cached is not None:
         progress(f"zoo in {out} is up to date (spec {spec.fingerprint()})")
@@ -141,14 +195,13 @@ def build_zoo(out: str | os.PathLike, spec: ZooSpec, progress: Progress = lambda
 
     started = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = staging_dir(out)
+    staging.mkdir()
     try:
         manifest = _build_into(staging, spec, progress)
         manifest["build_seconds"] = round(time.time() - started, 1)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -212,5 +265,7 @@ def _build_into(root: Path, spec: ZooSpec, progress: Progress) -> dict:
         "skills": {s: skills.SKILLS[s].description for s in spec.experts},
         "versions": {"evomerge": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
-        "torch_threads": torch.get_num_threads(),
+        "reproducible_on": {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                            "machine": platform.machine()},
     }

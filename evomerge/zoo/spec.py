@@ -69,7 +69,8 @@ class ZooSpec(BaseModel):
         return mix
 
     def fingerprint(self) -> str:
-        """Hash of everything that determines the zoo's contents (a cache key)."""
+        """Hash of the spec: the zoo's cache key. The weights also depend on the machine that builds
+        them (``reproducible_on`` in the manifest, see ``evomerge.zoo.build``), which is not keyed on."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

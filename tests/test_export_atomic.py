@@ -1,0 +1,157 @@
+"""`evomerge export` is atomic: SIGKILL or Ctrl-C during the merge or the report-split scoring
+leaves no export or the old one intact, and the same command run again cleans up and completes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from evomerge.export import STOP_IN_MERGE
+from test_campaign import cli, experiment, wait_for
+
+
+@pytest.fixture(scope="module")
+def campaign(zoo, tmp_path_factory):
+    """A finished 4-candidate campaign and two of its done trials."""
+    from evomerge import campaign as campaigns
+
+    tmp = tmp_path_factory.mktemp("export-atomic")
+    result = cli("run", experiment(tmp, zoo, budget={"max_evaluations": 4}), cwd=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = campaigns.open_campaign(tmp / "campaign", check=False).search().finished
+    assert len(done) >= 2
+    return tmp / "campaign", done[0].id, done[1].id
+
+
+@pytest.fixture(scope="module")
+def good_export(campaign, tmp_path_factory):
+    """A complete, scored export of the first trial (tests copy it)."""
+    directory, first, _ = campaign
+    out = tmp_path_factory.mktemp("good") / "export"
+    result = cli("export", directory, "--trial", first, "--out", out, "--quiet", cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def complete(out):
+    """The export's evomerge.json, after checking the directory holds a whole scored export."""
+    meta = json.loads((out / "evomerge.json").read_text())
+    assert set(meta["report_scores"]) == {"add", "sort"}
+    assert "(report split)" in (out / "README.md").read_text()
+    assert (out / "model.safetensors").is_file() and (out / "mergekit_config.yml").is_file()
+    return meta
+
+
+def hidden(out):
+    """Hidden staging leftovers beside ``out`` (``.NAME.partial-*``, ``.NAME.old-*`` and the like)."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".") and out.name in p.name)
+
+
+def start(*args, cwd, **env):
+    """The CLI in its own session, taking SIGINT as at a terminal even when pytest runs as a background job."""
+    return subprocess.Popen([sys.executable, "-m", "evomerge", "--offline", *map(str, args)], cwd=cwd,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def until(proc, predicate, what):
+    """Wait for ``predicate`` while ``proc`` runs (failing at once, with its stderr, if it ends)."""
+    def check():
+        assert proc.poll() is None, f"exited {proc.returncode} before {what}: {proc.communicate()[1][-3000:]}"
+        return predicate()
+    wait_for(check, 120, what)
+
+
+def interrupt(proc, signum):
+    """SIGKILL, or Ctrl-C (SIGINT then SIGCONT, for a process that stopped itself); returns the exit status."""
+    os.kill(proc.pid, signum)
+    if signum == signal.SIGINT:
+        os.kill(proc.pid, signal.SIGCONT)
+    proc.communicate(timeout=120)
+    return proc.returncode
+
+
+SIGNALS = pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+
+
+@SIGNALS
+def test_a_signal_during_the_merge_leaves_no_export(campaign, tmp_path, signum):
+    directory, _, second = campaign
+    out = tmp_path / "export"
+    command = ["export", directory, "--trial", second, "--out", out, "--quiet"]
+    proc = start(*command, cwd=tmp_path, **{STOP_IN_MERGE: "1"})
+    until(proc, lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED, "the merge's weights written")
+    (merging,) = tmp_path.glob(f"..export.partial-{proc.pid}.partial-*")  # the merge engine's own staging
+    assert (merging / "model.safetensors").is_file() and not (merging / "config.json").exists()
+    code = interrupt(proc, signum)
+    assert not out.exists()
+    if signum == signal.SIGINT:
+        assert code == 130 and hidden(out) == []
+    else:
+        assert hidden(out) == [merging.name]
+    again = cli(*command, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert complete(out)["trial"] == second and hidden(out) == []
+
+
+@SIGNALS
+def test_a_signal_during_scoring_keeps_the_old_export(campaign, good_export, tmp_path, signum):
+    directory, first, second = campaign
+    out = tmp_path / "export"
+    shutil.copytree(good_export, out)
+    old = (out / "evomerge.json").read_text()
+    command = ["export", directory, "--trial", second, "--out", out, "--force", "--quiet"]
+    proc = start(*command, cwd=tmp_path)
+    staged = tmp_path / f".export.partial-{proc.pid}"
+    until(proc, lambda: (staged / "model.safetensors").is_file(), "the merge to finish and scoring to start")
+    code = interrupt(proc, signum)
+    assert (out / "evomerge.json").read_text() == old and complete(out)["trial"] == first
+    if signum == signal.SIGINT:
+        assert code == 130 and hidden(out) == []
+    else:
+        assert hidden(out) == [staged.name]
+        assert "report_scores" not in json.loads((staged / "evomerge.json").read_text())  # killed unscored
+    again = cli(*command, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert complete(out)["trial"] == second and hidden(out) == []
+
+
+def test_an_old_export_moved_aside_by_a_killed_replace_is_restored(campaign, good_export, tmp_path):
+    """Killed between moving the old export aside and renaming the new one in: the next run puts the
+    old one back, removes dead processes' staging and leaves a live process's alone."""
+    directory, first, second = campaign
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "export"
+    shutil.copytree(good_export, tmp_path / f".export.old-{dead.pid}")
+    (tmp_path / f".export.partial-{dead.pid}").mkdir()
+    (tmp_path / f".export.partial-{os.getpid()}").mkdir()  # this test process: alive
+    result = cli("export", directory, "--trial", second, "--out", out, cwd=tmp_path)
+    assert result.returncode == 2 and "exists and is not empty" in result.stderr
+    assert complete(out)["trial"] == first
+    assert hidden(out) == [f".export.partial-{os.getpid()}"]
+
+
+def test_a_read_only_parent_fails_in_one_line(campaign, tmp_path):
+    directory, first, _ = campaign
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    immutable = os.geteuid() == 0  # root writes through permission bits: make the directory immutable
+    if immutable and subprocess.run(["chattr", "+i", parent], capture_output=True).returncode:
+        pytest.skip("cannot make a directory read-only for root here (chattr +i refused)")
+    try:
+        result = cli("export", directory, "--trial", first, "--out", parent / "export", cwd=tmp_path)
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", parent], check=True)
+        parent.chmod(0o755)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"evomerge: error: cannot write {parent / 'export'}: ")
+    assert list(parent.iterdir()) == []
