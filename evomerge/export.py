@@ -74,7 +74,7 @@ def _stop_after_weights(staging: Path) -> None:
 def _merge_into(recipe, staging: Path, out: Path, force: bool, allow_pickle: bool, progress: bool) -> None:
     from evomerge.merge.apply import MergeError
     from evomerge.merge.ondisk import merge_to_disk
-    from evomerge.zoo.build import sweep_stale_staging
+    from evomerge.staging import sweep_stale_staging
 
     try:
         sweep_stale_staging(out)
@@ -94,7 +94,7 @@ def export(loaded: Loaded, trial, out: Path, force: bool = False, evaluate: bool
     """Export ``trial`` to ``out`` atomically (see the module docstring); returns what
     ``evomerge.json`` records, plus ``path`` (and ``registered`` with ``register``)."""
     from evomerge.merge.ondisk import model_card
-    from evomerge.zoo.build import staging_dir, swap_into_place
+    from evomerge.staging import staging_dir, swap_into_place
 
     exp = loaded.experiment
     recipe = located_recipe(trial.recipe, exp.models)

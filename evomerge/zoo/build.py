@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from evomerge.staging import staging_dir, sweep_stale_staging, swap_into_place
 from evomerge.zoo import skills
 from evomerge.zoo.spec import ZooSpec
 from evomerge.zoo.tokenizer import train_tokenizer
@@ -128,52 +128,6 @@ def _cached(out: Path, spec: ZooSpec) -> dict | None:
     if all((out / m["path"] / "model.safetensors").is_file() for m in manifest["models"]):
         return manifest
     return None
-
-
-def staging_dir(target: Path) -> Path:
-    """The hidden sibling in which this process builds ``target`` before renaming it into place."""
-    return target.with_name(f".{target.name}.partial-{os.getpid()}")
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # left by an earlier, interrupted call of this very process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep_stale_staging(target: Path) -> None:
-    """Remove what killed builds of ``target`` left beside it: ``.NAME.partial-PID`` (and
-    ``..NAME.partial-PID.partial-*``, the merge engine's own staging of it) and ``.NAME.old-PID``,
-    for PIDs no longer alive. An old copy whose replacement never arrived is restored as ``target``."""
-    pattern = re.compile(rf"\.\.?{re.escape(target.name)}\.(?:partial|old)-(\d+)(?:\.partial-\w+)?")
-    if not target.parent.is_dir():
-        return
-    for entry in sorted(target.parent.iterdir()):
-        found = pattern.fullmatch(entry.name)
-        if not found or _alive(int(found[1])):
-            continue
-        if entry.name == f".{target.name}.old-{found[1]}" and not target.exists():
-            entry.rename(target)  # killed between moving the old copy aside and renaming the new one in
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def swap_into_place(staging: Path, target: Path) -> None:
-    """Rename the complete ``staging`` to ``target``; an existing ``target`` is moved aside to
-    ``.NAME.old-PID`` only then, and removed after."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_zoo(out: str | os.PathLike, spec: ZooSpec, progress: Progress = lambda _: None) -> dict:
