@@ -16,6 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.configfile import describe, read_yaml
+from evomerge.errors import first_line
+from evomerge.models.loading import is_local_model
 
 
 class ExperimentError(ValueError):
@@ -26,6 +28,8 @@ class OptimizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: random | cma | tpe | nsga2 | nsga3 | gp | cmaes | optuna-random
     name: str = "nsga2"
+    #: The optimizer's own options (``evomerge.search.optimizers``: each optimizer's Options model),
+    #: checked when the experiment is.
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -44,6 +48,9 @@ class Budget(BaseModel):
     max_evaluations: int | None = Field(default=None, ge=1)
     #: Wall-clock minutes of searching, summed over all runs and resumes of the campaign.
     max_minutes: float | None = Field(default=None, gt=0)
+    #: Stop (resumably, exit 3) when the first this-many results of a run or resume all failed for
+    #: one reason: a broken model, task or machine, not a bad recipe. None: workers + 2; 0: never.
+    halt_after_failures: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _some(self):
@@ -122,9 +129,7 @@ def resolve_paths(exp: Experiment, folder: Path) -> Experiment:
         return str(q if q.is_absolute() else (folder / q).resolve())
 
     def model(ref: str) -> str:
-        q = Path(ref).expanduser()
-        looks_local = ref.startswith((".", "/", "~")) or (folder / q).exists()
-        return local(ref) if looks_local else ref  # else a hub id
+        return local(ref) if is_local_model(ref, relative_to=folder) else ref  # else a hub id
 
     return exp.model_copy(update={
         "models": {k: model(v) for k, v in exp.models.items()},
@@ -133,12 +138,16 @@ def resolve_paths(exp: Experiment, folder: Path) -> Experiment:
     })
 
 
-def check_experiment(exp: Experiment, source: str | Path, check_tracking: bool = True) -> dict:
+def check_experiment(exp: Experiment, source: str | Path, check_tracking: bool = True,
+                     check_tasks: bool = True) -> dict:
     """Everything that can be checked before compute; returns the parts it loaded
-    (``space``, ``evaluator``, ``num_layers``). Raises ExperimentError naming file and field."""
+    (``space``, ``evaluator``, ``num_layers``). Raises ExperimentError naming file and field.
+
+    Reads configs and safetensors headers, never weights; ``check_tasks`` loads the evaluator's
+    tasks (seconds) to check that each reports its objective's metric."""
     from evomerge.evaluate.config import EvaluatorError, load_evaluator
-    from evomerge.search.optimizers import OPTIMIZERS
-    from evomerge.search.space import SpaceError, load_space
+    from evomerge.search.optimizers import OPTIMIZERS, check_options, make_optimizer
+    from evomerge.search.space import Genome, SpaceError, load_space
 
     def fail(field: str, msg: str):
         raise ExperimentError(f"{source}: {field}: {msg}")
@@ -159,6 +168,10 @@ def check_experiment(exp: Experiment, source: str | Path, check_tracking: bool =
             fail(f"objectives[{i}]", f"'{name}' is not an objective of the evaluator ({', '.join(names)})")
     if exp.optimizer.name not in OPTIMIZERS:
         fail("optimizer.name", f"unknown optimizer '{exp.optimizer.name}'; valid: {', '.join(OPTIMIZERS)}")
+    try:
+        check_options(exp.optimizer.name, exp.optimizer.options)
+    except ValueError as e:
+        fail("optimizer.options", str(e))
     if exp.reference_point is not None:
         wanted = exp.objectives or names
         if sorted(exp.reference_point) != sorted(wanted):
@@ -175,18 +188,47 @@ def check_experiment(exp: Experiment, source: str | Path, check_tracking: bool =
             if config.get(key) != base.get(key):
                 fail(f"models.{name}", f"incompatible with the base '{space.base}': {key} is "
                                        f"{config.get(key)!r}, the base's is {base.get(key)!r}")
+    _check_tensors(exp.models, space.base, fail)
+    num_layers = int(base["num_hidden_layers"])
+    try:  # the optimizer as the campaign will build it: options' values, the genome's dimension
+        genome = Genome(space, num_layers, seed=exp.seed)
+        make_optimizer(exp.optimizer.name, genome.dimension, [], exp.seed, **exp.optimizer.options)
+    except SpaceError as e:
+        fail("search_space", str(e))
+    except (ValueError, TypeError) as e:
+        fail("optimizer.options", first_line(e))
     for i, recipe in enumerate(exp.seeds.recipes):
         if not Path(recipe).is_file():
             fail(f"seeds.recipes[{i}]", f"file not found: {recipe}")
+    if check_tasks:
+        try:
+            for split in dict.fromkeys([evaluator.split, "report"]):
+                evaluator.check_tasks(split)
+        except EvaluatorError as e:
+            fail("evaluator", str(e))
     if check_tracking and exp.tracking.uri and exp.tracking.uri.startswith(("http://", "https://")):
         problem = tracking_unreachable(exp.tracking.uri)
         if problem:
             fail("tracking.uri", f"tracking server {exp.tracking.uri} unreachable: {problem}")
-    return {"space": space, "evaluator": evaluator, "num_layers": int(base["num_hidden_layers"])}
+    return {"space": space, "evaluator": evaluator, "num_layers": num_layers}
+
+
+def _check_tensors(models: dict[str, str], base: str, fail) -> None:
+    """Every model's tensors line up with the base's, from the safetensors headers alone."""
+    from evomerge.models.tensors import TensorHeaderError, first_mismatch, tensor_specs
+
+    try:
+        specs = {name: tensor_specs(ref, Path(ref).is_absolute()) for name, ref in models.items()}
+    except TensorHeaderError as e:
+        fail("models", str(e))
+    for name, tensors in specs.items():
+        problem = first_mismatch(specs[base], tensors) if name != base else None
+        if problem:
+            fail(f"models.{name}", f"cannot be merged with the base '{base}': {problem}")
 
 
 def _model_config(ref: str, allow_pickle: bool, fail) -> dict:
-    from evomerge.models.loading import weight_files
+    from evomerge.models.loading import ModelLoadError, checked_weight_files
 
     path = Path(ref)
     if path.is_absolute():
@@ -194,18 +236,17 @@ def _model_config(ref: str, allow_pickle: bool, fail) -> dict:
             fail(f"model directory not found: {ref}")
         if not (path / "config.json").is_file():
             fail(f"{ref}: not a Hugging Face model directory (no config.json)")
-        safe, pickled = weight_files(path)
-        if not safe and not (pickled and allow_pickle):
-            fail(f"{ref}: no safetensors weights" + (" (only pickled ones; set allow_pickle: true to load them)"
-                                                   if pickled else ""))
+        try:
+            checked_weight_files(path, allow_pickle)
+        except ModelLoadError as e:
+            fail(str(e))
         return json.loads((path / "config.json").read_text())
     try:  # a hub id: its config only (small); weights are fetched by the workers
         from huggingface_hub import hf_hub_download
 
         return json.loads(Path(hf_hub_download(ref, "config.json")).read_text())
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"'{ref}' is not a local directory and its config cannot be fetched from the hub: {first}")
+        fail(f"'{ref}' is not a local directory and its config cannot be fetched from the hub: {first_line(e)}")
 
 
 def tracking_unreachable(uri: str, timeout: float = 5.0) -> str | None:

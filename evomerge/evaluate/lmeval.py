@@ -120,6 +120,15 @@ class TaskSuite:
                 rng = random.Random(f"{subset_seed}:{leaf}")
                 self.samples[leaf] = sorted(rng.sample(range(n), limit)) if limit < n else list(range(n))
 
+    def metrics(self) -> dict[str, set[str]]:
+        """The metric names each of the suite's tasks reports (a group: its subtasks' together)."""
+        leaves = dict(_leaf_tasks(self.task_dict))
+        out = {}
+        for name in self.names:
+            members = [name] if name in leaves else sorted(_group_members(self.task_dict, name))
+            out[name] = {m for leaf in members for m in leaves[leaf].higher_is_better()}
+        return out
+
     def evaluate(self, lm, log_samples: bool = False, quiet: bool = True) -> dict:
         """Run every task on ``lm`` (an lm-eval ``LM``); returns lm-eval's results dict.
 
