@@ -3,23 +3,28 @@
 The campaign directory holds everything needed to continue: ``experiment.yaml`` (the experiment as
 resolved, absolute paths), ``campaign.json`` (MLflow ids, hypervolume reference point, elapsed
 time; replaced atomically), the search journal (``journal.jsonl``, which *is* the state: see
-``evomerge.search.journal``), Ray's temp dir, and by default the MLflow store. ``run`` and
-``resume`` are the same loop: keep every worker busy until the budget is met (finished
-candidates, done or failed, over all runs), tell each result to the search as it arrives, queue it
-for MLflow. Ctrl-C or SIGTERM stops cleanly; after any interruption, SIGKILL included, ``resume``
-re-issues the candidates that were in flight and goes on, so the campaign ends with exactly the
-budgeted number of finished candidates, none evaluated twice.
+``evomerge.search.journal``), Ray's temp dir, and by default the MLflow store. One process at a
+time runs a campaign: ``campaign.lock`` is held (``flock``) while it does, and a dead holder's lock
+is free again at once. ``run`` and ``resume`` are the same loop: keep every worker busy until the
+budget is met (finished candidates, done or failed, over all runs), tell each result to the search
+as it arrives, queue it for MLflow. Ctrl-C or SIGTERM stops cleanly; after any interruption,
+SIGKILL included, ``resume`` re-issues the candidates that were in flight and goes on, so the
+campaign ends with exactly the budgeted number of finished candidates, none evaluated twice.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -28,10 +33,31 @@ from evomerge.experiment import Experiment, check_experiment, load_experiment
 
 STATE = "campaign.json"
 EXPERIMENT_COPY = "experiment.yaml"
+LOCK = "campaign.lock"
+
+#: Exit statuses of ``run``/``resume`` beyond 0 (finished) and 2 (bad input).
+EXIT_HALTED = 3  # stopped on a systemic failure (every first result failed alike, a lost Ray node)
+RunStatus = Literal["FINISHED", "KILLED", "FAILED"]
 
 
 class CampaignError(ValueError):
     pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM: a clean stop; exit status 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def why(self) -> str:
+        return "terminated" if self.signum == signal.SIGTERM else "interrupted"
+
+
+class Halted(Exception):
+    """The campaign cannot make progress (a systemic failure); its state stays resumable."""
 
 
 def versions() -> dict[str, str]:
@@ -48,21 +74,59 @@ def versions() -> dict[str, str]:
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CampaignError(f"cannot write {path}: {e.strerror}") from None
+
+
+class CampaignLock:
+    """An exclusive ``flock`` on ``DIR/campaign.lock``, holding the owner's pid. The kernel frees it
+    when the owner dies, SIGKILL included, so a stale lock never blocks."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CampaignError(f"{self.path.parent}: campaign directory not writable ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise CampaignError(f"{self.path.parent}: the campaign is in use by another evomerge process "
+                                    f"(pid {holder}); wait for it to end or stop it") from None
+            raise CampaignError(f"{self.path}: cannot lock ({e.strerror})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor releases the flock
+            self._fd = None
 
 
 @dataclass
 class Loaded:
-    """A campaign directory opened for reading or running."""
+    """A campaign directory opened for reading, or for running (then it holds the campaign's lock)."""
 
     directory: Path
     experiment: Experiment
     state: dict
     parts: dict  # space, evaluator, num_layers
+    lock: CampaignLock | None = None
+    #: Made by this process (``prepare``): removed again if its workers cannot start.
+    new: bool = False
 
     @property
     def objective_specs(self):
@@ -77,12 +141,13 @@ class Loaded:
         return [Objective(name=o.name, direction=o.direction, weight=o.weight) for o in self.objective_specs]
 
     def search(self):
+        """The search replayed from the journal; writable only while this process holds the lock."""
         from evomerge.search.journal import Search
         from evomerge.search.space import Genome
 
         genome = Genome(self.parts["space"], self.parts["num_layers"], seed=self.experiment.seed)
         return Search(genome, self.experiment.optimizer.name, self.objectives, self.experiment.seed,
-                      self.directory, self.experiment.optimizer.options)
+                      self.directory, self.experiment.optimizer.options, writable=self.lock is not None)
 
     @property
     def reference_point(self) -> list[float] | None:
@@ -100,39 +165,85 @@ class Loaded:
     def save_state(self) -> None:
         write_atomic(self.directory / STATE, json.dumps(self.state, indent=2) + "\n")
 
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
 
 def prepare(experiment_file: str | Path, out: str | Path | None = None) -> Loaded:
-    """Validate an experiment file (exit-2 errors before compute) and create its campaign directory."""
+    """Validate an experiment file (exit-2 errors before anything is written), then create its
+    campaign directory and take its lock."""
     exp = load_experiment(experiment_file)
     parts = check_experiment(exp, experiment_file)
     directory = Path(out or exp.output_dir).resolve()
     if (directory / STATE).exists():
         raise CampaignError(f"{directory} already holds a campaign; continue it with `evomerge resume {directory}` "
                             "or choose another output_dir")
-    if directory.exists() and any(p.name not in ("ray",) for p in directory.iterdir()):
+    if directory.exists() and not directory.is_dir():
+        raise CampaignError(f"output_dir {directory} is a file")
+    if directory.exists() and any(directory.iterdir()):
         raise CampaignError(f"output_dir {directory} exists and is not empty")
-    directory.mkdir(parents=True, exist_ok=True)
-    exp = exp.model_copy(update={"output_dir": str(directory)})
-    write_atomic(directory / EXPERIMENT_COPY, yaml.safe_dump(exp.model_dump(), sort_keys=False))
-    state = {"name": exp.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "source": str(Path(experiment_file).resolve()),
-             "seed": exp.seed, "versions": versions(), "elapsed_s": 0.0, "parent_run_id": None,
-             "reference_point": None, "finished": False}
-    loaded = Loaded(directory, exp, state, parts)
-    loaded.save_state()
+    existed = directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CampaignError(f"output_dir {directory}: cannot create it ({e.strerror})") from None
+    lock = CampaignLock(directory)
+    try:
+        lock.acquire()
+        if (directory / STATE).exists():  # another `run` got here first
+            raise CampaignError(f"{directory} already holds a campaign (started just now by another process)")
+        exp = exp.model_copy(update={"output_dir": str(directory)})
+        write_atomic(directory / EXPERIMENT_COPY, yaml.safe_dump(exp.model_dump(), sort_keys=False))
+        state = {"name": exp.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "source": str(Path(experiment_file).resolve()), "seed": exp.seed, "versions": versions(),
+                 "elapsed_s": 0.0, "parent_run_id": None, "reference_point": None, "finished": False}
+        loaded = Loaded(directory, exp, state, parts, lock=lock, new=True)
+        loaded.save_state()
+    except BaseException:
+        lock.release()
+        if not existed or not (directory / STATE).exists():
+            _remove_new(directory, existed)
+        raise
     return loaded
 
 
-def open_campaign(directory: str | Path, check: bool = True) -> Loaded:
-    directory = Path(directory)
+def _remove_new(directory: Path, keep_dir: bool) -> None:
+    """Undo a campaign directory this process created (nothing in it was computed)."""
+    import shutil
+
+    if keep_dir:
+        for p in directory.iterdir():
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def open_campaign(directory: str | Path, check: bool = True, lock: bool = False) -> Loaded:
+    """Open a campaign directory. ``check``: check it like a new experiment (the tracking server
+    answers, the tasks load); ``lock``: take its lock, to run it (refused while another process holds it)."""
+    directory = Path(directory).resolve()
     if not (directory / STATE).is_file() or not (directory / EXPERIMENT_COPY).is_file():
         raise CampaignError(f"{directory}: not a campaign directory (no {STATE})")
+    held = None
+    if lock:
+        held = CampaignLock(directory)
+        held.acquire()
     try:
-        state = json.loads((directory / STATE).read_text())
-    except ValueError:
-        raise CampaignError(f"{directory / STATE}: corrupt campaign state") from None
-    exp = load_experiment(directory / EXPERIMENT_COPY)
-    parts = check_experiment(exp, directory / EXPERIMENT_COPY, check_tracking=check)
-    return Loaded(directory.resolve(), exp, state, parts)
+        try:
+            state = json.loads((directory / STATE).read_text())
+        except ValueError:
+            raise CampaignError(f"{directory / STATE}: corrupt campaign state") from None
+        except OSError as e:
+            raise CampaignError(f"{directory / STATE}: cannot read ({e.strerror})") from None
+        exp = load_experiment(directory / EXPERIMENT_COPY)
+        parts = check_experiment(exp, directory / EXPERIMENT_COPY, check_tracking=check, check_tasks=check)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+    return Loaded(directory, exp, state, parts, lock=held)
 
 
 class Display:
@@ -174,126 +285,215 @@ def seed_points(loaded: Loaded, search) -> list[list[float]]:
     return points
 
 
-def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
-    """Run (or continue) the campaign until its budget is met or it is interrupted; returns a summary."""
-    from evomerge.cluster.pool import PoolError, WorkerPool
+@dataclass
+class Budget:
+    """Candidates to finish and minutes to spend, both over all runs of the campaign."""
+
+    max_evaluations: int | None
+    max_seconds: float | None
+    elapsed0: float  # seconds spent by earlier runs
+    started: float = field(default_factory=time.monotonic)
+
+    def restart_clock(self) -> None:
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.monotonic() - self.started
+
+    def met(self, told: int) -> bool:
+        return ((self.max_evaluations is not None and told >= self.max_evaluations)
+                or (self.max_seconds is not None and self.elapsed() >= self.max_seconds))
+
+    def room(self, told: int, in_flight: int) -> int:
+        """How many more candidates may be started now."""
+        if self.met(told):
+            return 0
+        return 1 << 30 if self.max_evaluations is None else max(0, self.max_evaluations - told - in_flight)
+
+
+class FailFast:
+    """Holds back the failures that open a run until one result succeeds (or fails differently):
+    when ``limit`` of them share one reason, the run halts and they stay untold, so ``resume``
+    evaluates them again once the cause is fixed. Disarmed by the first other result."""
+
+    def __init__(self, limit: int):
+        self.limit, self.armed = limit, limit > 0
+        self.held: list = []  # outcomes
+
+    def admit(self, outcome) -> list:
+        """The outcomes to tell now (in arrival order); raises Halted when the limit is reached."""
+        if not self.armed:
+            return [outcome]
+        failed = outcome.score.status != "done"
+        if failed and (not self.held or outcome.score.reason == self.held[0].score.reason):
+            self.held.append(outcome)
+            if len(self.held) >= self.limit:
+                raise Halted(f"the first {len(self.held)} candidates all failed: {outcome.score.reason}")
+            return []
+        self.armed = False
+        released, self.held = [*self.held, outcome], []
+        return released
+
+
+@contextmanager
+def stop_signals():
+    """Ctrl-C and SIGTERM raise Interrupted wherever the controller is (even when the shell that
+    started it ignores SIGINT, as for background jobs); both are ignored while cleaning up after.
+    Yields the signals received: Ray's C++ calls turn any exception raised inside them into a
+    plain KeyboardInterrupt, so the signal's identity is kept here too."""
+    received: list[int] = []
+
+    def stop(signum, _frame):
+        received.append(signum)
+        raise Interrupted(signum)
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig in old:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+@contextmanager
+def restored_signals():
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def worker_pool(loaded: Loaded):
+    """The pool of scoring workers the experiment asks for (not started)."""
+    from evomerge.cluster.pool import WorkerPool
     from evomerge.cluster.worker import WorkerSpec
-    from evomerge.environment import QUIET_DEFAULTS, OFFLINE
+    from evomerge.environment import OFFLINE, QUIET_DEFAULTS
+
+    exp, w = loaded.experiment, loaded.experiment.workers
+    spec = WorkerSpec(models=exp.models, base=loaded.parts["space"].base,
+                      evaluator=loaded.parts["evaluator"].model_dump(), evaluator_source=exp.evaluator,
+                      split=loaded.parts["evaluator"].split, device=w.device, dtype=w.dtype,
+                      trust_remote_code=exp.trust_remote_code, allow_pickle=exp.allow_pickle,
+                      env={k: os.environ[k] for k in (*QUIET_DEFAULTS, *OFFLINE) if k in os.environ})
+    return WorkerPool(spec, workers=w.count, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker,
+                      address=w.address, temp_dir=loaded.directory / "ray", max_retries=w.max_retries,
+                      timeout_s=w.timeout_s)
+
+
+def open_tracker(loaded: Loaded, search):
+    """The campaign's MLflow parent run (created, or reopened on resume), with every candidate told
+    before an interruption but never logged queued for logging."""
     from evomerge.tracking.mlflow_tracker import Tracker
 
-    exp, directory = loaded.experiment, loaded.directory
+    exp = loaded.experiment
+    uri, artifacts = loaded.tracking()
+    tracker = Tracker(uri, exp.tracking.experiment or exp.name, [o.name for o in loaded.objectives],
+                      [o.direction for o in loaded.objectives], artifacts, exp.tracking.refresh_s)
+    params = flatten({"experiment": exp.model_dump(exclude={"output_dir"})})
+    params.update({f"versions.{k}": v for k, v in loaded.state["versions"].items()})
+    parent = tracker.open(loaded.state.get("parent_run_id"), params,
+                          {"evomerge.seed": str(exp.seed), "evomerge.campaign_dir": str(loaded.directory)},
+                          loaded.directory / EXPERIMENT_COPY)
+    if loaded.state.get("parent_run_id") != parent:
+        loaded.state["parent_run_id"] = parent
+        loaded.save_state()
+    genes = [g.name for g in search.genome.genes]
+    for trial in search.trials:
+        if trial.status != "running" and trial.id not in tracker.logged:
+            tracker.candidate(trial, genes)
+    return tracker
+
+
+def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
+    """Run (or continue) the campaign until its budget is met, it is interrupted or halted; returns a
+    summary (``status``: FINISHED | KILLED | FAILED, ``stopped``: why it stopped early)."""
+    from evomerge.cluster.pool import PoolError
+
+    exp = loaded.experiment
     display = display or Display()
     search = loaded.search()
     seeds = seed_points(loaded, search)
     if not search.trials:
         for point in seeds:
             search.enqueue(point)
-    names = [o.name for o in loaded.objectives]
-    directions = [o.direction for o in loaded.objectives]
-    gene_names = [g.name for g in search.genome.genes]
-
-    uri, artifacts = loaded.tracking()
-    tracker = Tracker(uri, exp.tracking.experiment or exp.name, names, directions, artifacts, exp.tracking.refresh_s)
-    params = flatten({"experiment": exp.model_dump(exclude={"output_dir"})})
-    params.update({f"versions.{k}": v for k, v in loaded.state["versions"].items()})
-    parent = tracker.open(loaded.state.get("parent_run_id"), params,
-                          {"evomerge.seed": str(exp.seed), "evomerge.campaign_dir": str(directory)},
-                          directory / EXPERIMENT_COPY)
-    if loaded.state.get("parent_run_id") != parent:
-        loaded.state["parent_run_id"] = parent
-        loaded.save_state()
-    reference = loaded.reference_point
-    if reference:
-        tracker.set_reference(reference)
-    for trial in search.trials:  # told before an interruption but never logged
-        if trial.status != "running" and trial.id not in tracker.logged:
-            tracker.candidate(trial, gene_names)
-
-    budget_n = exp.budget.max_evaluations
-    budget_s = exp.budget.max_minutes * 60 if exp.budget.max_minutes else None
-    spec = WorkerSpec(models=exp.models, base=loaded.parts["space"].base,
-                      evaluator=loaded.parts["evaluator"].model_dump(), evaluator_source=exp.evaluator,
-                      split=loaded.parts["evaluator"].split, device=exp.workers.device, dtype=exp.workers.dtype,
-                      trust_remote_code=exp.trust_remote_code, allow_pickle=exp.allow_pickle,
-                      env={k: os.environ[k] for k in (*QUIET_DEFAULTS, *OFFLINE) if k in os.environ})
-    pool = WorkerPool(spec, workers=exp.workers.count, cpus_per_worker=exp.workers.cpus_per_worker,
-                      gpus_per_worker=exp.workers.gpus_per_worker, address=exp.workers.address,
-                      temp_dir=directory / "ray", max_retries=exp.workers.max_retries, timeout_s=exp.workers.timeout_s)
-    stop = {"why": None}
-
-    def on_term(signum, _frame):
-        stop["why"] = "terminated"
-
-    old_term = signal.signal(signal.SIGTERM, on_term)
-    # Ctrl-C stops cleanly even when started from a shell that ignores SIGINT for background jobs
-    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    status = "FAILED"
-    told = lambda: sum(t.status != "running" for t in search.trials)
-    elapsed0 = float(loaded.state.get("elapsed_s", 0.0))
-    started = time.monotonic()
-    session_told0 = told()
-    try:
-        met = lambda: (budget_n is not None and told() >= budget_n) or (budget_s is not None and elapsed0 >= budget_s)
-        if met():  # nothing left to do: no workers to start
-            status = "FINISHED"
-            return summary(loaded, search, reference, None)
-        display.update(f"starting {exp.workers.count} worker(s) ...", force=True)
+    budget = Budget(exp.budget.max_evaluations, exp.budget.max_minutes * 60 if exp.budget.max_minutes else None,
+                    float(loaded.state.get("elapsed_s", 0.0)))
+    told = lambda: sum(t.status != "running" for t in search.trials)  # noqa: E731
+    if budget.met(told()):  # nothing left to do: no workers to start
+        return {**summary(loaded, search, None, "FINISHED"), "exit": 0}
+    halt = exp.budget.halt_after_failures
+    fail_fast = FailFast(exp.workers.count + 2 if halt is None else halt)
+    pool, tracker = worker_pool(loaded), None
+    status: RunStatus = "FAILED"
+    stopped, exit_code = None, 0
+    with restored_signals():
         try:
-            pool.start()
-        except PoolError as e:
-            raise CampaignError(str(e)) from None
-        started = time.monotonic()
-        while True:
-            elapsed = elapsed0 + time.monotonic() - started
-            n = told()
-            if (budget_n is not None and n >= budget_n) or (budget_s is not None and elapsed >= budget_s):
-                if not pool.in_flight:
-                    break
-            elif stop["why"] is None:
-                while pool.free and (budget_n is None or n + pool.in_flight < budget_n):
-                    trial = search.ask()
-                    pool.submit(trial.id, trial.recipe.model_dump(exclude_none=True),
-                                log_samples=exp.tracking.log_samples)
-            if stop["why"] is not None:
-                break
-            for outcome in pool.poll(timeout=1.0):
-                values = [outcome.score.values[k] for k in names] if outcome.score.status == "done" else None
-                info = {"timings": outcome.score.timings, "attempts": outcome.attempts, "wall_s": outcome.seconds,
-                        "worker": outcome.worker}
-                if outcome.score.reason:
-                    info["reason"] = outcome.score.reason
-                trial = search.tell(outcome.key, values, info)
-                tracker.candidate(trial, gene_names, samples=outcome.score.samples)
-                if reference is None and len(search.finished) >= max(1, len(seeds)):
-                    reference = worst(search, directions)
-                    loaded.state["reference_point"] = reference
+            with stop_signals() as received:
+                display.update(f"starting {exp.workers.count} worker(s) ...", force=True)
+                try:
+                    pool.start()
+                except PoolError as e:
+                    raise CampaignError(str(e)) from None
+                tracker = open_tracker(loaded, search)
+                budget.restart_clock()
+                _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, len(seeds), on_result)
+                status = "FINISHED"
+        except KeyboardInterrupt as e:
+            stop = e if isinstance(e, Interrupted) else Interrupted(received[-1] if received else signal.SIGINT)
+            status, stopped, exit_code = "KILLED", stop.why, 128 + stop.signum
+        except (Halted, PoolError) as e:
+            stopped, exit_code = f"halted: {e}", EXIT_HALTED
+        except CampaignError:
+            if loaded.new and tracker is None and not told():  # never ran: leave no campaign behind
+                pool.shutdown()
+                loaded.release()
+                _remove_new(loaded.directory, keep_dir=False)
+            raise
+        finally:
+            loaded.state["elapsed_s"] = budget.elapsed()
+            pool.shutdown()
+            display.end()
+            if loaded.directory.exists():
+                loaded.state["finished"] = status == "FINISHED"
+                loaded.save_state()
+            if tracker is not None:
+                try:
+                    tracker.close(status, search.snapshot(loaded.reference_point))
+                except Exception as e:
+                    display.update(f"warning: {e}", force=True)
+    return {**summary(loaded, search, stopped, status), "exit": exit_code}
+
+
+def _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_seeds, on_result) -> None:
+    """Keep every worker busy until the budget is met and nothing is in flight."""
+    exp = loaded.experiment
+    names = [o.name for o in loaded.objectives]
+    genes = [g.name for g in search.genome.genes]
+    told = sum(t.status != "running" for t in search.trials)
+    session0, reference = told, loaded.reference_point
+    while not (budget.met(told) and not pool.in_flight):
+        for _ in range(min(pool.free, budget.room(told, pool.in_flight))):
+            trial = search.ask()
+            pool.submit(trial.id, trial.recipe.model_dump(exclude_none=True), log_samples=exp.tracking.log_samples)
+        for outcome in pool.poll(timeout=1.0):
+            for result in fail_fast.admit(outcome):
+                score = result.score
+                info = {"timings": score.timings, "attempts": result.attempts, "wall_s": result.seconds,
+                        "worker": result.worker, **({"reason": score.reason} if score.reason else {})}
+                trial = search.tell(result.key, [score.values[k] for k in names] if score.status == "done" else None,
+                                    info)
+                told += 1
+                tracker.candidate(trial, genes, samples=score.samples)
+                if reference is None and len(search.finished) >= max(1, n_seeds):
+                    reference = loaded.state["reference_point"] = worst(search, search.directions)
                     loaded.save_state()
-                    tracker.set_reference(reference)
                 if on_result:
                     on_result(trial)
-                display.update(lambda: progress_line(search, budget_n, budget_s, elapsed0, started, session_told0,
-                                                     reference))
-            if (budget_s is not None and elapsed0 + time.monotonic() - started >= budget_s
-                    and pool.in_flight == 0):
-                break
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        stop["why"] = "interrupted"
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
-        loaded.state["elapsed_s"] = elapsed0 + time.monotonic() - started
-        pool.shutdown()
-        display.end()
-        if stop["why"]:
-            status = "KILLED"
-        loaded.state["finished"] = status == "FINISHED"
-        loaded.save_state()
-        try:
-            tracker.close(status)
-        except Exception as e:
-            display.update(f"warning: {e}", force=True)
-    return summary(loaded, search, reference, stop["why"])
+            display.update(lambda: progress_line(search, budget, session0, reference))
+        if tracker.due():
+            tracker.publish(search.snapshot(reference))
 
 
 def worst(search, directions) -> list[float]:
@@ -301,11 +501,10 @@ def worst(search, directions) -> list[float]:
     return [(min if d == "maximize" else max)(v[j] for v in values) for j, d in enumerate(directions)]
 
 
-def progress_line(search, budget_n, budget_s, elapsed0, started, session0, reference) -> str:
+def progress_line(search, budget: Budget, session0: int, reference) -> str:
     told = [t for t in search.trials if t.status != "running"]
     done = search.finished
-    failed = len(told) - len(done)
-    parts = [f"evaluations {len(told)}" + (f"/{budget_n}" if budget_n else "")]
+    parts = [f"evaluations {len(told)}" + (f"/{budget.max_evaluations}" if budget.max_evaluations else "")]
     if done:
         best = []
         for j, o in enumerate(search.objectives):
@@ -315,26 +514,27 @@ def progress_line(search, budget_n, budget_s, elapsed0, started, session0, refer
         parts.append(f"front {len(search.front())}")
         if reference:
             parts.append(f"hv {search.hypervolume(reference):.4g}")
-    parts.append(f"failed {failed}")
-    spent = time.monotonic() - started
+    parts.append(f"failed {len(told) - len(done)}")
+    spent = time.monotonic() - budget.started
     rate = (len(told) - session0) / spent if spent > 0 else 0.0
     if rate > 0:
         left = []
-        if budget_n:
-            left.append((budget_n - len(told)) / rate)
-        if budget_s:
-            left.append(budget_s - elapsed0 - spent)
+        if budget.max_evaluations:
+            left.append((budget.max_evaluations - len(told)) / rate)
+        if budget.max_seconds:
+            left.append(budget.max_seconds - budget.elapsed())
         if left:
             eta = max(0, min(left))
             parts.append(f"{rate:.2f}/s, ETA {int(eta // 60)}:{int(eta % 60):02d}")
     return " | ".join(parts)
 
 
-def summary(loaded: Loaded, search, reference, stopped) -> dict:
+def summary(loaded: Loaded, search, stopped: str | None, status: RunStatus) -> dict:
     told = [t for t in search.trials if t.status != "running"]
+    reference = loaded.reference_point
     out = {"directory": str(loaded.directory), "evaluations": len(told), "done": len(search.finished),
            "failed": len(told) - len(search.finished), "front": [t.id for t in search.front()],
-           "stopped": stopped, "parent_run_id": loaded.state.get("parent_run_id"),
+           "status": status, "stopped": stopped, "parent_run_id": loaded.state.get("parent_run_id"),
            "tracking_uri": loaded.tracking()[0], "budget": loaded.experiment.budget.max_evaluations}
     if reference:
         out["hypervolume"] = search.hypervolume(reference)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -142,7 +143,9 @@ def _finish(summary: dict) -> int:
     print(f"campaign: {d}")
     if summary["stopped"]:
         print(f"stopped ({summary['stopped']}); continue with: evomerge resume {d}")
-        return 130
+        if summary["exit"] not in (130, 143):
+            _print(f"evomerge: campaign {summary['stopped']}")
+        return summary["exit"]
     print(f"front:    evomerge pareto {d}")
     print(f"export:   evomerge export {d} --best --out {d}/export")
     uri = summary["tracking_uri"]
@@ -154,28 +157,30 @@ def _finish(summary: dict) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
+def _run_campaign(opener) -> int:
     from evomerge import campaign
 
     try:
-        loaded = campaign.prepare(args.experiment, args.out)
-        return _finish(campaign.run(loaded))
+        loaded = opener(campaign)
+        try:
+            return _finish(campaign.run(loaded))
+        finally:
+            loaded.release()
     except _campaign_errors() as e:
         raise UserError(str(e)) from None
+
+
+def cmd_run(args) -> int:
+    return _run_campaign(lambda campaign: campaign.prepare(args.experiment, args.out))
 
 
 def cmd_resume(args) -> int:
-    from evomerge import campaign
-
-    try:
-        loaded = campaign.open_campaign(args.campaign)
-        return _finish(campaign.run(loaded))
-    except _campaign_errors() as e:
-        raise UserError(str(e)) from None
+    return _run_campaign(lambda campaign: campaign.open_campaign(args.campaign, lock=True))
 
 
 def _open_for_reading(directory):
-    """A campaign directory and its search, replayed from the journal (no compute, no tracking check)."""
+    """A campaign directory and its search, replayed from the journal (no compute, no tracking
+    check, nothing written: works on a read-only directory and while the campaign runs)."""
     from evomerge import campaign
 
     try:
@@ -224,12 +229,15 @@ def cmd_pareto(args) -> int:
     out = Path(args.plot) if args.plot else loaded.directory / "front.png"
     import matplotlib.pyplot as plt
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    plt.imsave(tmp, png)
-    tmp.replace(out)
     html_out = out.with_suffix(".html")
-    html_out.write_text(html)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp.png")
+        plt.imsave(tmp, png)
+        tmp.replace(out)
+        html_out.write_text(html)
+    except OSError as e:
+        raise UserError(f"cannot write the plot {e.filename or out}: {e.strerror} (choose another path with --plot)")
     print(f"plot: {out} (interactive: {html_out})")
     return 0
 
@@ -247,8 +255,6 @@ def cmd_export(args) -> int:
     loaded, search = _open_for_reading(args.campaign)
     try:
         trial = campaign.pick(loaded, search, trial=args.trial, weights=weights)
-        if (Path(args.out).exists() and any(Path(args.out).iterdir())) and not args.force:
-            raise UserError(f"--out {args.out} exists and is not empty (use --force to replace it)")
         record = export(loaded, trial, Path(args.out), force=args.force, evaluate=not args.no_eval,
                         register=args.register, progress=not args.quiet)
     except _campaign_errors() as e:
@@ -345,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started as a background job: Ctrl-C still stops it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     environment.configure(offline=args.offline or None)
     try:
         return args.func(args)
@@ -355,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _print("evomerge: interrupted")
         return 130
+    except OSError as e:  # a path we cannot write (read-only directory, full disk): one line, no traceback
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _print(f"evomerge: error: {where}{e.strerror}")
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

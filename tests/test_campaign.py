@@ -1,5 +1,6 @@
 """Campaigns end to end through the CLI: bad files, a real MLflow server, Ctrl-C, SIGKILL, resume, export."""
 
+import contextlib
 import json
 import os
 import signal
@@ -112,7 +113,30 @@ BAD = {
     "bad reference": ({"reference_point": {"add": 0.0}}, "exp.yaml: reference_point: give one value for each objective"),
     "unreachable tracking": ({"tracking": {"uri": "http://127.0.0.1:PORT"}}, "exp.yaml: tracking.uri: tracking server http://127.0.0.1:PORT unreachable"),
     "incompatible architecture": ({"models": "wide-sort"}, "exp.yaml: models.expert-sort: incompatible with the base 'base': hidden_size"),
+    "tensor shape differs": ({"models": "reshaped-sort"}, "exp.yaml: models.expert-sort: cannot be merged with the base 'base': tensor 'model.layers.0.mlp.up_proj.weight' has shape (129, "),
+    "unknown optimizer option": ({"optimizer": {"options": {"popsiz": 8}}}, "exp.yaml: optimizer.options: popsiz: not an option of optimizer 'nsga2'; valid: sampler_options"),
+    "unknown sampler option": ({"optimizer": {"options": {"sampler_options": {"population_siz": 4}}}}, "exp.yaml: optimizer.options: sampler_options: NSGAIISampler takes no option(s) population_siz"),
+    "bad optimizer option value": ({"optimizer": {"name": "cma", "options": {"popsize": 1}}}, "exp.yaml: optimizer.options: popsize: Input should be greater than or equal to 2"),
+    "metric not reported": ({"evaluator": "metric:no_such_metric"}, "exp.yaml: evaluator: EVALUATOR: objectives[1].metric: task zoo_sort_search does not report 'no_such_metric'; it reports: acc"),
+    "unknown lm-eval task": ({"evaluator": "task:no_such_task_xyz"}, "exp.yaml: evaluator: EVALUATOR: objectives: unknown lm-eval task(s) ['no_such_task_xyz']"),
 }
+
+
+def reshaped_expert(zoo, tmp_path):
+    """expert-sort with one MLP tensor a row taller than the base's (same config.json)."""
+    from safetensors.torch import load_file, save_file
+    import torch
+
+    out = tmp_path / "reshaped"
+    out.mkdir()
+    for f in (zoo / "expert-sort").iterdir():
+        if f.suffix != ".safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    state = load_file(zoo / "expert-sort" / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    state[name] = torch.cat([state[name], state[name][:1]])
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -130,8 +154,19 @@ def test_bad_experiments_fail_in_one_line_before_any_compute(zoo, tmp_path, case
         (wide / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
         (wide / "model.safetensors").write_bytes((zoo / "expert-sort" / "model.safetensors").read_bytes())
         overrides["models"] = {m: str(zoo / m) for m in ("base", "expert-add")} | {"expert-sort": str(wide)}
+    elif overrides.get("models") == "reshaped-sort":
+        overrides["models"] = {m: str(zoo / m) for m in ("base", "expert-add")} | {
+            "expert-sort": str(reshaped_expert(zoo, tmp_path))}
     elif "models" in overrides:
         overrides["models"] = {m: str(zoo / m) for m in ("base", "expert-add", "expert-sort")} | overrides["models"]
+    if str(overrides.get("evaluator", "")).startswith(("metric:", "task:")):
+        kind, value = overrides["evaluator"].split(":")
+        evaluator = write_evaluator(tmp_path, name="broken-evaluator.yaml")
+        data = yaml.safe_load(evaluator.read_text())
+        data["objectives"][1 if kind == "metric" else 0][kind] = value
+        evaluator.write_text(yaml.safe_dump(data))
+        overrides["evaluator"] = str(evaluator)
+        message = message.replace("EVALUATOR", str(evaluator))
     path = experiment(tmp_path, zoo, **overrides)
     result = cli("run", path, cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr
@@ -235,12 +270,52 @@ def test_campaign_tracks_runs_front_and_artifacts_on_a_real_mlflow_server(zoo, t
     assert sum(r["exact_match"] for r in samples["zoo_add_search"]) / 20 == done.values[0]
 
 
-# -- Ctrl-C, SIGKILL, resume, then export ------------------------------------------------------------
+# -- Ctrl-C, SIGTERM, SIGKILL, resume, then export -------------------------------------------------
+def workers_of(proc):
+    """The controller's Ray scoring worker processes."""
+    out = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "ScoringWorker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def stop_after(proc, directory, results, sig):
+    """Once ``results`` candidates are told, freeze the workers (so the campaign cannot finish first),
+    send ``sig`` to the controller, and let the workers go on: the signal lands mid-campaign."""
+    wait_for(lambda: len(tells(directory)) >= results, 180, f"{results} results")
+    frozen = workers_of(proc)
+    for p in frozen:
+        p.suspend()
+    os.kill(proc.pid, sig)
+    for p in frozen:
+        try:
+            p.resume()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def told_trials(directory):
+    """(id, unit point, replicate, values) of every told trial, by id, from the journal."""
+    asked, out = {}, {}
+    for line in (directory / "journal.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event["event"] == "ask":
+            asked[event["id"]] = (event["unit"], event.get("replicate", 0))
+        elif event["event"] == "tell":
+            out[event["id"]] = (*asked[event["id"]], event["values"])
+    return [(i, *out[i]) for i in sorted(out)]
+
+
 @pytest.fixture(scope="module")
 def resumed(zoo, tmp_path_factory):
-    """A 16-candidate campaign stopped by Ctrl-C, resumed, SIGKILLed mid-run, resumed to the end."""
+    """A 16-candidate campaign stopped by Ctrl-C, resumed, SIGTERMed, resumed, SIGKILLed, resumed to
+    the end; and the same campaign run uninterrupted, to compare."""
     tmp = tmp_path_factory.mktemp("resume")
-    # every document in small batches: a candidate takes about a second, so the signals land mid-campaign
+    # every document in small batches: a candidate takes about a second
     slow = write_evaluator(tmp, limit=None, batch_size=4, name="slow-evaluator.yaml")
     path = experiment(tmp, zoo, budget={"max_evaluations": 16}, optimizer={"name": "cma", "options": {"popsize": 4}},
                       objectives=["add", "sort"], evaluator=str(slow))
@@ -248,13 +323,28 @@ def resumed(zoo, tmp_path_factory):
     log = {}
     proc = start("run", path, cwd=tmp)
     try:
-        wait_for(lambda: len(tells(directory)) >= 4, 180, "4 results")
-        proc.send_signal(signal.SIGINT)
+        stop_after(proc, directory, 4, signal.SIGINT)
         out, err = proc.communicate(timeout=60)
         log["interrupted"] = (proc.returncode, out, err, len(tells(directory)))
+
         proc = start("resume", directory, cwd=tmp)
-        wait_for(lambda: len(tells(directory)) >= 9, 180, "9 results")
-        os.kill(proc.pid, signal.SIGKILL)  # the controller only: its Ray must go away by itself
+        wait_for(lambda: len(tells(directory)) >= 6, 180, "6 results")
+        log["second resume"] = cli("resume", directory, cwd=tmp)  # while the first still runs
+        log["second run"] = cli("run", path, cwd=tmp)
+        log["resumer pid"] = proc.pid
+        stop_after(proc, directory, 7, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        log["terminated"] = (proc.returncode, out, err, len(tells(directory)))
+        from mlflow import MlflowClient
+
+        from evomerge import campaign
+
+        loaded = campaign.open_campaign(directory, check=False)
+        log["parent after SIGTERM"] = MlflowClient(tracking_uri=loaded.tracking()[0]).get_run(
+            loaded.state["parent_run_id"]).info.status
+
+        proc = start("resume", directory, cwd=tmp)
+        stop_after(proc, directory, 10, signal.SIGKILL)  # the controller only: its Ray must go away by itself
         proc.wait(timeout=30)
         pgid = proc.pid
         deadline = time.time() + 30
@@ -263,16 +353,16 @@ def resumed(zoo, tmp_path_factory):
         log["left_after_kill"] = session_processes(pgid)
         log["killed_at"] = len(tells(directory))
         log["final"] = cli("resume", directory, cwd=tmp)
+        log["uninterrupted"] = cli("run", path, "--out", tmp / "uninterrupted", cwd=tmp)
     finally:
-        for p in [proc.pid]:
-            try:
-                os.killpg(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return tmp, directory, log
 
 
-def test_ctrl_c_and_sigkill_then_resume_finish_the_exact_budget(resumed):
+def test_ctrl_c_sigterm_and_sigkill_then_resume_finish_the_exact_budget(resumed):
     from mlflow import MlflowClient
 
     from evomerge import campaign
@@ -281,8 +371,13 @@ def test_ctrl_c_and_sigkill_then_resume_finish_the_exact_budget(resumed):
     code, out, err, told = log["interrupted"]
     assert code == 130 and "stopped (interrupted); continue with: evomerge resume" in out, err[-2000:]
     assert 4 <= told < 16
+    code, out, err, told = log["terminated"]
+    assert code == 143 and "stopped (terminated); continue with: evomerge resume" in out, err[-2000:]
+    assert "SIGTERM received" not in err and "Traceback" not in err
+    assert log["parent after SIGTERM"] == "KILLED"
+    assert 7 <= told < 16
     assert not log["left_after_kill"], "Ray processes outlived the SIGKILLed controller"
-    assert 9 <= log["killed_at"] < 16
+    assert 10 <= log["killed_at"] < 16
     final = log["final"]
     assert final.returncode == 0, final.stderr[-3000:]
     ids = tells(directory)
@@ -300,6 +395,27 @@ def test_ctrl_c_and_sigkill_then_resume_finish_the_exact_budget(resumed):
     assert sorted(int(r.data.tags["evomerge.trial"]) for r in children) == list(range(16))
     status = cli("status", directory, cwd=tmp)
     assert status.returncode == 0 and "evaluations 16/16" in status.stdout and "finished" in status.stdout
+
+
+def test_a_campaign_is_run_by_one_process_at_a_time(resumed):
+    tmp, directory, log = resumed
+    second = log["second resume"]
+    assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+        f"evomerge: error: {directory}: the campaign is in use by another evomerge process "
+        f"(pid {log['resumer pid']}); wait for it to end or stop it"]
+    again = log["second run"]
+    assert again.returncode == 2 and "already holds a campaign; continue it with `evomerge resume" in again.stderr
+    # the SIGKILLed controller's lock did not block the last resume (asserted above: it finished)
+
+
+def test_a_resumed_campaign_equals_its_uninterrupted_self(resumed):
+    """One worker, three interruptions (SIGINT, SIGTERM, SIGKILL): the same trials with the same genes
+    and the same scores as the campaign run in one go."""
+    tmp, directory, log = resumed
+    assert log["uninterrupted"].returncode == 0, log["uninterrupted"].stderr[-3000:]
+    interrupted, straight = told_trials(directory), told_trials(tmp / "uninterrupted")
+    assert len(straight) == 16 and [t[:3] for t in interrupted] == [t[:3] for t in straight]
+    assert [t[3] for t in interrupted] == [t[3] for t in straight]
 
 
 def test_pareto_and_export(resumed):
@@ -367,3 +483,97 @@ def test_a_child_run_cut_off_mid_write_is_replaced_on_resume(tmp_path):
     again.close()
     assert client.get_run(cut).info.lifecycle_stage == "deleted"
     assert not client.search_runs([exp_id], "attributes.status = 'RUNNING'")
+
+
+# -- a systemic failure halts the campaign, resumably ------------------------------------------------
+def nan_base(zoo, tmp_path):
+    """The base with a NaN in one tensor: every merge has non-finite weights, for the same reason."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "nan-base"
+    out.mkdir()
+    for f in (zoo / "base").iterdir():
+        if f.suffix != ".safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    state = load_file(zoo / "base" / "model.safetensors")
+    state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_when_the_first_candidates_all_fail_alike_the_campaign_halts_and_resumes(zoo, tmp_path):
+    from mlflow import MlflowClient
+
+    from evomerge import campaign
+
+    base = nan_base(zoo, tmp_path)
+    path = experiment(tmp_path, zoo, models={"base": str(base), "expert-add": str(zoo / "expert-add"),
+                                             "expert-sort": str(zoo / "expert-sort")},
+                      budget={"max_evaluations": 6})
+    directory = tmp_path / "campaign"
+    result = cli("run", path, cwd=tmp_path)
+    assert result.returncode == 3, result.stderr[-3000:]
+    reason = "the first 3 candidates all failed: non-finite weights after merging (1 tensors, first: " \
+             "model.layers.1.mlp.down_proj.weight)"
+    assert f"stopped (halted: {reason}); continue with: evomerge resume {directory}" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == f"evomerge: campaign halted: {reason}"
+    assert tells(directory) == []  # held back: evaluated again on resume, not burnt from the budget
+    loaded = campaign.open_campaign(directory, check=False)
+    client = MlflowClient(tracking_uri=loaded.tracking()[0])
+    assert client.get_run(loaded.state["parent_run_id"]).info.status == "FAILED"
+    assert not loaded.state["finished"]
+
+    (base / "model.safetensors").write_bytes((zoo / "base" / "model.safetensors").read_bytes())  # the fix
+    result = cli("resume", directory, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(tells(directory)) == list(range(6))
+    assert client.get_run(loaded.state["parent_run_id"]).info.status == "FINISHED"
+
+
+# -- read-only directories: one line, exit 2 ---------------------------------------------------------
+@contextlib.contextmanager
+def read_only(path):
+    """``path`` made read-only: a read-only bind mount as root (permission bits do not stop root),
+    else the write bits removed."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    mounted = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot bind-mount as root here: {mounted.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_read_only_directories_give_one_line_and_exit_2(zoo, resumed, tmp_path):
+    import shutil
+
+    _, finished, _ = resumed
+    directory = tmp_path / "ro" / "campaign"
+    shutil.copytree(finished, directory, symlinks=True)
+    path = experiment(tmp_path, zoo)
+    why = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+    with read_only(tmp_path / "ro"):
+        new = cli("run", path, "--out", tmp_path / "ro" / "new", cwd=tmp_path)
+        resume = cli("resume", directory, cwd=tmp_path)
+        status = cli("status", directory, cwd=tmp_path)
+        pareto = cli("pareto", directory, cwd=tmp_path)
+        elsewhere = cli("pareto", directory, "--plot", tmp_path / "front.png", cwd=tmp_path)
+    for result, line in (
+            (new, f"evomerge: error: output_dir {tmp_path / 'ro' / 'new'}: cannot create it ({why})"),
+            (resume, f"evomerge: error: {directory}: campaign directory not writable ({why})"),
+            (pareto, f"evomerge: error: cannot write the plot {directory / 'front.png.tmp.png'}: {why} "
+                     "(choose another path with --plot)")):
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
+    assert status.returncode == 0 and "evaluations 16/16" in status.stdout, status.stderr[-2000:]
+    assert elsewhere.returncode == 0 and (tmp_path / "front.png").exists()

@@ -20,11 +20,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from evomerge.recipe import Recipe
 from evomerge.search.optimizers import Objective, make_optimizer
-from evomerge.search.pareto import front_indices, hypervolume
+from evomerge.search.pareto import front_indices, hypervolume, pareto_ranks
 from evomerge.search.space import Genome
 
 JOURNAL = "journal.jsonl"
@@ -36,26 +36,48 @@ class JournalError(ValueError):
     pass
 
 
+TrialStatus = Literal["running", "done", "failed"]
+
+
 @dataclass
 class Trial:
     id: int
     unit: list[float]  # the optimizer's point in [0, 1]^d
     genome: list[float]  # the same point in the genome's box
     recipe: Recipe
-    status: str = "running"  # running | done | failed
+    status: TrialStatus = "running"
     replicate: int = 0  # k > 0: the k-th re-evaluation of the same genes, with merge seed + k
     values: list[float] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FrontSnapshot:
+    """The search's Pareto state at one moment, as published to tracking.
+
+    ``ranks``: finished trial id -> non-domination rank, 1 = the front; ``front``: those of rank 1;
+    ``told``/``failed``: results so far; ``hypervolume``: None until a reference point exists."""
+
+    ranks: dict[int, int]
+    front: list[int]
+    told: int
+    failed: int
+    hypervolume: float | None
+
+
 class Search:
-    """A genome, an optimizer and a journal in ``directory``."""
+    """A genome, an optimizer and a journal in ``directory``.
+
+    ``writable=False`` opens an existing journal to read (status, pareto, export): nothing is
+    written, not even the Optuna view, so it works on a read-only campaign directory."""
 
     def __init__(self, genome: Genome, optimizer: str, objectives: Sequence[Objective], seed: int,
-                 directory: str | Path, options: dict | None = None):
+                 directory: str | Path, options: dict | None = None, writable: bool = True):
         self.genome, self.objectives = genome, list(objectives)
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.writable = writable
+        if writable:
+            self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / JOURNAL
         self.header = {"event": "header", "optimizer": optimizer, "seed": seed, "options": options or {},
                        "genes": [g.name for g in genome.genes], "objectives": [o.model_dump() for o in self.objectives]}
@@ -66,9 +88,9 @@ class Search:
         self._pending: list[int] = []
         if self.path.exists() and self.path.stat().st_size:
             self._replay()
-        else:
+        elif writable:
             self._append(self.header)
-        self._study = self._open_view()
+        self._study = self._open_view() if writable else None
 
     # -- Optuna view ------------------------------------------------------------------------------
     def _open_view(self):
@@ -144,8 +166,12 @@ class Search:
                 self._new_trial(unit, replicate)
             elif event["event"] == "tell":
                 self._apply_tell(event["id"], event["values"], event.get("info", {}))
-        with open(self.path, "r+") as f:  # drop a torn last line, if any
-            f.truncate(sum(len(line) + 1 for line in lines[: len(events)]))
+        keep = sum(len(line) + 1 for line in lines[: len(events)])  # JSON lines are ASCII
+        if self.writable and keep != self.path.stat().st_size:
+            with open(self.path, "r+") as f:  # drop a torn last line, or end a whole one cut before its newline
+                f.truncate(min(keep, self.path.stat().st_size))
+                if keep > f.seek(0, os.SEEK_END):
+                    f.write("\n")
         self._pending = [t.id for t in self.trials if t.status == "running"]
 
     # -- ask / tell -------------------------------------------------------------------------------
@@ -208,3 +234,13 @@ class Search:
 
     def hypervolume(self, reference: Sequence[float]) -> float:
         return hypervolume([t.values for t in self.finished], self.directions, reference)
+
+    def snapshot(self, reference: Sequence[float] | None) -> FrontSnapshot:
+        """The ranks, front and hypervolume of everything finished so far (the one Pareto source)."""
+        done = self.finished
+        ranks = pareto_ranks([t.values for t in done], self.directions)
+        by_id = {t.id: r + 1 for t, r in zip(done, ranks) if r is not None}
+        told = sum(t.status != "running" for t in self.trials)
+        return FrontSnapshot(ranks=by_id, front=sorted(i for i, r in by_id.items() if r == 1), told=told,
+                             failed=told - len(done),
+                             hypervolume=self.hypervolume(reference) if reference and done else None)

@@ -3,7 +3,8 @@
 One MLflow experiment per campaign. The parent run holds the configuration (params, and the
 experiment file as an artifact), the library versions, and, refreshed every ``refresh_s`` seconds
 and at the end: the hypervolume and front size per step, the front as a table, and a scatter plot of
-the objectives (interactive HTML and PNG). Each candidate is a child run: genes and decoded recipe
+the objectives (interactive HTML and PNG). Ranks, front and hypervolume are the search's
+(``FrontSnapshot``), published here by the campaign: tracking never recomputes them. Each candidate is a child run: genes and decoded recipe
 values as params, objectives and timings as metrics, its status. Front members carry the tags
 ``pareto=true`` and ``pareto_rank`` (1 = the front), updated as the front changes, so the MLflow UI
 filters to the front by itself (``tags.pareto = 'true'``).
@@ -25,10 +26,11 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
-from evomerge.search.pareto import hypervolume, pareto_ranks
+from evomerge.search.journal import FrontSnapshot
 
+RunStatus = Literal["FINISHED", "KILLED", "FAILED"]
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "evomerge.trial"
 
@@ -59,17 +61,15 @@ class Tracker:
         self.uri, self.experiment_name = uri, experiment
         self.objectives, self.directions = list(objectives), list(directions)
         self.artifact_location, self.refresh_s = artifact_location, refresh_s
-        self.reference: list[float] | None = None
         self.parent: str | None = None
         self._runs: dict[int, str] = {}  # trial id -> child run id
-        self._done: dict[int, list[float]] = {}  # trial id -> objective values
-        self._ranks: dict[int, int | None] = {}
-        self._failed = 0
-        self._told = 0
+        self._done: dict[int, list[float]] = {}  # trial id -> objective values (for the plots)
+        self._ranks: dict[int, int | None] = {}  # trial id -> the pareto_rank tag it carries
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._dirty = False
+        self._published = time.monotonic()
+        self._snapshot: FrontSnapshot | None = None
 
     # -- lifecycle (controller thread) -------------------------------------------------------------
     def open(self, parent_run_id: str | None, params: dict[str, str], tags: dict[str, str],
@@ -108,13 +108,10 @@ class Tracker:
                     continue
                 tid = int(run.data.tags[TRIAL_TAG])
                 self._runs[tid] = run.info.run_id
-                self._told += 1
                 if run.info.status == "FINISHED":
                     self._done[tid] = [run.data.metrics[o] for o in self.objectives]
                     rank = run.data.tags.get("pareto_rank")
                     self._ranks[tid] = int(rank) if rank and rank.isdigit() else None
-                else:
-                    self._failed += 1
             token = page.token
             if not token:
                 return
@@ -128,13 +125,22 @@ class Tracker:
         self._check()
         self._queue.put(("candidate", trial, (list(gene_names), samples)))
 
-    def set_reference(self, reference: Sequence[float]) -> None:
-        self._queue.put(("reference", list(reference), None))
+    def due(self) -> bool:
+        """Whether ``refresh_s`` has passed since the last snapshot was published."""
+        return time.monotonic() - self._published >= self.refresh_s
 
-    def close(self, status: str = "FINISHED") -> None:
-        """Log everything queued, refresh the front and plots, end the parent run with ``status``."""
+    def publish(self, snapshot: FrontSnapshot) -> None:
+        """Queue the search's front: tags, metrics and plots follow once the queued candidates are logged."""
+        self._check()
+        self._published = time.monotonic()
+        self._queue.put(("front", snapshot, None))
+
+    def close(self, status: RunStatus = "FINISHED", snapshot: FrontSnapshot | None = None) -> None:
+        """Log everything queued, publish ``snapshot`` (the final front), end the parent run with ``status``."""
         if self._thread is None:
             return
+        if snapshot is not None:
+            self._queue.put(("front", snapshot, None))
         self._queue.put(("close", status, None))
         self._thread.join()
         self._thread = None
@@ -147,24 +153,16 @@ class Tracker:
 
     # -- background thread ------------------------------------------------------------------------
     def _work(self) -> None:
-        last = time.monotonic()
         while True:
-            try:
-                kind, a, b = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                kind = None
+            kind, a, b = self._queue.get()
             try:
                 if kind == "candidate":
                     self._log_candidate(a, *b)
-                elif kind == "reference":
-                    self.reference, self._dirty = a, True
+                elif kind == "front":
+                    self._refresh(a)
                 elif kind == "close":
-                    self._refresh(final=True)
                     self.client.set_terminated(self.parent, a)
                     return
-                if self._dirty and time.monotonic() - last >= self.refresh_s:
-                    self._refresh()
-                    last = time.monotonic()
             except BaseException as e:  # reported to the controller on its next call
                 self._error = e
                 if kind == "close":
@@ -201,42 +199,36 @@ class Tracker:
             self.client.log_dict(run.info.run_id, samples, "samples.json")
         self.client.set_terminated(run.info.run_id, "FINISHED" if trial.status == "done" else "FAILED")
         self._runs[trial.id] = run.info.run_id
-        self._told += 1
         if trial.status == "done":
             self._done[trial.id] = list(trial.values)
             self._ranks[trial.id] = None
-        else:
-            self._failed += 1
-        self._dirty = True
 
-    def _refresh(self, final: bool = False) -> None:
-        if not self._dirty and not final:
+    def _refresh(self, snap: FrontSnapshot) -> None:
+        """Tag the children whose rank changed (``pareto_rank``, 1 = the front; ``pareto``), log the
+        front's size and hypervolume at step = results so far, and the front table and plots."""
+        from mlflow.entities import Metric
+
+        if snap == self._snapshot:
             return
-        self._dirty = False
-        ids = sorted(self._done)
-        points = [self._done[i] for i in ids]
-        # published 1-based: pareto_rank 1 is the front (pareto_ranks counts from 0)
-        ranks = [None if r is None else r + 1 for r in pareto_ranks(points, self.directions)] if points else []
-        for tid, rank in zip(ids, ranks):
-            if self._ranks.get(tid) != rank:
+        self._snapshot = snap
+        for tid, rank in snap.ranks.items():
+            if self._ranks.get(tid) != rank and tid in self._runs:
                 run = self._runs[tid]
                 was_front = self._ranks.get(tid) == 1
                 self.client.set_tag(run, "pareto_rank", str(rank))
                 if (rank == 1) != was_front:
                     self.client.set_tag(run, "pareto", "true" if rank == 1 else "false")
                 self._ranks[tid] = rank
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        front = [tid for tid, r in zip(ids, ranks) if r == 1]
-        metrics = [Metric("front_size", len(front), now, self._told), Metric("failed", self._failed, now, self._told),
-                   Metric("finished", self._told, now, self._told)]
-        if self.reference is not None and points:
-            metrics.append(Metric("hypervolume", hypervolume(points, self.directions, self.reference), now, self._told))
+        metrics = [Metric("front_size", len(snap.front), now, snap.told), Metric("failed", snap.failed, now, snap.told),
+                   Metric("finished", snap.told, now, snap.told)]
+        if snap.hypervolume is not None:
+            metrics.append(Metric("hypervolume", snap.hypervolume, now, snap.told))
         self.client.log_batch(self.parent, metrics=metrics)
-        self.client.set_tag(self.parent, "front", json.dumps(front)[:5000])
-        if front:
-            self._log_front_artifacts(ids, points, front)
+        self.client.set_tag(self.parent, "front", json.dumps(snap.front)[:5000])
+        ids = sorted(self._done)
+        if snap.front and ids:
+            self._log_front_artifacts(ids, [self._done[i] for i in ids], [t for t in snap.front if t in self._done])
 
     def _log_front_artifacts(self, ids, points, front) -> None:
         rows = sorted(front, key=lambda t: self._done[t])
