@@ -52,11 +52,27 @@ def hidden(out):
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".") and out.name in p.name)
 
 
+STARTED: list = []
+
+
+@pytest.fixture(autouse=True)
+def no_process_left():
+    """A failed assertion must not leave a self-stopped export behind: kill what a test started."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def start(*args, cwd, **env):
     """The CLI in its own session, taking SIGINT as at a terminal even when pytest runs as a background job."""
-    return subprocess.Popen([sys.executable, "-m", "evomerge", "--offline", *map(str, args)], cwd=cwd,
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "--offline", *map(str, args)], cwd=cwd,
                             env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    STARTED.append(proc)
+    return proc
 
 
 def until(proc, predicate, what):
