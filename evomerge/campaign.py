@@ -369,14 +369,14 @@ def worker_pool(loaded: Loaded):
     """The pool of scoring workers the experiment asks for (not started)."""
     from evomerge.cluster.pool import WorkerPool
     from evomerge.cluster.worker import WorkerSpec
-    from evomerge.environment import OFFLINE, QUIET_DEFAULTS
+    from evomerge.environment import OFFLINE, QUIET_DEFAULTS, SAFETY
 
     exp, w = loaded.experiment, loaded.experiment.workers
     spec = WorkerSpec(models=exp.models, base=loaded.parts["space"].base,
                       evaluator=loaded.parts["evaluator"].model_dump(), evaluator_source=exp.evaluator,
                       split=loaded.parts["evaluator"].split, device=w.device, dtype=w.dtype,
                       trust_remote_code=exp.trust_remote_code, allow_pickle=exp.allow_pickle,
-                      env={k: os.environ[k] for k in (*QUIET_DEFAULTS, *OFFLINE) if k in os.environ})
+                      env={k: os.environ[k] for k in (*QUIET_DEFAULTS, *SAFETY, *OFFLINE) if k in os.environ})
     return WorkerPool(spec, workers=w.count, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker,
                       address=w.address, temp_dir=loaded.directory / "ray", max_retries=w.max_retries,
                       timeout_s=w.timeout_s)

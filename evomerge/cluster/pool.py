@@ -7,31 +7,52 @@ Given an address it joins that cluster instead and leaves it running.
 
 Fault tolerance: workers are actors that Ray restarts when their process dies. A candidate whose
 worker died (or overran ``timeout_s``: the worker is killed and restarted) is retried up to
-``max_retries`` times, then reported failed with the reason. Results already returned are never
-affected.
+``max_retries`` times, then reported failed with the reason once its worker is back (so a node that
+died is never taken for the candidate's failure). Results already returned are never affected.
+
+Node loss: the pool checks on every poll that the Ray node is still there, and raises ``PoolError``
+("the Ray node died: ...", "lost the connection to the Ray cluster: ...") instead of waiting forever
+on workers that will never come back. A private Ray's raylet or GCS process exiting is seen within
+``PROBE_EVERY`` seconds; besides, every ``NODE_CHECK_EVERY`` seconds the GCS is asked whether this
+driver's node is alive, which bounds the detection on a joined cluster at about 25 s (the GCS marks a
+node dead after ~15 s of missed health checks) and a GCS that stops answering at
+``NODE_CHECK_EVERY + GCS_TIMEOUT`` seconds. Candidates returned before are never affected; those in
+flight stay unreturned (``in_flight`` still counts them).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from evomerge.cluster.worker import ScoringWorker, WorkerSpec
+from evomerge.errors import first_line
 from evomerge.evaluate.candidate import Score
 
 #: Unix socket paths are limited to 107 bytes; Ray puts ~70 characters of its own under its temp dir.
 MAX_TEMP_DIR = 36
 #: Seconds between readiness probes of a worker that is being restarted.
 PROBE_EVERY = 0.5
+#: Seconds between asking the GCS whether this driver's node is alive.
+NODE_CHECK_EVERY = 5.0
+#: Seconds the GCS may take to answer before the connection counts as lost (well under the 60 s
+#: after which Ray aborts a driver that cannot reach its GCS).
+GCS_TIMEOUT = 5.0
+#: Seconds to fetch a finished candidate's result (it may live on another node that just died).
+RESULT_TIMEOUT = 60.0
+
+SlotState = Literal["starting", "idle", "busy", "restarting"]
 
 
 class PoolError(RuntimeError):
-    """The pool could not start (Ray, or a worker failing to load its models)."""
+    """The pool could not start (Ray, or a worker failing to load its models), or its Ray node is gone."""
 
 
 @dataclass
@@ -61,7 +82,7 @@ class _Job:
 class _Slot:
     index: int
     actor: Any
-    state: str = "starting"  # starting | idle | busy | restarting
+    state: SlotState = "starting"
     job: _Job | None = None
     ref: Any = None  # the running score call, or the readiness probe
     since: float = 0.0
@@ -85,7 +106,11 @@ class WorkerPool:
         self.started_ray = False
         self.restarts = 0
         self._ray_dir: Path | None = None
+        self._ray_temp: str | None = None  # the private Ray's temp dir, as Ray was given it
         self._reaper = None
+        self._node_id = None
+        self._next_node_check = 0.0
+        self.lost: str | None = None  # why the Ray node is gone, once it is
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> list[dict]:
@@ -101,22 +126,31 @@ class WorkerPool:
         if self.address in (None, "local"):
             cpus = max(1, int(round(self.n * self.cpus)))
             gpus = int(-(-self.n * self.gpus // 1)) if self.gpus else 0
+            self._ray_temp = self._private_temp_dir()
             kwargs.update(address="local", num_cpus=cpus, num_gpus=gpus, _node_ip_address="127.0.0.1",
-                          _temp_dir=self._private_temp_dir(), include_dashboard=False)
+                          _temp_dir=self._ray_temp, include_dashboard=False)
             self.started_ray = True
         else:
             kwargs["address"] = self.address
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             ray.init(**kwargs)
         except Exception as e:
             self.started_ray = False
-            raise PoolError(f"cannot start Ray: {_first_line(e)}") from None
+            raise PoolError(f"cannot start Ray: {first_line(e, with_type=True)}") from None
+        finally:  # ray.init installs its own SIGTERM handlers (C and Python): the caller's must win
+            if threading.current_thread() is threading.main_thread():
+                for sig, handler in handlers.items():
+                    if handler is not None:
+                        signal.signal(sig, handler)
+        self.lost, self._next_node_check = None, time.monotonic() + NODE_CHECK_EVERY
+        self._node_id = ray.NodeID.from_hex(ray.get_runtime_context().get_node_id())
         if self.started_ray:  # ends this Ray's leftovers should the controller be killed
             import subprocess
             import sys
 
             self._reaper = subprocess.Popen([sys.executable, "-m", "evomerge.cluster.reaper", str(os.getpid()),
-                                             kwargs["_temp_dir"]], stdin=subprocess.DEVNULL,
+                                             self._ray_temp], stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         actor_cls = ray.remote(ScoringWorker)
         threads = self.spec.threads or max(1, int(self.cpus))
@@ -129,10 +163,15 @@ class WorkerPool:
         deadline = time.monotonic() + self.start_timeout_s
         try:
             while refs:
-                done, _ = ray.wait(list(refs), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-                if not done:
+                if self._node_lost():
+                    raise PoolError(self.lost)
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise PoolError(f"workers did not start within {self.start_timeout_s:.0f} s "
                                     "(not enough CPUs/GPUs in the cluster for the requested resources?)")
+                done, _ = ray.wait(list(refs), num_returns=1, timeout=min(PROBE_EVERY, left))
+                if not done:
+                    continue
                 slot = refs.pop(done[0])
                 try:
                     slot.info = ray.get(done[0])
@@ -163,25 +202,29 @@ class WorkerPool:
         return str(short)
 
     def shutdown(self) -> None:
-        """Stop the workers and, if this pool started Ray, that Ray (and only it)."""
+        """Stop the workers and, if this pool started Ray, that Ray (and only it); a joined cluster
+        is left running, this process disconnected from it."""
         import ray
 
+        from evomerge.cluster.reaper import reap
+
         if ray.is_initialized():
-            for slot in self.slots:
+            for slot in self.slots if not self.lost else ():  # ray.kill blocks while the GCS is gone
                 try:
                     ray.kill(slot.actor, no_restart=True)
                 except Exception:
                     pass
-            if self.started_ray:
-                ray.shutdown()
+            ray.shutdown()
         self.slots = []
-        self.started_ray = False
         if self._reaper is not None:  # Ray is down: the watchdog has nothing left to guard
             self._reaper.kill()
             self._reaper.wait()
             self._reaper = None
+        if self.started_ray and self.lost:  # a dead node's orphans (agents, workers) outlive ray.shutdown
+            reap(os.path.realpath(self._ray_temp))
+        self.started_ray = False
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         self.start()
         return self
 
@@ -223,6 +266,10 @@ class WorkerPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         out: list[Outcome] = []
         while True:
+            if self._node_lost():
+                if out:  # hand over what finished; the next call raises
+                    return out
+                raise PoolError(self.lost)
             self._probe_restarting()
             self._kill_overdue()
             self._dispatch()
@@ -242,12 +289,9 @@ class WorkerPool:
                 time.sleep(wait)
             for ref in done:
                 slot = refs[ref]
-                if slot.state == "busy":
-                    result = self._collect(slot, ref)
-                    if result is not None:
-                        out.append(result)
-                else:
-                    self._restart_probe_done(slot, ref)
+                result = self._collect(slot, ref) if slot.state == "busy" else self._restart_probe_done(slot, ref)
+                if result is not None:
+                    out.append(result)
             if out and not done:
                 return out
             if deadline is not None and time.monotonic() >= deadline:
@@ -259,7 +303,7 @@ class WorkerPool:
         job = slot.job
         slot.job, slot.ref = None, None
         try:
-            result = ray.get(ref)
+            result = ray.get(ref, timeout=RESULT_TIMEOUT)
         except ray.exceptions.RayActorError as e:
             reason = slot.kill_reason or f"worker died during evaluation ({_cause(e)})"
             slot.kill_reason = None
@@ -267,8 +311,9 @@ class WorkerPool:
             self._restarting(slot)
             if job.attempts <= self.max_retries:
                 self.queue.appendleft(job)
-                return None
-            return self._outcome(job, Score("failed", reason=f"{reason}; gave up after {job.attempts} attempts"), slot)
+            else:  # failed once the worker is back: had its node died, the candidate must stay unreturned
+                slot.job = job
+            return None
         except Exception as e:  # the call itself raised (a bug in the worker): fail the candidate, keep the worker
             slot.state = "idle"
             return self._outcome(job, Score("failed", reason=f"worker raised {_cause(e)}"), slot)
@@ -293,13 +338,17 @@ class WorkerPool:
             if slot.state == "restarting" and slot.ref is None and now >= slot.next_probe:
                 slot.ref = slot.actor.ready.remote()
 
-    def _restart_probe_done(self, slot: _Slot, ref) -> None:
+    def _restart_probe_done(self, slot: _Slot, ref) -> Outcome | None:
         import ray
 
         slot.ref = None
         try:
             slot.info = ray.get(ref)
             slot.state = "idle"
+            if slot.job is not None:  # the candidate that ran out of attempts on this worker
+                job, slot.job = slot.job, None
+                reason = f"{job.reasons[-1]}; gave up after {job.attempts} attempts"
+                return self._outcome(job, Score("failed", reason=reason), slot)
         except ray.exceptions.ActorUnavailableError:  # still coming back
             slot.next_probe = time.monotonic() + PROBE_EVERY
         except ray.exceptions.RayActorError:  # gone for good: a fresh worker in its place
@@ -320,10 +369,37 @@ class WorkerPool:
     def worker_pids(self) -> list[int | None]:
         return [s.info.get("pid") for s in self.slots]
 
+    def _node_lost(self) -> str | None:
+        """Why the Ray node is gone (sticky once set), or None while it is there."""
+        import ray
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        if self.lost:
+            return self.lost
+        if self.started_ray:  # our own Ray: its core processes are this process's children
+            for kind in ("raylet", "gcs_server"):
+                for info in ray._private.worker._global_node.all_processes.get(kind, []):
+                    if (code := info.process.poll()) is not None:
+                        self.lost = f"the Ray node died: its {kind} exited ({_exit_status(code)})"
+                        return self.lost
+        now = time.monotonic()
+        if now < self._next_node_check:
+            return None
+        self._next_node_check = now + NODE_CHECK_EVERY
+        try:
+            (alive,) = ray._private.worker.global_worker.gcs_client.check_alive([self._node_id], timeout=GCS_TIMEOUT)
+        except Exception as e:
+            self.lost = f"lost the connection to the Ray cluster: {first_line(e, with_type=True)}"
+            return self.lost
+        if not alive:
+            self.lost = f"the Ray node died: the cluster marked this driver's node {self._node_id.hex()[:8]} dead"
+        return self.lost
+
+
+def _exit_status(code: int) -> str:
+    """A Popen return code in words: ``killed by SIGKILL``, ``exit code 1``."""
+    if code >= 0:
+        return f"exit code {code}"
+    return "killed by " + next((s.name for s in signal.Signals if s == -code), f"signal {-code}")
 
 
 def _cause(e: BaseException) -> str:

@@ -27,6 +27,7 @@ class WorkerSpec:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    started_dir: str | None = None  # opt-in: score() touches <started_dir>/<pid> as it starts a candidate
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +48,7 @@ class ScoringWorker:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
+        self.started_dir = spec.started_dir
         evaluator = parse_evaluator(spec.evaluator, spec.evaluator_source)
         self.scorer = CandidateScorer(spec.models, spec.base, evaluator, split=spec.split, device=device,
                                       dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
@@ -63,6 +65,8 @@ class ScoringWorker:
         from evomerge.recipe import parse_recipe
 
         started = time.perf_counter()
+        if self.started_dir:  # lets an observer act once a candidate is really being evaluated
+            open(os.path.join(self.started_dir, str(os.getpid())), "w").close()
         try:
             parsed = parse_recipe(recipe, "<candidate>")
         except Exception as e:
