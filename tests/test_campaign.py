@@ -577,3 +577,29 @@ def test_read_only_directories_give_one_line_and_exit_2(zoo, resumed, tmp_path):
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
     assert status.returncode == 0 and "evaluations 16/16" in status.stdout, status.stderr[-2000:]
     assert elsewhere.returncode == 0 and (tmp_path / "front.png").exists()
+
+
+def test_a_lost_ray_node_halts_the_campaign_resumably(zoo, tmp_path):
+    """SIGKILL of the private Ray's DashboardAgent takes the raylet down: the controller stops with the
+    reason (exit 3) instead of hanging, and resume finishes the budget."""
+    slow = write_evaluator(tmp_path, limit=None, batch_size=4, name="slow-evaluator.yaml")
+    path = experiment(tmp_path, zoo, budget={"max_evaluations": 8}, evaluator=str(slow))
+    directory = tmp_path / "campaign"
+    proc = start("run", path, cwd=tmp_path)
+    try:
+        wait_for(lambda: len(tells(directory)) >= 2, 180, "2 results")
+        (agent,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if "DashboardAgent" in " ".join(p.cmdline())]
+        agent.kill()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 3, err[-3000:]
+    assert "stopped (halted: the Ray node died: " in out and f"continue with: evomerge resume {directory}" in out
+    assert 2 <= len(tells(directory)) < 8
+    final = cli("resume", directory, cwd=tmp_path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert sorted(tells(directory)) == list(range(8))
