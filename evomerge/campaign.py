@@ -422,7 +422,7 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
                     float(loaded.state.get("elapsed_s", 0.0)))
     told = lambda: sum(t.status != "running" for t in search.trials)  # noqa: E731
     if budget.met(told()):  # nothing left to do: no workers to start
-        return {**summary(loaded, search, None, "FINISHED"), "exit": 0}
+        return summary(loaded, search, None, "FINISHED")
     halt = exp.budget.halt_after_failures
     fail_fast = FailFast(exp.workers.count + 2 if halt is None else halt)
     pool, tracker = worker_pool(loaded), None
@@ -463,7 +463,7 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
                     tracker.close(status, search.snapshot(loaded.reference_point))
                 except Exception as e:
                     display.update(f"warning: {e}", force=True)
-    return {**summary(loaded, search, stopped, status), "exit": exit_code}
+    return summary(loaded, search, stopped, status, exit_code)
 
 
 def _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_seeds, on_result) -> None:
@@ -529,12 +529,13 @@ def progress_line(search, budget: Budget, session0: int, reference) -> str:
     return " | ".join(parts)
 
 
-def summary(loaded: Loaded, search, stopped: str | None, status: RunStatus) -> dict:
+def summary(loaded: Loaded, search, stopped: str | None, status: RunStatus, exit_code: int = 0) -> dict:
+    """What a run did; ``exit``: the process's exit status for it (0, 128 + signal, or EXIT_HALTED)."""
     told = [t for t in search.trials if t.status != "running"]
     reference = loaded.reference_point
     out = {"directory": str(loaded.directory), "evaluations": len(told), "done": len(search.finished),
            "failed": len(told) - len(search.finished), "front": [t.id for t in search.front()],
-           "status": status, "stopped": stopped, "parent_run_id": loaded.state.get("parent_run_id"),
+           "status": status, "stopped": stopped, "exit": exit_code, "parent_run_id": loaded.state.get("parent_run_id"),
            "tracking_uri": loaded.tracking()[0], "budget": loaded.experiment.budget.max_evaluations}
     if reference:
         out["hypervolume"] = search.hypervolume(reference)

@@ -122,21 +122,27 @@ BAD = {
 }
 
 
-def reshaped_expert(zoo, tmp_path):
-    """expert-sort with one MLP tensor a row taller than the base's (same config.json)."""
+def edited_model(source, out, edit):
+    """A copy of the model directory ``source`` at ``out`` whose weights went through ``edit(state)``."""
     from safetensors.torch import load_file, save_file
-    import torch
 
-    out = tmp_path / "reshaped"
     out.mkdir()
-    for f in (zoo / "expert-sort").iterdir():
+    for f in source.iterdir():
         if f.suffix != ".safetensors":
             (out / f.name).write_bytes(f.read_bytes())
-    state = load_file(zoo / "expert-sort" / "model.safetensors")
-    name = "model.layers.0.mlp.up_proj.weight"
-    state[name] = torch.cat([state[name], state[name][:1]])
+    state = load_file(source / "model.safetensors")
+    edit(state)
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def reshaped_expert(zoo, tmp_path):
+    """expert-sort with one MLP tensor a row taller than the base's (same config.json)."""
+    import torch
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    return edited_model(zoo / "expert-sort", tmp_path / "reshaped",
+                        lambda state: state.__setitem__(name, torch.cat([state[name], state[name][:1]])))
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -283,19 +289,28 @@ def workers_of(proc):
     return out
 
 
-def stop_after(proc, directory, results, sig):
-    """Once ``results`` candidates are told, freeze the workers (so the campaign cannot finish first),
-    send ``sig`` to the controller, and let the workers go on: the signal lands mid-campaign."""
-    wait_for(lambda: len(tells(directory)) >= results, 180, f"{results} results")
+@contextlib.contextmanager
+def frozen_workers(proc):
+    """The controller's workers suspended (the campaign cannot move on), then resumed."""
     frozen = workers_of(proc)
     for p in frozen:
         p.suspend()
-    os.kill(proc.pid, sig)
-    for p in frozen:
-        try:
-            p.resume()
-        except psutil.NoSuchProcess:
-            pass
+    try:
+        yield
+    finally:
+        for p in frozen:
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def stop_after(proc, directory, results, sig):
+    """Once ``results`` candidates are told, freeze the workers (so the campaign cannot finish first)
+    and send ``sig`` to the controller: the signal lands mid-campaign."""
+    wait_for(lambda: len(tells(directory)) >= results, 180, f"{results} results")
+    with frozen_workers(proc):
+        os.kill(proc.pid, sig)
 
 
 def told_trials(directory):
@@ -315,8 +330,8 @@ def resumed(zoo, tmp_path_factory):
     """A 16-candidate campaign stopped by Ctrl-C, resumed, SIGTERMed, resumed, SIGKILLed, resumed to
     the end; and the same campaign run uninterrupted, to compare."""
     tmp = tmp_path_factory.mktemp("resume")
-    # every document in small batches: a candidate takes about a second
-    slow = write_evaluator(tmp, limit=None, batch_size=4, name="slow-evaluator.yaml")
+    # a few tenths of a second per candidate; stop_after freezes the workers, so no signal comes too late
+    slow = write_evaluator(tmp, limit=60, batch_size=20, name="slow-evaluator.yaml")
     path = experiment(tmp, zoo, budget={"max_evaluations": 16}, optimizer={"name": "cma", "options": {"popsize": 4}},
                       objectives=["add", "sort"], evaluator=str(slow))
     directory = tmp / "campaign"
@@ -328,11 +343,12 @@ def resumed(zoo, tmp_path_factory):
         log["interrupted"] = (proc.returncode, out, err, len(tells(directory)))
 
         proc = start("resume", directory, cwd=tmp)
-        wait_for(lambda: len(tells(directory)) >= 6, 180, "6 results")
-        log["second resume"] = cli("resume", directory, cwd=tmp)  # while the first still runs
-        log["second run"] = cli("run", path, cwd=tmp)
-        log["resumer pid"] = proc.pid
-        stop_after(proc, directory, 7, signal.SIGTERM)
+        wait_for(lambda: len(tells(directory)) >= 7, 180, "7 results")
+        with frozen_workers(proc):
+            log["second resume"] = cli("resume", directory, cwd=tmp)  # while the first still runs
+            log["second run"] = cli("run", path, cwd=tmp)
+            log["resumer pid"] = proc.pid
+            os.kill(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
         log["terminated"] = (proc.returncode, out, err, len(tells(directory)))
         from mlflow import MlflowClient
@@ -488,17 +504,8 @@ def test_a_child_run_cut_off_mid_write_is_replaced_on_resume(tmp_path):
 # -- a systemic failure halts the campaign, resumably ------------------------------------------------
 def nan_base(zoo, tmp_path):
     """The base with a NaN in one tensor: every merge has non-finite weights, for the same reason."""
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path / "nan-base"
-    out.mkdir()
-    for f in (zoo / "base").iterdir():
-        if f.suffix != ".safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    state = load_file(zoo / "base" / "model.safetensors")
-    state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+    return edited_model(zoo / "base", tmp_path / "nan-base",
+                        lambda state: state["model.layers.1.mlp.down_proj.weight"].__setitem__((0, 0), float("nan")))
 
 
 def test_when_the_first_candidates_all_fail_alike_the_campaign_halts_and_resumes(zoo, tmp_path):
@@ -582,15 +589,15 @@ def test_read_only_directories_give_one_line_and_exit_2(zoo, resumed, tmp_path):
 def test_a_lost_ray_node_halts_the_campaign_resumably(zoo, tmp_path):
     """SIGKILL of the private Ray's DashboardAgent takes the raylet down: the controller stops with the
     reason (exit 3) instead of hanging, and resume finishes the budget."""
-    slow = write_evaluator(tmp_path, limit=None, batch_size=4, name="slow-evaluator.yaml")
-    path = experiment(tmp_path, zoo, budget={"max_evaluations": 8}, evaluator=str(slow))
+    path = experiment(tmp_path, zoo, budget={"max_evaluations": 8})
     directory = tmp_path / "campaign"
     proc = start("run", path, cwd=tmp_path)
     try:
         wait_for(lambda: len(tells(directory)) >= 2, 180, "2 results")
-        (agent,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                    if "DashboardAgent" in " ".join(p.cmdline())]
-        agent.kill()
+        with frozen_workers(proc):  # so that the campaign cannot finish before the node dies
+            (agent,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                        if "DashboardAgent" in " ".join(p.cmdline())]
+            agent.kill()
         out, err = proc.communicate(timeout=120)
     finally:
         try:
