@@ -58,10 +58,15 @@ def run(optimizer: str, tmp: Path) -> dict:
     total = time.perf_counter() - started
     search = loaded.search()
     done = search.finished
-    return {"total": total, "loop": first["last"] - first["t"], "n": summary["evaluations"],
-            "hv": summary["hypervolume"], "front": len(summary["front"]),
-            "best": [max(t.values[j] for t in done) for j in range(2)],
-            "drain": total - (first["last"] - started)}
+    return {
+        "total": total,
+        "loop": first["last"] - first["t"],
+        "n": summary["evaluations"],
+        "hv": summary["hypervolume"],
+        "front": len(summary["front"]),
+        "best": [max(t.values[j] for t in done) for j in range(2)],
+        "drain": total - (first["last"] - started),
+    }
 
 
 def main() -> None:
@@ -71,13 +76,17 @@ def main() -> None:
     if not (REPO / ".cache" / "zoo" / "manifest.json").exists():
         raise SystemExit("no zoo at .cache/zoo: run `make demo` first")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; experiments/demo.yaml (160 candidates, 2 workers)")
-    print(f"{'optimizer':<10}{'run s':>8}{'loop s':>8}{'cand/s':>8}{'hypervolume':>13}{'front':>7}"
-          f"{'best add':>10}{'best sort':>11}{'after loop s':>14}")
+    print(
+        f"{'optimizer':<10}{'run s':>8}{'loop s':>8}{'cand/s':>8}{'hypervolume':>13}{'front':>7}"
+        f"{'best add':>10}{'best sort':>11}{'after loop s':>14}"
+    )
     for name in args.optimizers.split(","):
         with tempfile.TemporaryDirectory(prefix="campaign-bench-") as tmp:
             r = run(name, Path(tmp))
-        print(f"{name:<10}{r['total']:>8.1f}{r['loop']:>8.1f}{(r['n'] - 1) / r['loop']:>8.2f}{r['hv']:>13.4f}"
-              f"{r['front']:>7}{r['best'][0]:>10.3f}{r['best'][1]:>11.3f}{r['drain']:>14.1f}")
+        print(
+            f"{name:<10}{r['total']:>8.1f}{r['loop']:>8.1f}{(r['n'] - 1) / r['loop']:>8.2f}{r['hv']:>13.4f}"
+            f"{r['front']:>7}{r['best'][0]:>10.3f}{r['best'][1]:>11.3f}{r['drain']:>14.1f}"
+        )
 
 
 if __name__ == "__main__":

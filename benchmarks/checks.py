@@ -49,8 +49,9 @@ def timed(fn, repeats: int = 3) -> float:
 
 def refuse_seconds(experiment: Path, cwd: Path) -> tuple[float, str]:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "evomerge", "--offline", "run", str(experiment)],
-                            cwd=cwd, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "evomerge", "--offline", "run", str(experiment)], cwd=cwd, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - started
     assert result.returncode == 2, result.stderr[-2000:]
     return seconds, result.stderr.strip()
@@ -63,10 +64,15 @@ def main() -> None:
     print(f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     demo = REPO / "experiments" / "demo.yaml"
     exp = load_experiment(demo)
-    print(f"check_experiment(demo), no task check:   {timed(lambda: check_experiment(exp, demo, check_tasks=False)):.3f} s")
+    print(
+        "check_experiment(demo), no task check:   "
+        f"{timed(lambda: check_experiment(exp, demo, check_tasks=False)):.3f} s"
+    )
     first = timed(lambda: check_experiment(exp, demo), repeats=1)  # lm-eval and datasets imported here
-    print(f"check_experiment(demo), with task check: {first:.2f} s first in the process, "
-          f"{timed(lambda: check_experiment(exp, demo)):.3f} s again")
+    print(
+        f"check_experiment(demo), with task check: {first:.2f} s first in the process, "
+        f"{timed(lambda: check_experiment(exp, demo)):.3f} s again"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -81,8 +87,15 @@ def main() -> None:
         state[name] = torch.cat([state[name], state[name][:1]])
         save_file(state, reshaped / "model.safetensors", metadata={"format": "pt"})
         shape = tmp / "shape.yaml"
-        shape.write_text(yaml.safe_dump({**data, "models": {**data["models"], "expert-sort": str(reshaped)},
-                                         "evaluator": str((demo.parent / data["evaluator"]).resolve())}))
+        shape.write_text(
+            yaml.safe_dump(
+                {
+                    **data,
+                    "models": {**data["models"], "expert-sort": str(reshaped)},
+                    "evaluator": str((demo.parent / data["evaluator"]).resolve()),
+                }
+            )
+        )
         evaluator = yaml.safe_load((demo.parent / data["evaluator"]).read_text())
         evaluator["objectives"][1]["metric"] = "no_such_metric"
         for o in evaluator["objectives"]:

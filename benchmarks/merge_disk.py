@@ -28,23 +28,42 @@ import yaml
 BIN = Path(sys.executable).parent
 
 RECIPES = {
-    "linear": lambda d: {"merge_method": "linear", "dtype": "bfloat16",
-                         "models": [{"model": str(d / "base"), "parameters": {"weight": 0.4}},
-                                    {"model": str(d / "e0"), "parameters": {"weight": 0.3}},
-                                    {"model": str(d / "e1"), "parameters": {"weight": 0.3}}]},
-    "ties": lambda d: {"merge_method": "ties", "base_model": str(d / "base"), "dtype": "bfloat16",
-                       "models": [{"model": str(d / "e0"), "parameters": {"weight": 0.6, "density": 0.5}},
-                                  {"model": str(d / "e1"), "parameters": {"weight": 0.6, "density": 0.5}}]},
-    "dare_ties": lambda d: {"merge_method": "dare_ties", "base_model": str(d / "base"), "dtype": "bfloat16",
-                            "models": [{"model": str(d / "e0"), "parameters": {"weight": 0.6, "density": 0.5}},
-                                       {"model": str(d / "e1"), "parameters": {"weight": 0.6, "density": 0.5}}]},
+    "linear": lambda d: {
+        "merge_method": "linear",
+        "dtype": "bfloat16",
+        "models": [
+            {"model": str(d / "base"), "parameters": {"weight": 0.4}},
+            {"model": str(d / "e0"), "parameters": {"weight": 0.3}},
+            {"model": str(d / "e1"), "parameters": {"weight": 0.3}},
+        ],
+    },
+    "ties": lambda d: {
+        "merge_method": "ties",
+        "base_model": str(d / "base"),
+        "dtype": "bfloat16",
+        "models": [
+            {"model": str(d / "e0"), "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": str(d / "e1"), "parameters": {"weight": 0.6, "density": 0.5}},
+        ],
+    },
+    "dare_ties": lambda d: {
+        "merge_method": "dare_ties",
+        "base_model": str(d / "base"),
+        "dtype": "bfloat16",
+        "models": [
+            {"model": str(d / "e0"), "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": str(d / "e1"), "parameters": {"weight": 0.6, "density": 0.5}},
+        ],
+    },
 }
 
-WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-           "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
-           "w = time.perf_counter() - t; "
-           "print(r.returncode, w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); "
-           "sys.stderr.write(r.stderr[-1500:] if r.returncode else '')")
+WRAPPER = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
+    "w = time.perf_counter() - t; "
+    "print(r.returncode, w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); "
+    "sys.stderr.write(r.stderr[-1500:] if r.returncode else '')"
+)
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:
@@ -82,9 +101,15 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
     try:
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                             num_attention_heads=12, num_key_value_heads=12,
-                             intermediate_size=args.hidden * 8 // 3, tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+            intermediate_size=args.hidden * 8 // 3,
+            tie_word_embeddings=False,
+        )
         model = LlamaForCausalLM(config).to(torch.bfloat16)
         n = sum(p.numel() for p in model.parameters())
         model.save_pretrained(root / "base")
@@ -94,14 +119,21 @@ def main() -> None:
             model.save_pretrained(root / f"e{i}")
         del model, base_state
         print(f"inputs: random Llama, {n / 1e6:.1f}M parameters, bfloat16, base + 2 experts on disk\n")
-        print(f"{'method':<11}{'evomerge s':>11}{'mergekit s':>11}{'speed-up':>9}{'evomerge MiB':>13}{'mergekit MiB':>13}{'mem ratio':>10}")
+        print(
+            f"{'method':<11}{'evomerge s':>11}{'mergekit s':>11}{'speed-up':>9}"
+            f"{'evomerge MiB':>13}{'mergekit MiB':>13}{'mem ratio':>10}"
+        )
         for name, make in RECIPES.items():
             recipe = root / f"{name}.yml"
             recipe.write_text(yaml.safe_dump(make(root)))
-            ours = measure([str(BIN / "evomerge"), "merge", str(recipe), "--out", str(root / f"ours-{name}"), "--quiet"])
+            ours = measure(
+                [str(BIN / "evomerge"), "merge", str(recipe), "--out", str(root / f"ours-{name}"), "--quiet"]
+            )
             theirs = measure([str(BIN / "mergekit-yaml"), str(recipe), str(root / f"theirs-{name}")])
-            print(f"{name:<11}{ours[0]:>11.1f}{theirs[0]:>11.1f}{theirs[0] / ours[0]:>8.1f}x"
-                  f"{ours[1]:>13.0f}{theirs[1]:>13.0f}{theirs[1] / ours[1]:>9.1f}x")
+            print(
+                f"{name:<11}{ours[0]:>11.1f}{theirs[0]:>11.1f}{theirs[0] / ours[0]:>8.1f}x"
+                f"{ours[1]:>13.0f}{theirs[1]:>13.0f}{theirs[1] / ours[1]:>9.1f}x"
+            )
             if name == "linear":
                 inputs = 3 * n * 2
                 written = n * 2
@@ -109,8 +141,10 @@ def main() -> None:
                 linear = (inputs + written) / merge_s / 1e9
             shutil.rmtree(root / f"ours-{name}", ignore_errors=True)
             shutil.rmtree(root / f"theirs-{name}", ignore_errors=True)
-        print(f"\nevomerge linear merge loop (excluding start-up): {linear:.2f} GB/s of bfloat16 in+out, "
-              f"{linear / bandwidth:.0%} of the memory-copy bandwidth")
+        print(
+            f"\nevomerge linear merge loop (excluding start-up): {linear:.2f} GB/s of bfloat16 in+out, "
+            f"{linear / bandwidth:.0%} of the memory-copy bandwidth"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

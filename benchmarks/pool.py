@@ -41,15 +41,15 @@ def candidates(n: int, seed: int = 0) -> list[dict]:
     genome = Genome(load_space(REPO / "search_spaces" / "two_experts_layer_groups.yaml"), num_layers=4)
     lo, hi = genome.bounds
     rng = random.Random(seed)
-    return [genome.decode([rng.uniform(a, b) for a, b in zip(lo, hi)]).model_dump(exclude_none=True)
-            for _ in range(n)]
+    return [genome.decode([rng.uniform(a, b) for a, b in zip(lo, hi)]).model_dump(exclude_none=True) for _ in range(n)]
 
 
 def run(zoo: Path, workers: int, threads: int, recipes: list[dict], temp: Path) -> dict:
     ev = load_evaluator(REPO / "evaluators" / "zoo_add_sort.yaml")
     models = {n: str(zoo / n) for n in ("base", "expert-add", "expert-sort")}
-    spec = WorkerSpec(models=models, base="base", evaluator=ev.model_dump(), evaluator_source=str(ev.source),
-                      threads=threads)
+    spec = WorkerSpec(
+        models=models, base="base", evaluator=ev.model_dump(), evaluator_source=str(ev.source), threads=threads
+    )
     started = time.perf_counter()
     with WorkerPool(spec, workers=workers, cpus_per_worker=threads, temp_dir=temp) as pool:
         ready = time.perf_counter() - started
@@ -72,11 +72,17 @@ def run(zoo: Path, workers: int, threads: int, recipes: list[dict], temp: Path) 
     n = len(outcomes)
     mean = lambda key: sum(o.score.timings[key] for o in outcomes) / n
     busy = workers * wall
-    return {"ready": ready, "wall": wall, "n": n, "materialize": mean("materialize"), "forward": mean("forward"),
-            "evaluate": mean("evaluate"),
-            "other_share": (busy - sum(o.score.timings["materialize"] + o.score.timings["evaluate"]
-                                       for o in outcomes)) / busy,
-            "per_candidate": busy / n}
+    return {
+        "ready": ready,
+        "wall": wall,
+        "n": n,
+        "materialize": mean("materialize"),
+        "forward": mean("forward"),
+        "evaluate": mean("evaluate"),
+        "other_share": (busy - sum(o.score.timings["materialize"] + o.score.timings["evaluate"] for o in outcomes))
+        / busy,
+        "per_candidate": busy / n,
+    }
 
 
 def main() -> None:
@@ -88,8 +94,10 @@ def main() -> None:
         raise SystemExit(f"no zoo at {args.zoo}: run `make demo` or `evomerge zoo build --out {args.zoo}`")
     recipes = candidates(args.candidates)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; {args.candidates} candidates per configuration")
-    print(f"{'configuration':<24}{'start s':>9}{'cand/s':>8}{'worker-s/cand':>15}{'materialize':>13}"
-          f"{'forward':>9}{'lm-eval':>9}{'other':>8}")
+    print(
+        f"{'configuration':<24}{'start s':>9}{'cand/s':>8}{'worker-s/cand':>15}{'materialize':>13}"
+        f"{'forward':>9}{'lm-eval':>9}{'other':>8}"
+    )
     base = None
     import tempfile
 
@@ -99,9 +107,11 @@ def main() -> None:
         rate = r["n"] / r["wall"]
         base = base or rate
         per = r["per_candidate"]
-        print(f"{f'{workers} worker(s) x {threads} thread(s)':<24}{r['ready']:>9.1f}{rate:>8.2f}{per:>15.3f}"
-              f"{r['materialize'] / per:>12.1%}{r['forward'] / per:>9.1%}{(r['evaluate'] - r['forward']) / per:>9.1%}"
-              f"{r['other_share']:>8.1%}   ({rate / base:.2f}x the first)")
+        print(
+            f"{f'{workers} worker(s) x {threads} thread(s)':<24}{r['ready']:>9.1f}{rate:>8.2f}{per:>15.3f}"
+            f"{r['materialize'] / per:>12.1%}{r['forward'] / per:>9.1%}{(r['evaluate'] - r['forward']) / per:>9.1%}"
+            f"{r['other_share']:>8.1%}   ({rate / base:.2f}x the first)"
+        )
 
 
 if __name__ == "__main__":

@@ -85,8 +85,9 @@ def run_front(name: str, seed: int, budget: int) -> float:
 def true_front_hv() -> float:
     a, b = np.full(4, 0.3), np.full(4, 1.1)
     pts = [a + u * (b - a) for u in np.linspace(0, 1, 4001)]
-    return hypervolume([[-float(((p - a) ** 2).sum()), -float(((p - b) ** 2).sum())] for p in pts],
-                       ["maximize", "maximize"], REFERENCE)
+    return hypervolume(
+        [[-float(((p - a) ** 2).sum()), -float(((p - b) ** 2).sum())] for p in pts], ["maximize", "maximize"], REFERENCE
+    )
 
 
 def noisy(kind: str, rng: np.random.Generator, target: np.ndarray):
@@ -97,6 +98,7 @@ def noisy(kind: str, rng: np.random.Generator, target: np.ndarray):
         if kind == "multiplicative":
             return true * (1 + 0.5 * rng.standard_normal())
         return true + 0.01 * rng.standard_cauchy()
+
     return f
 
 
@@ -115,8 +117,11 @@ def run_noisy(kind: str, variant: str, seed: int) -> float:
     else:
         import cma
 
-        es = cma.CMAEvolutionStrategy([0.5] * NOISE_DIM, 1 / 6, {"bounds": [0, 1], "seed": seed + 1, "verbose": -9,
-                                                                "verb_log": 0, "maxfevals": NOISE_BUDGET})
+        es = cma.CMAEvolutionStrategy(
+            [0.5] * NOISE_DIM,
+            1 / 6,
+            {"bounds": [0, 1], "seed": seed + 1, "verbose": -9, "verb_log": 0, "maxfevals": NOISE_BUDGET},
+        )
         nh = cma.NoiseHandler(NOISE_DIM, maxevals=[1, 1, 5], epsilon=0) if handled else None
         while not es.stop():
             if nh:
@@ -134,27 +139,39 @@ def run_noisy(kind: str, variant: str, seed: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--with-gp", action="store_true",
-                    help="include Optuna's GP sampler in part 2 (over 5 minutes for 3 x 150 trials on 2 cores)")
+    ap.add_argument(
+        "--with-gp",
+        action="store_true",
+        help="include Optuna's GP sampler in part 2 (over 5 minutes for 3 x 150 trials on 2 cores)",
+    )
     args = ap.parse_args()
     seeds = range(args.seeds)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; {args.seeds} seeds")
-    print(f"\n1. per-layer quadratic bowl, {bowl_genome().dimension} genes: evaluations to fitness 0.95 (budget {BOWL_BUDGET})")
+    print(
+        f"\n1. per-layer quadratic bowl, {bowl_genome().dimension} genes: evaluations to fitness 0.95 "
+        f"(budget {BOWL_BUDGET})"
+    )
     for name in ("random", "cma", "cmaes", "tpe"):
         started = time.perf_counter()
         hits = [run_bowl(name, s, BOWL_BUDGET) for s in seeds]
         shown = [str(h) if h else f">{BOWL_BUDGET}" for h in hits]
         med = statistics.median(h or BOWL_BUDGET + 1 for h in hits)
-        print(f"  {name:<14} median {med if med <= BOWL_BUDGET else '>' + str(BOWL_BUDGET):>6}   runs {', '.join(shown)}"
-              f"   ({time.perf_counter() - started:.0f} s)")
+        print(
+            f"  {name:<14} median {med if med <= BOWL_BUDGET else '>' + str(BOWL_BUDGET):>6}   runs {', '.join(shown)}"
+            f"   ({time.perf_counter() - started:.0f} s)"
+        )
     ideal = true_front_hv()
-    print(f"\n2. two-objective trade-off, 4 genes: hypervolume after {FRONT_BUDGET} evaluations, "
-          f"fraction of the true front's ({ideal:.3f})")
+    print(
+        f"\n2. two-objective trade-off, 4 genes: hypervolume after {FRONT_BUDGET} evaluations, "
+        f"fraction of the true front's ({ideal:.3f})"
+    )
     for name in ("random", "nsga2", "nsga3", "tpe", *(["gp"] if args.with_gp else [])):
         started = time.perf_counter()
         hv = [run_front(name, s, FRONT_BUDGET) / ideal for s in seeds]
-        print(f"  {name:<14} median {statistics.median(hv):.3f}   runs {', '.join(f'{h:.3f}' for h in hv)}"
-              f"   ({time.perf_counter() - started:.0f} s)")
+        print(
+            f"  {name:<14} median {statistics.median(hv):.3f}   runs {', '.join(f'{h:.3f}' for h in hv)}"
+            f"   ({time.perf_counter() - started:.0f} s)"
+        )
     print(f"\n3. noisy bowl, {NOISE_DIM} genes: noise-free error of the final mean after {NOISE_BUDGET} evaluations")
     variants = ("evomerge cma", "evomerge cma+noise", "pycma loop", "pycma loop+noise")
     print(f"  {'noise':<16}" + "".join(f"{v:>20}" for v in variants))

@@ -34,20 +34,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         manifest = build_zoo(Path(tmp) / "zoo", PRESETS[args.preset])
         build_s = time.perf_counter() - started
-        print(f"preset {args.preset}: {manifest['models'][0]['parameters']:,} parameters per model, "
-              f"{len(manifest['models'])} models, fresh build {build_s:.1f} s (target < 300 s)")
+        print(
+            f"preset {args.preset}: {manifest['models'][0]['parameters']:,} parameters per model, "
+            f"{len(manifest['models'])} models, fresh build {build_s:.1f} s (target < 300 s)"
+        )
         for split in ("search", "report"):
             started = time.perf_counter()
             report = evaluate_zoo(Path(tmp) / "zoo", REPO / "evaluators" / "zoo", split=split)
             elapsed = time.perf_counter() - started
-            print(f"\n{split} split: {len(report.scores)} models x {len(report.skills)} tasks x 200 docs "
-                  f"in {elapsed:.1f} s")
+            print(
+                f"\n{split} split: {len(report.scores)} models x {len(report.skills)} tasks x 200 docs "
+                f"in {elapsed:.1f} s"
+            )
             print(report.table())
             pairs = ", ".join(f"{a}+{b}" for a, b in report.winning_pairs) or "none"
             print(f"merges beating both experts on their two-skill mean: {pairs}")

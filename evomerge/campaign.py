@@ -103,8 +103,10 @@ class CampaignLock:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise CampaignError(f"{self.path.parent}: the campaign is in use by another evomerge process "
-                                    f"(pid {holder}); wait for it to end or stop it") from None
+                raise CampaignError(
+                    f"{self.path.parent}: the campaign is in use by another evomerge process "
+                    f"(pid {holder}); wait for it to end or stop it"
+                ) from None
             raise CampaignError(f"{self.path}: cannot lock ({e.strerror})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -146,8 +148,15 @@ class Loaded:
         from evomerge.search.space import Genome
 
         genome = Genome(self.parts["space"], self.parts["num_layers"], seed=self.experiment.seed)
-        return Search(genome, self.experiment.optimizer.name, self.objectives, self.experiment.seed,
-                      self.directory, self.experiment.optimizer.options, writable=self.lock is not None)
+        return Search(
+            genome,
+            self.experiment.optimizer.name,
+            self.objectives,
+            self.experiment.seed,
+            self.directory,
+            self.experiment.optimizer.options,
+            writable=self.lock is not None,
+        )
 
     @property
     def reference_point(self) -> list[float] | None:
@@ -178,8 +187,10 @@ def prepare(experiment_file: str | Path, out: str | Path | None = None) -> Loade
     parts = check_experiment(exp, experiment_file)
     directory = Path(out or exp.output_dir).resolve()
     if (directory / STATE).exists():
-        raise CampaignError(f"{directory} already holds a campaign; continue it with `evomerge resume {directory}` "
-                            "or choose another output_dir")
+        raise CampaignError(
+            f"{directory} already holds a campaign; continue it with `evomerge resume {directory}` "
+            "or choose another output_dir"
+        )
     if directory.exists() and not directory.is_dir():
         raise CampaignError(f"output_dir {directory} is a file")
     if directory.exists() and any(directory.iterdir()):
@@ -196,9 +207,17 @@ def prepare(experiment_file: str | Path, out: str | Path | None = None) -> Loade
             raise CampaignError(f"{directory} already holds a campaign (started just now by another process)")
         exp = exp.model_copy(update={"output_dir": str(directory)})
         write_atomic(directory / EXPERIMENT_COPY, yaml.safe_dump(exp.model_dump(), sort_keys=False))
-        state = {"name": exp.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                 "source": str(Path(experiment_file).resolve()), "seed": exp.seed, "versions": versions(),
-                 "elapsed_s": 0.0, "parent_run_id": None, "reference_point": None, "finished": False}
+        state = {
+            "name": exp.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "source": str(Path(experiment_file).resolve()),
+            "seed": exp.seed,
+            "versions": versions(),
+            "elapsed_s": 0.0,
+            "parent_run_id": None,
+            "reference_point": None,
+            "finished": False,
+        }
         loaded = Loaded(directory, exp, state, parts, lock=lock, new=True)
         loaded.save_state()
     except BaseException:
@@ -301,8 +320,9 @@ class Budget:
         return self.elapsed0 + time.monotonic() - self.started
 
     def met(self, told: int) -> bool:
-        return ((self.max_evaluations is not None and told >= self.max_evaluations)
-                or (self.max_seconds is not None and self.elapsed() >= self.max_seconds))
+        return (self.max_evaluations is not None and told >= self.max_evaluations) or (
+            self.max_seconds is not None and self.elapsed() >= self.max_seconds
+        )
 
     def room(self, told: int, in_flight: int) -> int:
         """How many more candidates may be started now."""
@@ -372,14 +392,28 @@ def worker_pool(loaded: Loaded):
     from evomerge.environment import OFFLINE, QUIET_DEFAULTS, SAFETY
 
     exp, w = loaded.experiment, loaded.experiment.workers
-    spec = WorkerSpec(models=exp.models, base=loaded.parts["space"].base,
-                      evaluator=loaded.parts["evaluator"].model_dump(), evaluator_source=exp.evaluator,
-                      split=loaded.parts["evaluator"].split, device=w.device, dtype=w.dtype,
-                      trust_remote_code=exp.trust_remote_code, allow_pickle=exp.allow_pickle,
-                      env={k: os.environ[k] for k in (*QUIET_DEFAULTS, *SAFETY, *OFFLINE) if k in os.environ})
-    return WorkerPool(spec, workers=w.count, cpus_per_worker=w.cpus_per_worker, gpus_per_worker=w.gpus_per_worker,
-                      address=w.address, temp_dir=loaded.directory / "ray", max_retries=w.max_retries,
-                      timeout_s=w.timeout_s)
+    spec = WorkerSpec(
+        models=exp.models,
+        base=loaded.parts["space"].base,
+        evaluator=loaded.parts["evaluator"].model_dump(),
+        evaluator_source=exp.evaluator,
+        split=loaded.parts["evaluator"].split,
+        device=w.device,
+        dtype=w.dtype,
+        trust_remote_code=exp.trust_remote_code,
+        allow_pickle=exp.allow_pickle,
+        env={k: os.environ[k] for k in (*QUIET_DEFAULTS, *SAFETY, *OFFLINE) if k in os.environ},
+    )
+    return WorkerPool(
+        spec,
+        workers=w.count,
+        cpus_per_worker=w.cpus_per_worker,
+        gpus_per_worker=w.gpus_per_worker,
+        address=w.address,
+        temp_dir=loaded.directory / "ray",
+        max_retries=w.max_retries,
+        timeout_s=w.timeout_s,
+    )
 
 
 def open_tracker(loaded: Loaded, search):
@@ -389,13 +423,22 @@ def open_tracker(loaded: Loaded, search):
 
     exp = loaded.experiment
     uri, artifacts = loaded.tracking()
-    tracker = Tracker(uri, exp.tracking.experiment or exp.name, [o.name for o in loaded.objectives],
-                      [o.direction for o in loaded.objectives], artifacts, exp.tracking.refresh_s)
+    tracker = Tracker(
+        uri,
+        exp.tracking.experiment or exp.name,
+        [o.name for o in loaded.objectives],
+        [o.direction for o in loaded.objectives],
+        artifacts,
+        exp.tracking.refresh_s,
+    )
     params = flatten({"experiment": exp.model_dump(exclude={"output_dir"})})
     params.update({f"versions.{k}": v for k, v in loaded.state["versions"].items()})
-    parent = tracker.open(loaded.state.get("parent_run_id"), params,
-                          {"evomerge.seed": str(exp.seed), "evomerge.campaign_dir": str(loaded.directory)},
-                          loaded.directory / EXPERIMENT_COPY)
+    parent = tracker.open(
+        loaded.state.get("parent_run_id"),
+        params,
+        {"evomerge.seed": str(exp.seed), "evomerge.campaign_dir": str(loaded.directory)},
+        loaded.directory / EXPERIMENT_COPY,
+    )
     if loaded.state.get("parent_run_id") != parent:
         loaded.state["parent_run_id"] = parent
         loaded.save_state()
@@ -418,8 +461,11 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
     if not search.trials:
         for point in seeds:
             search.enqueue(point)
-    budget = Budget(exp.budget.max_evaluations, exp.budget.max_minutes * 60 if exp.budget.max_minutes else None,
-                    float(loaded.state.get("elapsed_s", 0.0)))
+    budget = Budget(
+        exp.budget.max_evaluations,
+        exp.budget.max_minutes * 60 if exp.budget.max_minutes else None,
+        float(loaded.state.get("elapsed_s", 0.0)),
+    )
     told = lambda: sum(t.status != "running" for t in search.trials)  # noqa: E731
     if budget.met(told()):  # nothing left to do: no workers to start
         return summary(loaded, search, None, "FINISHED")
@@ -480,10 +526,16 @@ def _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_se
         for outcome in pool.poll(timeout=1.0):
             for result in fail_fast.admit(outcome):
                 score = result.score
-                info = {"timings": score.timings, "attempts": result.attempts, "wall_s": result.seconds,
-                        "worker": result.worker, **({"reason": score.reason} if score.reason else {})}
-                trial = search.tell(result.key, [score.values[k] for k in names] if score.status == "done" else None,
-                                    info)
+                info = {
+                    "timings": score.timings,
+                    "attempts": result.attempts,
+                    "wall_s": result.seconds,
+                    "worker": result.worker,
+                    **({"reason": score.reason} if score.reason else {}),
+                }
+                trial = search.tell(
+                    result.key, [score.values[k] for k in names] if score.status == "done" else None, info
+                )
                 told += 1
                 tracker.candidate(trial, genes, samples=score.samples)
                 if reference is None and len(search.finished) >= max(1, n_seeds):
@@ -491,7 +543,7 @@ def _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_se
                     loaded.save_state()
                 if on_result:
                     on_result(trial)
-            display.update(lambda: progress_line(search, budget, session0, reference))
+            display.update(lambda ref=reference: progress_line(search, budget, session0, ref))
         if tracker.due():
             tracker.publish(search.snapshot(reference))
 
@@ -533,10 +585,19 @@ def summary(loaded: Loaded, search, stopped: str | None, status: RunStatus, exit
     """What a run did; ``exit``: the process's exit status for it (0, 128 + signal, or EXIT_HALTED)."""
     told = [t for t in search.trials if t.status != "running"]
     reference = loaded.reference_point
-    out = {"directory": str(loaded.directory), "evaluations": len(told), "done": len(search.finished),
-           "failed": len(told) - len(search.finished), "front": [t.id for t in search.front()],
-           "status": status, "stopped": stopped, "exit": exit_code, "parent_run_id": loaded.state.get("parent_run_id"),
-           "tracking_uri": loaded.tracking()[0], "budget": loaded.experiment.budget.max_evaluations}
+    out = {
+        "directory": str(loaded.directory),
+        "evaluations": len(told),
+        "done": len(search.finished),
+        "failed": len(told) - len(search.finished),
+        "front": [t.id for t in search.front()],
+        "status": status,
+        "stopped": stopped,
+        "exit": exit_code,
+        "parent_run_id": loaded.state.get("parent_run_id"),
+        "tracking_uri": loaded.tracking()[0],
+        "budget": loaded.experiment.budget.max_evaluations,
+    }
     if reference:
         out["hypervolume"] = search.hypervolume(reference)
         out["reference_point"] = reference
@@ -561,8 +622,10 @@ def front_table(loaded: Loaded, search) -> list[dict]:
     front = search.front()
     directions = [o.direction for o in loaded.objectives]
     crowd = crowding_distances([t.values for t in front], directions) if front else []
-    rows = [{"trial": t.id, **{o.name: v for o, v in zip(loaded.objectives, t.values)}, "crowding": c}
-            for t, c in zip(front, crowd)]
+    rows = [
+        {"trial": t.id, **{o.name: v for o, v in zip(loaded.objectives, t.values)}, "crowding": c}
+        for t, c in zip(front, crowd)
+    ]
     first = loaded.objectives[0]
     return sorted(rows, key=lambda r: r[first.name], reverse=first.direction == "maximize")
 
@@ -589,8 +652,10 @@ def pick(loaded: Loaded, search, trial: int | None = None, weights: dict[str, fl
     if weights is not None:
         unknown = sorted(set(weights) - {o.name for o in objectives})
         if unknown:
-            raise CampaignError(f"--weights: unknown objective(s) {', '.join(unknown)}; "
-                                f"objectives: {', '.join(o.name for o in objectives)}")
+            raise CampaignError(
+                f"--weights: unknown objective(s) {', '.join(unknown)}; "
+                f"objectives: {', '.join(o.name for o in objectives)}"
+            )
         try:
             return done[weighted_pick(points, directions, [weights.get(o.name, 0.0) for o in objectives])]
         except ValueError as e:

@@ -71,7 +71,6 @@ def cmd_zoo_eval(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.evaluate.lmeval import TaskError, TaskSuite, wrap_model
     from evomerge.models.loading import ModelLoadError, load_causal_lm
@@ -94,9 +93,15 @@ def cmd_merge(args) -> int:
 
     try:
         recipe = load_recipe(args.recipe)
-        out = merge_to_disk(recipe, args.out, allow_pickle=args.allow_pickle, overwrite=args.force,
-                            shard_bytes=parse_size(args.shard_size), progress=not args.quiet,
-                            device=args.device)
+        out = merge_to_disk(
+            recipe,
+            args.out,
+            allow_pickle=args.allow_pickle,
+            overwrite=args.force,
+            shard_bytes=parse_size(args.shard_size),
+            progress=not args.quiet,
+            device=args.device,
+        )
     except (RecipeError, MergeError) as e:
         raise UserError(f"{args.recipe}: {e}" if not str(e).startswith(str(args.recipe)) else str(e)) from None
     print(out)
@@ -120,8 +125,10 @@ def cmd_space_show(args) -> int:
         genome = Genome(space, layers)
     except SpaceError as e:
         raise UserError(str(e)) from None
-    print(f"{args.file}: {genome.dimension} genes for a {layers}-layer model; method "
-          f"{' | '.join(space.methods)}; granularity {space.layers.granularity}")
+    print(
+        f"{args.file}: {genome.dimension} genes for a {layers}-layer model; method "
+        f"{' | '.join(space.methods)}; granularity {space.layers.granularity}"
+    )
     for g in genome.genes:
         print(f"  {g.name:<40} [{g.low:g}, {g.high:g}]")
     return 0
@@ -137,9 +144,11 @@ def _campaign_errors():
 
 def _finish(summary: dict) -> int:
     d = summary["directory"]
-    print(f"evaluations {summary['evaluations']} ({summary['done']} done, {summary['failed']} failed); "
-          f"front: {len(summary['front'])} candidates" +
-          (f"; hypervolume {summary['hypervolume']:.4g}" if "hypervolume" in summary else ""))
+    print(
+        f"evaluations {summary['evaluations']} ({summary['done']} done, {summary['failed']} failed); "
+        f"front: {len(summary['front'])} candidates"
+        + (f"; hypervolume {summary['hypervolume']:.4g}" if "hypervolume" in summary else "")
+    )
     print(f"campaign: {d}")
     if summary["stopped"]:
         print(f"stopped ({summary['stopped']}); continue with: evomerge resume {d}")
@@ -150,8 +159,10 @@ def _finish(summary: dict) -> int:
     print(f"export:   evomerge export {d} --best --out {d}/export")
     uri = summary["tracking_uri"]
     if uri.startswith("sqlite"):
-        print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  "
-              "(then filter runs with: tags.pareto = 'true')")
+        print(
+            f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  "
+            "(then filter runs with: tags.pareto = 'true')"
+        )
     else:
         print(f"MLflow: {uri} (filter runs with: tags.pareto = 'true')")
     return 0
@@ -196,13 +207,19 @@ def cmd_status(args) -> int:
     told = [t for t in search.trials if t.status != "running"]
     done = search.finished
     print(f"campaign {exp.name}: {loaded.directory}")
-    print(f"optimizer {exp.optimizer.name}, seed {exp.seed}, objectives "
-          + ", ".join(f"{o.name} ({o.direction})" for o in loaded.objectives))
+    print(
+        f"optimizer {exp.optimizer.name}, seed {exp.seed}, objectives "
+        + ", ".join(f"{o.name} ({o.direction})" for o in loaded.objectives)
+    )
     budget = exp.budget.max_evaluations
-    print(f"evaluations {len(told)}" + (f"/{budget}" if budget else "") + f": {len(done)} done, "
-          f"{len(told) - len(done)} failed, {len(search.trials) - len(told)} in flight when last stopped")
-    print(f"elapsed {loaded.state.get('elapsed_s', 0):.0f} s; "
-          + ("finished" if loaded.state.get("finished") else "not finished (evomerge resume to continue)"))
+    print(
+        f"evaluations {len(told)}" + (f"/{budget}" if budget else "") + f": {len(done)} done, "
+        f"{len(told) - len(done)} failed, {len(search.trials) - len(told)} in flight when last stopped"
+    )
+    print(
+        f"elapsed {loaded.state.get('elapsed_s', 0):.0f} s; "
+        + ("finished" if loaded.state.get("finished") else "not finished (evomerge resume to continue)")
+    )
     if done:
         front = search.front()
         ref = loaded.reference_point
@@ -224,8 +241,13 @@ def cmd_pareto(args) -> int:
     for r in rows:
         print(f"{r['trial']:>5}  " + "".join(f"{r[n]:>14.5g}" for n in names) + f"{r['crowding']:>10.3g}")
     done = search.finished
-    html, png = front_plots([t.id for t in done], [t.values for t in done], [r["trial"] for r in rows],
-                            names, [o.direction for o in loaded.objectives])
+    html, png = front_plots(
+        [t.id for t in done],
+        [t.values for t in done],
+        [r["trial"] for r in rows],
+        names,
+        [o.direction for o in loaded.objectives],
+    )
     out = Path(args.plot) if args.plot else loaded.directory / "front.png"
     import matplotlib.pyplot as plt
 
@@ -237,7 +259,9 @@ def cmd_pareto(args) -> int:
         tmp.replace(out)
         html_out.write_text(html)
     except OSError as e:
-        raise UserError(f"cannot write the plot {e.filename or out}: {e.strerror} (choose another path with --plot)")
+        raise UserError(
+            f"cannot write the plot {e.filename or out}: {e.strerror} (choose another path with --plot)"
+        ) from None
     print(f"plot: {out} (interactive: {html_out})")
     return 0
 
@@ -255,12 +279,22 @@ def cmd_export(args) -> int:
     loaded, search = _open_for_reading(args.campaign)
     try:
         trial = campaign.pick(loaded, search, trial=args.trial, weights=weights)
-        record = export(loaded, trial, Path(args.out), force=args.force, evaluate=not args.no_eval,
-                        register=args.register, progress=not args.quiet)
+        record = export(
+            loaded,
+            trial,
+            Path(args.out),
+            force=args.force,
+            evaluate=not args.no_eval,
+            register=args.register,
+            progress=not args.quiet,
+        )
     except _campaign_errors() as e:
         raise UserError(str(e)) from None
-    print(f"trial {trial.id}: " + ", ".join(f"{k} {v:.4g}" for k, v in record["search_scores"].items())
-          + " (search split)")
+    print(
+        f"trial {trial.id}: "
+        + ", ".join(f"{k} {v:.4g}" for k, v in record["search_scores"].items())
+        + " (search split)"
+    )
     if "report_scores" in record:
         print("report split: " + ", ".join(f"{k} {v:.4g}" for k, v in record["report_scores"].items()))
     if record.get("registered"):
@@ -278,8 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="the offline model zoo").add_subparsers(dest="zoo_command", required=True)
     p = zoo.add_parser("build", help="train the tokenizer, base and experts (cached)")
     p.add_argument("--out", required=True, type=Path, help="zoo directory")
-    p.add_argument("--preset", choices=sorted(PRESET_NAMES), default="default",
-                   help="default: the demo zoo; micro: seconds, learns nothing (smoke tests)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESET_NAMES),
+        default="default",
+        help="default: the demo zoo; micro: seconds, learns nothing (smoke tests)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--architecture", choices=["llama", "qwen2"])
     p.set_defaults(func=cmd_zoo_build)
@@ -297,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge a recipe (mergekit-compatible YAML) from disk to disk")
     p.add_argument("recipe", type=Path)
     p.add_argument("--out", required=True, type=Path, help="output model directory")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow loading pickled .bin checkpoints (they can execute code)")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="allow loading pickled .bin checkpoints (they can execute code)"
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--shard-size", default="2GB", help="largest output shard (default 2GB)")
     p.add_argument("--device", default="cpu", help="where to compute (cpu, cuda, cuda:1)")

@@ -124,6 +124,7 @@ def load_experiment(path: str | Path) -> Experiment:
 
 def resolve_paths(exp: Experiment, folder: Path) -> Experiment:
     """Relative file paths made absolute against ``folder`` (the experiment file's)."""
+
     def local(p: str) -> str:
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (folder / q).resolve())
@@ -131,15 +132,19 @@ def resolve_paths(exp: Experiment, folder: Path) -> Experiment:
     def model(ref: str) -> str:
         return local(ref) if is_local_model(ref, relative_to=folder) else ref  # else a hub id
 
-    return exp.model_copy(update={
-        "models": {k: model(v) for k, v in exp.models.items()},
-        "search_space": local(exp.search_space), "evaluator": local(exp.evaluator),
-        "seeds": exp.seeds.model_copy(update={"recipes": [local(r) for r in exp.seeds.recipes]}),
-    })
+    return exp.model_copy(
+        update={
+            "models": {k: model(v) for k, v in exp.models.items()},
+            "search_space": local(exp.search_space),
+            "evaluator": local(exp.evaluator),
+            "seeds": exp.seeds.model_copy(update={"recipes": [local(r) for r in exp.seeds.recipes]}),
+        }
+    )
 
 
-def check_experiment(exp: Experiment, source: str | Path, check_tracking: bool = True,
-                     check_tasks: bool = True) -> dict:
+def check_experiment(
+    exp: Experiment, source: str | Path, check_tracking: bool = True, check_tasks: bool = True
+) -> dict:
     """Everything that can be checked before compute; returns the parts it loaded
     (``space``, ``evaluator``, ``num_layers``). Raises ExperimentError naming file and field.
 
@@ -176,7 +181,7 @@ def check_experiment(exp: Experiment, source: str | Path, check_tracking: bool =
         wanted = exp.objectives or names
         if sorted(exp.reference_point) != sorted(wanted):
             fail("reference_point", f"give one value for each objective: {', '.join(wanted)}")
-    for i, model in enumerate([space.base, *space.models]):
+    for model in [space.base, *space.models]:
         if model not in exp.models:
             fail("models", f"the search space uses model '{model}', which the experiment does not give")
     configs = {}
@@ -186,8 +191,11 @@ def check_experiment(exp: Experiment, source: str | Path, check_tracking: bool =
     for name, config in configs.items():
         for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
             if config.get(key) != base.get(key):
-                fail(f"models.{name}", f"incompatible with the base '{space.base}': {key} is "
-                                       f"{config.get(key)!r}, the base's is {base.get(key)!r}")
+                fail(
+                    f"models.{name}",
+                    f"incompatible with the base '{space.base}': {key} is "
+                    f"{config.get(key)!r}, the base's is {base.get(key)!r}",
+                )
     _check_tensors(exp.models, space.base, fail)
     num_layers = int(base["num_hidden_layers"])
     try:  # the optimizer as the campaign will build it: options' values, the genome's dimension

@@ -50,8 +50,13 @@ def score_model_dir(path: Path, loaded: Loaded, split: str = "report") -> dict[s
     """Objectives of the exported model on ``split``, loaded from disk (what is shipped is what is scored)."""
     from evomerge.evaluate.candidate import CandidateScorer
 
-    scorer = CandidateScorer({"model": str(path)}, "model", loaded.parts["evaluator"], split=split,
-                             trust_remote_code=loaded.experiment.trust_remote_code)
+    scorer = CandidateScorer(
+        {"model": str(path)},
+        "model",
+        loaded.parts["evaluator"],
+        split=split,
+        trust_remote_code=loaded.experiment.trust_remote_code,
+    )
     from evomerge.recipe import parse_recipe
 
     identity = parse_recipe({"merge_method": "linear", "models": [{"model": "model", "parameters": {"weight": 1.0}}]})
@@ -89,8 +94,15 @@ def _merge_into(recipe, staging: Path, out: Path, force: bool, allow_pickle: boo
         raise CampaignError(f"cannot write {out}: {e.strerror or first_line(e)}") from None
 
 
-def export(loaded: Loaded, trial, out: Path, force: bool = False, evaluate: bool = True,
-           register: str | None = None, progress: bool = True) -> dict:
+def export(
+    loaded: Loaded,
+    trial,
+    out: Path,
+    force: bool = False,
+    evaluate: bool = True,
+    register: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Export ``trial`` to ``out`` atomically (see the module docstring); returns what
     ``evomerge.json`` records, plus ``path`` (and ``registered`` with ``register``)."""
     from evomerge.merge.ondisk import model_card
@@ -101,15 +113,24 @@ def export(loaded: Loaded, trial, out: Path, force: bool = False, evaluate: bool
     staging = staging_dir(out)
     try:
         _merge_into(recipe, staging, out, force, exp.allow_pickle, progress)
-        record = {"campaign": str(loaded.directory), "trial": trial.id, "genome": trial.genome,
-                  "search_scores": dict(zip([o.name for o in loaded.objectives], trial.values or [])),
-                  "seed": exp.seed}
+        record = {
+            "campaign": str(loaded.directory),
+            "trial": trial.id,
+            "genome": trial.genome,
+            "search_scores": dict(zip([o.name for o in loaded.objectives], trial.values or [])),
+            "seed": exp.seed,
+        }
         if evaluate:
             scores = score_model_dir(staging, loaded)
             record["report_scores"] = scores
             card = model_card(recipe, {f"{k} (report split)": v for k, v in scores.items()})
-            card += ("\n## Search\n\nCampaign `" + exp.name + f"`, trial {trial.id}; search-split scores: "
-                     + ", ".join(f"{k} {v:.4g}" for k, v in record["search_scores"].items()) + ".\n")
+            card += (
+                "\n## Search\n\nCampaign `"
+                + exp.name
+                + f"`, trial {trial.id}; search-split scores: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in record["search_scores"].items())
+                + ".\n"
+            )
             (staging / "README.md").write_text(card)
         meta = json.loads((staging / "evomerge.json").read_text())
         meta.update(record)

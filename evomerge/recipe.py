@@ -17,7 +17,7 @@ Parameter values follow mergekit's semantics (see ``resolve_setting``):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,16 +29,16 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file and the field."""
 
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 class FilterValue(BaseModel):
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
-    value: Union[Scalar, list[Scalar]]
+    value: Scalar | list[Scalar]
 
 
-Setting = Union[Scalar, list[Scalar], list[FilterValue]]
+Setting = Scalar | list[Scalar] | list[FilterValue]
 Settings = dict[str, Setting]
 
 
@@ -115,8 +115,9 @@ class Recipe(BaseModel):
             for i, sl in enumerate(self.slices):
                 ranges = {s.layer_range for s in sl.sources}
                 if len(ranges) != 1:
-                    raise ValueError(f"slices[{i}]: all sources must share one layer_range "
-                                     "(layer stacking is not supported)")
+                    raise ValueError(
+                        f"slices[{i}]: all sources must share one layer_range (layer stacking is not supported)"
+                    )
                 if [s.model for s in sl.sources] != first:
                     raise ValueError(f"slices[{i}]: every slice must list the same models in the same order")
                 if sl.base_model not in (None, self.base_model):
@@ -125,8 +126,10 @@ class Recipe(BaseModel):
             for i, sl in enumerate(self.slices):
                 lo, hi = sl.sources[0].layer_range
                 if lo != ends[-1]:
-                    raise ValueError(f"slices[{i}].layer_range starts at {lo}, expected {ends[-1]}: "
-                                     "slices must be contiguous and in order")
+                    raise ValueError(
+                        f"slices[{i}].layer_range starts at {lo}, expected {ends[-1]}: "
+                        "slices must be contiguous and in order"
+                    )
                 ends.append(hi)
             if ends[0] != 0:
                 raise ValueError("slices must start at layer 0")
@@ -180,6 +183,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 # --- parameter resolution (mergekit semantics) ------------------------------------------------
+
 
 def resolve_setting(setting: Setting | FilterValue, tensor_name: str, t: float) -> Any:
     """The value of one setting for a tensor at relative depth ``t`` (0..1) in its slice.

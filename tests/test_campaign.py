@@ -13,7 +13,6 @@ import urllib.request
 import psutil
 import pytest
 import yaml
-
 from conftest import REPO
 
 TASKS = REPO / "evaluators" / "zoo"
@@ -21,15 +20,26 @@ TASKS = REPO / "evaluators" / "zoo"
 
 def write_evaluator(tmp_path, limit=20, batch_size=20, name="evaluator.yaml"):
     path = tmp_path / name
-    path.write_text(yaml.safe_dump({"limit": limit, "seed": 0, "batch_size": batch_size, "objectives": [
-        {"name": "add", "task": str(TASKS / "zoo_add_{split}.yaml"), "metric": "exact_match"},
-        {"name": "sort", "task": str(TASKS / "zoo_sort_{split}.yaml"), "metric": "acc"}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "limit": limit,
+                "seed": 0,
+                "batch_size": batch_size,
+                "objectives": [
+                    {"name": "add", "task": str(TASKS / "zoo_add_{split}.yaml"), "metric": "exact_match"},
+                    {"name": "sort", "task": str(TASKS / "zoo_sort_{split}.yaml"), "metric": "acc"},
+                ],
+            }
+        )
+    )
     return path
 
 
 def experiment(tmp_path, zoo, name="exp.yaml", **overrides):
     data = {
-        "name": "t-campaign", "seed": 3,
+        "name": "t-campaign",
+        "seed": 3,
         "models": {m: str(zoo / m) for m in ("base", "expert-add", "expert-sort")},
         "search_space": str(REPO / "search_spaces" / "two_experts_layer_groups.yaml"),
         "evaluator": str(write_evaluator(tmp_path)),
@@ -53,13 +63,25 @@ def experiment(tmp_path, zoo, name="exp.yaml", **overrides):
 
 
 def cli(*args, cwd, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-m", "evomerge", "--offline", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge", "--offline", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def start(*args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "evomerge", "--offline", *map(str, args)], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge", "--offline", *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def tells(directory):
@@ -107,18 +129,50 @@ def free_port():
 BAD = {
     "missing budget": ({"budget": None}, r"exp.yaml: missing required field 'budget'"),
     "unknown optimizer": ({"optimizer": {"name": "sgd"}}, "exp.yaml: optimizer.name: unknown optimizer 'sgd'"),
-    "missing model": ({"models": {"expert-add": "/nonexistent/model"}}, "exp.yaml: models.expert-add: model directory not found"),
+    "missing model": (
+        {"models": {"expert-add": "/nonexistent/model"}},
+        "exp.yaml: models.expert-add: model directory not found",
+    ),
     "space model not given": ({"models": "drop-sort"}, "exp.yaml: models: the search space uses model 'expert-sort'"),
     "unknown objective": ({"objectives": ["add", "speed"]}, "exp.yaml: objectives[1]: 'speed' is not an objective"),
-    "bad reference": ({"reference_point": {"add": 0.0}}, "exp.yaml: reference_point: give one value for each objective"),
-    "unreachable tracking": ({"tracking": {"uri": "http://127.0.0.1:PORT"}}, "exp.yaml: tracking.uri: tracking server http://127.0.0.1:PORT unreachable"),
-    "incompatible architecture": ({"models": "wide-sort"}, "exp.yaml: models.expert-sort: incompatible with the base 'base': hidden_size"),
-    "tensor shape differs": ({"models": "reshaped-sort"}, "exp.yaml: models.expert-sort: cannot be merged with the base 'base': tensor 'model.layers.0.mlp.up_proj.weight' has shape (129, "),
-    "unknown optimizer option": ({"optimizer": {"options": {"popsiz": 8}}}, "exp.yaml: optimizer.options: popsiz: not an option of optimizer 'nsga2'; valid: sampler_options"),
-    "unknown sampler option": ({"optimizer": {"options": {"sampler_options": {"population_siz": 4}}}}, "exp.yaml: optimizer.options: sampler_options: NSGAIISampler takes no option(s) population_siz"),
-    "bad optimizer option value": ({"optimizer": {"name": "cma", "options": {"popsize": 1}}}, "exp.yaml: optimizer.options: popsize: Input should be greater than or equal to 2"),
-    "metric not reported": ({"evaluator": "metric:no_such_metric"}, "exp.yaml: evaluator: EVALUATOR: objectives[1].metric: task zoo_sort_search does not report 'no_such_metric'; it reports: acc"),
-    "unknown lm-eval task": ({"evaluator": "task:no_such_task_xyz"}, "exp.yaml: evaluator: EVALUATOR: objectives: unknown lm-eval task(s) ['no_such_task_xyz']"),
+    "bad reference": (
+        {"reference_point": {"add": 0.0}},
+        "exp.yaml: reference_point: give one value for each objective",
+    ),
+    "unreachable tracking": (
+        {"tracking": {"uri": "http://127.0.0.1:PORT"}},
+        "exp.yaml: tracking.uri: tracking server http://127.0.0.1:PORT unreachable",
+    ),
+    "incompatible architecture": (
+        {"models": "wide-sort"},
+        "exp.yaml: models.expert-sort: incompatible with the base 'base': hidden_size",
+    ),
+    "tensor shape differs": (
+        {"models": "reshaped-sort"},
+        "exp.yaml: models.expert-sort: cannot be merged with the base 'base': "
+        "tensor 'model.layers.0.mlp.up_proj.weight' has shape (129, ",
+    ),
+    "unknown optimizer option": (
+        {"optimizer": {"options": {"popsiz": 8}}},
+        "exp.yaml: optimizer.options: popsiz: not an option of optimizer 'nsga2'; valid: sampler_options",
+    ),
+    "unknown sampler option": (
+        {"optimizer": {"options": {"sampler_options": {"population_siz": 4}}}},
+        "exp.yaml: optimizer.options: sampler_options: NSGAIISampler takes no option(s) population_siz",
+    ),
+    "bad optimizer option value": (
+        {"optimizer": {"name": "cma", "options": {"popsize": 1}}},
+        "exp.yaml: optimizer.options: popsize: Input should be greater than or equal to 2",
+    ),
+    "metric not reported": (
+        {"evaluator": "metric:no_such_metric"},
+        "exp.yaml: evaluator: EVALUATOR: objectives[1].metric: "
+        "task zoo_sort_search does not report 'no_such_metric'; it reports: acc",
+    ),
+    "unknown lm-eval task": (
+        {"evaluator": "task:no_such_task_xyz"},
+        "exp.yaml: evaluator: EVALUATOR: objectives: unknown lm-eval task(s) ['no_such_task_xyz']",
+    ),
 }
 
 
@@ -141,8 +195,11 @@ def reshaped_expert(zoo, tmp_path):
     import torch
 
     name = "model.layers.0.mlp.up_proj.weight"
-    return edited_model(zoo / "expert-sort", tmp_path / "reshaped",
-                        lambda state: state.__setitem__(name, torch.cat([state[name], state[name][:1]])))
+    return edited_model(
+        zoo / "expert-sort",
+        tmp_path / "reshaped",
+        lambda state: state.__setitem__(name, torch.cat([state[name], state[name][:1]])),
+    )
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -162,7 +219,8 @@ def test_bad_experiments_fail_in_one_line_before_any_compute(zoo, tmp_path, case
         overrides["models"] = {m: str(zoo / m) for m in ("base", "expert-add")} | {"expert-sort": str(wide)}
     elif overrides.get("models") == "reshaped-sort":
         overrides["models"] = {m: str(zoo / m) for m in ("base", "expert-add")} | {
-            "expert-sort": str(reshaped_expert(zoo, tmp_path))}
+            "expert-sort": str(reshaped_expert(zoo, tmp_path))
+        }
     elif "models" in overrides:
         overrides["models"] = {m: str(zoo / m) for m in ("base", "expert-add", "expert-sort")} | overrides["models"]
     if str(overrides.get("evaluator", "")).startswith(("metric:", "task:")):
@@ -188,18 +246,35 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "mlflow") if (REPO / ".venv" / "bin" / "mlflow").exists()
-                             else "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(REPO / ".venv" / "bin" / "mlflow") if (REPO / ".venv" / "bin" / "mlflow").exists() else "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def up():
             try:
                 return urllib.request.urlopen(url + "/health", timeout=1).status == 200
             except OSError:
                 return False
+
         wait_for(up, 90, "the MLflow server")
         yield url
     finally:
@@ -211,15 +286,19 @@ def rest(url, path, body=None):
     if body is None:
         req = urllib.request.Request(url + path)
     else:
-        req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url + path, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+        )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
 
 def runs(url, experiment_id, filter_string):
-    return rest(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id], "filter": filter_string,
-                                                      "max_results": 1000}).get("runs", [])
+    return rest(
+        url,
+        "/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [experiment_id], "filter": filter_string, "max_results": 1000},
+    ).get("runs", [])
 
 
 def test_campaign_tracks_runs_front_and_artifacts_on_a_real_mlflow_server(zoo, tmp_path, mlflow_server):
@@ -230,7 +309,9 @@ def test_campaign_tracks_runs_front_and_artifacts_on_a_real_mlflow_server(zoo, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "evaluations 12 (" in result.stdout and f"MLflow: {mlflow_server}" in result.stdout
 
-    exp_id = rest(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=t-server")["experiment"]["experiment_id"]
+    exp_id = rest(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=t-server")["experiment"][
+        "experiment_id"
+    ]
     (parent,) = runs(mlflow_server, exp_id, "tags.`evomerge.campaign_dir` != ''")
     pid = parent["info"]["run_id"]
     assert parent["info"]["status"] == "FINISHED"
@@ -256,8 +337,9 @@ def test_campaign_tracks_runs_front_and_artifacts_on_a_real_mlflow_server(zoo, t
         assert json.loads(cparams["recipe.expert-add.weight"])[0] == pytest.approx(trial.genome[0])
     # the UI's filter finds exactly the front
     front = runs(mlflow_server, exp_id, "tags.pareto = 'true'")
-    assert sorted(int({t["key"]: t["value"] for t in r["data"]["tags"]}["evomerge.trial"]) for r in front) == \
-        sorted(t.id for t in search.front())
+    assert sorted(int({t["key"]: t["value"] for t in r["data"]["tags"]}["evomerge.trial"]) for r in front) == sorted(
+        t.id for t in search.front()
+    )
     assert all({t["key"]: t["value"] for t in r["data"]["tags"]}["pareto_rank"] == "1" for r in front)
     history = rest(mlflow_server, f"/api/2.0/mlflow/metrics/get-history?run_id={pid}&metric_key=hypervolume")["metrics"]
     assert history and history[-1]["step"] == 12
@@ -267,7 +349,9 @@ def test_campaign_tracks_runs_front_and_artifacts_on_a_real_mlflow_server(zoo, t
     # per-sample records of a candidate: 20 documents per task, their answers and metrics
     done = next(t for t in search.trials if t.status == "done")
     run_id = trial_of[done.id]["info"]["run_id"]
-    assert "samples.json" in {f["path"] for f in rest(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}")["files"]}
+    assert "samples.json" in {
+        f["path"] for f in rest(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}")["files"]
+    }
     from mlflow import MlflowClient
 
     records = MlflowClient(tracking_uri=mlflow_server).download_artifacts(run_id, "samples.json", str(tmp_path))
@@ -332,8 +416,14 @@ def resumed(zoo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     # a few tenths of a second per candidate; stop_after freezes the workers, so no signal comes too late
     slow = write_evaluator(tmp, limit=60, batch_size=20, name="slow-evaluator.yaml")
-    path = experiment(tmp, zoo, budget={"max_evaluations": 16}, optimizer={"name": "cma", "options": {"popsize": 4}},
-                      objectives=["add", "sort"], evaluator=str(slow))
+    path = experiment(
+        tmp,
+        zoo,
+        budget={"max_evaluations": 16},
+        optimizer={"name": "cma", "options": {"popsize": 4}},
+        objectives=["add", "sort"],
+        evaluator=str(slow),
+    )
     directory = tmp / "campaign"
     log = {}
     proc = start("run", path, cwd=tmp)
@@ -356,8 +446,9 @@ def resumed(zoo, tmp_path_factory):
         from evomerge import campaign
 
         loaded = campaign.open_campaign(directory, check=False)
-        log["parent after SIGTERM"] = MlflowClient(tracking_uri=loaded.tracking()[0]).get_run(
-            loaded.state["parent_run_id"]).info.status
+        log["parent after SIGTERM"] = (
+            MlflowClient(tracking_uri=loaded.tracking()[0]).get_run(loaded.state["parent_run_id"]).info.status
+        )
 
         proc = start("resume", directory, cwd=tmp)
         stop_after(proc, directory, 10, signal.SIGKILL)  # the controller only: its Ray must go away by itself
@@ -418,7 +509,8 @@ def test_a_campaign_is_run_by_one_process_at_a_time(resumed):
     second = log["second resume"]
     assert second.returncode == 2 and second.stderr.strip().splitlines() == [
         f"evomerge: error: {directory}: the campaign is in use by another evomerge process "
-        f"(pid {log['resumer pid']}); wait for it to end or stop it"]
+        f"(pid {log['resumer pid']}); wait for it to end or stop it"
+    ]
     again = log["second run"]
     assert again.returncode == 2 and "already holds a campaign; continue it with `evomerge resume" in again.stderr
     # the SIGKILLed controller's lock did not block the last resume (asserted above: it finished)
@@ -448,11 +540,15 @@ def test_pareto_and_export(resumed):
 
     best_add = max(front, key=lambda t: (t.values[0], -t.id))
     out = tmp / "export-add"
-    result = cli("export", directory, "--weights", "add=1,sort=0", "--out", out, "--quiet", "--register", "t-model",
-                 cwd=tmp)
+    result = cli(
+        "export", directory, "--weights", "add=1,sort=0", "--out", out, "--quiet", "--register", "t-model", cwd=tmp
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((out / "evomerge.json").read_text())
-    assert meta["trial"] == best_add.id and meta["search_scores"] == {"add": best_add.values[0], "sort": best_add.values[1]}
+    assert meta["trial"] == best_add.id and meta["search_scores"] == {
+        "add": best_add.values[0],
+        "sort": best_add.values[1],
+    }
     assert set(meta["report_scores"]) == {"add", "sort"} and "registered in MLflow: t-model version 1" in result.stdout
     recipe = load_recipe(out / "mergekit_config.yml")
     assert recipe.base_model.endswith("/base") and all(m.model.startswith("/") for m in recipe.models)
@@ -462,8 +558,10 @@ def test_pareto_and_export(resumed):
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
     forced = cli("export", directory, "--trial", "1", "--out", out, "--force", "--no-eval", "--quiet", cwd=tmp)
     assert forced.returncode == 0 and json.loads((out / "evomerge.json").read_text())["trial"] == 1
-    for args, message in ((["--weights", "speed=1"], "unknown objective(s) speed"),
-                          (["--trial", "99"], "the campaign has trials 0..15")):
+    for args, message in (
+        (["--weights", "speed=1"], "unknown objective(s) speed"),
+        (["--trial", "99"], "the campaign has trials 0..15"),
+    ):
         bad = cli("export", directory, *args, "--out", tmp / "never", cwd=tmp)
         assert bad.returncode == 2 and message in bad.stderr and not (tmp / "never").exists()
 
@@ -504,8 +602,11 @@ def test_a_child_run_cut_off_mid_write_is_replaced_on_resume(tmp_path):
 # -- a systemic failure halts the campaign, resumably ------------------------------------------------
 def nan_base(zoo, tmp_path):
     """The base with a NaN in one tensor: every merge has non-finite weights, for the same reason."""
-    return edited_model(zoo / "base", tmp_path / "nan-base",
-                        lambda state: state["model.layers.1.mlp.down_proj.weight"].__setitem__((0, 0), float("nan")))
+    return edited_model(
+        zoo / "base",
+        tmp_path / "nan-base",
+        lambda state: state["model.layers.1.mlp.down_proj.weight"].__setitem__((0, 0), float("nan")),
+    )
 
 
 def test_when_the_first_candidates_all_fail_alike_the_campaign_halts_and_resumes(zoo, tmp_path):
@@ -514,14 +615,19 @@ def test_when_the_first_candidates_all_fail_alike_the_campaign_halts_and_resumes
     from evomerge import campaign
 
     base = nan_base(zoo, tmp_path)
-    path = experiment(tmp_path, zoo, models={"base": str(base), "expert-add": str(zoo / "expert-add"),
-                                             "expert-sort": str(zoo / "expert-sort")},
-                      budget={"max_evaluations": 6})
+    path = experiment(
+        tmp_path,
+        zoo,
+        models={"base": str(base), "expert-add": str(zoo / "expert-add"), "expert-sort": str(zoo / "expert-sort")},
+        budget={"max_evaluations": 6},
+    )
     directory = tmp_path / "campaign"
     result = cli("run", path, cwd=tmp_path)
     assert result.returncode == 3, result.stderr[-3000:]
-    reason = "the first 3 candidates all failed: non-finite weights after merging (1 tensors, first: " \
-             "model.layers.1.mlp.down_proj.weight)"
+    reason = (
+        "the first 3 candidates all failed: non-finite weights after merging (1 tensors, first: "
+        "model.layers.1.mlp.down_proj.weight)"
+    )
     assert f"stopped (halted: {reason}); continue with: evomerge resume {directory}" in result.stdout
     assert result.stderr.strip().splitlines()[-1] == f"evomerge: campaign halted: {reason}"
     assert tells(directory) == []  # held back: evaluated again on resume, not burnt from the budget
@@ -577,10 +683,14 @@ def test_read_only_directories_give_one_line_and_exit_2(zoo, resumed, tmp_path):
         pareto = cli("pareto", directory, cwd=tmp_path)
         elsewhere = cli("pareto", directory, "--plot", tmp_path / "front.png", cwd=tmp_path)
     for result, line in (
-            (new, f"evomerge: error: output_dir {tmp_path / 'ro' / 'new'}: cannot create it ({why})"),
-            (resume, f"evomerge: error: {directory}: campaign directory not writable ({why})"),
-            (pareto, f"evomerge: error: cannot write the plot {directory / 'front.png.tmp.png'}: {why} "
-                     "(choose another path with --plot)")):
+        (new, f"evomerge: error: output_dir {tmp_path / 'ro' / 'new'}: cannot create it ({why})"),
+        (resume, f"evomerge: error: {directory}: campaign directory not writable ({why})"),
+        (
+            pareto,
+            f"evomerge: error: cannot write the plot {directory / 'front.png.tmp.png'}: {why} "
+            "(choose another path with --plot)",
+        ),
+    ):
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
     assert status.returncode == 0 and "evaluations 16/16" in status.stdout, status.stderr[-2000:]
     assert elsewhere.returncode == 0 and (tmp_path / "front.png").exists()
@@ -595,8 +705,11 @@ def test_a_lost_ray_node_halts_the_campaign_resumably(zoo, tmp_path):
     try:
         wait_for(lambda: len(tells(directory)) >= 2, 180, "2 results")
         with frozen_workers(proc):  # so that the campaign cannot finish before the node dies
-            (agent,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                        if "DashboardAgent" in " ".join(p.cmdline())]
+            (agent,) = [
+                p
+                for p in psutil.Process(proc.pid).children(recursive=True)
+                if "DashboardAgent" in " ".join(p.cmdline())
+            ]
             agent.kill()
         out, err = proc.communicate(timeout=120)
     finally:

@@ -2,15 +2,15 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, TASKS_DIR
 
 from evomerge.cli import build_parser, main
 
-from conftest import REPO, TASKS_DIR
-
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "evomerge", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def _one_line_error(result, *fragments):
@@ -35,10 +35,13 @@ def test_zoo_build_refuses_a_directory_that_is_not_a_zoo(tmp_path):
 
 
 def test_eval_reports_missing_model_and_missing_task(tmp_path, zoo):
-    _one_line_error(run_cli("--offline", "eval", str(tmp_path / "nope"), "--task", str(TASKS_DIR / "zoo_add_search.yaml")),
-                    "model directory not found")
-    _one_line_error(run_cli("--offline", "eval", str(zoo / "base"), "--task", str(tmp_path / "x.yaml")),
-                    "task file not found")
+    _one_line_error(
+        run_cli("--offline", "eval", str(tmp_path / "nope"), "--task", str(TASKS_DIR / "zoo_add_search.yaml")),
+        "model directory not found",
+    )
+    _one_line_error(
+        run_cli("--offline", "eval", str(zoo / "base"), "--task", str(tmp_path / "x.yaml")), "task file not found"
+    )
 
 
 def test_eval_refuses_pickled_checkpoints(tmp_path, zoo):
@@ -52,13 +55,23 @@ def test_eval_refuses_pickled_checkpoints(tmp_path, zoo):
     state = load_file(model_dir / "model.safetensors")
     (model_dir / "model.safetensors").unlink()
     torch.save(state, model_dir / "pytorch_model.bin")
-    _one_line_error(run_cli("--offline", "eval", str(model_dir), "--task", str(TASKS_DIR / "zoo_add_search.yaml")),
-                    "pickled", "pytorch_model.bin")
+    _one_line_error(
+        run_cli("--offline", "eval", str(model_dir), "--task", str(TASKS_DIR / "zoo_add_search.yaml")),
+        "pickled",
+        "pytorch_model.bin",
+    )
 
 
 def test_eval_scores_a_zoo_model(zoo):
-    result = run_cli("--offline", "eval", str(zoo / "expert-sort"), "--task",
-                     str(TASKS_DIR / "zoo_sort_search.yaml"), "--limit", "20")
+    result = run_cli(
+        "--offline",
+        "eval",
+        str(zoo / "expert-sort"),
+        "--task",
+        str(TASKS_DIR / "zoo_sort_search.yaml"),
+        "--limit",
+        "20",
+    )
     assert result.returncode == 0, result.stderr
     name, value = result.stdout.strip().splitlines()[-1].split("\t")
     assert name == "zoo_sort_search" and 0.5 < float(value) <= 1.0

@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from conftest import REPO
 
 from evomerge.evaluate.candidate import CandidateScorer
 from evomerge.evaluate.config import EvaluatorError, load_evaluator, parse_evaluator
@@ -12,8 +13,6 @@ from evomerge.evaluate.lmeval import TaskSuite, wrap_model
 from evomerge.evaluate.perplexity import PerplexityScorer
 from evomerge.models.loading import load_causal_lm
 from evomerge.recipe import parse_recipe
-
-from conftest import REPO
 
 EVALUATORS = REPO / "evaluators"
 
@@ -28,18 +27,26 @@ def models(zoo, names=("expert-add", "expert-sort")):
 
 def alone(expert, others=("expert-add", "expert-sort")):
     """A linear recipe equal to one expert exactly (the others at weight 0)."""
-    return parse_recipe({"merge_method": "linear", "base_model": "base", "models": [
-        {"model": m, "parameters": {"weight": 1.0 if m == expert else 0.0}} for m in others]})
+    return parse_recipe(
+        {
+            "merge_method": "linear",
+            "base_model": "base",
+            "models": [{"model": m, "parameters": {"weight": 1.0 if m == expert else 0.0}} for m in others],
+        }
+    )
 
 
-@pytest.mark.parametrize("data, message", [
-    ({}, "missing required field 'objectives'"),
-    ({"objectives": [{"name": "a"}]}, "objectives[0]: give exactly one of 'task' or 'perplexity'"),
-    ({"objectives": [{"name": "a", "task": "x"}, {"name": "a", "task": "y"}]}, "repeated: a"),
-    ({"objectives": [{"name": "a", "task": "x"}], "limit": 0}, "limit: Input should be greater than or equal to 1"),
-    ({"objectives": [{"name": "a", "perplexity": "t.txt", "metric": "acc"}]}, "apply to tasks"),
-    ({"objectives": [{"name": "a", "task": "x", "weigth": 2}]}, "unsupported key 'objectives[0].weigth'"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({}, "missing required field 'objectives'"),
+        ({"objectives": [{"name": "a"}]}, "objectives[0]: give exactly one of 'task' or 'perplexity'"),
+        ({"objectives": [{"name": "a", "task": "x"}, {"name": "a", "task": "y"}]}, "repeated: a"),
+        ({"objectives": [{"name": "a", "task": "x"}], "limit": 0}, "limit: Input should be greater than or equal to 1"),
+        ({"objectives": [{"name": "a", "perplexity": "t.txt", "metric": "acc"}]}, "apply to tasks"),
+        ({"objectives": [{"name": "a", "task": "x", "weigth": 2}]}, "unsupported key 'objectives[0].weigth'"),
+    ],
+)
 def test_bad_evaluator_files_name_file_and_field(tmp_path, data, message):
     import yaml
 
@@ -74,8 +81,9 @@ def test_seeded_subset_is_fixed_and_scores_only_those_documents(zoo):
 
 
 def test_few_shot_examples_are_set_per_task(zoo):
-    suite = TaskSuite([EVALUATORS / "zoo" / "zoo_rev_search.yaml"], limit=3, subset_seed=0,
-                      num_fewshot={"zoo_rev_search": 2})
+    suite = TaskSuite(
+        [EVALUATORS / "zoo" / "zoo_rev_search.yaml"], limit=3, subset_seed=0, num_fewshot={"zoo_rev_search": 2}
+    )
     model, tok = load_causal_lm(zoo / "base")
     records = suite.evaluate(wrap_model(model, tok), log_samples=True)["samples"]["zoo_rev_search"]
     prompt = records[0]["arguments"][0][0]
@@ -83,11 +91,18 @@ def test_few_shot_examples_are_set_per_task(zoo):
 
 
 def test_scorer_equals_scoring_the_expert_loaded_from_disk(zoo):
-    ev = parse_evaluator({"limit": 40, "seed": 3, "objectives": [
-        {"name": "add", "task": "zoo/zoo_add_{split}.yaml", "metric": "exact_match"},
-        {"name": "sort", "task": "zoo/zoo_sort_{split}.yaml"},
-        {"name": "sort_again", "task": "zoo/zoo_sort_{split}.yaml", "metric": "acc"}]},
-        EVALUATORS / "inline.yaml")
+    ev = parse_evaluator(
+        {
+            "limit": 40,
+            "seed": 3,
+            "objectives": [
+                {"name": "add", "task": "zoo/zoo_add_{split}.yaml", "metric": "exact_match"},
+                {"name": "sort", "task": "zoo/zoo_sort_{split}.yaml"},
+                {"name": "sort_again", "task": "zoo/zoo_sort_{split}.yaml", "metric": "acc"},
+            ],
+        },
+        EVALUATORS / "inline.yaml",
+    )
     scorer = CandidateScorer(models(zoo), "base", ev)
     assert len(scorer.suite.names) == 2  # one task read for two objectives
     suite = TaskSuite([EVALUATORS / "zoo" / f"zoo_{s}_search.yaml" for s in ("add", "sort")], limit=40, subset_seed=3)
@@ -96,9 +111,11 @@ def test_scorer_equals_scoring_the_expert_loaded_from_disk(zoo):
         results = suite.evaluate(wrap_model(model, tok))["results"]
         score = scorer.score(alone(expert))
         assert score.status == "done" and list(score.values) == ["add", "sort", "sort_again"]
-        assert score.values == {"add": results["zoo_add_search"]["exact_match,none"],
-                                "sort": results["zoo_sort_search"]["acc,none"],
-                                "sort_again": results["zoo_sort_search"]["acc,none"]}
+        assert score.values == {
+            "add": results["zoo_add_search"]["exact_match,none"],
+            "sort": results["zoo_sort_search"]["acc,none"],
+            "sort_again": results["zoo_sort_search"]["acc,none"],
+        }
         assert set(score.timings) == {"materialize", "evaluate", "forward", "total"}
         assert 0 < score.timings["forward"] < score.timings["evaluate"]
     # the report split is a different, held-out set of documents
@@ -121,13 +138,16 @@ def test_perplexity_equals_the_hand_computed_value(zoo, tmp_path, unit):
     model, tok = load_causal_lm(zoo / "base")
     text = tmp_path / "t.txt"
     text.write_text("copy:12=12\nnext:3=4 5\nab cd\n\nsort:cba=abc\n")
-    lines = [tok(line, add_special_tokens=False)["input_ids"] for line in text.read_text().splitlines(keepends=True)
-             if line.strip()]
+    lines = [
+        tok(line, add_special_tokens=False)["input_ids"]
+        for line in text.read_text().splitlines(keepends=True)
+        if line.strip()
+    ]
     if unit == "line":
         expected = hand_perplexity(model, lines)
     else:
         flat = [t for line in lines for t in line]
-        expected = hand_perplexity(model, [flat[i:i + 8] for i in range(0, len(flat) - 7, 8)])
+        expected = hand_perplexity(model, [flat[i : i + 8] for i in range(0, len(flat) - 7, 8)])
     scorer = PerplexityScorer(text, tok, block_size=8, unit=unit, batch_size=2)
     assert scorer.score(model) == pytest.approx(expected, rel=1e-5)
     some = PerplexityScorer(text, tok, block_size=8, unit=unit, limit=2, seed=1)
@@ -135,30 +155,53 @@ def test_perplexity_equals_the_hand_computed_value(zoo, tmp_path, unit):
 
 
 def test_broken_candidates_fail_with_a_reason_and_the_scorer_goes_on(zoo):
-    ev = parse_evaluator({"limit": 10, "objectives": [
-        {"name": "sort", "task": "zoo/zoo_sort_{split}.yaml"},
-        {"name": "ppl", "perplexity": "zoo/data/general_{split}.txt", "unit": "line"}]}, EVALUATORS / "inline.yaml")
+    ev = parse_evaluator(
+        {
+            "limit": 10,
+            "objectives": [
+                {"name": "sort", "task": "zoo/zoo_sort_{split}.yaml"},
+                {"name": "ppl", "perplexity": "zoo/data/general_{split}.txt", "unit": "line"},
+            ],
+        },
+        EVALUATORS / "inline.yaml",
+    )
     scorer = CandidateScorer(models(zoo), "base", ev)
-    huge = parse_recipe({"merge_method": "task_arithmetic", "base_model": "base", "models": [
-        {"model": "expert-add", "parameters": {"weight": 1e38}}, {"model": "expert-sort", "parameters": {"weight": 1e38}}]})
+    huge = parse_recipe(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "models": [
+                {"model": "expert-add", "parameters": {"weight": 1e38}},
+                {"model": "expert-sort", "parameters": {"weight": 1e38}},
+            ],
+        }
+    )
     failed = scorer.score(huge)
     assert failed.status == "failed" and failed.values is None
     assert failed.reason.startswith(("non-finite weights", "non-finite logits"))
     unknown = parse_recipe({"merge_method": "linear", "models": [{"model": "expert-rev", "parameters": {"weight": 1}}]})
-    assert scorer.score(unknown).reason.startswith("merge failed: MergeError: recipe model 'expert-rev' is not resident")
+    assert scorer.score(unknown).reason.startswith(
+        "merge failed: MergeError: recipe model 'expert-rev' is not resident"
+    )
     good = scorer.score(alone("expert-sort"))
     assert good.status == "done" and good.values["ppl"] > 1 and 0 <= good.values["sort"] <= 1
     # an evaluation that raises (here: a metric the task does not report) fails only that candidate
-    bad = CandidateScorer(models(zoo), "base", parse_evaluator(
-        {"limit": 5, "objectives": [{"name": "s", "task": "zoo/zoo_sort_{split}.yaml", "metric": "bleu"}]},
-        EVALUATORS / "inline.yaml"))
+    bad = CandidateScorer(
+        models(zoo),
+        "base",
+        parse_evaluator(
+            {"limit": 5, "objectives": [{"name": "s", "task": "zoo/zoo_sort_{split}.yaml", "metric": "bleu"}]},
+            EVALUATORS / "inline.yaml",
+        ),
+    )
     result = bad.score(alone("expert-sort"))
     assert result.status == "failed" and "evaluation raised TaskError" in result.reason and "'bleu'" in result.reason
 
 
 def test_per_sample_records_on_request(zoo):
-    ev = parse_evaluator({"limit": 6, "objectives": [{"name": "add", "task": "zoo/zoo_add_{split}.yaml"}]},
-                         EVALUATORS / "inline.yaml")
+    ev = parse_evaluator(
+        {"limit": 6, "objectives": [{"name": "add", "task": "zoo/zoo_add_{split}.yaml"}]}, EVALUATORS / "inline.yaml"
+    )
     scorer = CandidateScorer(models(zoo), "base", ev)
     assert scorer.score(alone("expert-add")).samples is None
     score = scorer.score(alone("expert-add"), log_samples=True)

@@ -10,9 +10,9 @@ import sys
 
 import psutil
 import pytest
+from test_campaign import cli, experiment, wait_for
 
 from evomerge.export import STOP_IN_MERGE
-from test_campaign import cli, experiment, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +68,27 @@ def no_process_left():
 
 def start(*args, cwd, **env):
     """The CLI in its own session, taking SIGINT as at a terminal even when pytest runs as a background job."""
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "--offline", *map(str, args)], cwd=cwd,
-                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evomerge", "--offline", *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     STARTED.append(proc)
     return proc
 
 
 def until(proc, predicate, what):
     """Wait for ``predicate`` while ``proc`` runs (failing at once, with its stderr, if it ends)."""
+
     def check():
         assert proc.poll() is None, f"exited {proc.returncode} before {what}: {proc.communicate()[1][-3000:]}"
         return predicate()
+
     wait_for(check, 120, what)
 
 

@@ -7,11 +7,10 @@ import socket
 import pytest
 import torch
 import yaml
+from conftest import TASKS_DIR, OutboundConnection
 
 from evomerge.evaluate.lmeval import TaskError, TaskSuite, wrap_model
 from evomerge.models.loading import load_causal_lm
-
-from conftest import TASKS_DIR, OutboundConnection
 
 LIMIT = 40
 
@@ -33,7 +32,7 @@ def _greedy_exact_match(model, tok, rows):
     for row in rows:
         ids = torch.tensor([tok(row["prompt"])["input_ids"]])
         out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
+        text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
         hits += text == row["answer"]
     return hits / len(rows)
 
@@ -70,7 +69,9 @@ def test_weights_rewritten_in_place_are_seen_by_the_next_evaluation(expert, zoo)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(base.state_dict())
     try:
-        assert suite.scores(lm)["zoo_sort_search"] == pytest.approx(_choice_accuracy(base, tok, _rows("zoo_sort_search")))
+        assert suite.scores(lm)["zoo_sort_search"] == pytest.approx(
+            _choice_accuracy(base, tok, _rows("zoo_sort_search"))
+        )
     finally:
         model.load_state_dict(original)
     assert suite.scores(lm)["zoo_sort_search"] == before

@@ -28,11 +28,23 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def ties_recipe(zoo, **extra):
-    return {"merge_method": "ties", "base_model": str(zoo / "base"),
-            "models": [{"model": str(zoo / "expert-add"),
-                        "parameters": {"weight": [0.2, 0.8, 1.0], "density": [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]}},
-                       {"model": str(zoo / "expert-sort"), "parameters": {"weight": 0.6, "density": 0.5}}],
-            "parameters": {"lambda": 1.2}, "dtype": "float32", **extra}
+    return {
+        "merge_method": "ties",
+        "base_model": str(zoo / "base"),
+        "models": [
+            {
+                "model": str(zoo / "expert-add"),
+                "parameters": {
+                    "weight": [0.2, 0.8, 1.0],
+                    "density": [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}],
+                },
+            },
+            {"model": str(zoo / "expert-sort"), "parameters": {"weight": 0.6, "density": 0.5}},
+        ],
+        "parameters": {"lambda": 1.2},
+        "dtype": "float32",
+        **extra,
+    }
 
 
 def run_cli(*args):
@@ -73,9 +85,27 @@ def test_slices_with_per_slice_parameters_match_mergekit(zoo, tmp_path):
             entry["parameters"] = params
         return entry
 
-    config = {"merge_method": "task_arithmetic", "base_model": str(zoo / "base"), "dtype": "float32",
-              "slices": [{"sources": [src("base", 0, 2), src("expert-add", 0, 2, weight=[0.3, 0.9]), src("expert-rev", 0, 2, weight=0.5)]},
-                         {"sources": [src("base", 2, 4), src("expert-add", 2, 4, weight=0.2), src("expert-rev", 2, 4, weight=[1.0, 0.0])]}]}
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo / "base"),
+        "dtype": "float32",
+        "slices": [
+            {
+                "sources": [
+                    src("base", 0, 2),
+                    src("expert-add", 0, 2, weight=[0.3, 0.9]),
+                    src("expert-rev", 0, 2, weight=0.5),
+                ]
+            },
+            {
+                "sources": [
+                    src("base", 2, 4),
+                    src("expert-add", 2, 4, weight=0.2),
+                    src("expert-rev", 2, 4, weight=[1.0, 0.0]),
+                ]
+            },
+        ],
+    }
     path = tmp_path / "slices.yml"
     path.write_text(yaml.safe_dump(config))
     merge_to_disk(parse_recipe(config), tmp_path / "ours", progress=False)
@@ -86,28 +116,61 @@ def test_slices_with_per_slice_parameters_match_mergekit(zoo, tmp_path):
 
 
 RESIDENT_CASES = {
-    "linear": lambda z: {"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": 0.2}},
-                                                             {"model": "expert-add", "parameters": {"weight": 0.5}},
-                                                             {"model": "expert-rev", "parameters": {"weight": 0.3}}]},
-    "ties": lambda z: {"merge_method": "ties", "base_model": "base",
-                       "models": [{"model": "expert-add", "parameters": {"weight": [0.2, 1.0], "density": 0.4}},
-                                  {"model": "expert-sort", "parameters": {"weight": 0.7, "density": [0.9, 0.2]}}]},
-    "dare_ties": lambda z: {"merge_method": "dare_ties", "base_model": "base", "evomerge": {"seed": 11},
-                            "models": [{"model": "expert-add", "parameters": {"weight": 0.9, "density": 0.5}},
-                                       {"model": "expert-sort", "parameters": {"weight": 0.7, "density": 0.6}}]},
-    "della": lambda z: {"merge_method": "della", "base_model": "base", "evomerge": {"seed": 3},
-                        "models": [{"model": "expert-add", "parameters": {"weight": 0.9, "density": 0.5}},
-                                   {"model": "expert-rev", "parameters": {"weight": 0.7, "density": 0.6, "epsilon": 0.1}}]},
-    "breadcrumbs_ties": lambda z: {"merge_method": "breadcrumbs_ties", "base_model": "base",
-                                   "models": [{"model": "expert-add", "parameters": {"weight": 1.0, "density": 0.8, "gamma": 0.05}},
-                                              {"model": "expert-rev", "parameters": {"weight": 1.0, "density": 0.7}}]},
-    "slerp+lines": lambda z: {"merge_method": "slerp", "base_model": "base", "parameters": {"t": [0.1, 0.9]},
-                              "models": [{"model": "expert-sort"}], "evomerge": {"lines": {"alpha": 0.5, "beta": 1.0}}},
+    "linear": lambda z: {
+        "merge_method": "linear",
+        "models": [
+            {"model": "base", "parameters": {"weight": 0.2}},
+            {"model": "expert-add", "parameters": {"weight": 0.5}},
+            {"model": "expert-rev", "parameters": {"weight": 0.3}},
+        ],
+    },
+    "ties": lambda z: {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [
+            {"model": "expert-add", "parameters": {"weight": [0.2, 1.0], "density": 0.4}},
+            {"model": "expert-sort", "parameters": {"weight": 0.7, "density": [0.9, 0.2]}},
+        ],
+    },
+    "dare_ties": lambda z: {
+        "merge_method": "dare_ties",
+        "base_model": "base",
+        "evomerge": {"seed": 11},
+        "models": [
+            {"model": "expert-add", "parameters": {"weight": 0.9, "density": 0.5}},
+            {"model": "expert-sort", "parameters": {"weight": 0.7, "density": 0.6}},
+        ],
+    },
+    "della": lambda z: {
+        "merge_method": "della",
+        "base_model": "base",
+        "evomerge": {"seed": 3},
+        "models": [
+            {"model": "expert-add", "parameters": {"weight": 0.9, "density": 0.5}},
+            {"model": "expert-rev", "parameters": {"weight": 0.7, "density": 0.6, "epsilon": 0.1}},
+        ],
+    },
+    "breadcrumbs_ties": lambda z: {
+        "merge_method": "breadcrumbs_ties",
+        "base_model": "base",
+        "models": [
+            {"model": "expert-add", "parameters": {"weight": 1.0, "density": 0.8, "gamma": 0.05}},
+            {"model": "expert-rev", "parameters": {"weight": 1.0, "density": 0.7}},
+        ],
+    },
+    "slerp+lines": lambda z: {
+        "merge_method": "slerp",
+        "base_model": "base",
+        "parameters": {"t": [0.1, 0.9]},
+        "models": [{"model": "expert-sort"}],
+        "evomerge": {"lines": {"alpha": 0.5, "beta": 1.0}},
+    },
 }
 
 
 def _on_disk(recipe_data: dict, zoo: Path) -> dict:
     """The same recipe with model names turned into zoo paths."""
+
     def path(name):
         return str(zoo / name)
 
@@ -171,7 +234,12 @@ def test_bfloat16_output(zoo, tmp_path):
     merge_to_disk(parse_recipe({**ties_recipe(zoo), "dtype": "bfloat16"}), tmp_path / "bf", progress=False)
     w = weights(tmp_path / "bf")
     assert all(t.dtype == torch.bfloat16 for t in w.values())
-    assert json.loads((tmp_path / "bf" / "config.json").read_text()).get("dtype", json.loads((tmp_path / "bf" / "config.json").read_text()).get("torch_dtype")) == "bfloat16"
+    assert (
+        json.loads((tmp_path / "bf" / "config.json").read_text()).get(
+            "dtype", json.loads((tmp_path / "bf" / "config.json").read_text()).get("torch_dtype")
+        )
+        == "bfloat16"
+    )
 
 
 def _copy_model(src: Path, dst: Path, edit) -> Path:
@@ -202,8 +270,15 @@ def test_in_memory_nan_is_reported_not_raised(zoo, tmp_path):
     expert = weights(zoo / "expert-add")
     expert["model.norm.weight"][3] = float("inf")
     resident = ResidentMerge(model, weights(zoo / "base"), {"e": expert})
-    result = resident.materialize(parse_recipe({"merge_method": "task_arithmetic", "base_model": "base",
-                                                "models": [{"model": "e", "parameters": {"weight": 1.0}}]}))
+    result = resident.materialize(
+        parse_recipe(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": "base",
+                "models": [{"model": "e", "parameters": {"weight": 1.0}}],
+            }
+        )
+    )
     assert not result.ok and result.nonfinite == ["model.norm.weight"]
 
 
@@ -214,7 +289,10 @@ def test_shape_mismatch_is_named_before_any_compute(zoo, tmp_path):
     odd = _copy_model(zoo / "expert-rev", tmp_path / "odd", shrink)
     data = ties_recipe(zoo)
     data["models"][1]["model"] = str(odd)
-    with pytest.raises(MergeError, match=r"tensor 'model.layers.1.self_attn.k_proj.weight' has shape \[8, 64\], the base has \[64, 64\]"):
+    with pytest.raises(
+        MergeError,
+        match=r"tensor 'model.layers.1.self_attn.k_proj.weight' has shape \[8, 64\], the base has \[64, 64\]",
+    ):
         merge_to_disk(parse_recipe(data), tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
 
@@ -249,13 +327,19 @@ def test_existing_output_needs_force(zoo, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda d: d.update(merge_method="tiess"), "unknown merge method 'tiess'; valid:"),
-    (lambda d: d.update(modules={}), "unsupported key 'modules'"),
-    (lambda d: d["models"][0]["parameters"].update(density=2.0), "'density' = 2.0 is outside [0.0, 1.0]"),
-    (lambda d: d["models"][0].update(model="/nonexistent/model"), "model directory not found: /nonexistent/model"),
-    (lambda d: d["models"][0].update(model="some-org/some-model"), "some-org/some-model: not a local directory and cannot be fetched"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d.update(merge_method="tiess"), "unknown merge method 'tiess'; valid:"),
+        (lambda d: d.update(modules={}), "unsupported key 'modules'"),
+        (lambda d: d["models"][0]["parameters"].update(density=2.0), "'density' = 2.0 is outside [0.0, 1.0]"),
+        (lambda d: d["models"][0].update(model="/nonexistent/model"), "model directory not found: /nonexistent/model"),
+        (
+            lambda d: d["models"][0].update(model="some-org/some-model"),
+            "some-org/some-model: not a local directory and cannot be fetched",
+        ),
+    ],
+)
 def test_cli_errors_are_one_line_with_exit_2(zoo, tmp_path, edit, message):
     data = ties_recipe(zoo)
     edit(data)

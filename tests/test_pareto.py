@@ -4,7 +4,14 @@ import random
 import pytest
 
 from evomerge.search.pareto import (
-    crowding_distances, dominates, front_indices, hypervolume, knee, pareto_ranks, spread, weighted_pick,
+    crowding_distances,
+    dominates,
+    front_indices,
+    hypervolume,
+    knee,
+    pareto_ranks,
+    spread,
+    weighted_pick,
 )
 
 MAXMAX = ["maximize", "maximize"]
@@ -14,7 +21,11 @@ def brute_front(points, directions):
     sign = [-1 if d == "maximize" else 1 for d in directions]
     pts = [tuple(s * v for s, v in zip(sign, p)) for p in points]
     ok = [all(math.isfinite(v) for v in p) for p in pts]
-    return [i for i, p in enumerate(pts) if ok[i] and not any(ok[j] and dominates(q, p) for j, q in enumerate(pts) if j != i)]
+    return [
+        i
+        for i, p in enumerate(pts)
+        if ok[i] and not any(ok[j] and dominates(q, p) for j, q in enumerate(pts) if j != i)
+    ]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -42,7 +53,9 @@ def test_hypervolume_by_hand_2d_and_maximize():
     # the same set as maximized accuracies against reference (0, 0)
     assert hypervolume([(3, 1), (2, 2), (1, 3)], MAXMAX, (0, 0)) == pytest.approx(6.0)
     # a dominated point, a point outside the reference box and a failed point add nothing
-    assert hypervolume([(3, 1), (2, 2), (1, 3), (1, 1), (5, -1), (float("nan"), 9)], MAXMAX, (0, 0)) == pytest.approx(6.0)
+    assert hypervolume([(3, 1), (2, 2), (1, 3), (1, 1), (5, -1), (float("nan"), 9)], MAXMAX, (0, 0)) == pytest.approx(
+        6.0
+    )
     assert hypervolume([], MAXMAX, (0, 0)) == 0.0
 
 

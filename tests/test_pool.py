@@ -21,8 +21,15 @@ from evomerge.evaluate.candidate import CandidateScorer
 from evomerge.evaluate.config import parse_evaluator
 
 # 200 documents per task in batches of 8: an evaluation takes a few seconds, long enough to be killed in
-EVALUATOR = {"limit": None, "seed": 1, "batch_size": 8, "objectives": [
-    {"name": "add", "task": "zoo/zoo_add_{split}.yaml"}, {"name": "sort", "task": "zoo/zoo_sort_{split}.yaml"}]}
+EVALUATOR = {
+    "limit": None,
+    "seed": 1,
+    "batch_size": 8,
+    "objectives": [
+        {"name": "add", "task": "zoo/zoo_add_{split}.yaml"},
+        {"name": "sort", "task": "zoo/zoo_sort_{split}.yaml"},
+    ],
+}
 SOURCE = str(REPO / "evaluators" / "inline.yaml")
 
 
@@ -32,9 +39,14 @@ def spec(zoo, **kw):
 
 
 def recipe(w_add, w_sort):
-    return {"merge_method": "task_arithmetic", "base_model": "base", "models": [
-        {"model": "expert-add", "parameters": {"weight": w_add}},
-        {"model": "expert-sort", "parameters": {"weight": w_sort}}]}
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "models": [
+            {"model": "expert-add", "parameters": {"weight": w_add}},
+            {"model": "expert-sort", "parameters": {"weight": w_sort}},
+        ],
+    }
 
 
 def ray_processes():
@@ -60,6 +72,7 @@ def started_worker(markers, timeout=60):
 
 def leftovers(pids, timeout=20):
     """Those of ``pids`` still running (zombies count as gone) once ``timeout`` s have passed or none are."""
+
     def running(pid):
         try:
             return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -78,8 +91,9 @@ def test_pool_scores_candidates_and_survives_a_killed_worker(zoo, tmp_path):
     recipes = {k: recipe(*w) for k, w in enumerate([(1.0, 0.0), (0.0, 1.0), (0.7, 0.9), (1.0, 1.0), (0.3, 0.3)])}
     markers = tmp_path / "started"
     markers.mkdir()
-    pool = WorkerPool(spec(zoo, threads=1, started_dir=str(markers)), workers=2,
-                      temp_dir=tmp_path / "campaign" / "ray", max_retries=1)
+    pool = WorkerPool(
+        spec(zoo, threads=1, started_dir=str(markers)), workers=2, temp_dir=tmp_path / "campaign" / "ray", max_retries=1
+    )
     infos = pool.start()
     try:
         assert len(infos) == 2 and all(i["device"] == "cpu" for i in infos)
@@ -156,8 +170,9 @@ def test_a_worker_that_cannot_load_fails_the_start_with_the_reason(zoo, tmp_path
 def test_a_dead_ray_node_raises_pool_error_and_shutdown_cleans_up(zoo, tmp_path, victim):
     markers = tmp_path / "started"
     markers.mkdir()
-    pool = WorkerPool(spec(zoo, threads=1, started_dir=str(markers)), workers=1, temp_dir=tmp_path / "ray",
-                      max_retries=0)  # a worker death would fail the candidate: the node's must not
+    pool = WorkerPool(
+        spec(zoo, threads=1, started_dir=str(markers)), workers=1, temp_dir=tmp_path / "ray", max_retries=0
+    )  # a worker death would fail the candidate: the node's must not
     pool.start()
     try:
         pool.submit("doomed", recipe(1.0, 0.0))
@@ -195,8 +210,9 @@ def test_a_lost_connection_to_a_joined_cluster_raises_pool_error(zoo, tmp_path, 
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # Ray 2.60 clusters want the token it keeps in ~/.ray
     head_dir = tempfile.mkdtemp(prefix="emhead-")  # short: Ray's unix socket paths
-    head = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, head_dir], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    head = subprocess.Popen(
+        [sys.executable, "-c", HEAD_SCRIPT, head_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     markers = tmp_path / "started"
     markers.mkdir()
     pool = None
@@ -243,8 +259,12 @@ print("handled", got, flush=True)
 
 
 def test_starting_a_pool_keeps_the_callers_signal_handlers(zoo, tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, json.dumps(spec(zoo, threads=1).to_dict()),
-                              str(tmp_path / "ray")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_SCRIPT, json.dumps(spec(zoo, threads=1).to_dict()), str(tmp_path / "ray")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline() == "started True\n"  # SIGINT's handler is still the caller's
         child.send_signal(signal.SIGTERM)
@@ -267,8 +287,9 @@ def test_a_private_ray_listens_on_loopback_only(zoo, tmp_path):
         listening = []
         for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
             try:
-                listening += [(proc.name(), c.laddr) for c in proc.net_connections(kind="inet")
-                              if c.status == psutil.CONN_LISTEN]
+                listening += [
+                    (proc.name(), c.laddr) for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+                ]
             except psutil.NoSuchProcess:  # an idle Ray worker may come and go
                 pass
     finally:

@@ -3,10 +3,20 @@ import pytest
 from evomerge.merge.plan import RecipePlan, layer_index
 from evomerge.recipe import FilterValue, RecipeError, load_recipe, parse_recipe, resolve_setting
 
-BASIC = {"merge_method": "ties", "base_model": "b",
-         "models": [{"model": "x", "parameters": {"weight": [0.1, 0.9], "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}]}},
-                    {"model": "y", "parameters": {"weight": 0.5, "density": 0.5}}],
-         "parameters": {"lambda": 1.1}, "dtype": "float32", "evomerge": {"seed": 7, "lines": {"alpha": 0.5, "beta": 0.5}}}
+BASIC = {
+    "merge_method": "ties",
+    "base_model": "b",
+    "models": [
+        {
+            "model": "x",
+            "parameters": {"weight": [0.1, 0.9], "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}]},
+        },
+        {"model": "y", "parameters": {"weight": 0.5, "density": 0.5}},
+    ],
+    "parameters": {"lambda": 1.1},
+    "dtype": "float32",
+    "evomerge": {"seed": 7, "lines": {"alpha": 0.5, "beta": 0.5}},
+}
 
 
 def test_yaml_round_trip(tmp_path):
@@ -19,21 +29,42 @@ def test_yaml_round_trip(tmp_path):
     assert "evomerge" not in plain.to_yaml()  # default extensions are not written
 
 
-@pytest.mark.parametrize("data,message", [
-    ({**BASIC, "modules": {}}, "unsupported key 'modules' (multi-module"),
-    ({**BASIC, "tokenizer": {"source": "union"}}, "unsupported key 'tokenizer' (tokenizer surgery"),
-    ({**BASIC, "frobnicate": 1}, "unsupported key 'frobnicate'"),
-    ({"base_model": "b", "models": [{"model": "x"}]}, "missing required field 'merge_method'"),
-    ({"merge_method": "ties", "base_model": "b"}, "exactly one of 'models' or 'slices'"),
-    ({"merge_method": "ties", "models": [{"model": "x", "weight": 1}]}, "unsupported key 'models[0].weight'"),
-    ({"merge_method": "linear", "slices": [{"sources": [{"model": "x", "layer_range": [0, 2]}], "residual_weight": 0.5}]},
-     "unsupported key 'slices[0].residual_weight' (slice residual weights"),
-    ({"merge_method": "linear", "slices": [{"sources": [{"model": "x", "layer_range": [0, 2]}]},
-                                           {"sources": [{"model": "x", "layer_range": [3, 4]}]}]}, "expected 2"),
-    ({"merge_method": "linear", "slices": [{"sources": [{"model": "x", "layer_range": [0, 2]}, {"model": "y", "layer_range": [2, 4]}]}]},
-     "share one layer_range"),
-    ({**BASIC, "tokenizer_source": "union"}, "tokenizer_source 'union' is not supported"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({**BASIC, "modules": {}}, "unsupported key 'modules' (multi-module"),
+        ({**BASIC, "tokenizer": {"source": "union"}}, "unsupported key 'tokenizer' (tokenizer surgery"),
+        ({**BASIC, "frobnicate": 1}, "unsupported key 'frobnicate'"),
+        ({"base_model": "b", "models": [{"model": "x"}]}, "missing required field 'merge_method'"),
+        ({"merge_method": "ties", "base_model": "b"}, "exactly one of 'models' or 'slices'"),
+        ({"merge_method": "ties", "models": [{"model": "x", "weight": 1}]}, "unsupported key 'models[0].weight'"),
+        (
+            {
+                "merge_method": "linear",
+                "slices": [{"sources": [{"model": "x", "layer_range": [0, 2]}], "residual_weight": 0.5}],
+            },
+            "unsupported key 'slices[0].residual_weight' (slice residual weights",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "slices": [
+                    {"sources": [{"model": "x", "layer_range": [0, 2]}]},
+                    {"sources": [{"model": "x", "layer_range": [3, 4]}]},
+                ],
+            },
+            "expected 2",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "slices": [{"sources": [{"model": "x", "layer_range": [0, 2]}, {"model": "y", "layer_range": [2, 4]}]}],
+            },
+            "share one layer_range",
+        ),
+        ({**BASIC, "tokenizer_source": "union"}, "tokenizer_source 'union' is not supported"),
+    ],
+)
 def test_invalid_recipes_name_the_field(data, message):
     with pytest.raises(RecipeError) as e:
         parse_recipe(data, "exp.yml")
@@ -58,7 +89,11 @@ def test_gradients_and_filters_resolve_like_mergekit():
     assert resolve_setting([0.1, 0.5, 0.9], "x", 0.75) == pytest.approx(0.7)
     assert resolve_setting([0.1, 0.5, 0.9], "x", 1.0) == pytest.approx(0.9)
     assert resolve_setting(["a", "b", "c"], "x", 0.6) == "b"  # non-numeric lists select, int(t * (n-1))
-    filters = [FilterValue(filter="self_attn", value=0.2), FilterValue(filter="mlp", value=[0.0, 1.0]), FilterValue(value=0.9)]
+    filters = [
+        FilterValue(filter="self_attn", value=0.2),
+        FilterValue(filter="mlp", value=[0.0, 1.0]),
+        FilterValue(value=0.9),
+    ]
     assert resolve_setting(filters, "model.layers.0.self_attn.q_proj.weight", 0.5) == 0.2
     assert resolve_setting(filters, "model.layers.0.mlp.up_proj.weight", 0.5) == pytest.approx(0.5)
     assert resolve_setting(filters, "model.norm.weight", 0.5) == 0.9
@@ -74,9 +109,26 @@ def test_tensor_positions_models_and_slices():
     assert plan.position("model.layers.3.mlp.up_proj.weight") == (0, 1.0, 1.0)
     assert plan.position("model.embed_tokens.weight") == (0, 0.0, 0.0)
     assert plan.position("lm_head.weight") == (0, 0.0, 1.0)  # after the layers: t = 0 (as mergekit), depth 1
-    sliced = parse_recipe({"merge_method": "task_arithmetic", "base_model": "b", "slices": [
-        {"sources": [{"model": "b", "layer_range": [0, 3]}, {"model": "x", "layer_range": [0, 3], "parameters": {"weight": [0.0, 1.0]}}]},
-        {"sources": [{"model": "b", "layer_range": [3, 4]}, {"model": "x", "layer_range": [3, 4], "parameters": {"weight": 0.4}}]}]})
+    sliced = parse_recipe(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "b",
+            "slices": [
+                {
+                    "sources": [
+                        {"model": "b", "layer_range": [0, 3]},
+                        {"model": "x", "layer_range": [0, 3], "parameters": {"weight": [0.0, 1.0]}},
+                    ]
+                },
+                {
+                    "sources": [
+                        {"model": "b", "layer_range": [3, 4]},
+                        {"model": "x", "layer_range": [3, 4], "parameters": {"weight": 0.4}},
+                    ]
+                },
+            ],
+        }
+    )
     plan = RecipePlan(sliced, num_layers=4)
     assert plan.position("model.layers.1.self_attn.o_proj.weight")[:2] == (0, 0.5)
     assert plan.position("model.layers.3.self_attn.o_proj.weight")[:2] == (1, 1.0)  # one-layer slice: t = 1

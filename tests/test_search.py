@@ -3,12 +3,11 @@ import random
 from collections import defaultdict
 
 import pytest
+from conftest import REPO
 
 from evomerge.search.journal import JOURNAL, OPTUNA_VIEW, STUDY, JournalError, Search
 from evomerge.search.optimizers import OPTIMIZERS, Objective, make_optimizer
 from evomerge.search.space import Genome, load_space
-
-from conftest import REPO
 
 TWO = [Objective(name="a"), Objective(name="b")]
 ONE = [Objective(name="a")]

@@ -3,11 +3,10 @@ import random
 
 import pytest
 import yaml
+from conftest import TASKS_DIR
 
 from evomerge.zoo import skills
 from evomerge.zoo.tasks import task_name, write_task_files
-
-from conftest import TASKS_DIR
 
 
 def test_committed_task_files_are_exactly_what_the_generator_writes(tmp_path):

@@ -1,35 +1,43 @@
 import random
 
 import pytest
+from conftest import REPO
 
 from evomerge.merge.plan import RecipePlan
 from evomerge.recipe import parse_recipe
 from evomerge.search.space import Genome, SearchSpace, SpaceError, load_space
 
-from conftest import REPO
-
 SPACES = REPO / "search_spaces"
 TENSORS = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"] + [
-    f"model.layers.{i}.{t}" for i in range(4) for t in
-    ("self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")]
+    f"model.layers.{i}.{t}"
+    for i in range(4)
+    for t in ("self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")
+]
 
 
 def space(**kw):
-    data = {"base": "base", "models": ["a", "b"], "method": "ties",
-            "parameters": {"weight": {"low": 0.0, "high": 1.0}, "density": {"low": 0.2, "high": 1.0}}}
+    data = {
+        "base": "base",
+        "models": ["a", "b"],
+        "method": "ties",
+        "parameters": {"weight": {"low": 0.0, "high": 1.0}, "density": {"low": 0.2, "high": 1.0}},
+    }
     data.update(kw)
     return SearchSpace.model_validate(data)
 
 
-@pytest.mark.parametrize("layers,tied,expected", [
-    ({"granularity": "model"}, [], 4),
-    ({"granularity": "group", "group_size": 2}, [], 2 * 2 * 2),
-    ({"granularity": "group", "group_size": 3}, [], 2 * 2 * 2),  # 4 layers -> groups of 3 and 1
-    ({"granularity": "layer"}, [], 2 * 2 * 4),
-    ({"granularity": "smooth", "control_points": 3}, [], 2 * 2 * 3),
-    ({"granularity": "model", "split": ["self_attn", "mlp"]}, [], 2 * 2 * 3),
-    ({"granularity": "layer"}, ["weight"], 4 + 2 * 4),
-])
+@pytest.mark.parametrize(
+    "layers,tied,expected",
+    [
+        ({"granularity": "model"}, [], 4),
+        ({"granularity": "group", "group_size": 2}, [], 2 * 2 * 2),
+        ({"granularity": "group", "group_size": 3}, [], 2 * 2 * 2),  # 4 layers -> groups of 3 and 1
+        ({"granularity": "layer"}, [], 2 * 2 * 4),
+        ({"granularity": "smooth", "control_points": 3}, [], 2 * 2 * 3),
+        ({"granularity": "model", "split": ["self_attn", "mlp"]}, [], 2 * 2 * 3),
+        ({"granularity": "layer"}, ["weight"], 4 + 2 * 4),
+    ],
+)
 def test_dimensions(layers, tied, expected):
     assert Genome(space(layers=layers, tied=tied), num_layers=4).dimension == expected
 
@@ -40,9 +48,15 @@ def test_shipped_spaces_load_and_have_the_documented_dimensions():
     assert Genome(load_space(SPACES / "per_layer_linear.yaml"), 4).dimension == 8
 
 
-@pytest.mark.parametrize("layers", [{"granularity": "model"}, {"granularity": "group", "group_size": 3},
-                                    {"granularity": "layer", "split": ["self_attn"]},
-                                    {"granularity": "smooth", "control_points": 4, "split": ["self_attn", "mlp"]}])
+@pytest.mark.parametrize(
+    "layers",
+    [
+        {"granularity": "model"},
+        {"granularity": "group", "group_size": 3},
+        {"granularity": "layer", "split": ["self_attn"]},
+        {"granularity": "smooth", "control_points": 4, "split": ["self_attn", "mlp"]},
+    ],
+)
 def test_encode_inverts_decode_exactly_on_the_box(layers):
     genome = Genome(space(layers=layers, lines={"alpha": {"low": 0.5, "high": 1.0}}), num_layers=4, seed=5)
     rng = random.Random(0)
@@ -89,8 +103,16 @@ def test_seeds_and_hand_recipes():
     assert [m.parameters["weight"] for m in avg.models[1:]] == [0.5, 0.5]
     alone = genome.decode(genome.expert_alone("b"))
     assert [m.parameters["weight"] for m in alone.models[1:]] == [0.0, 1.0]
-    hand = parse_recipe({"merge_method": "ties", "base_model": "base", "models": [
-        {"model": "a", "parameters": {"weight": 0.3, "density": 0.4}}, {"model": "b", "parameters": {"weight": [0.1, 0.9]}}]})
+    hand = parse_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": "base",
+            "models": [
+                {"model": "a", "parameters": {"weight": 0.3, "density": 0.4}},
+                {"model": "b", "parameters": {"weight": [0.1, 0.9]}},
+            ],
+        }
+    )
     assert [g.name for g in genome.genes] == ["weight[a]", "weight[b]", "density[a]", "density[b]"]
     x = genome.encode(hand)
     assert x[0] == 0.3 and x[2] == 0.4
@@ -106,15 +128,24 @@ def test_out_of_box_values_are_clipped():
     assert recipe.models[1].parameters == {"weight": 1.0, "density": 0.2}
 
 
-@pytest.mark.parametrize("text,message", [
-    ("base: b\nmodels: [x]\nmethod: tie\n", "method: unknown merge method 'tie'"),
-    ("base: b\nmodels: [x]\nmethod: ties\nparameters: {gamma: {low: 0, high: 1}}\n", "parameters.gamma: not a parameter of ties"),
-    ("base: b\nmodels: [x]\nmethod: ties\nparameters: {normalize: {low: 0, high: 1}}\n", "can only be fixed"),
-    ("base: b\nmodels: [x]\nmethod: ties\nparameters: {density: {low: 0.5, high: 1.5}}\n", "leave the method's range"),
-    ("base: b\nmodels: [x]\nmethod: ties\nparameters: {weight: {low: 1, high: 0}}\n", "low < high"),
-    ("base: b\nmodels: [x]\nmethod: ties\nlayer: {}\n", "unsupported key 'layer'"),
-    ("base: b\nmodels: [b]\nmethod: ties\n", "without the base"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("base: b\nmodels: [x]\nmethod: tie\n", "method: unknown merge method 'tie'"),
+        (
+            "base: b\nmodels: [x]\nmethod: ties\nparameters: {gamma: {low: 0, high: 1}}\n",
+            "parameters.gamma: not a parameter of ties",
+        ),
+        ("base: b\nmodels: [x]\nmethod: ties\nparameters: {normalize: {low: 0, high: 1}}\n", "can only be fixed"),
+        (
+            "base: b\nmodels: [x]\nmethod: ties\nparameters: {density: {low: 0.5, high: 1.5}}\n",
+            "leave the method's range",
+        ),
+        ("base: b\nmodels: [x]\nmethod: ties\nparameters: {weight: {low: 1, high: 0}}\n", "low < high"),
+        ("base: b\nmodels: [x]\nmethod: ties\nlayer: {}\n", "unsupported key 'layer'"),
+        ("base: b\nmodels: [b]\nmethod: ties\n", "without the base"),
+    ],
+)
 def test_invalid_spaces_name_file_and_field(tmp_path, text, message):
     path = tmp_path / "s.yaml"
     path.write_text(text)
@@ -137,7 +168,11 @@ def test_decoded_demo_recipe_materializes_on_the_zoo(zoo):
     assert result.ok
     base = load_file(zoo / "base" / "model.safetensors")
     name = "model.layers.3.mlp.down_proj.weight"
-    expected = base[name] + 0.5 * (experts["expert-add"][name] - base[name]) + 0.5 * (experts["expert-sort"][name] - base[name])
+    expected = (
+        base[name]
+        + 0.5 * (experts["expert-add"][name] - base[name])
+        + 0.5 * (experts["expert-sort"][name] - base[name])
+    )
     assert (dict(model.named_parameters())[name].detach() - expected).abs().max() < 1e-6
 
 
@@ -145,12 +180,29 @@ def test_space_show_cli(zoo):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "evomerge", "space", "show", str(SPACES / "three_experts_ties_dare.yaml"),
-                          "--model", str(zoo / "base")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evomerge",
+            "space",
+            "show",
+            str(SPACES / "three_experts_ties_dare.yaml"),
+            "--model",
+            str(zoo / "base"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "57 genes for a 4-layer model" in out.stdout and "density[expert-rev].mlp@2" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "evomerge", "space", "show", str(SPACES / "nope.yaml"), "--layers", "4"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "evomerge", "space", "show", str(SPACES / "nope.yaml"), "--layers", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "cannot read" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -7,15 +7,14 @@ import time
 
 import pytest
 import torch
+from conftest import TASKS_DIR
 from safetensors.torch import load_file
+from test_campaign import wait_for
 from transformers import AutoModelForCausalLM
 
 from evomerge.zoo.build import MANIFEST, build_zoo
 from evomerge.zoo.quality import MARGIN, evaluate_zoo
 from evomerge.zoo.spec import PRESETS, ZooSpec
-
-from conftest import TASKS_DIR
-from test_campaign import wait_for
 
 #: A zoo small enough to build several times in a test (seconds), used where quality is irrelevant.
 MICRO = PRESETS["micro"]
@@ -56,9 +55,12 @@ def test_same_seed_same_hash_other_seed_other_hash(tmp_path):
     assert [m["sha256"] for m in a["models"]] == [m["sha256"] for m in b["models"]]
     assert c["content_hash"] != a["content_hash"]
     # what the weights depend on besides the seed (a fresh build records this machine)
-    assert a["reproducible_on"] == {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                                    "machine": platform.machine()}
+    assert a["reproducible_on"] == {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+    }
 
 
 def test_second_build_is_a_cache_hit(tmp_path):
@@ -84,12 +86,23 @@ def test_interrupted_build_leaves_nothing_at_the_target(tmp_path):
 def test_a_sigkilled_build_leaves_nothing_at_the_target_and_the_next_build_clears_its_leftovers(tmp_path):
     target = tmp_path / "z"
     endless = MICRO.model_copy(update={"expert_steps": 10**9})  # killed while it trains the first expert
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from evomerge.zoo.build import build_zoo; "
-                             "from evomerge.zoo.spec import ZooSpec; build_zoo(sys.argv[1], "
-                             "ZooSpec.model_validate_json(sys.argv[2]))", target, endless.model_dump_json()])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from evomerge.zoo.build import build_zoo; "
+            "from evomerge.zoo.spec import ZooSpec; build_zoo(sys.argv[1], "
+            "ZooSpec.model_validate_json(sys.argv[2]))",
+            target,
+            endless.model_dump_json(),
+        ]
+    )
     staging = tmp_path / f".z.partial-{proc.pid}"
-    wait_for(lambda: proc.poll() is None and (staging / "base" / "model.safetensors").is_file(), 120,
-             "the base saved in the staging directory")
+    wait_for(
+        lambda: proc.poll() is None and (staging / "base" / "model.safetensors").is_file(),
+        120,
+        "the base saved in the staging directory",
+    )
     proc.kill()
     proc.wait()
     assert not target.exists() and staging.is_dir()

@@ -92,9 +92,18 @@ class _Slot:
 
 
 class WorkerPool:
-    def __init__(self, spec: WorkerSpec, workers: int = 1, cpus_per_worker: float = 1.0,
-                 gpus_per_worker: float = 0.0, address: str | None = None, temp_dir: str | Path | None = None,
-                 max_retries: int = 2, timeout_s: float | None = None, start_timeout_s: float = 300.0):
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        workers: int = 1,
+        cpus_per_worker: float = 1.0,
+        gpus_per_worker: float = 0.0,
+        address: str | None = None,
+        temp_dir: str | Path | None = None,
+        max_retries: int = 2,
+        timeout_s: float | None = None,
+        start_timeout_s: float = 300.0,
+    ):
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.spec, self.n = spec, workers
@@ -127,8 +136,14 @@ class WorkerPool:
             cpus = max(1, int(round(self.n * self.cpus)))
             gpus = int(-(-self.n * self.gpus // 1)) if self.gpus else 0
             self._ray_temp = self._private_temp_dir()
-            kwargs.update(address="local", num_cpus=cpus, num_gpus=gpus, _node_ip_address="127.0.0.1",
-                          _temp_dir=self._ray_temp, include_dashboard=False)
+            kwargs.update(
+                address="local",
+                num_cpus=cpus,
+                num_gpus=gpus,
+                _node_ip_address="127.0.0.1",
+                _temp_dir=self._ray_temp,
+                include_dashboard=False,
+            )
             self.started_ray = True
         else:
             kwargs["address"] = self.address
@@ -149,15 +164,19 @@ class WorkerPool:
             import subprocess
             import sys
 
-            self._reaper = subprocess.Popen([sys.executable, "-m", "evomerge.cluster.reaper", str(os.getpid()),
-                                             self._ray_temp], stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self._reaper = subprocess.Popen(
+                [sys.executable, "-m", "evomerge.cluster.reaper", str(os.getpid()), self._ray_temp],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         actor_cls = ray.remote(ScoringWorker)
         threads = self.spec.threads or max(1, int(self.cpus))
         spec = {**self.spec.to_dict(), "threads": threads}
         # Ray restarts a dead worker (forever); the pool counts retries per candidate itself.
-        self._make = lambda: actor_cls.options(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=-1,
-                                               max_task_retries=0).remote(spec)
+        self._make = lambda: actor_cls.options(
+            num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=-1, max_task_retries=0
+        ).remote(spec)
         self.slots = [_Slot(i, self._make()) for i in range(self.n)]
         refs = {s.actor.ready.remote(): s for s in self.slots}
         deadline = time.monotonic() + self.start_timeout_s
@@ -167,8 +186,10 @@ class WorkerPool:
                     raise PoolError(self.lost)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise PoolError(f"workers did not start within {self.start_timeout_s:.0f} s "
-                                    "(not enough CPUs/GPUs in the cluster for the requested resources?)")
+                    raise PoolError(
+                        f"workers did not start within {self.start_timeout_s:.0f} s "
+                        "(not enough CPUs/GPUs in the cluster for the requested resources?)"
+                    )
                 done, _ = ray.wait(list(refs), num_returns=1, timeout=min(PROBE_EVERY, left))
                 if not done:
                     continue
@@ -318,8 +339,13 @@ class WorkerPool:
             slot.state = "idle"
             return self._outcome(job, Score("failed", reason=f"worker raised {_cause(e)}"), slot)
         slot.state = "idle"
-        score = Score(result["status"], values=result["values"], reason=result["reason"],
-                      timings=result["timings"], samples=result.get("samples"))
+        score = Score(
+            result["status"],
+            values=result["values"],
+            reason=result["reason"],
+            timings=result["timings"],
+            samples=result.get("samples"),
+        )
         return self._outcome(job, score, slot, pid=result.get("pid"))
 
     def _outcome(self, job: _Job, score: Score, slot: _Slot, pid: int | None = None) -> Outcome:

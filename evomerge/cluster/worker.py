@@ -50,16 +50,27 @@ class ScoringWorker:
         self.device = device
         self.started_dir = spec.started_dir
         evaluator = parse_evaluator(spec.evaluator, spec.evaluator_source)
-        self.scorer = CandidateScorer(spec.models, spec.base, evaluator, split=spec.split, device=device,
-                                      dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                                      allow_pickle=spec.allow_pickle)
+        self.scorer = CandidateScorer(
+            spec.models,
+            spec.base,
+            evaluator,
+            split=spec.split,
+            device=device,
+            dtype=spec.dtype,
+            trust_remote_code=spec.trust_remote_code,
+            allow_pickle=spec.allow_pickle,
+        )
 
     def ready(self) -> dict:
         """Where this worker runs: pid, device, threads, seconds it took to load."""
         import torch
 
-        return {"pid": os.getpid(), "device": self.device, "threads": torch.get_num_threads(),
-                "load_seconds": self.scorer.load_seconds}
+        return {
+            "pid": os.getpid(),
+            "device": self.device,
+            "threads": torch.get_num_threads(),
+            "load_seconds": self.scorer.load_seconds,
+        }
 
     def score(self, recipe: dict, log_samples: bool = False) -> dict:
         from evomerge.recipe import parse_recipe
@@ -70,8 +81,14 @@ class ScoringWorker:
         try:
             parsed = parse_recipe(recipe, "<candidate>")
         except Exception as e:
-            return {"status": "failed", "values": None, "reason": f"invalid recipe: {e}", "timings": {},
-                    "samples": None, "pid": os.getpid()}
+            return {
+                "status": "failed",
+                "values": None,
+                "reason": f"invalid recipe: {e}",
+                "timings": {},
+                "samples": None,
+                "pid": os.getpid(),
+            }
         out = self.scorer.score(parsed, log_samples=log_samples).to_dict()
         out["timings"]["worker"] = time.perf_counter() - started
         out["pid"] = os.getpid()

@@ -100,7 +100,6 @@ class EvaluatorConfig(BaseModel):
                     where = f"{self._source}: " if self._source else ""
                     raise EvaluatorError(f"{where}objectives[{i}].{key}: file not found: {path}")
 
-
     def check_tasks(self, split: str) -> None:
         """Every task of ``split`` loads (local file or built-in name, with its data) and reports the
         metric its objective reads; costs a task load (seconds), no model."""
@@ -121,17 +120,22 @@ class EvaluatorConfig(BaseModel):
         except TaskError as e:
             raise EvaluatorError(f"{where}objectives: {e}") from None
         except Exception as e:  # lm-eval and datasets raise many types for a task that cannot load
-            raise EvaluatorError(f"{where}objectives: a task of the {split} split cannot be loaded: "
-                                 f"{first_line(e, with_type=True)}") from None
+            raise EvaluatorError(
+                f"{where}objectives: a task of the {split} split cannot be loaded: {first_line(e, with_type=True)}"
+            ) from None
         for i, o, ref in tasks:
             name = resolve_task(ref).name
             have = reported[name]
             if o.metric is not None and o.metric not in have:
-                raise EvaluatorError(f"{where}objectives[{i}].metric: task {name} does not report "
-                                     f"'{o.metric}'; it reports: {', '.join(sorted(have)) or 'nothing'}")
+                raise EvaluatorError(
+                    f"{where}objectives[{i}].metric: task {name} does not report "
+                    f"'{o.metric}'; it reports: {', '.join(sorted(have)) or 'nothing'}"
+                )
             if o.metric is None and not any(m in have for m in PREFERRED_METRICS):
-                raise EvaluatorError(f"{where}objectives[{i}].metric: task {name} reports none of "
-                                     f"{', '.join(PREFERRED_METRICS)}; name one of: {', '.join(sorted(have))}")
+                raise EvaluatorError(
+                    f"{where}objectives[{i}].metric: task {name} reports none of "
+                    f"{', '.join(PREFERRED_METRICS)}; name one of: {', '.join(sorted(have))}"
+                )
 
 
 def parse_evaluator(data, source: str | Path | None = None) -> EvaluatorConfig:

@@ -83,8 +83,14 @@ class TaskSuite:
     names to their number of few-shot examples (drawn by lm-eval with ``fewshot_seed``).
     """
 
-    def __init__(self, tasks: list[str | Path], limit: int | None = None, subset_seed: int | None = None,
-                 num_fewshot: dict[str, int] | None = None, fewshot_seed: int = 1234):
+    def __init__(
+        self,
+        tasks: list[str | Path],
+        limit: int | None = None,
+        subset_seed: int | None = None,
+        num_fewshot: dict[str, int] | None = None,
+        fewshot_seed: int = 1234,
+    ):
         from lm_eval.tasks import TaskManager, get_task_dict
 
         refs = [resolve_task(t) for t in tasks]
@@ -139,8 +145,13 @@ class TaskSuite:
         sink = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
         with sink:
             return evaluate(
-                lm, self.task_dict, limit=None if self.samples is not None else self.limit,
-                samples=self.samples, bootstrap_iters=0, log_samples=log_samples, verbosity="ERROR",
+                lm,
+                self.task_dict,
+                limit=None if self.samples is not None else self.limit,
+                samples=self.samples,
+                bootstrap_iters=0,
+                log_samples=log_samples,
+                verbosity="ERROR",
             )
 
     def scores(self, lm, metrics: dict[str, str] | None = None) -> dict[str, float]:
@@ -205,8 +216,9 @@ def wrap_model(model, tokenizer, batch_size: int = 64, max_length: int | None = 
             return list(hit)  # callers get their own list, as from the tokenizer
 
     device = str(next(model.parameters()).device)
-    lm = ResidentHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                      max_length=max_length)
+    lm = ResidentHFLM(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length
+    )
     lm._tokens = {}  # per instance
     return lm
 
@@ -228,7 +240,7 @@ def _cache_prompt_templates() -> None:
     class CachedEnvironment(Environment):
         _evomerge_cached = True
 
-        @functools.lru_cache(maxsize=4096)
+        @functools.lru_cache(maxsize=4096)  # noqa: B019 -- one environment per process, kept for its life
         def _compiled(self, source: str):
             return super().from_string(source)
 
@@ -237,8 +249,9 @@ def _cache_prompt_templates() -> None:
                 return self._compiled(source)
             return super().from_string(source, globals, template_class)
 
-    cached = CachedEnvironment(loader=utils.env.loader, undefined=utils.env.undefined,
-                               keep_trailing_newline=utils.env.keep_trailing_newline)
+    cached = CachedEnvironment(
+        loader=utils.env.loader, undefined=utils.env.undefined, keep_trailing_newline=utils.env.keep_trailing_newline
+    )
     cached.filters.update(utils.env.filters)
     utils.env = cached
 

@@ -19,13 +19,24 @@ import torch
 
 
 class PerplexityScorer:
-    def __init__(self, path: str | Path, tokenizer, block_size: int = 64, limit: int | None = None,
-                 seed: int = 0, batch_size: int = 64, max_length: int | None = None,
-                 unit: Literal["block", "line"] = "block"):
+    def __init__(
+        self,
+        path: str | Path,
+        tokenizer,
+        block_size: int = 64,
+        limit: int | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        unit: Literal["block", "line"] = "block",
+    ):
         path = Path(path)
         size = min(block_size, max_length or block_size)
-        lines = [tokenizer(line, add_special_tokens=False)["input_ids"]
-                 for line in path.read_text().splitlines(keepends=True) if line.strip()]
+        lines = [
+            tokenizer(line, add_special_tokens=False)["input_ids"]
+            for line in path.read_text().splitlines(keepends=True)
+            if line.strip()
+        ]
         if unit == "line":  # a line longer than the model's context is cut to it
             units = [ids[:max_length] for ids in lines if len(ids) >= 2]
         elif unit == "block":
@@ -56,8 +67,9 @@ class PerplexityScorer:
             batch = self.ids[start : start + self.batch_size].to(device)
             mask = self.mask[start : start + self.batch_size].to(device)
             logits = model(input_ids=batch, attention_mask=mask.long()).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                    batch[:, 1:].reshape(-1), reduction="none")
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+            )
             total += float(nll[mask[:, 1:].reshape(-1)].sum())
         mean = total / self.tokens
         return math.exp(mean) if math.isfinite(mean) and mean < 700 else float("nan" if mean != mean else "inf")

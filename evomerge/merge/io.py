@@ -25,15 +25,29 @@ from evomerge.merge.methods import MergeError
 from evomerge.models.loading import ModelLoadError, checked_weight_files, is_local_model
 
 _DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-               "float64": torch.float64}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 @dataclass(frozen=True)
@@ -153,6 +167,7 @@ def resolve_model_dir(ref: str, allow_pickle: bool = False) -> Path:
 
 # --- the streaming writer ------------------------------------------------------------------------
 
+
 def _nbytes(info: TensorInfo) -> int:
     n = 1
     for d in info.shape:
@@ -177,13 +192,15 @@ def plan_shards(infos: list[TensorInfo], max_shard_bytes: int) -> list[list[Tens
 class ShardedWriter:
     """Writes tensors, in the planned order, into safetensors shards with an index."""
 
-    def __init__(self, out_dir: Path, infos: list[TensorInfo], max_shard_bytes: int,
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self, out_dir: Path, infos: list[TensorInfo], max_shard_bytes: int, metadata: dict[str, str] | None = None
+    ):
         self.out_dir = out_dir
         self.shards = plan_shards(infos, max_shard_bytes)
         n = len(self.shards)
-        self.files = (["model.safetensors"] if n == 1 else
-                      [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.files = (
+            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self.metadata = {"format": "pt", **(metadata or {})}
         self._order = [(i, info) for i, shard in enumerate(self.shards) for info in shard]
         self._next = 0
@@ -196,8 +213,11 @@ class ShardedWriter:
         header, offset = {"__metadata__": self.metadata}, 0
         for info in self.shards[shard]:
             nbytes = _nbytes(info)
-            header[info.name] = {"dtype": _DTYPES[info.dtype], "shape": list(info.shape),
-                                 "data_offsets": [offset, offset + nbytes]}
+            header[info.name] = {
+                "dtype": _DTYPES[info.dtype],
+                "shape": list(info.shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
@@ -209,8 +229,10 @@ class ShardedWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, info = self._order[self._next]
         if name != info.name or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
-            raise MergeError(f"writer expected {info.name} {info.shape} {info.dtype}, got {name} "
-                             f"{tuple(tensor.shape)} {tensor.dtype}")
+            raise MergeError(
+                f"writer expected {info.name} {info.shape} {info.dtype}, got {name} "
+                f"{tuple(tensor.shape)} {tensor.dtype}"
+            )
         if shard != self._open_shard:
             self._start(shard)
         data = tensor.detach().contiguous().cpu()
@@ -228,12 +250,15 @@ class ShardedWriter:
             self._fh.close()
         if len(self.files) > 1:
             total = sum(_nbytes(info) for _, info in self._order)
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {info.name: self.files[s] for s, info in self._order}}
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {info.name: self.files[s] for s, info in self._order},
+            }
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 # --- the atomic output directory -----------------------------------------------------------------
+
 
 class StagedDirectory:
     """A temporary sibling of ``target`` that becomes ``target`` on ``commit`` (else is removed)."""
@@ -266,4 +291,3 @@ def iter_with_progress(items: list, label: str, enabled: bool) -> Iterator:
     from tqdm import tqdm
 
     yield from tqdm(items, desc=label, unit="tensor", leave=False)
-

@@ -18,8 +18,14 @@ import torch
 from evomerge import __version__
 from evomerge.merge.apply import compute_tensor
 from evomerge.merge.io import (
-    DTYPE_NAMES, TOKENIZER_FILES, ModelSource, ShardedWriter, StagedDirectory, TensorInfo,
-    iter_with_progress, resolve_model_dir,
+    DTYPE_NAMES,
+    TOKENIZER_FILES,
+    ModelSource,
+    ShardedWriter,
+    StagedDirectory,
+    TensorInfo,
+    iter_with_progress,
+    resolve_model_dir,
 )
 from evomerge.merge.methods import MergeError, all_finite
 from evomerge.merge.plan import RecipePlan
@@ -62,8 +68,9 @@ def _check_compatible(base_ref: str, base: ModelSource, others: dict[str, ModelS
                 raise MergeError(f"{ref}: has no tensor '{info.name}' (the base {base_ref} has)")
             shape = src.info(info.name).shape
             if shape != info.shape:
-                raise MergeError(f"{ref}: tensor '{info.name}' has shape {list(shape)}, "
-                                 f"the base has {list(info.shape)}")
+                raise MergeError(
+                    f"{ref}: tensor '{info.name}' has shape {list(shape)}, the base has {list(info.shape)}"
+                )
         extra = sorted(names - set(shapes))
         if extra:
             raise MergeError(f"{ref}: tensor '{extra[0]}' is not in the base {base_ref}")
@@ -75,26 +82,51 @@ def model_card(recipe: Recipe, scores: dict[str, float] | None = None) -> str:
 
     method = get_method(recipe.merge_method)
     lines = [
-        "---", "library_name: transformers", "tags: [merge, evomerge]",
-        *(["base_model:", *[f"- {m}" for m in recipe.model_names()]]), "---", "",
-        "# Merged model", "",
-        f"Merged with [evomerge](https://github.com/) {__version__} using **{method.name}** "
-        f"({method.reference}).", "",
+        "---",
+        "library_name: transformers",
+        "tags: [merge, evomerge]",
+        *(["base_model:", *[f"- {m}" for m in recipe.model_names()]]),
+        "---",
+        "",
+        "# Merged model",
+        "",
+        f"Merged with [evomerge](https://github.com/) {__version__} using **{method.name}** ({method.reference}).",
+        "",
     ]
     if recipe.base_model:
         lines += [f"Base model: `{recipe.base_model}`", ""]
     lines += ["Models:", *[f"- `{m}`" for m in recipe.model_names() if m != recipe.base_model], ""]
     if scores:
-        lines += ["## Scores", "", "| task | score |", "|---|---|",
-                  *[f"| {k} | {v:.4f} |" for k, v in scores.items()], ""]
-    lines += ["## Recipe", "", f"Runs unchanged with `mergekit-yaml {RECIPE_FILE} OUT` "
-              "(keys under `evomerge:` are ignored by mergekit).", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+        lines += [
+            "## Scores",
+            "",
+            "| task | score |",
+            "|---|---|",
+            *[f"| {k} | {v:.4f} |" for k, v in scores.items()],
+            "",
+        ]
+    lines += [
+        "## Recipe",
+        "",
+        f"Runs unchanged with `mergekit-yaml {RECIPE_FILE} OUT` (keys under `evomerge:` are ignored by mergekit).",
+        "",
+        "```yaml",
+        recipe.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def merge_to_disk(
-    recipe: Recipe, out: str | Path, *, allow_pickle: bool = False, overwrite: bool = False,
-    shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, device: str = "cpu",
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+    device: str = "cpu",
     scores: dict[str, float] | None = None,
 ) -> Path:
     """Merge ``recipe`` into a Hugging Face model directory at ``out``; returns its path."""
@@ -109,8 +141,9 @@ def merge_to_disk(
     out_dtype = DTYPE_NAMES.get(recipe.out_dtype or recipe.dtype or "")
     if (recipe.out_dtype or recipe.dtype) and out_dtype is None:
         raise MergeError(f"dtype '{recipe.out_dtype or recipe.dtype}' is not one of {', '.join(DTYPE_NAMES)}")
-    out_infos = [TensorInfo(i.name, i.shape, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype)
-                 for i in infos]
+    out_infos = [
+        TensorInfo(i.name, i.shape, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype) for i in infos
+    ]
     for info in infos:  # every parameter resolves and is in range before any compute
         if info.dtype.is_floating_point:
             plan.resolve(info.name)
@@ -120,8 +153,12 @@ def merge_to_disk(
 
     staged = StagedDirectory(out, overwrite=overwrite)
     try:
-        writer = ShardedWriter(staged.path, out_infos, shard_bytes,
-                               metadata={"evomerge_version": __version__, "merge_method": recipe.merge_method})
+        writer = ShardedWriter(
+            staged.path,
+            out_infos,
+            shard_bytes,
+            metadata={"evomerge_version": __version__, "merge_method": recipe.merge_method},
+        )
         started = time.perf_counter()
         for info, out_info in zip(iter_with_progress(infos, "merging", progress), out_infos):
             base_t = base.tensor(info.name)
@@ -129,8 +166,10 @@ def merge_to_disk(
                 writer.write(info.name, base_t)
                 continue
             base_f = base_t.to(device=device, dtype=torch.float32)
-            tensors = [base_f if m == base_ref else sources[m].tensor(info.name).to(device=device, dtype=torch.float32)
-                       for m in inputs]
+            tensors = [
+                base_f if m == base_ref else sources[m].tensor(info.name).to(device=device, dtype=torch.float32)
+                for m in inputs
+            ]
             merged = compute_tensor(plan, info.name, base_f, inputs=tensors)
             if not all_finite(merged):
                 raise MergeError(f"merged tensor '{info.name}' contains NaN or inf; nothing was written")
@@ -149,9 +188,18 @@ def merge_to_disk(
                 shutil.copy2(dirs[tok_ref] / fname, staged.path)
         recipe.save(staged.path / RECIPE_FILE)
         (staged.path / "README.md").write_text(model_card(recipe, scores))
-        (staged.path / "evomerge.json").write_text(json.dumps(
-            {"evomerge_version": __version__, "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 3),
-             "inputs": {ref: str(d) for ref, d in dirs.items()}}, indent=2) + "\n")
+        (staged.path / "evomerge.json").write_text(
+            json.dumps(
+                {
+                    "evomerge_version": __version__,
+                    "torch": torch.__version__,
+                    "seconds": round(time.perf_counter() - started, 3),
+                    "inputs": {ref: str(d) for ref, d in dirs.items()},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         return staged.commit()
     except BaseException:
         staged.discard()

@@ -40,14 +40,17 @@ def checked_weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
     if not pickled:
         raise ModelLoadError(f"{model_dir}: no weight files (*.safetensors)")
     if not allow_pickle:
-        raise ModelLoadError(f"{model_dir}: only pickled weights ({pickled[0].name}), which can execute "
-                             "code when loaded; refusing them unless pickle is allowed "
-                             "(--allow-pickle, or allow_pickle: true in an experiment)")
+        raise ModelLoadError(
+            f"{model_dir}: only pickled weights ({pickled[0].name}), which can execute "
+            "code when loaded; refusing them unless pickle is allowed "
+            "(--allow-pickle, or allow_pickle: true in an experiment)"
+        )
     return pickled
 
 
-def load_causal_lm(ref: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False,
-                   dtype=None, device: str | None = None):
+def load_causal_lm(
+    ref: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False, dtype=None, device: str | None = None
+):
     """``(model, tokenizer)`` for a local model directory or a hub id; the model is in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -35,8 +35,11 @@ def tensor_specs(ref: str, local: bool) -> dict[str, tuple[tuple[int, ...], str]
         meta = get_safetensors_metadata(ref)
     except Exception as e:  # the hub client raises many types; all mean "cannot read it"
         raise TensorHeaderError(f"{ref}: cannot read its safetensors headers from the hub: {first_line(e)}") from None
-    return {name: (tuple(info.shape), info.dtype) for file in meta.files_metadata.values()
-            for name, info in file.tensors.items()}
+    return {
+        name: (tuple(info.shape), info.dtype)
+        for file in meta.files_metadata.values()
+        for name, info in file.tensors.items()
+    }
 
 
 def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from evomerge.recipe import Recipe
 from evomerge.search.optimizers import Objective, make_optimizer
@@ -71,16 +72,30 @@ class Search:
     ``writable=False`` opens an existing journal to read (status, pareto, export): nothing is
     written, not even the Optuna view, so it works on a read-only campaign directory."""
 
-    def __init__(self, genome: Genome, optimizer: str, objectives: Sequence[Objective], seed: int,
-                 directory: str | Path, options: dict | None = None, writable: bool = True):
+    def __init__(
+        self,
+        genome: Genome,
+        optimizer: str,
+        objectives: Sequence[Objective],
+        seed: int,
+        directory: str | Path,
+        options: dict | None = None,
+        writable: bool = True,
+    ):
         self.genome, self.objectives = genome, list(objectives)
         self.directory = Path(directory)
         self.writable = writable
         if writable:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / JOURNAL
-        self.header = {"event": "header", "optimizer": optimizer, "seed": seed, "options": options or {},
-                       "genes": [g.name for g in genome.genes], "objectives": [o.model_dump() for o in self.objectives]}
+        self.header = {
+            "event": "header",
+            "optimizer": optimizer,
+            "seed": seed,
+            "options": options or {},
+            "genes": [g.name for g in genome.genes],
+            "objectives": [o.model_dump() for o in self.objectives],
+        }
         self.optimizer = make_optimizer(optimizer, genome.dimension, self.objectives, seed, **(options or {}))
         lo, hi = genome.bounds
         self._lo, self._span = lo, [b - a for a, b in zip(lo, hi)]
@@ -110,8 +125,9 @@ class Search:
                 pass
         staged = path.with_name(path.name + ".staged")
         staged.unlink(missing_ok=True)
-        study = optuna.create_study(study_name=STUDY, directions=self.directions,
-                                    storage=JournalStorage(JournalFileBackend(str(staged))))
+        study = optuna.create_study(
+            study_name=STUDY, directions=self.directions, storage=JournalStorage(JournalFileBackend(str(staged)))
+        )
         for trial in told:
             self._add_to_view(study, trial)
         os.replace(staged, path)
@@ -123,17 +139,26 @@ class Search:
         lo, hi = self.genome.bounds
         params = {g.name: min(max(v, a), b) for g, v, a, b in zip(self.genome.genes, trial.genome, lo, hi)}
         if not hasattr(self, "_view_dists"):  # the same for every trial: built once
-            self._view_dists = {g.name: optuna.distributions.FloatDistribution(a, max(b, a + 1e-12))
-                                for g, a, b in zip(self.genome.genes, lo, hi)}
+            self._view_dists = {
+                g.name: optuna.distributions.FloatDistribution(a, max(b, a + 1e-12))
+                for g, a, b in zip(self.genome.genes, lo, hi)
+            }
         dists = self._view_dists
-        attrs = {"evomerge_trial": trial.id, "replicate": trial.replicate,
-                 **{k: v for k, v in trial.info.items() if isinstance(v, (int, float, str, bool))}}
+        attrs = {
+            "evomerge_trial": trial.id,
+            "replicate": trial.replicate,
+            **{k: v for k, v in trial.info.items() if isinstance(v, (int, float, str, bool))},
+        }
         if trial.status == "done":
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=trial.values,
-                                                      user_attrs=attrs))
+            study.add_trial(
+                optuna.trial.create_trial(params=params, distributions=dists, values=trial.values, user_attrs=attrs)
+            )
         else:
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, user_attrs=attrs,
-                                                      state=optuna.trial.TrialState.FAIL))
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=params, distributions=dists, user_attrs=attrs, state=optuna.trial.TrialState.FAIL
+                )
+            )
 
     # -- journal ----------------------------------------------------------------------------------
     def _append(self, event: dict) -> None:
@@ -153,16 +178,19 @@ class Search:
                     break
                 raise JournalError(f"{self.path}:{n}: corrupt journal line") from None
         if not events or events[0] != self.header:
-            raise JournalError(f"{self.path}: written by a different search (optimizer, seed, genes or "
-                               "objectives differ); use a new campaign directory")
+            raise JournalError(
+                f"{self.path}: written by a different search (optimizer, seed, genes or "
+                "objectives differ); use a new campaign directory"
+            )
         for event in events[1:]:
             if event["event"] == "enqueue":
                 self.optimizer.enqueue(event["unit"])
             elif event["event"] == "ask":
                 unit, replicate = self.optimizer.ask_replicate()
                 if unit != event["unit"] or replicate != event.get("replicate", 0):
-                    raise JournalError(f"{self.path}: trial {event['id']} does not replay (the optimizer's "
-                                       "library version changed?)")
+                    raise JournalError(
+                        f"{self.path}: trial {event['id']} does not replay (the optimizer's library version changed?)"
+                    )
                 self._new_trial(unit, replicate)
             elif event["event"] == "tell":
                 self._apply_tell(event["id"], event["values"], event.get("info", {}))
@@ -241,6 +269,10 @@ class Search:
         ranks = pareto_ranks([t.values for t in done], self.directions)
         by_id = {t.id: r + 1 for t, r in zip(done, ranks) if r is not None}
         told = sum(t.status != "running" for t in self.trials)
-        return FrontSnapshot(ranks=by_id, front=sorted(i for i, r in by_id.items() if r == 1), told=told,
-                             failed=told - len(done),
-                             hypervolume=self.hypervolume(reference) if reference and done else None)
+        return FrontSnapshot(
+            ranks=by_id,
+            front=sorted(i for i, r in by_id.items() if r == 1),
+            told=told,
+            failed=told - len(done),
+            hypervolume=self.hypervolume(reference) if reference and done else None,
+        )

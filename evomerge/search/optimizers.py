@@ -137,17 +137,25 @@ class CMA(Optimizer):
 
             # pycma's measurement (rank-change statistic) and treatment (sigma and evaluations update);
             # which points to re-evaluate is chosen here, from our generator (pycma's draws on the global one)
-            self.noise = cma.NoiseHandler(dim, maxevals=[1, 1, self.options.noise_max_evaluations],
-                                          reevals=self.options.noise_reevals, epsilon=0)
+            self.noise = cma.NoiseHandler(
+                dim, maxevals=[1, 1, self.options.noise_max_evaluations], reevals=self.options.noise_reevals, epsilon=0
+            )
         self._start(self.default_popsize, self.options.sigma0, "large")
 
     def _start(self, popsize: int, sigma0: float, regime: str) -> None:
         import cma
 
         self.regime = regime
-        opts = {"bounds": [0.0, 1.0], "popsize": popsize, "seed": int(self.rng.integers(1, 2**31 - 1)),
-                "verbose": -9, "verb_log": 0, "verb_disp": 0, "tolfun": self.options.tolfun,
-                "randn": lambda *shape: self.rng.standard_normal(shape)}
+        opts = {
+            "bounds": [0.0, 1.0],
+            "popsize": popsize,
+            "seed": int(self.rng.integers(1, 2**31 - 1)),
+            "verbose": -9,
+            "verb_log": 0,
+            "verb_disp": 0,
+            "tolfun": self.options.tolfun,
+            "randn": lambda *shape: self.rng.standard_normal(shape),
+        }
         x0 = self.rng.random(self.dim).tolist() if self.runs else [0.5] * self.dim
         self.es = cma.CMAEvolutionStrategy(x0, sigma0, opts)
         self.queue: list[list[float]] = []
@@ -253,8 +261,14 @@ def _optuna_samplers() -> dict[str, tuple[type, bool]]:
     import optuna
 
     s = optuna.samplers
-    return {"tpe": (s.TPESampler, True), "nsga2": (s.NSGAIISampler, True), "nsga3": (s.NSGAIIISampler, True),
-            "gp": (s.GPSampler, True), "cmaes": (s.CmaEsSampler, False), "optuna-random": (s.RandomSampler, True)}
+    return {
+        "tpe": (s.TPESampler, True),
+        "nsga2": (s.NSGAIISampler, True),
+        "nsga3": (s.NSGAIIISampler, True),
+        "gp": (s.GPSampler, True),
+        "cmaes": (s.CmaEsSampler, False),
+        "optuna-random": (s.RandomSampler, True),
+    }
 
 
 OPTUNA_SAMPLERS = ("tpe", "nsga2", "nsga3", "gp", "cmaes", "optuna-random")
@@ -294,8 +308,10 @@ class OptunaSampler(Optimizer):
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "seed"}
         unknown = sorted(set(options) - accepted)
         if unknown:
-            raise ValueError(f"sampler_options: {cls.__name__} takes no option(s) {', '.join(unknown)}; "
-                             f"valid: {', '.join(sorted(accepted))}")
+            raise ValueError(
+                f"sampler_options: {cls.__name__} takes no option(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(accepted))}"
+            )
 
     def enqueue(self, x):
         self.study.enqueue_trial({f"x{i}": float(v) for i, v in enumerate(x)})
@@ -330,8 +346,9 @@ class OptimizerKind:
 def _registry() -> dict[str, OptimizerKind]:
     kinds = [OptimizerKind("random", NoOptions, RandomSearch), OptimizerKind("cma", CMAOptions, CMA)]
     for sampler in OPTUNA_SAMPLERS:
-        kinds.append(OptimizerKind(sampler, OptunaOptions,
-                                   lambda d, o, s, opts, n=sampler: OptunaSampler(d, o, s, opts, name=n)))
+        kinds.append(
+            OptimizerKind(sampler, OptunaOptions, lambda d, o, s, opts, n=sampler: OptunaSampler(d, o, s, opts, name=n))
+        )
     return {k.name: k for k in kinds}
 
 

@@ -73,8 +73,9 @@ def front_indices(points: Sequence[Sequence[float]], directions: Sequence[Direct
     return [i for i, r in enumerate(pareto_ranks(points, directions)) if r == 0]
 
 
-def hypervolume(points: Sequence[Sequence[float]], directions: Sequence[Direction],
-                reference: Sequence[float]) -> float:
+def hypervolume(
+    points: Sequence[Sequence[float]], directions: Sequence[Direction], reference: Sequence[float]
+) -> float:
     """Volume dominated by the finite points and bounded by ``reference`` (given in the objectives'
     natural signs: the worst acceptable value of each). Points not strictly better than the reference
     in every objective add nothing. Exact, by recursive slicing (fine for a few objectives)."""
@@ -133,8 +134,7 @@ def _normalized(points, directions, idx):
     return [tuple((p[d] - lo[d]) / (hi[d] - lo[d]) if hi[d] > lo[d] else 0.0 for d in range(m)) for p in pts]
 
 
-def weighted_pick(points: Sequence[Sequence[float]], directions: Sequence[Direction],
-                  weights: Sequence[float]) -> int:
+def weighted_pick(points: Sequence[Sequence[float]], directions: Sequence[Direction], weights: Sequence[float]) -> int:
     """The front member minimizing the weighted sum of its objectives normalized to [0, 1] over the
     front (0 = best on that objective). Ties go to the earliest candidate."""
     front = front_indices(points, directions)

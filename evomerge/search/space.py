@@ -27,8 +27,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from evomerge.merge.methods import METHODS, get_method
 from evomerge.configfile import describe, read_yaml
+from evomerge.merge.methods import METHODS, get_method
 from evomerge.recipe import FilterValue, Recipe, RecipeError, parse_recipe, resolve_setting
 
 
@@ -93,13 +93,16 @@ class SearchSpace(BaseModel):
         declared = {p.name: p for m in methods for p in get_method(m).params}
         for name, rng in self.parameters.items():
             if name not in declared:
-                raise ValueError(f"parameters.{name}: not a parameter of {', '.join(methods)}; "
-                                 f"valid: {', '.join(sorted(declared))}")
+                raise ValueError(
+                    f"parameters.{name}: not a parameter of {', '.join(methods)}; valid: {', '.join(sorted(declared))}"
+                )
             if rng.searched and declared[name].kind is bool:
                 raise ValueError(f"parameters.{name}: a true/false parameter can only be fixed")
             p = declared[name]
             lo, hi = (rng.low, rng.high) if rng.searched else (rng.fixed, rng.fixed)
-            if not isinstance(lo, bool) and ((p.low is not None and lo < p.low) or (p.high is not None and hi > p.high)):
+            if not isinstance(lo, bool) and (
+                (p.low is not None and lo < p.low) or (p.high is not None and hi > p.high)
+            ):
                 raise ValueError(f"parameters.{name}: bounds [{lo}, {hi}] leave the method's range [{p.low}, {p.high}]")
         for name in self.tied:
             if name not in self.parameters:
@@ -142,8 +145,12 @@ class Genome:
             raise SpaceError(f"num_layers must be >= 1, got {num_layers}")
         self.space, self.num_layers, self.seed = space, num_layers, seed
         lay = space.layers
-        self.positions = {"model": 1, "group": math.ceil(num_layers / lay.group_size),
-                          "layer": num_layers, "smooth": lay.control_points}[lay.granularity]
+        self.positions = {
+            "model": 1,
+            "group": math.ceil(num_layers / lay.group_size),
+            "layer": num_layers,
+            "smooth": lay.control_points,
+        }[lay.granularity]
         self.parts: list[str | None] = [*lay.split, "*"] if lay.split else [None]
         genes: list[Gene] = []
         if len(space.methods) > 1:
@@ -193,8 +200,14 @@ class Genome:
     def _setting(self, by_part: dict) -> object:
         if self.parts == [None]:
             return self._layer_values(by_part[None])
-        return [({"filter": p, "value": self._layer_values(by_part[p])} if p != "*"
-                 else {"value": self._layer_values(by_part[p])}) for p in self.parts]
+        return [
+            (
+                {"filter": p, "value": self._layer_values(by_part[p])}
+                if p != "*"
+                else {"value": self._layer_values(by_part[p])}
+            )
+            for p in self.parts
+        ]
 
     def decode(self, vector) -> Recipe:
         """The recipe at ``vector`` (values clipped to the box)."""
@@ -218,7 +231,7 @@ class Genome:
         for name, rng in self.space.parameters.items():
             if name not in names:
                 continue  # a parameter of another method in the categorical choice
-            for model in (self.space.models if name in model_params else [None]):
+            for model in self.space.models if name in model_params else [None]:
                 if rng.searched:
                     key = (name, None if (name in self.space.tied or name not in model_params) else model)
                     value = self._setting(collected[key])
@@ -244,12 +257,18 @@ class Genome:
     def _probe(self, part: str | None, pos: int) -> tuple[str, float]:
         """A tensor name in ``part`` and the slice position t that gene ``pos`` governs."""
         g = self.space.layers.granularity
-        layer = {"model": 0, "group": pos * self.space.layers.group_size, "layer": pos,
-                 "smooth": round(pos * (self.num_layers - 1) / (self.space.layers.control_points - 1))}[g]
+        layer = {
+            "model": 0,
+            "group": pos * self.space.layers.group_size,
+            "layer": pos,
+            "smooth": round(pos * (self.num_layers - 1) / (self.space.layers.control_points - 1)),
+        }[g]
         t = (layer / (self.num_layers - 1)) if self.num_layers > 1 else 1.0
         if g == "smooth":
             t = pos / (self.space.layers.control_points - 1)
-        name = f"model.layers.{layer}." + ({None: "mlp.up_proj.weight", "*": "input_layernorm.weight"}.get(part) or f"{part}.weight")
+        name = f"model.layers.{layer}." + (
+            {None: "mlp.up_proj.weight", "*": "input_layernorm.weight"}.get(part) or f"{part}.weight"
+        )
         return name, t
 
     def _read(self, setting, part: str | None, pos: int) -> float | None:

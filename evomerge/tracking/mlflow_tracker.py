@@ -4,8 +4,9 @@ One MLflow experiment per campaign. The parent run holds the configuration (para
 experiment file as an artifact), the library versions, and, refreshed every ``refresh_s`` seconds
 and at the end: the hypervolume and front size per step, the front as a table, and a scatter plot of
 the objectives (interactive HTML and PNG). Ranks, front and hypervolume are the search's
-(``FrontSnapshot``), published here by the campaign: tracking never recomputes them. Each candidate is a child run: genes and decoded recipe
-values as params, objectives and timings as metrics, its status. Front members carry the tags
+(``FrontSnapshot``), published here by the campaign: tracking never recomputes them. Each
+candidate is a child run: genes and decoded recipe values as params, objectives and timings as
+metrics, its status. Front members carry the tags
 ``pareto=true`` and ``pareto_rank`` (1 = the front), updated as the front changes, so the MLflow UI
 filters to the front by itself (``tags.pareto = 'true'``).
 
@@ -25,8 +26,9 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from evomerge.search.journal import FrontSnapshot
 
@@ -49,8 +51,15 @@ def local_store(directory: Path) -> tuple[str, str]:
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str, objectives: Sequence[str], directions: Sequence[str],
-                 artifact_location: str | None = None, refresh_s: float = 10.0):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        objectives: Sequence[str],
+        directions: Sequence[str],
+        artifact_location: str | None = None,
+        refresh_s: float = 10.0,
+    ):
         import logging
 
         from mlflow import MlflowClient
@@ -72,14 +81,18 @@ class Tracker:
         self._snapshot: FrontSnapshot | None = None
 
     # -- lifecycle (controller thread) -------------------------------------------------------------
-    def open(self, parent_run_id: str | None, params: dict[str, str], tags: dict[str, str],
-             config_file: Path | None) -> str:
+    def open(
+        self, parent_run_id: str | None, params: dict[str, str], tags: dict[str, str], config_file: Path | None
+    ) -> str:
         """Create the experiment and parent run, or reopen the parent of an earlier run of the campaign."""
         from mlflow.entities import Param
 
         exp = self.client.get_experiment_by_name(self.experiment_name)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            self.experiment_name, artifact_location=self.artifact_location)
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+        )
         self.experiment_id = exp_id
         if parent_run_id:
             self.client.update_run(parent_run_id, status="RUNNING")
@@ -90,7 +103,7 @@ class Tracker:
             self.parent = run.info.run_id
             items = [Param(param_key(k), str(v)[:6000]) for k, v in params.items()]
             for i in range(0, len(items), 100):
-                self.client.log_batch(self.parent, params=items[i:i + 100])
+                self.client.log_batch(self.parent, params=items[i : i + 100])
             if config_file is not None:
                 self.client.log_artifact(self.parent, str(config_file))
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
@@ -100,8 +113,9 @@ class Tracker:
     def _load_children(self) -> None:
         token = None
         while True:
-            page = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent}'",
-                                           max_results=1000, page_token=token)
+            page = self.client.search_runs(
+                [self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent}'", max_results=1000, page_token=token
+            )
             for run in page:
                 if run.info.status == "RUNNING":  # the controller died while writing it: log it anew
                     self.client.delete_run(run.info.run_id)
@@ -175,8 +189,13 @@ class Tracker:
             return
         now = int(time.time() * 1000)
         info = trial.info or {}
-        tags = {PARENT_TAG: self.parent, "mlflow.runName": f"trial-{trial.id:05d}", TRIAL_TAG: str(trial.id),
-                "status": trial.status, "pareto": "false"}
+        tags = {
+            PARENT_TAG: self.parent,
+            "mlflow.runName": f"trial-{trial.id:05d}",
+            TRIAL_TAG: str(trial.id),
+            "status": trial.status,
+            "pareto": "false",
+        }
         if info.get("reason"):
             tags["reason"] = str(info["reason"])[:5000]
         run = self.client.create_run(self.experiment_id, start_time=now, tags=tags)
@@ -194,7 +213,7 @@ class Tracker:
             if key in info:
                 metrics.append(Metric(key, float(info[key]), now, 0))
         for i in range(0, len(params), 100):
-            self.client.log_batch(run.info.run_id, params=params[i:i + 100], metrics=metrics if i == 0 else [])
+            self.client.log_batch(run.info.run_id, params=params[i : i + 100], metrics=metrics if i == 0 else [])
         if samples:
             self.client.log_dict(run.info.run_id, samples, "samples.json")
         self.client.set_terminated(run.info.run_id, "FINISHED" if trial.status == "done" else "FAILED")
@@ -220,8 +239,11 @@ class Tracker:
                     self.client.set_tag(run, "pareto", "true" if rank == 1 else "false")
                 self._ranks[tid] = rank
         now = int(time.time() * 1000)
-        metrics = [Metric("front_size", len(snap.front), now, snap.told), Metric("failed", snap.failed, now, snap.told),
-                   Metric("finished", snap.told, now, snap.told)]
+        metrics = [
+            Metric("front_size", len(snap.front), now, snap.told),
+            Metric("failed", snap.failed, now, snap.told),
+            Metric("finished", snap.told, now, snap.told),
+        ]
         if snap.hypervolume is not None:
             metrics.append(Metric("hypervolume", snap.hypervolume, now, snap.told))
         self.client.log_batch(self.parent, metrics=metrics)
@@ -263,8 +285,9 @@ def _plain(value):
 
 
 def front_plots(ids, points, front, objectives, directions):
-    """(interactive HTML with plotly.js embedded, so it opens offline; PNG as a numpy image) of the first two objectives (or the one objective
-    against the trial number): every finished candidate, the front highlighted."""
+    """Plots of the first two objectives (or the one objective against the trial number): every
+    finished candidate, the front highlighted. Returns (interactive HTML with plotly.js embedded, so
+    it opens offline; PNG as a numpy image)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,10 +303,17 @@ def front_plots(ids, points, front, objectives, directions):
     fx = [x for x, t in zip(xs, ids) if t in on]
     fy = [y for y, t in zip(ys, ids) if t in on]
     fig = go.Figure()
-    fig.add_scatter(x=xs, y=ys, mode="markers", name="candidates", text=[f"trial {t}" for t in ids],
-                    marker={"color": "lightgray"})
-    fig.add_scatter(x=fx, y=fy, mode="markers", name="Pareto front", text=[f"trial {t}" for t in ids if t in on],
-                    marker={"color": "crimson", "size": 10})
+    fig.add_scatter(
+        x=xs, y=ys, mode="markers", name="candidates", text=[f"trial {t}" for t in ids], marker={"color": "lightgray"}
+    )
+    fig.add_scatter(
+        x=fx,
+        y=fy,
+        mode="markers",
+        name="Pareto front",
+        text=[f"trial {t}" for t in ids if t in on],
+        marker={"color": "crimson", "size": 10},
+    )
     fig.update_layout(xaxis_title=xl, yaxis_title=yl, title="evomerge: candidates and Pareto front")
     html = fig.to_html(include_plotlyjs=True, full_html=True)
     f, ax = plt.subplots(figsize=(6, 4.5), dpi=100)

@@ -21,12 +21,12 @@ import platform
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from evomerge.staging import staging_dir, sweep_stale_staging, swap_into_place
+from evomerge.staging import staging_dir, swap_into_place, sweep_stale_staging
 from evomerge.zoo import skills
 from evomerge.zoo.spec import ZooSpec
 from evomerge.zoo.tokenizer import train_tokenizer
@@ -60,9 +60,7 @@ def build_model(spec: ZooSpec, vocab_size: int, pad_id: int, bos_id: int, eos_id
     return Qwen2ForCausalLM(Qwen2Config(**common))
 
 
-def _batches(
-    vocab: dict[str, int], mixture: dict[str, float], steps: int, batch_size: int, rng: random.Random
-):
+def _batches(vocab: dict[str, int], mixture: dict[str, float], steps: int, batch_size: int, rng: random.Random):
     """Yield (input_ids, labels) batches; loss only on what follows the prompt (whole line for text)."""
     for _ in range(steps):
         examples = skills.training_examples(rng, mixture, batch_size)
@@ -173,35 +171,59 @@ def _build_into(root: Path, spec: ZooSpec, progress: Progress) -> dict:
     corpus = skills.training_examples(rng, spec.base_mixture(), TOKENIZER_CORPUS_SIZE)
     tokenizer = train_tokenizer([e.text for e in corpus])
     vocab = tokenizer.get_vocab()
-    model = build_model(
-        spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
-    )
+    model = build_model(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     n_params = sum(p.numel() for p in model.parameters())
     progress(f"base: {spec.architecture}, {n_params:,} parameters")
 
     base_seed = rng.randrange(2**31)
     base_loss = train(
-        model, vocab, spec.base_mixture(), spec.base_steps, spec.base_lr, spec.batch_size,
-        random.Random(base_seed), "base", progress,
+        model,
+        vocab,
+        spec.base_mixture(),
+        spec.base_steps,
+        spec.base_lr,
+        spec.batch_size,
+        random.Random(base_seed),
+        "base",
+        progress,
     )
     _save(model, tokenizer, root / "base")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     entries = [
-        {"name": "base", "role": "base", "skill": None, "path": "base", "seed": base_seed,
-         "final_loss": round(base_loss, 4)}
+        {
+            "name": "base",
+            "role": "base",
+            "skill": None,
+            "path": "base",
+            "seed": base_seed,
+            "final_loss": round(base_loss, 4),
+        }
     ]
     for skill in spec.experts:
         seed = rng.randrange(2**31)
         model.load_state_dict(base_state)
         torch.manual_seed(seed)
         loss = train(
-            model, vocab, spec.expert_mixture(skill), spec.expert_steps, spec.expert_lr,
-            spec.batch_size, random.Random(seed), f"expert-{skill}", progress,
+            model,
+            vocab,
+            spec.expert_mixture(skill),
+            spec.expert_steps,
+            spec.expert_lr,
+            spec.batch_size,
+            random.Random(seed),
+            f"expert-{skill}",
+            progress,
         )
         _save(model, tokenizer, root / f"expert-{skill}")
         entries.append(
-            {"name": f"expert-{skill}", "role": "expert", "skill": skill, "path": f"expert-{skill}",
-             "seed": seed, "final_loss": round(loss, 4)}
+            {
+                "name": f"expert-{skill}",
+                "role": "expert",
+                "skill": skill,
+                "path": f"expert-{skill}",
+                "seed": seed,
+                "final_loss": round(loss, 4),
+            }
         )
 
     content = hashlib.sha256()
@@ -217,9 +239,11 @@ def _build_into(root: Path, spec: ZooSpec, progress: Progress) -> dict:
         "content_hash": content.hexdigest(),
         "models": entries,
         "skills": {s: skills.SKILLS[s].description for s in spec.experts},
-        "versions": {"evomerge": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "reproducible_on": {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                            "machine": platform.machine()},
+        "versions": {"evomerge": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "reproducible_on": {
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(),
+        },
     }

@@ -49,8 +49,12 @@ def _mean(row: dict[str, float], keys: tuple[str, ...]) -> float:
 
 
 def evaluate_zoo(
-    zoo_dir: str | Path, tasks_dir: str | Path, split: str = "search", limit: int | None = None,
-    merge_weight: float = 1.0, batch_size: int = 64,
+    zoo_dir: str | Path,
+    tasks_dir: str | Path,
+    split: str = "search",
+    limit: int | None = None,
+    merge_weight: float = 1.0,
+    batch_size: int = 64,
 ) -> ZooReport:
     """Score base, experts and every expert pair's task-arithmetic merge on ``split``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,9 +90,15 @@ def evaluate_zoo(
         score(f"expert-{skill}")
     resident = ResidentMerge(model, states["base"], {s: states[s] for s in skill_names})
     for a, b in combinations(skill_names, 2):
-        resident.materialize(parse_recipe({
-            "merge_method": "task_arithmetic", "base_model": "base",
-            "models": [{"model": s, "parameters": {"weight": merge_weight}} for s in (a, b)]}))
+        resident.materialize(
+            parse_recipe(
+                {
+                    "merge_method": "task_arithmetic",
+                    "base_model": "base",
+                    "models": [{"model": s, "parameters": {"weight": merge_weight}} for s in (a, b)],
+                }
+            )
+        )
         score(f"merge({a}+{b})")
     resident.restore_base()
 

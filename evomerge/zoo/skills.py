@@ -11,8 +11,8 @@ Every line the models see is ``<prompt><answer>\n``; the prompt ends with ``=``.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"
@@ -163,9 +163,7 @@ def choices_for(example: Example, rng: random.Random, n: int = 4) -> list[str]:
     return [answer, *pool[: n - 1]]
 
 
-def training_examples(
-    rng: random.Random, mixture: dict[str, float], count: int
-) -> list[Example]:
+def training_examples(rng: random.Random, mixture: dict[str, float], count: int) -> list[Example]:
     """``count`` training examples drawn by ``mixture`` (skill or general name -> weight).
 
     Never yields a held-out evaluation prompt.

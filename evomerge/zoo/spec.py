@@ -80,6 +80,14 @@ class ZooSpec(BaseModel):
 #: tests of the machinery (caching, determinism, architectures), never for quality.
 PRESETS: dict[str, ZooSpec] = {
     "default": ZooSpec(),
-    "micro": ZooSpec(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, base_steps=6,
-                     expert_steps=3, batch_size=8, experts=("add", "rev")),
+    "micro": ZooSpec(
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=32,
+        base_steps=6,
+        expert_steps=3,
+        batch_size=8,
+        experts=("add", "rev"),
+    ),
 }
