@@ -723,3 +723,21 @@ def test_a_lost_ray_node_halts_the_campaign_resumably(zoo, tmp_path):
     final = cli("resume", directory, cwd=tmp_path)
     assert final.returncode == 0, final.stderr[-3000:]
     assert sorted(tells(directory)) == list(range(8))
+
+
+def test_a_campaign_whose_workers_cannot_start_leaves_no_directory(zoo, tmp_path):
+    """What only loading can find (here an activation transformers does not know) is reported in one
+    line, and the campaign directory made for it is removed: the corrected file runs at once."""
+    broken = edited_model(zoo / "base", tmp_path / "broken-base", lambda state: None)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "hidden_act": "no_such_activation"}))
+    path = experiment(
+        tmp_path,
+        zoo,
+        models={"base": str(broken), "expert-add": str(zoo / "expert-add"), "expert-sort": str(zoo / "expert-sort")},
+    )
+    result = cli("run", path, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("evomerge: error:")]
+    assert "worker 0 failed to start" in line and "no_such_activation" in line
+    assert not (tmp_path / "campaign").exists()
