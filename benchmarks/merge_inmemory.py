@@ -1,11 +1,13 @@
 """In-memory materialization cost per candidate, each method relative to linear.
 
     .venv/bin/python benchmarks/merge_inmemory.py [--hidden 768 --layers 12 --vocab 16000 --experts 3]
+                                                  [--cache all|auto|none --task-vector-dtype float32|bfloat16|auto]
 
 A random-weight Llama of about 110M parameters (the default) is built in memory with `--experts`
-perturbed copies. One ResidentMerge holds the base and the task vectors; the first candidate of each
+perturbed copies. One ResidentMerge holds the base and the task vectors, under the memory policy the
+flags give (default: float32 task vectors, every statistic cached); the first candidate of each
 method pays its one-time precomputation (reported apart), then `--repeats` candidates with fresh
-random parameters are timed. Target: every sparsifying method at most 3x linear.
+random parameters are timed. Target: every sparsifying method at most 3x linear (with caches).
 """
 
 from __future__ import annotations
@@ -25,10 +27,22 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from evomerge.merge.apply import ResidentMerge  # noqa: E402
+from evomerge.merge.memory import MemoryPolicy  # noqa: E402
 from evomerge.recipe import parse_recipe  # noqa: E402
 
-METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-           "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock"]
+METHODS = [
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "slerp",
+    "model_stock",
+]
 
 
 def recipe_for(method: str, experts: list[str], rng: random.Random, seed: int):
@@ -38,16 +52,30 @@ def recipe_for(method: str, experts: list[str], rng: random.Random, seed: int):
     if method.startswith("della"):
         per["epsilon"] = 0.1
     if method == "slerp":
-        return parse_recipe({"merge_method": "slerp", "base_model": "base", "models": [{"model": experts[0]}],
-                             "parameters": {"t": round(rng.uniform(0, 1), 3)}})
+        return parse_recipe(
+            {
+                "merge_method": "slerp",
+                "base_model": "base",
+                "models": [{"model": experts[0]}],
+                "parameters": {"t": round(rng.uniform(0, 1), 3)},
+            }
+        )
     if method == "model_stock":
-        return parse_recipe({"merge_method": "model_stock", "base_model": "base",
-                             "models": [{"model": e} for e in experts]})
+        return parse_recipe(
+            {"merge_method": "model_stock", "base_model": "base", "models": [{"model": e} for e in experts]}
+        )
     if method == "linear":
-        return parse_recipe({"merge_method": "linear", "models": [{"model": e, "parameters": dict(per)} for e in experts]})
-    return parse_recipe({"merge_method": method, "base_model": "base",
-                         "models": [{"model": e, "parameters": dict(per)} for e in experts],
-                         "evomerge": {"seed": seed}})
+        return parse_recipe(
+            {"merge_method": "linear", "models": [{"model": e, "parameters": dict(per)} for e in experts]}
+        )
+    return parse_recipe(
+        {
+            "merge_method": method,
+            "base_model": "base",
+            "models": [{"model": e, "parameters": dict(per)} for e in experts],
+            "evomerge": {"seed": seed},
+        }
+    )
 
 
 def main() -> None:
@@ -58,20 +86,32 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--cache", default="all", choices=["all", "auto", "none"])
+    ap.add_argument("--task-vector-dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     args = ap.parse_args()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=12, num_key_value_heads=12, intermediate_size=args.hidden * 8 // 3,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        intermediate_size=args.hidden * 8 // 3,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     n = sum(p.numel() for p in model.parameters())
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     experts = {f"e{i}": {k: v + 0.01 * torch.randn_like(v) for k, v in base.items()} for i in range(args.experts)}
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"model: random Llama, {n / 1e6:.1f}M parameters (float32), {args.experts} experts")
     started = time.perf_counter()
-    resident = ResidentMerge(model, base, experts)
-    print(f"resident set-up (task vectors): {time.perf_counter() - started:.2f} s")
+    policy = MemoryPolicy(task_vector_dtype=args.task_vector_dtype, cache=args.cache)
+    resident = ResidentMerge(model, base, experts, memory=policy)
+    print(f"resident set-up (task vectors): {time.perf_counter() - started:.2f} s; memory: {policy.model_dump()}")
     del experts
     rng = random.Random(0)
     names = list(resident.experts)

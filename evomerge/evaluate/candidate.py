@@ -13,14 +13,18 @@ from __future__ import annotations
 import math
 import time
 import traceback
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from evomerge.errors import first_line
 from evomerge.evaluate.config import EvaluatorConfig
 from evomerge.recipe import Recipe
+
+if TYPE_CHECKING:
+    from evomerge.merge.memory import MemoryPolicy
 
 #: Journaled and compared as these strings.
 ScoreStatus = Literal["done", "failed"]
@@ -34,22 +38,62 @@ class Score:
     values: dict[str, float] | None = None
     reason: str | None = None
     #: seconds: materialize (merge into the weights), evaluate (lm-eval and perplexity), forward (the
-    #: part of evaluate inside the model's forward passes), total (in the scorer)
+    #: part of evaluate inside the model's forward passes), total (in the scorer); on CUDA also
+    #: device_peak_gib: the most device memory allocated during the candidate, GiB
     timings: dict[str, float] = field(default_factory=dict)
     #: lm-eval's per-sample records, compacted, when asked for: task -> list of records
     samples: dict[str, list[dict]] | None = None
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "values": self.values, "reason": self.reason,
-                "timings": self.timings, "samples": self.samples}
+        return {
+            "status": self.status,
+            "values": self.values,
+            "reason": self.reason,
+            "timings": self.timings,
+            "samples": self.samples,
+        }
+
+
+class _Tensors(Mapping):
+    """One model's tensors ``names``, each read from its files when asked for (nothing is held)."""
+
+    def __init__(self, source, names: list[str]):
+        self.source, self.names = source, dict.fromkeys(names)
+
+    def __getitem__(self, name: str):
+        if name not in self.names:
+            raise KeyError(name)
+        return self.source.tensor(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 class CandidateScorer:
-    """Resident state for scoring recipes over ``models`` (name -> local dir or hub id)."""
+    """Resident state for scoring recipes over ``models`` (name -> local dir or hub id).
 
-    def __init__(self, models: dict[str, str], base: str, evaluator: EvaluatorConfig, split: str | None = None,
-                 device: str = "cpu", dtype: str | None = None, trust_remote_code: bool = False,
-                 allow_pickle: bool = False):
+    ``memory``: how the merge keeps the base, the task vectors and its caches (default
+    ``MemoryPolicy()``; see ``evomerge.merge.memory``).
+    """
+
+    def __init__(
+        self,
+        models: dict[str, str],
+        base: str,
+        evaluator: EvaluatorConfig,
+        split: str | None = None,
+        device: str = "cpu",
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        memory: MemoryPolicy | None = None,
+    ):
         from evomerge.evaluate.lmeval import TaskSuite, resolve_task, wrap_model
         from evomerge.evaluate.perplexity import PerplexityScorer
         from evomerge.merge.apply import ResidentMerge
@@ -61,18 +105,19 @@ class CandidateScorer:
         self.evaluator = evaluator
         torch_dtype = getattr(torch, dtype) if dtype else None
         base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
-        self.model, self.tokenizer = load_causal_lm(base_dir, trust_remote_code=trust_remote_code,
-                                                    allow_pickle=allow_pickle, dtype=torch_dtype, device=device)
+        self.model, self.tokenizer = load_causal_lm(
+            base_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, dtype=torch_dtype, device=device
+        )
         params = dict(self.model.named_parameters())
-        base_state = {n: p.detach().clone() for n, p in params.items()}  # the model's own tensors get merges
+        base_state = {n: p.detach() for n, p in params.items()}  # ResidentMerge copies what it keeps of these
         experts = {}
         for name, ref in models.items():
             if name == base:
                 continue
             source = ModelSource(resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
             have = set(source.names())
-            experts[name] = {n: source.tensor(n) for n in params if n in have}
-        self.resident = ResidentMerge(self.model, base_state, experts, base_name=base)
+            experts[name] = _Tensors(source, [n for n in params if n in have])  # read one tensor at a time
+        self.resident = ResidentMerge(self.model, base_state, experts, base_name=base, memory=memory)
 
         # objectives: lm-eval tasks (deduplicated: two objectives may read two metrics of one task)
         self.task_of: dict[str, str] = {}
@@ -87,21 +132,35 @@ class CandidateScorer:
                 refs.append(ref)
             if o.num_fewshot is not None:
                 shots[task] = o.num_fewshot
-        self.suite = TaskSuite(refs, limit=evaluator.limit, subset_seed=evaluator.seed, num_fewshot=shots,
-                               fewshot_seed=evaluator.seed) if refs else None
+        self.suite = (
+            TaskSuite(
+                refs, limit=evaluator.limit, subset_seed=evaluator.seed, num_fewshot=shots, fewshot_seed=evaluator.seed
+            )
+            if refs
+            else None
+        )
         max_length = getattr(self.model.config, "max_position_embeddings", None)
         self.lm = wrap_model(self.model, self.tokenizer, batch_size=evaluator.batch_size) if refs else None
         self.perplexity = {
-            o.name: PerplexityScorer(evaluator.resolve(o.perplexity, self.split), self.tokenizer,
-                                     block_size=evaluator.block_size, limit=evaluator.limit, seed=evaluator.seed,
-                                     batch_size=evaluator.batch_size, max_length=max_length, unit=o.unit)
-            for o in evaluator.objectives if o.perplexity is not None
+            o.name: PerplexityScorer(
+                evaluator.resolve(o.perplexity, self.split),
+                self.tokenizer,
+                block_size=evaluator.block_size,
+                limit=evaluator.limit,
+                seed=evaluator.seed,
+                batch_size=evaluator.batch_size,
+                max_length=max_length,
+                unit=o.unit,
+            )
+            for o in evaluator.objectives
+            if o.perplexity is not None
         }
         # time spent inside the model's forward passes (generation calls forward per token)
         self._forward = [0.0, 0.0]  # [seconds, started-at]
         self.model.register_forward_pre_hook(lambda *_: self._forward.__setitem__(1, time.perf_counter()))
         self.model.register_forward_hook(
-            lambda *_: self._forward.__setitem__(0, self._forward[0] + time.perf_counter() - self._forward[1]))
+            lambda *_: self._forward.__setitem__(0, self._forward[0] + time.perf_counter() - self._forward[1])
+        )
         vocab = int(self.model.config.vocab_size)
         self._probe = torch.arange(min(16, vocab)).unsqueeze(0).to(device)
         self.load_seconds = time.perf_counter() - started
@@ -114,9 +173,17 @@ class CandidateScorer:
         """Merge ``recipe`` into the resident model and score it on every objective."""
         started = time.perf_counter()
         timings: dict[str, float] = {}
+        cuda = self._probe.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self._probe.device)
+
+        def finish() -> None:
+            timings["total"] = time.perf_counter() - started
+            if cuda:
+                timings["device_peak_gib"] = torch.cuda.max_memory_allocated(self._probe.device) / 2**30
 
         def failed(reason: str) -> Score:
-            timings["total"] = time.perf_counter() - started
+            finish()
             return Score("failed", reason=reason, timings=timings)
 
         try:
@@ -125,8 +192,9 @@ class CandidateScorer:
             return failed(f"merge failed: {first_line(e, with_type=True)}")
         timings["materialize"] = merged.seconds
         if merged.nonfinite:
-            return failed(f"non-finite weights after merging ({len(merged.nonfinite)} tensors, "
-                          f"first: {merged.nonfinite[0]})")
+            return failed(
+                f"non-finite weights after merging ({len(merged.nonfinite)} tensors, first: {merged.nonfinite[0]})"
+            )
         evaluate_started = time.perf_counter()
         self._forward[0] = 0.0
         try:
@@ -149,22 +217,26 @@ class CandidateScorer:
         except Exception as e:
             timings["evaluate"] = time.perf_counter() - evaluate_started
             detail = traceback.extract_tb(e.__traceback__)[-1]
-            return failed(f"evaluation raised {first_line(e, with_type=True)} (at {detail.filename.rsplit('/', 1)[-1]}:{detail.lineno})")
+            where = f"{detail.filename.rsplit('/', 1)[-1]}:{detail.lineno}"
+            return failed(f"evaluation raised {first_line(e, with_type=True)} (at {where})")
         timings["evaluate"] = time.perf_counter() - evaluate_started
         timings["forward"] = self._forward[0]
         bad = [n for n, v in values.items() if not math.isfinite(v)]
         if bad:
             return failed(f"objective '{bad[0]}' is {values[bad[0]]}")
         ordered = {o.name: values[o.name] for o in self.evaluator.objectives}
-        timings["total"] = time.perf_counter() - started
+        finish()
         return Score("done", values=ordered, timings=timings, samples=samples)
 
 
 def _compact(record: dict) -> dict[str, Any]:
     """A per-sample record reduced to what a reader needs: the document id, target, the model's
     (filtered) answer and the per-sample metric values."""
-    keep = {"doc_id": record.get("doc_id"), "target": _plain(record.get("target")),
-            "response": _plain(record.get("filtered_resps"))}
+    keep = {
+        "doc_id": record.get("doc_id"),
+        "target": _plain(record.get("target")),
+        "response": _plain(record.get("filtered_resps")),
+    }
     for key in record.get("metrics", []):
         if key in record:
             keep[key] = _plain(record[key])

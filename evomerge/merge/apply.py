@@ -1,19 +1,31 @@
 """In-memory materialization: write a recipe's merge into a resident model's parameters in place.
 
-``ResidentMerge`` holds, on the model's device, the base weights and each expert's ``DeltaStats``
-(task vector plus lazily computed magnitude order, prefix sums, seeded uniform fields). Those are
-computed on the first candidate that needs them and reused by every later one, so a TIES, DARE,
-breadcrumbs or DELLA candidate is a handful of elementwise ops per tensor, like a linear one.
+``ResidentMerge`` holds the base weights once and each expert's ``DeltaStats`` (task vector, in the
+dtype and place the ``MemoryPolicy`` gives, plus whatever per-element statistics its cache budget
+admits). Statistics that are kept are computed on the first candidate that needs them and reused by
+every later one; the others are recomputed per candidate, chunk by chunk, with the same result.
+Task vectors kept on the host are streamed to the model's device one tensor at a time.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from evomerge.merge.methods import DeltaStats, MergeError, all_finite, field_seed, merge_tensor
+from evomerge.merge.memory import MemoryPolicy, place
+from evomerge.merge.methods import (
+    CACHE_KINDS,
+    DeltaStats,
+    MergeError,
+    field_seed,
+    merge_tensor,
+    scratch_bytes,
+    sum64,
+)
 from evomerge.merge.plan import RecipePlan
 from evomerge.recipe import Recipe
 
@@ -26,18 +38,15 @@ def compute_tensor(
     stats: list[DeltaStats] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The merged float32 tensor ``name`` from the plan's inputs, given either their tensors
-    (``inputs``, in ``plan.inputs`` order) or their resident task-vector ``stats``."""
+    """The merged tensor ``name`` from the plan's inputs, given either their tensors (``inputs``, in
+    ``plan.inputs`` order: nothing is kept) or their resident task-vector ``stats``. float32, or
+    ``out`` (any float dtype, each entry rounded once) when the method can write into it."""
     params = plan.resolve(name)
-    base = base.float()
     if stats is None:
+        base = base.float()
         seed = plan.recipe.evomerge.seed
-        stats = [DeltaStats(x.float() - base, field_seed(seed, name, i), resident=False)
-                 for i, x in enumerate(inputs)]
-    merged = merge_tensor(plan.method, base, stats, params.shared, list(params.per_model), out)
-    if params.lines_scale is not None and params.lines_scale != 1.0:
-        merged.sub_(base).mul_(params.lines_scale).add_(base)
-    return merged
+        stats = [DeltaStats(x.float() - base, field_seed(seed, name, i)) for i, x in enumerate(inputs)]
+    return merge_tensor(plan.method, base, stats, params.shared, list(params.per_model), out, params.lines_scale)
 
 
 @dataclass
@@ -51,42 +60,69 @@ class MaterializeResult:
         return not self.nonfinite
 
 
+def _zero(base: torch.Tensor) -> DeltaStats:
+    """A zero task vector (the base as an input where it is not the origin, as in linear): no storage."""
+    return DeltaStats(torch.zeros((), device=base.device).expand(base.shape), 0)
+
+
 class ResidentMerge:
     """A model object plus resident base weights and experts' task vectors.
 
     ``model``: a module with the base's architecture (its parameters are overwritten);
-    ``base``: the base's state dict; ``experts``: model name -> state dict. All tensors are kept in
-    float32 on ``model``'s device. Recipes must name the base ``base_name`` and experts by the keys
-    of ``experts``.
+    ``base``: the base's state dict, kept in its dtype (copied where it shares the model's storage);
+    ``experts``: model name -> state (any mapping; each tensor is read once, one at a time).
+    ``memory`` (default ``MemoryPolicy()``) sets the task vectors' dtype, where base and task vectors
+    live, and the cache budget. Recipes must name the base ``base_name`` and experts by the keys of
+    ``experts``.
     """
 
-    def __init__(self, model: torch.nn.Module, base: dict[str, torch.Tensor],
-                 experts: dict[str, dict[str, torch.Tensor]], base_name: str = "base",
-                 num_layers: int | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        base: Mapping[str, torch.Tensor],
+        experts: Mapping[str, Mapping[str, torch.Tensor]],
+        base_name: str = "base",
+        num_layers: int | None = None,
+        memory: MemoryPolicy | None = None,
+    ):
         self.model = model
         self.base_name = base_name
-        self.num_layers = num_layers or int(getattr(model.config, "num_hidden_layers"))
-        device = next(model.parameters()).device
+        self.memory = memory or MemoryPolicy()
+        self.num_layers = num_layers or int(model.config.num_hidden_layers)
+        self.device = next(model.parameters()).device
         self.params = dict(model.named_parameters())
         missing = [n for n in self.params if n not in base]
         if missing:
             raise MergeError(f"base state has no tensor '{missing[0]}' of the model")
-        self.base = {n: base[n].to(device=device, dtype=torch.float32) for n in self.params}
+        base_home, expert_home = self.memory.homes(self.device)
+        self.budget = self.memory.budget()
         self.experts = list(experts)
+        self.base: dict[str, torch.Tensor] = {}
         self.stats: dict[str, list[DeltaStats]] = {}
         self._field_keys: dict[str, tuple[int, int]] = {}
-        self._zeros: dict[str, DeltaStats] = {}
-        for name in self.params:
-            row = []
+        for name, param in self.params.items():
+            kept = place(base[name], base_home)
+            self.base[name] = kept.clone() if kept.data_ptr() == param.data_ptr() else kept
+            tensors = []
             for expert, state in experts.items():
                 if name not in state:
                     raise MergeError(f"expert '{expert}' has no tensor '{name}'")
-                if state[name].shape != self.base[name].shape:
-                    raise MergeError(f"expert '{expert}': tensor '{name}' has shape "
-                                     f"{tuple(state[name].shape)}, base has {tuple(self.base[name].shape)}")
-                delta = state[name].to(device=device, dtype=torch.float32) - self.base[name]
-                row.append(DeltaStats(delta, 0))
-            self.stats[name] = row
+                tensors.append(state[name])
+                if tensors[-1].shape != kept.shape:
+                    raise MergeError(
+                        f"expert '{expert}': tensor '{name}' has shape "
+                        f"{tuple(tensors[-1].shape)}, base has {tuple(kept.shape)}"
+                    )
+            dtype = self.memory.task_vector_dtype_for({t.dtype for t in tensors}, param.dtype)
+            base_f32 = kept.to(device=self.device, dtype=torch.float32)
+            self.stats[name] = [
+                DeltaStats(
+                    place((t.to(device=self.device, dtype=torch.float32) - base_f32).to(dtype), expert_home),
+                    0,
+                    self.budget,
+                )
+                for t in tensors
+            ]
 
     def _reseed(self, seed: int, order: list[str]) -> None:
         """Random fields are seeded by (seed, tensor, input position): redraw those that moved."""
@@ -95,10 +131,7 @@ class ResidentMerge:
                 continue
             i = self.experts.index(expert)
             for name, row in self.stats.items():
-                s = row[i]
-                s.seed = field_seed(seed, name, position)
-                s._uniform = None
-                s._drop_keys = None
+                row[i].reseed(field_seed(seed, name, position))
             self._field_keys[expert] = (seed, position)
 
     def plan(self, recipe: Recipe) -> RecipePlan:
@@ -117,25 +150,57 @@ class ResidentMerge:
         plan = self.plan(recipe)
         self._reseed(recipe.evomerge.seed, plan.inputs)
         index = {m: i for i, m in enumerate(self.experts)}
-        nonfinite = []
+        sums = []
         for name, param in self.params.items():
-            base = self.base[name]
+            base = self.base[name].to(self.device, non_blocking=True)  # streamed when kept on the host
             row = self.stats[name]
-            # where the base is not the origin (linear) it may be an input: a zero task vector, made once
-            stats = [row[index[m]] if m != self.base_name else self._zero(name) for m in plan.inputs]
-            # float32 parameters take the merge directly: no temporary, no copy
-            direct = param.dtype == torch.float32 and param.is_contiguous()
-            merged = compute_tensor(plan, name, base, stats=stats, out=param.data if direct else None)
-            if check_finite and not all_finite(merged):
-                nonfinite.append(name)
+            stats = [row[index[m]].on(self.device) if m != self.base_name else _zero(base) for m in plan.inputs]
+            # contiguous parameters take the merge directly: no temporary, no copy
+            merged = compute_tensor(plan, name, base, stats=stats, out=param.data if param.is_contiguous() else None)
+            if check_finite:
+                sums.append(sum64(merged))
             if merged.data_ptr() != param.data_ptr():
                 param.copy_(merged)
+        # one synchronization for all tensors: the device never waits on a per-tensor check
+        nonfinite = [n for n, s in zip(self.params, torch.stack(sums).tolist()) if not math.isfinite(s)] if sums else []
+        if self.device.type == "cuda":  # the timing covers the device's work
+            torch.cuda.synchronize(self.device)
         return MaterializeResult(time.perf_counter() - started, nonfinite)
 
-    def _zero(self, name: str) -> DeltaStats:
-        if name not in self._zeros:
-            self._zeros[name] = DeltaStats(torch.zeros_like(self.base[name]), 0)
-        return self._zeros[name]
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of every tensor this merge holds, by kind: ``model`` (its parameters), ``base``,
+        ``task_vectors`` and each of ``CACHE_KINDS``; storages shared between tensors are counted once.
+        ``scratch``: this process's reused chunk buffers (shared by all merges in it)."""
+        totals = dict.fromkeys(("model", "base", "task_vectors", *CACHE_KINDS), 0)
+        seen = set()
+
+        def count(kind: str, t: torch.Tensor) -> None:
+            storage = t.untyped_storage()
+            key = (storage.device, storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                totals[kind] += storage.nbytes()
+
+        for t in self.params.values():
+            count("model", t)
+        for t in self.base.values():
+            count("base", t)
+        rows = [s for row in self.stats.values() for s in row]
+        for s in rows:
+            count("task_vectors", s.delta)
+        for kind in CACHE_KINDS:
+            for s in rows:
+                for t in s.held(kind):
+                    count(kind, t)
+        totals["scratch"] = scratch_bytes()
+        return totals
+
+    def clear_cache(self) -> None:
+        """Forget every cached statistic (its bytes go back to the budget), e.g. when a search moves
+        on to another method."""
+        for row in self.stats.values():
+            for s in row:
+                s.forget()
 
     @torch.no_grad()
     def restore_base(self) -> None:

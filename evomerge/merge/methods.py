@@ -2,16 +2,18 @@
 
 Every method merges one tensor at a time through the kernel the registry (at the end) gives it:
 ``merge_tensor(method, base, stats, shared, per_model)``.
-What depends only on the inputs (the task vectors, their magnitudes sorted once, cumulative sums, the
-seeded uniform field behind random drop masks, DELLA's magnitude ranks) lives in ``DeltaStats``,
-computed lazily: the in-memory path keeps it resident across candidates, so a density is a lookup in
-the sorted magnitudes rather than a sort; the on-disk path builds it per tensor and drops it.
+What depends only on the inputs lives in ``DeltaStats``: the task vector (16- or 32-bit, read as
+float32 chunk by chunk) and what its masks need. Per-element statistics (magnitudes sorted once,
+prefix sums, the seeded uniform field behind random drop masks, DELLA's ranks) are optional
+accelerations kept within a byte budget (``evomerge.merge.memory``): with them a density's
+threshold is a lookup; without them it is an exact selection per candidate (a histogram of the
+magnitudes' bit patterns), and random fields are drawn again from the same generator. Both give the
+same masks. The on-disk path keeps nothing.
 
 Semantics follow mergekit's (its ``merge_state_dicts`` is the test oracle) except where noted:
 random masks come from a seeded generator per (seed, tensor, input position) instead of the global
 RNG, so a merge is reproducible. Rescaling after a random drop restores the delta's L1 norm, as
-mergekit does (for DARE this is about 1/density, the paper's 1/(1-p)); the L1 norm a draw keeps is
-a lookup in prefix sums sorted by the draw's keys, so it costs no extra pass.
+mergekit does (for DARE this is about 1/density, the paper's 1/(1-p)).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+
+from evomerge.merge.memory import CacheBudget, place
 
 REQUIRED = object()
 
@@ -65,9 +69,19 @@ class Param:
 
 #: How a task-vector method sparsifies each delta (see _mask_for).
 Sparsifier = Literal["magnitude", "random", "outliers", "della"]
-#: ``kernel(method, base, stats, shared, per_model, out)``: one merged float32 tensor (see merge_tensor).
-Kernel = Callable[["Method", torch.Tensor, list["DeltaStats"], dict[str, Any], list[dict[str, Any]],
-                   "torch.Tensor | None"], torch.Tensor]
+#: ``kernel(method, base, stats, shared, per_model, out, lines)``: one merged tensor (see merge_tensor).
+Kernel = Callable[
+    [
+        "Method",
+        torch.Tensor,
+        list["DeltaStats"],
+        dict[str, Any],
+        list[dict[str, Any]],
+        "torch.Tensor | None",
+        "float | None",
+    ],
+    torch.Tensor,
+]
 
 
 @dataclass(frozen=True)
@@ -101,13 +115,47 @@ class Method:
         return tuple(p for p in self.params if p.per_model)
 
 
+# --- chunks and blocks --------------------------------------------------------------------------
+
+#: Elements per chunk of the fused merge loops. CPU: the working set (a few float32 buffers) stays
+#: in cache. CUDA: large, so that kernel launches do not dominate (scratch: up to 9 buffers x 32 MiB).
+#: Chunks and blocks are multiples of 8 (drop masks are packed into bytes).
+CHUNK = int(os.environ.get("EVOMERGE_MERGE_CHUNK", 1 << 16)) // 8 * 8 or 8
+CHUNK_CUDA = int(os.environ.get("EVOMERGE_MERGE_CHUNK_CUDA", 1 << 23)) // 8 * 8 or 8
+#: Elements per block of the passes that compute one statistic (selection, sums, redrawn fields):
+#: few calls per tensor, temporaries bounded by a block.
+BLOCK = 1 << 20
+
+
+def chunk_for(device: torch.device) -> int:
+    return CHUNK if device.type == "cpu" else CHUNK_CUDA
+
+
+def _block_for(device: torch.device) -> int:
+    return max(BLOCK, chunk_for(device))
+
+
+def _blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    return ((a, min(n, a + size)) for a in range(0, n, size))
+
+
+def sum64(t: torch.Tensor) -> torch.Tensor:
+    """Sum of all entries as a float64 0-dim tensor on t's device, block by block: torch's float64
+    sum of a 16/32-bit tensor first copies all of it to float64 (8 B/element)."""
+    flat, total = t.reshape(-1), torch.zeros((), dtype=torch.float64, device=t.device)
+    for a, b in _blocks(flat.numel(), _block_for(t.device)):
+        total += flat[a:b].sum(dtype=torch.float64)
+    return total
+
+
 def all_finite(t: torch.Tensor) -> bool:
-    """True iff no entry is NaN or inf: one float64 reduction (it cannot overflow from float32
-    inputs, and inf - inf is NaN), cheaper than building an isfinite mask."""
-    return math.isfinite(float(t.sum(dtype=torch.float64)))
+    """True iff no entry is NaN or inf: a float64 sum cannot overflow from 16/32-bit inputs, and
+    inf - inf is NaN; cheaper than building an isfinite mask."""
+    return math.isfinite(float(sum64(t)))
 
 
 # --- per-(tensor, model) statistics -------------------------------------------------------------
+
 
 def field_seed(seed: int, tensor_name: str, position: int) -> int:
     """The generator seed of the random field of the ``position``-th input model (recipe order) for
@@ -125,133 +173,347 @@ def _sort_desc(values: torch.Tensor) -> torch.Tensor:
     return torch.sort(values.reshape(-1), descending=True).values
 
 
+def _argsort(flat: torch.Tensor) -> torch.Tensor:
+    if flat.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.argsort(flat.numpy()))  # ties: any order, same prefix sums
+    return torch.argsort(flat)
+
+
+def _from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """(the bin of a histogram that holds its k-th largest element, that element's rank from the top
+    within the bin)."""
+    from_top = counts.flip(0).cumsum(0).cpu()
+    j = int(torch.searchsorted(from_top, torch.tensor([k])).item())
+    return counts.numel() - 1 - j, k - (int(from_top[j - 1]) if j else 0)
+
+
+def kth_largest_magnitude(t: torch.Tensor, k: int) -> float:
+    """The k-th largest |t| (1 <= k <= t.numel(); t 16- or 32-bit float), exactly, in O(n) time and
+    O(block) memory on any device: bincounts of the magnitudes' bit patterns (ordered like the
+    values, for non-negative floats) by their high 16 bits, then for 32-bit floats by the low 16 bits
+    within the bucket holding the k-th. NaN ranks above inf, as in a descending sort."""
+    flat = t.reshape(-1)
+    wide = flat.element_size() == 4
+    int_type, magnitude = (torch.int32, 0x7FFFFFFF) if wide else (torch.int16, 0x7FFF)
+
+    def histogram(bucket: Callable[[torch.Tensor], torch.Tensor], bins: int) -> torch.Tensor:
+        counts = torch.zeros(bins, dtype=torch.int64, device=t.device)
+        for a, b in _blocks(flat.numel(), _block_for(t.device)):
+            counts += torch.bincount(bucket(flat[a:b].view(int_type) & magnitude), minlength=bins)[:bins]
+        return counts
+
+    high, rank = _from_top(histogram(lambda bits: bits >> 16 if wide else bits, 1 << 15), k)
+    pattern = high
+    if wide:  # outside the bucket -> an extra bin, cut off
+        low_half = histogram(lambda bits: torch.where(bits >> 16 == high, bits & 0xFFFF, 1 << 16), 1 << 16)
+        pattern = (high << 16) | _from_top(low_half, rank)[0]
+    return float(torch.tensor(pattern, dtype=int_type).view(flat.dtype))
+
+
+def _kth_largest(d: torch.Tensor, k: int) -> float:
+    if d.device.type == "cpu" and d.dtype == torch.float32:  # numpy's introselect: ~3x the histogram here
+        import numpy as np
+
+        mags = np.abs(d.reshape(-1).numpy())
+        return float(np.partition(mags, mags.size - k)[mags.size - k])
+    return kth_largest_magnitude(d, k)
+
+
+def _della_rank(d: torch.Tensor) -> torch.Tensor:
+    """Magnitude rank of each entry along dim 1 (a 1-D tensor is one row), scaled to [0, 1]; float32
+    in d's shape. The sort is stable, so a block of rows ranks exactly as in the whole tensor."""
+    mags = d.abs()
+    mags = mags if mags.dim() >= 2 else mags.unsqueeze(0)
+    if mags.device.type == "cpu" and mags.element_size() == 2:  # numpy radix-sorts the 16-bit patterns: ~4x
+        import numpy as np
+
+        order = torch.from_numpy(np.argsort(mags.view(torch.int16).numpy(), axis=1, kind="stable"))
+    else:
+        order = mags.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(mags.shape[1], device=mags.device).expand_as(order))
+    span = (mags.shape[1] - 1) or 1
+    return (ranks.float() / span).reshape(d.shape)
+
+
+#: Kinds of cached per-element statistics, as ``ResidentMerge.resident_bytes`` reports them.
+CACHE_KINDS = ("sorted", "cumsum", "uniform", "della_rank", "drop_keys")
+
+
 @dataclass
 class DeltaStats:
     """One model's task vector for one tensor, and what any density or drop mask needs of it.
 
-    ``delta`` is float32 in the tensor's shape. The rest is computed on first use and kept:
-    magnitudes sorted descending (a density's threshold is then one lookup), their float64 prefix
-    sums (the L1 norm kept by any top-k mask), the L1 norm, the uniform field of random masks
-    (seeded by ``seed``) and DELLA's per-row magnitude ranks.
+    ``delta``: the task vector in the tensor's shape, 16- or 32-bit float (read as float32). Scalars
+    (L1 norm, slerp's dot products) are kept once computed. Per-element statistics (``CACHE_KINDS``)
+    are kept in ``cache``, at ``home``, only while ``budget`` admits their bytes (None: never);
+    otherwise each call recomputes what it needs, with the same result.
     """
 
     delta: torch.Tensor
     seed: int
-    #: Kept across candidates (in memory): worth sorting once so later lookups are O(1). A
-    #: one-shot merge (on disk) computes what it needs directly instead.
-    resident: bool = True
-    _sorted: torch.Tensor | None = field(default=None, repr=False)
-    _cumsum: torch.Tensor | None = field(default=None, repr=False)
-    _l1: float | None = field(default=None, repr=False)
-    _uniform: torch.Tensor | None = field(default=None, repr=False)
-    _della_rank: torch.Tensor | None = field(default=None, repr=False)
-    _dots: tuple[float, float] | None = field(default=None, repr=False)
-    _drop_keys: dict | None = field(default=None, repr=False)  # eps -> (key, sorted keys, prefix sums)
-
-    @property
-    def sorted_desc(self) -> torch.Tensor:
-        if self._sorted is None:
-            self._sorted = _sort_desc(self.delta.abs())
-        return self._sorted
-
-    def top_sum(self, k: int) -> float:
-        """Sum of the k largest magnitudes (L1 norm of a top-k mask), O(1) after the first call."""
-        if k <= 0:
-            return 0.0
-        if self._cumsum is None:
-            self._cumsum = torch.cumsum(self.sorted_desc.double(), 0)
-        return float(self._cumsum[k - 1])
-
-    @property
-    def l1(self) -> float:
-        if self._l1 is None:
-            self._l1 = float(self.delta.abs().sum(dtype=torch.float64))
-        return self._l1
-
-    @property
-    def uniform(self) -> torch.Tensor:
-        if self._uniform is None:
-            gen = torch.Generator(device="cpu").manual_seed(self.seed)
-            self._uniform = torch.rand(self.delta.shape, generator=gen).to(self.delta.device)
-        return self._uniform
-
-    @property
-    def della_rank(self) -> torch.Tensor:
-        """Magnitude rank of each entry within its row, scaled to [0, 1] (rows: dim 1 of 2-D)."""
-        if self._della_rank is None:
-            mags = self.delta.abs()
-            mags = mags if mags.dim() >= 2 else mags.unsqueeze(0)
-            order = mags.argsort(dim=1)
-            ranks = torch.empty_like(order)
-            ranks.scatter_(1, order, torch.arange(mags.shape[1], device=mags.device).expand_as(order))
-            span = (mags.shape[1] - 1) or 1
-            self._della_rank = (ranks.float() / span).reshape(self.delta.shape)
-        return self._della_rank
+    budget: CacheBudget | None = None
+    #: where cached statistics live: the resident task vector's device
+    home: torch.device | None = None
+    cache: dict[str, tuple[Any, int]] = field(default_factory=dict, repr=False)  # kind -> (value, bytes)
+    scalars: dict[str, Any] = field(default_factory=dict, repr=False)
 
     #: Drop keys kept per tensor and model: DARE's (eps = 0) and the last DELLA eps, so a search
     #: alternating the two methods never re-sorts.
     KEYS_KEPT = 2
 
-    def drop_key(self, eps: float) -> torch.Tensor:
-        """Random drop keeps an entry iff key < density - eps, with key = u - 2 eps * rank: DARE is
-        eps = 0 (keep with probability density); DELLA's keep probability rises linearly with the
-        entry's magnitude rank in its row. For resident stats the keys are also sorted, with prefix
-        sums of |delta| in key order, so the L1 norm any threshold keeps is a lookup."""
-        return self._keys(eps)[0]
+    def __post_init__(self):
+        if self.home is None:
+            self.home = self.delta.device
 
-    def _keys(self, eps: float) -> tuple:
-        cache = self._drop_keys if self._drop_keys is not None else {}
-        self._drop_keys = cache
-        if eps in cache:
-            cache[eps] = cache.pop(eps)  # most recently used last
-            return cache[eps]
-        key = self.uniform if eps == 0 else self.uniform - self.della_rank * (2 * eps)
-        if not self.resident:
-            cache.clear()
-            cache[eps] = (key, None, None)
-            return cache[eps]
-        flat = key.reshape(-1)
-        if flat.device.type == "cpu":
-            import numpy as np
+    @property
+    def n(self) -> int:
+        return self.delta.numel()
 
-            order = torch.from_numpy(np.argsort(flat.numpy()))  # ties: any order, same prefix sums
-        else:
-            order = torch.argsort(flat)
-        while len(cache) >= self.KEYS_KEPT:
-            cache.pop(next(iter(cache)))
-        cache[eps] = (key, flat[order], torch.cumsum(self.delta.reshape(-1)[order].abs().double(), 0))
-        return cache[eps]
+    def on(self, device: torch.device) -> DeltaStats:
+        """This task vector for a merge on ``device``: the delta copied there (asynchronously from
+        pinned memory; no copy when it is there already), sharing the cache and scalars."""
+        return replace(self, delta=self.delta.to(device, non_blocking=True))
 
-    def kept_l1(self, eps: float, lo: float) -> float:
-        """L1 norm of the entries a drop mask with threshold ``lo`` keeps (exact, O(log n) if resident)."""
-        key, keys_sorted, cum = self._keys(eps)
-        if keys_sorted is None:
-            return float((self.delta.abs() * (key < lo)).sum(dtype=torch.float64))
-        k = int(torch.searchsorted(keys_sorted, torch.tensor([lo], dtype=keys_sorted.dtype)).item())
-        return float(cum[k - 1]) if k > 0 else 0.0
+    def reseed(self, seed: int) -> None:
+        """Draw random masks from ``seed`` from now on (the cached field and drop keys go)."""
+        if seed != self.seed:
+            self.seed = seed
+            self.forget("uniform", "drop_keys")
+
+    def forget(self, *kinds: str) -> None:
+        """Drop the cached statistics of these kinds (all when none are named), releasing their bytes."""
+        for kind in [k for k in self.cache if not kinds or k.split("@")[0] in kinds]:
+            self.budget.release(self.cache.pop(kind)[1])
+
+    def held(self, kind: str) -> list[torch.Tensor]:
+        """The cached tensors of one of ``CACHE_KINDS``."""
+        values = [v for k, (v, _) in self.cache.items() if k.split("@")[0] == kind]
+        return [t for v in values for t in (v if isinstance(v, tuple) else (v,))]
+
+    def _hit(self, kind: str) -> Any:
+        if kind not in self.cache:
+            return None
+        self.cache[kind] = self.cache.pop(kind)  # most recently used last
+        return self.cache[kind][0]
+
+    def _kept(self, kind: str, nbytes: int, build: Callable[[], Any]) -> Any:
+        """The cached statistic ``kind``, built and kept now if the budget admits ``nbytes``; else None."""
+        if kind in self.cache:
+            return self._hit(kind)
+        if self.budget is None or not self.budget.admit(nbytes):
+            return None
+        built = build()
+        value = tuple(place(t, self.home) for t in built) if isinstance(built, tuple) else place(built, self.home)
+        self.cache[kind] = (value, nbytes)
+        return value
+
+    @property
+    def l1(self) -> float:
+        if "l1" not in self.scalars:
+            flat, total = self.delta.reshape(-1), torch.zeros((), dtype=torch.float64, device=self.delta.device)
+            for a, b in _blocks(self.n, _block_for(self.delta.device)):
+                total += flat[a:b].abs().sum(dtype=torch.float64)
+            self.scalars["l1"] = float(total)
+        return self.scalars["l1"]
+
+    def _sorted(self) -> torch.Tensor | None:
+        return self._kept("sorted", 4 * self.n, lambda: _sort_desc(self.delta.abs().float()))
+
+    def kth_largest(self, k: int) -> float:
+        """The k-th largest |delta| (1 <= k <= n): a lookup in cached sorted magnitudes, else a selection."""
+        sorted_desc = self._sorted()
+        return float(sorted_desc[k - 1]) if sorted_desc is not None else _kth_largest(self.delta, k)
+
+    def top_sum(self, k: int) -> float:
+        """Sum of the k largest magnitudes (L1 norm of a top-k mask): a lookup in cached prefix sums,
+        else one pass: the sum above the k-th largest, plus as many of its ties as k still takes."""
+        if k <= 0:
+            return 0.0
+        sorted_desc = self._sorted()
+        if sorted_desc is not None:
+            cum = self._kept("cumsum", 8 * self.n, lambda: torch.cumsum(sorted_desc.double(), 0))
+            if cum is not None:
+                return float(cum[k - 1])
+        threshold = self.kth_largest(k)
+        flat, dev = self.delta.reshape(-1), self.delta.device
+        total, count = torch.zeros((), dtype=torch.float64, device=dev), torch.zeros((), dtype=torch.int64, device=dev)
+        for a, b in _blocks(self.n, _block_for(dev)):
+            v = flat[a:b].abs().float()
+            above = v > threshold
+            total += (v * above).sum(dtype=torch.float64)
+            count += above.sum()
+        return float(total) + (k - int(count)) * threshold
+
+    def _draw_field(self) -> torch.Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        return torch.rand(self.delta.shape, generator=gen)
+
+    def uniform_field(self) -> torch.Tensor | None:
+        """The seeded uniform field of random masks, if cached or admitted now."""
+        return self._kept("uniform", 4 * self.n, self._draw_field)
+
+    def della_rank(self) -> torch.Tensor | None:
+        """DELLA's per-row magnitude ranks (see ``_della_rank``), if cached or admitted now."""
+        return self._kept("della_rank", 4 * self.n, lambda: _della_rank(self.delta))
+
+    def cached_keys(self, eps: float) -> tuple | None:
+        """(keys, keys sorted, float64 prefix sums of |delta| in key order) for ``eps`` if cached."""
+        return self._hit(f"drop_keys@{eps!r}")
+
+    def sorted_keys(self, eps: float) -> tuple | None:
+        """``cached_keys(eps)``, built and kept now if not cached and the budget admits them: the L1
+        norm any drop threshold keeps is then a binary search."""
+        kind = f"drop_keys@{eps!r}"
+        if kind in self.cache:
+            return self._hit(kind)
+        older = [k for k in self.cache if k.startswith("drop_keys@")]
+        for k in older[: max(0, len(older) - self.KEYS_KEPT + 1)]:  # room for this one
+            self.budget.release(self.cache.pop(k)[1])
+        field_ = self.uniform_field()
+        rank = self.della_rank() if eps else None
+        nbytes = 12 * self.n + (0 if eps == 0 and field_ is not None else 4 * self.n)
+        dev = self.delta.device
+
+        def build() -> tuple:
+            u = field_ if field_ is not None else self._draw_field()
+            if eps == 0:  # DARE's key is the field itself: kept once
+                key, flat = u, u.to(dev).reshape(-1)
+            else:
+                key = u.to(dev) - (rank.to(dev) if rank is not None else _della_rank(self.delta)) * (2 * eps)
+                flat = key.reshape(-1)
+            order = _argsort(flat)
+            return key, flat[order], torch.cumsum(self.delta.reshape(-1)[order].abs().double(), 0)
+
+        return self._kept(kind, nbytes, build)
 
     def dots(self, base: torch.Tensor) -> tuple[float, float]:
         """(base . delta, delta . delta): with |base|^2 they give slerp's angle for any t."""
-        if self._dots is None:
+        if "dots" not in self.scalars:
             b, d = base.reshape(-1).double(), self.delta.reshape(-1).double()
-            self._dots = (float(b @ d), float(d @ d))
-        return self._dots
+            self.scalars["dots"] = (float(b @ d), float(d @ d))
+        return self.scalars["dots"]
+
+
+_BIT_WEIGHTS: dict[str, torch.Tensor] = {}
+
+
+def _pack(keep: torch.Tensor) -> torch.Tensor:
+    """bool [L] -> uint8 [ceil(L / 8)]: entry i is bit i % 8 of byte i // 8."""
+    if keep.numel() % 8:
+        keep = torch.cat([keep, keep.new_zeros(8 - keep.numel() % 8)])
+    device = str(keep.device)
+    if device not in _BIT_WEIGHTS:
+        _BIT_WEIGHTS[device] = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=keep.device)
+    return (keep.view(-1, 8).to(torch.uint8) * _BIT_WEIGHTS[device]).sum(1, dtype=torch.uint8)
+
+
+def _unpack(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` entries packed by ``_pack``, as uint8 0/1."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(1) >> shifts) & 1).view(-1)[:n]
+
+
+class DropKeys:
+    """One merge's random drop mask of a task vector: keep entry i iff key_i < ``lo``, with
+    key = u - 2 eps rank (u: the seeded uniform field; rank: DELLA's row ranks, eps = 0 for DARE).
+
+    Keys are read from the cache where it holds them. Otherwise they are drawn again from the same
+    generator and ranked again, a block of rows at a time: once, in ``kept_l1``'s pass, which packs the
+    mask into bits (n / 8 bytes, for this merge only) for ``mask`` to read back; or in ``mask`` itself,
+    chunk by chunk from the first, when there is no rescale. Every way gives the same mask.
+    """
+
+    def __init__(self, s: DeltaStats, eps: float, lo: float, sorted_keys: bool):
+        self.s, self.eps, self.lo, self.device = s, eps, lo, s.delta.device
+        self.entry = s.sorted_keys(eps) if sorted_keys else s.cached_keys(eps)
+        field_ = s.uniform_field() if self.entry is None else None
+        rank = s.della_rank() if self.entry is None and eps else None
+        self.key = None if self.entry is None else self.entry[0].reshape(-1)
+        self.field = None if field_ is None else field_.reshape(-1)
+        self.rank = None if rank is None else rank.reshape(-1)
+        self.generator = None
+        if self.entry is None and field_ is None:
+            self.generator = torch.Generator(device="cpu").manual_seed(s.seed)
+        self.drawn = 0
+        self.rows: tuple[int, int, torch.Tensor | None] = (0, 0, None)
+        self.bits: torch.Tensor | None = None
+
+    def kept_l1(self) -> float:
+        """L1 norm of the entries the mask keeps (exact): a binary search in cached sorted keys, else
+        one pass over the keys."""
+        if self.entry is not None:
+            _, keys_sorted, cum = self.entry
+            at = torch.tensor([self.lo], dtype=keys_sorted.dtype, device=keys_sorted.device)
+            k = int(torch.searchsorted(keys_sorted, at).item())
+            return float(cum[k - 1]) if k > 0 else 0.0
+        n, size, dev = self.s.n, _block_for(self.device), self.device
+        flat = self.s.delta.reshape(-1)
+        buf, total = torch.empty(min(size, n), device=dev), torch.zeros((), dtype=torch.float64, device=dev)
+        bits = torch.empty((n + 7) // 8, dtype=torch.uint8, device=dev)
+        for a, b in _blocks(n, size):
+            keep = self._keys(a, b, buf[: b - a], size) < self.lo
+            total += (flat[a:b].abs().float() * keep).sum(dtype=torch.float64)
+            bits[a // 8 : (b + 7) // 8] = _pack(keep)
+        self.bits = bits
+        return float(total)
+
+    def mask(self, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
+        """The mask on [a, b) (a: a multiple of 8) as float32 1 (keep) / 0 (drop), in ``out``."""
+        if self.bits is not None:
+            return out.copy_(_unpack(self.bits[a // 8 : (b + 7) // 8], b - a))
+        return torch.lt(self._keys(a, b, out, out.numel()), self.lo, out=out)
+
+    def _keys(self, a: int, b: int, out: torch.Tensor, size: int) -> torch.Tensor:
+        """key[a:b] as float32 on the merge's device: a view of the cache, or written into ``out``;
+        uncached keys are drawn in order, ranked ``size`` elements' worth of rows at a time."""
+        if self.key is not None:
+            return self.key[a:b].to(self.device, non_blocking=True)
+        if self.field is not None:
+            u = self.field[a:b].to(self.device, non_blocking=True)
+        else:
+            if a != self.drawn:
+                raise RuntimeError(f"drop keys are drawn in order: asked for [{a}, {b}) after {self.drawn}")
+            host = out if out.device.type == "cpu" else torch.empty(b - a)
+            u = torch.rand(b - a, generator=self.generator, out=host)
+            u = u if host is out else out.copy_(host)
+            self.drawn = b
+        if not self.eps:
+            return u
+        return torch.sub(u, self._ranks(a, b, size) * (2 * self.eps), out=out)
+
+    def _ranks(self, a: int, b: int, size: int) -> torch.Tensor:
+        if self.rank is not None:
+            return self.rank[a:b].to(self.device, non_blocking=True)
+        lo, hi, ranks = self.rows
+        if a < lo or b > hi or ranks is None:
+            d = self.s.delta
+            if d.dim() > 2:  # ranks along dim 1 are not contiguous rows: rank it whole, once
+                lo, hi, ranks = 0, d.numel(), _della_rank(d).reshape(-1)
+            else:
+                rows = d.reshape(-1, d.shape[-1])
+                width = rows.shape[1]
+                first = a // width
+                last = min(rows.shape[0], max(first + max(1, size // width), -(-b // width)))
+                lo, hi, ranks = first * width, last * width, _della_rank(rows[first:last]).reshape(-1)
+            self.rows = (lo, hi, ranks)
+        return ranks[a - lo : b - lo]
 
 
 # --- the merge of one tensor ----------------------------------------------------------------------
-
-#: Elements per chunk of the fused loops: the working set (a few float32 buffers) stays in cache.
-CHUNK = int(os.environ.get("EVOMERGE_MERGE_CHUNK", 1 << 16))
 
 
 @dataclass(frozen=True)
 class _Mask:
     """How one input's delta is masked for one tensor: mode and its scalars."""
 
-    mode: str  # "all", "none", "top" (|d| > lo), "band" (lo < |d| <= hi), "drop" (drop_key(hi) < lo)
+    mode: str  # "all", "none", "top" (|d| > lo), "band" (lo < |d| <= hi), "drop" (see keys)
     lo: float = 0.0
     hi: float = 0.0
     scale: float | None = None  # rescale factor applied after masking
+    keys: DropKeys | None = None
 
 
 def _shrink(threshold: float) -> float:
@@ -264,7 +526,7 @@ def _shrink(threshold: float) -> float:
 
 def _mask_for(kind: Sparsifier | None, s: DeltaStats, p: dict[str, Any], rescale: bool) -> _Mask:
     density = p.get("density", 1.0)
-    n = s.delta.numel()
+    n = s.n
     if kind is None or density >= 1:
         return _Mask("all")
     if kind == "magnitude":
@@ -275,7 +537,7 @@ def _mask_for(kind: Sparsifier | None, s: DeltaStats, p: dict[str, Any], rescale
         if rescale:
             before, after = s.l1, s.top_sum(k)
             scale = before / after if before >= 1e-7 and after >= 1e-7 else None
-        return _Mask("top", _shrink(float(s.sorted_desc[k - 1])), scale=scale)
+        return _Mask("top", _shrink(s.kth_largest(k)), scale=scale)
     if kind == "outliers":
         target = int(density * n)
         if target == 0:
@@ -285,19 +547,19 @@ def _mask_for(kind: Sparsifier | None, s: DeltaStats, p: dict[str, Any], rescale
         if rescale:
             before, after = s.l1, s.top_sum(n_top + target) - s.top_sum(n_top)
             scale = before / after if before >= 1e-7 and after >= 1e-7 else None
-        return _Mask("band", _shrink(float(s.sorted_desc[n_top + target - 1])), float(s.sorted_desc[n_top]), scale)
+        return _Mask("band", _shrink(s.kth_largest(n_top + target)), s.kth_largest(n_top + 1), scale)
     if kind in ("random", "della"):
         if density <= 0:
             return _Mask("none")
         eps = p.get("epsilon", 0.15) if kind == "della" else 0.0
         if kind == "della" and (density + eps >= 1 or density - eps <= 0):
             raise MergeError(f"della: density {density} +/- epsilon {eps} must stay inside (0, 1)")
-        lo = density - eps
+        keys = DropKeys(s, eps, density - eps, sorted_keys=rescale)
         scale = None
-        if rescale:  # back to the delta's L1 norm: what this draw keeps is a prefix-sum lookup
-            before, after = s.l1, s.kept_l1(eps, lo)
+        if rescale:  # back to the delta's L1 norm
+            before, after = s.l1, keys.kept_l1()
             scale = before / after if before >= 1e-7 and after >= 1e-7 else None
-        return _Mask("drop", lo, eps, scale=scale)
+        return _Mask("drop", scale=scale, keys=keys)
     raise MergeError(f"unknown sparsification '{kind}'")
 
 
@@ -315,10 +577,22 @@ class _Scratch:
             self._bufs[k] = buf
         return buf[:n]
 
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
 
 _SCRATCH = _Scratch()
 
 
+def scratch_bytes() -> int:
+    """Bytes of this process's reused chunk buffers (shared by every merge in it)."""
+    return _SCRATCH.nbytes()
+
+
+def _f32(t: torch.Tensor, a: int, b: int, buf: torch.Tensor) -> torch.Tensor:
+    """t's flat entries [a, b) as float32: a view when t is float32, else converted into ``buf``."""
+    v = t.reshape(-1)[a:b]
+    return v if v.dtype == torch.float32 else buf.copy_(v)
 
 
 def _masked(m: _Mask, s: DeltaStats, a: int, b: int, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
@@ -327,19 +601,18 @@ def _masked(m: _Mask, s: DeltaStats, a: int, b: int, out: torch.Tensor, tmp: tor
     Float-only ops: comparisons into bool tensors and bool-conditioned ``where`` cost several times
     more than arithmetic on CPU. Kept entries are the delta's own values, dropped ones exactly 0.
     """
-    d = s.delta.reshape(-1)[a:b]
-    if m.mode == "all":
-        return out.copy_(d)
     if m.mode == "none":
         return out.zero_()
+    d = _f32(s.delta, a, b, out)
+    if m.mode == "all":
+        return d if d is out else out.copy_(d)
     if m.mode == "top":  # |d| > lo (lo: just below the kept threshold)
         torch.hardshrink(d, m.lo, out=out)
     elif m.mode == "band":  # lo < |d| <= hi
-        torch.hardshrink(d, m.lo, out=out)
-        out.sub_(torch.hardshrink(d, m.hi, out=tmp))
-    else:  # drop (hi = epsilon): keep where key < lo
-        torch.lt(s.drop_key(m.hi).reshape(-1)[a:b], m.lo, out=tmp)
-        torch.mul(d, tmp, out=out)
+        torch.hardshrink(d, m.hi, out=tmp)
+        torch.hardshrink(d, m.lo, out=out).sub_(tmp)
+    else:  # drop
+        torch.mul(d, m.keys.mask(a, b, tmp), out=out)
     if m.scale is not None:
         out.mul_(m.scale)
     return out
@@ -352,17 +625,29 @@ def merge_tensor(
     shared: dict[str, Any],
     per_model: list[dict[str, Any]],
     out: torch.Tensor | None = None,
+    lines: float | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor from the inputs' task vectors against ``base``; float32 result, written
-    into ``out`` (a contiguous float32 tensor of base's shape) when the method allows.
+    """Merge one tensor from the inputs' task vectors against ``base`` (16- or 32-bit, read as
+    float32). The result is float32, or written into ``out`` where the method allows: a contiguous
+    tensor of base's shape, any float dtype (each entry is rounded once, from float32).
 
     ``per_model[i]`` holds input i's resolved parameters. Where the base is not the origin (linear),
-    an input that is the base itself is a zero task vector.
+    an input that is the base itself is a zero task vector. ``lines``: the LiNeS post-step's scale of
+    the merged task vector (``merged - base``), applied in float32 before any rounding.
     """
-    return method.kernel(method, base.float(), stats, shared, per_model, out)
+    return method.kernel(method, base, stats, shared, per_model, out, None if lines == 1.0 else lines)
 
 
-def _linear(method, base, stats, shared, per_model, out=None) -> torch.Tensor:
+def _lines(merged: torch.Tensor, base: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """LiNeS on float32 ``merged`` in place: base + scale * (merged - base)."""
+    return merged if scale is None else merged.sub_(base).mul_(scale).add_(base)
+
+
+def _output(base: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(base.shape, dtype=torch.float32, device=base.device) if out is None else out
+
+
+def _linear(method, base, stats, shared, per_model, out=None, lines=None) -> torch.Tensor:
     """Weighted average of the inputs (normalized by the weights' sum unless normalize=false).
 
     Reference: Wortsman et al., "Model soups", ICML 2022, arXiv:2203.05482; mergekit ``linear``.
@@ -371,22 +656,22 @@ def _linear(method, base, stats, shared, per_model, out=None) -> torch.Tensor:
     total = sum(weights)
     if shared.get("normalize", True) and total == 0:
         raise MergeError("linear: the weights sum to 0, cannot normalize")
-    out = torch.empty_like(base) if out is None else out
-    flat_out, flat_base, n = out.view(-1), base.reshape(-1), base.numel()
-    for a in range(0, n, CHUNK):
-        b = min(n, a + CHUNK)
-        acc = _SCRATCH.get("acc", b - a, torch.float32, base.device).zero_()
-        x = _SCRATCH.get("x", b - a, torch.float32, base.device)
+    out = _output(base, out)
+    flat_out, flat_base, dev = out.view(-1), base.reshape(-1), base.device
+    for a, b in _blocks(base.numel(), chunk_for(dev)):
+        acc = _SCRATCH.get("acc", b - a, torch.float32, dev).zero_()
+        x = _SCRATCH.get("x", b - a, torch.float32, dev)
+        base_chunk = _f32(flat_base, a, b, _SCRATCH.get("base", b - a, torch.float32, dev))
         for s, w in zip(stats, weights):
-            torch.add(flat_base[a:b], s.delta.reshape(-1)[a:b], out=x)  # the input's own weights
+            torch.add(base_chunk, s.delta.reshape(-1)[a:b], out=x)  # the input's own weights, in float32
             acc.add_(x, alpha=w)
         if shared.get("normalize", True):
             acc.div_(total)
-        flat_out[a:b].copy_(acc)
+        flat_out[a:b].copy_(_lines(acc, base_chunk, lines))
     return out
 
 
-def _task_vector(method, base, stats: list[DeltaStats], shared, per_model, out=None) -> torch.Tensor:
+def _task_vector(method, base, stats: list[DeltaStats], shared, per_model, out=None, lines=None) -> torch.Tensor:
     """Generalized task arithmetic: mask, weight, optionally elect signs, normalize, scale by lambda.
 
     Elementwise in mergekit's order of operations, so results agree bit for bit; chunked so that
@@ -400,15 +685,15 @@ def _task_vector(method, base, stats: list[DeltaStats], shared, per_model, out=N
     """
     rescale, normalize, lam = bool(shared["rescale"]), bool(shared["normalize"]), float(shared["lambda"])
     weights = [float(p["weight"]) for p in per_model]
+    dev = base.device
+    size = chunk_for(dev)
     masks = [_mask_for(method.sparsify, s, p, rescale) for s, p in zip(stats, per_model)]
     # random masks: no exact order of operations to keep, so fold the rescale and the weight
-    masks = [_Mask(m.mode, m.lo, m.hi, (m.scale or 1.0) * w) if m.mode == "drop" else m
-             for m, w in zip(masks, weights)]
+    masks = [replace(m, scale=(m.scale or 1.0) * w) if m.mode == "drop" else m for m, w in zip(masks, weights)]
     total = sum(weights)
-    out = torch.empty_like(base) if out is None else out
-    flat_out, flat_base, n, dev = out.view(-1), base.reshape(-1), base.numel(), base.device
-    for a in range(0, n, CHUNK):
-        b = min(n, a + CHUNK)
+    out = _output(base, out)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    for a, b in _blocks(base.numel(), size):
         L = b - a
         c = _SCRATCH.get("c", L, torch.float32, dev)
         tmp = _SCRATCH.get("tmp", L, torch.float32, dev)
@@ -446,19 +731,23 @@ def _task_vector(method, base, stats: list[DeltaStats], shared, per_model, out=N
                 mixed.div_(total if abs(total) >= 1e-8 else 1.0)
         if lam != 1:
             mixed.mul_(lam)
-        torch.add(flat_base[a:b], mixed, out=flat_out[a:b])
+        if lines is None:
+            torch.add(flat_base[a:b], mixed, out=flat_out[a:b])  # in float32 (mixed is), rounded once into out
+        else:
+            flat_out[a:b].copy_(_lines(mixed.add_(flat_base[a:b]), flat_base[a:b], lines))
     return out
 
 
-def _slerp(method, base, stats, shared, per_model, out=None, dot_threshold: float = 0.9995,
-           eps: float = 1e-8) -> torch.Tensor:
+def _slerp(
+    method, base, stats, shared, per_model, out=None, lines=None, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
     """Spherical interpolation from ``base`` (t=0) to ``base + delta`` (t=1) over whole tensors,
     linear when the two are (anti)parallel. The angle comes from cached dot products, so a new t
     costs two fused elementwise ops.
 
     Reference: Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985; mergekit ``slerp``.
     """
-    t, other = float(shared["t"]), stats[0]
+    t, other, base = float(shared["t"]), stats[0], base.float()
     if base.numel() == 0:
         return base.clone()
     bd, dd = other.dots(base)
@@ -472,15 +761,16 @@ def _slerp(method, base, stats, shared, per_model, out=None, dot_threshold: floa
         theta = math.acos(dot)
         ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
     # ca * base + cb * (base + delta)
-    return torch.add(base * (ca + cb), other.delta, alpha=cb)
+    return _lines(torch.add(base * (ca + cb), other.delta, alpha=cb), base, lines)
 
 
-def _model_stock(method, base, stats, shared, per_model, out=None) -> torch.Tensor:
+def _model_stock(method, base, stats, shared, per_model, out=None, lines=None) -> torch.Tensor:
     """Interpolate the base toward the experts' average by their task vectors' mean cosine.
 
     Reference: Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 2024,
     arXiv:2403.19522; mergekit ``model_stock``.
     """
+    base = base.float()
     w0, ws, filter_wise = base, [base + s.delta for s in stats], bool(shared["filter_wise"])
     shape = w0.shape
     if filter_wise:
@@ -491,7 +781,7 @@ def _model_stock(method, base, stats, shared, per_model, out=None) -> torch.Tens
     offsets = [w - w0 for w in ws]
     cosines = []
     for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
+        for b in offsets[i + 1 :]:
             norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
             cosines.append(((a * b).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(0).unsqueeze(-1)
@@ -500,10 +790,11 @@ def _model_stock(method, base, stats, shared, per_model, out=None) -> torch.Tens
     singular = denom.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denom), denom))
     avg = sum(ws) / n
-    return (t * avg + (1 - t) * w0).reshape(shape)
+    return _lines((t * avg + (1 - t) * w0).reshape(shape), base, lines)
 
 
 # --- the registry -----------------------------------------------------------------------------------
+
 
 def _tv_params(normalize: bool, rescale: bool, sparsify: Sparsifier | None) -> tuple[Param, ...]:
     params = [
@@ -522,35 +813,73 @@ def _tv_params(normalize: bool, rescale: bool, sparsify: Sparsifier | None) -> t
 
 
 def _tv(name, reference, sparsify=None, consensus=False, normalize=False, rescale=False) -> Method:
-    return Method(name, _tv_params(normalize, rescale, sparsify), reference, _task_vector,
-                  sparsify=sparsify, consensus=consensus)
+    return Method(
+        name, _tv_params(normalize, rescale, sparsify), reference, _task_vector, sparsify=sparsify, consensus=consensus
+    )
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("linear", (Param("weight", per_model=True),
-                          Param("normalize", per_model=False, default=True, kind=bool)),
-               "Wortsman et al., Model soups, ICML 2022, arXiv:2203.05482", _linear, base_is_origin=False),
+        Method(
+            "linear",
+            (Param("weight", per_model=True), Param("normalize", per_model=False, default=True, kind=bool)),
+            "Wortsman et al., Model soups, ICML 2022, arXiv:2203.05482",
+            _linear,
+            base_is_origin=False,
+        ),
         _tv("task_arithmetic", "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089"),
-        _tv("ties", "Yadav et al., TIES-Merging, NeurIPS 2023, arXiv:2306.01708",
-            sparsify="magnitude", consensus=True, normalize=True),
-        _tv("dare_ties", "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv:2311.03099",
-            sparsify="random", consensus=True, rescale=True),
-        _tv("dare_linear", "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv:2311.03099",
-            sparsify="random", rescale=True),
-        _tv("breadcrumbs", "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, arXiv:2312.06795",
-            sparsify="outliers"),
-        _tv("breadcrumbs_ties", "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, arXiv:2312.06795",
-            sparsify="outliers", consensus=True),
-        _tv("della", "Deep et al., DELLA-Merging, arXiv:2406.11617",
-            sparsify="della", consensus=True, normalize=True, rescale=True),
+        _tv(
+            "ties",
+            "Yadav et al., TIES-Merging, NeurIPS 2023, arXiv:2306.01708",
+            sparsify="magnitude",
+            consensus=True,
+            normalize=True,
+        ),
+        _tv(
+            "dare_ties",
+            "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv:2311.03099",
+            sparsify="random",
+            consensus=True,
+            rescale=True,
+        ),
+        _tv(
+            "dare_linear",
+            "Yu et al., Language Models are Super Mario (DARE), ICML 2024, arXiv:2311.03099",
+            sparsify="random",
+            rescale=True,
+        ),
+        _tv("breadcrumbs", "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, arXiv:2312.06795", sparsify="outliers"),
+        _tv(
+            "breadcrumbs_ties",
+            "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, arXiv:2312.06795",
+            sparsify="outliers",
+            consensus=True,
+        ),
+        _tv(
+            "della",
+            "Deep et al., DELLA-Merging, arXiv:2406.11617",
+            sparsify="della",
+            consensus=True,
+            normalize=True,
+            rescale=True,
+        ),
         _tv("della_linear", "Deep et al., DELLA-Merging, arXiv:2406.11617", sparsify="della", rescale=True),
-        Method("slerp", (Param("t", per_model=False, low=0.0, high=1.0),),
-               "Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985", _slerp,
-               min_models=1, max_models=1),
-        Method("model_stock", (Param("filter_wise", per_model=False, default=False, kind=bool),),
-               "Jang et al., Model Stock, ECCV 2024, arXiv:2403.19522", _model_stock, min_models=2),
+        Method(
+            "slerp",
+            (Param("t", per_model=False, low=0.0, high=1.0),),
+            "Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985",
+            _slerp,
+            min_models=1,
+            max_models=1,
+        ),
+        Method(
+            "model_stock",
+            (Param("filter_wise", per_model=False, default=False, kind=bool),),
+            "Jang et al., Model Stock, ECCV 2024, arXiv:2403.19522",
+            _model_stock,
+            min_models=2,
+        ),
     )
 }
 

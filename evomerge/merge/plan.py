@@ -47,8 +47,7 @@ class RecipePlan:
         self.recipe = recipe
         self.method: Method = get_method(recipe.merge_method)
         self.num_layers = num_layers
-        listed = ([m.model for m in recipe.models] if recipe.models
-                  else [s.model for s in recipe.slices[0].sources])
+        listed = [m.model for m in recipe.models] if recipe.models else [s.model for s in recipe.slices[0].sources]
         if len(set(listed)) != len(listed):
             raise MergeError("a model is listed twice")
         if self.method.base_is_origin:
@@ -60,8 +59,9 @@ class RecipePlan:
         n = len(self.inputs)
         if n < self.method.min_models or (self.method.max_models and n > self.method.max_models):
             most = self.method.max_models or "any"
-            raise MergeError(f"{self.method.name} takes {self.method.min_models} to {most} models "
-                             f"besides the base, got {n}")
+            raise MergeError(
+                f"{self.method.name} takes {self.method.min_models} to {most} models besides the base, got {n}"
+            )
         if recipe.evomerge.lines is not None and not recipe.base_model:
             raise MergeError("the LiNeS post-step (evomerge.lines) needs a base_model")
         if recipe.slices:
@@ -86,8 +86,9 @@ class RecipePlan:
         for where, settings in self._settings_everywhere():
             for key in settings or {}:
                 if key not in valid:
-                    raise MergeError(f"{where}: unknown parameter '{key}' for {self.method.name}; "
-                                     f"valid: {', '.join(sorted(valid))}")
+                    raise MergeError(
+                        f"{where}: unknown parameter '{key}' for {self.method.name}; valid: {', '.join(sorted(valid))}"
+                    )
 
     # -- resolution ----------------------------------------------------------------------------
     def position(self, tensor_name: str) -> tuple[int, float, float]:
@@ -103,7 +104,7 @@ class RecipePlan:
         lo, hi = 0, self.num_layers
         index = 0
         if self.recipe.slices:
-            for index, sl in enumerate(self.recipe.slices):
+            for index, sl in enumerate(self.recipe.slices):  # noqa: B007 -- the slice found is returned
                 lo, hi = sl.sources[0].layer_range
                 if lo <= layer < hi:
                     break
@@ -132,11 +133,15 @@ class RecipePlan:
 
     def resolve(self, tensor_name: str) -> TensorParams:
         slice_index, t, depth = self.position(tensor_name)
-        shared = {p.name: self._value(p, self._scopes(slice_index, None), tensor_name, t, tensor_name)
-                  for p in self.method.shared_params}
+        shared = {
+            p.name: self._value(p, self._scopes(slice_index, None), tensor_name, t, tensor_name)
+            for p in self.method.shared_params
+        }
         per_model = tuple(
-            {p.name: self._value(p, self._scopes(slice_index, m), tensor_name, t, f"{m}: {tensor_name}")
-             for p in self.method.model_params}
+            {
+                p.name: self._value(p, self._scopes(slice_index, m), tensor_name, t, f"{m}: {tensor_name}")
+                for p in self.method.model_params
+            }
             for m in self.inputs
         )
         lines = self.recipe.evomerge.lines
