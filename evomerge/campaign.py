@@ -403,6 +403,7 @@ def worker_pool(loaded: Loaded):
         trust_remote_code=exp.trust_remote_code,
         allow_pickle=exp.allow_pickle,
         env={k: os.environ[k] for k in (*QUIET_DEFAULTS, *SAFETY, *OFFLINE) if k in os.environ},
+        memory=w.memory.model_dump(),
     )
     return WorkerPool(
         spec,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from evomerge.configfile import describe, read_yaml
 from evomerge.errors import first_line
+from evomerge.merge.memory import MemoryPolicy
 from evomerge.models.loading import is_local_model
 
 
@@ -71,6 +72,9 @@ class Workers(BaseModel):
     dtype: str | None = None
     max_retries: int = Field(default=2, ge=0)
     timeout_s: float | None = Field(default=None, gt=0)
+    #: What each worker keeps resident: task-vector dtype, cached statistics within a byte budget,
+    #: experts (and base) on the device or in host memory (``evomerge.merge.memory.MemoryPolicy``).
+    memory: MemoryPolicy = Field(default_factory=MemoryPolicy)
 
 
 class Tracking(BaseModel):

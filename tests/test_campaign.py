@@ -169,6 +169,10 @@ BAD = {
         "exp.yaml: evaluator: EVALUATOR: objectives[1].metric: "
         "task zoo_sort_search does not report 'no_such_metric'; it reports: acc",
     ),
+    "unknown memory option": (
+        {"workers": {"memory": {"cach": "none"}}},
+        "exp.yaml: unsupported key 'workers.memory.cach'",
+    ),
     "unknown lm-eval task": (
         {"evaluator": "task:no_such_task_xyz"},
         "exp.yaml: evaluator: EVALUATOR: objectives: unknown lm-eval task(s) ['no_such_task_xyz']",

@@ -28,6 +28,7 @@ class WorkerSpec:
     allow_pickle: bool = False
     env: dict[str, str] = field(default_factory=dict)
     started_dir: str | None = None  # opt-in: score() touches <started_dir>/<pid> as it starts a candidate
+    memory: dict = field(default_factory=dict)  # a MemoryPolicy's fields
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +42,7 @@ class ScoringWorker:
 
         from evomerge.evaluate.candidate import CandidateScorer
         from evomerge.evaluate.config import parse_evaluator
+        from evomerge.merge.memory import MemoryPolicy
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
@@ -59,6 +61,7 @@ class ScoringWorker:
             dtype=spec.dtype,
             trust_remote_code=spec.trust_remote_code,
             allow_pickle=spec.allow_pickle,
+            memory=MemoryPolicy(**spec.memory),
         )
 
     def ready(self) -> dict:
