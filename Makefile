@@ -10,7 +10,7 @@ ZOO    := .cache/zoo
 DEMO   ?= runs/demo
 EVOMERGE := $(VENV)/bin/evomerge --offline
 
-.PHONY: test demo install zoo tasks clean
+.PHONY: test lint demo install zoo tasks clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Lint and format check first (seconds), then the suite.
+test: lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The default campaign (experiments/demo.yaml, which reads the zoo from .cache/zoo): build the zoo,
 # check its quality, run the campaign (or finish it, if an earlier `make demo` was interrupted),
