@@ -200,7 +200,9 @@ def check_experiment(
                     f"incompatible with the base '{space.base}': {key} is "
                     f"{config.get(key)!r}, the base's is {base.get(key)!r}",
                 )
-    _check_tensors(exp.models, space.base, fail)
+    specs = _check_tensors(exp.models, space.base, fail)
+    if exp.workers.address is None and not exp.workers.gpus_per_worker:  # a private CPU pool: this host
+        _check_fits_host(exp, specs, space.base, fail)
     num_layers = int(base["num_hidden_layers"])
     try:  # the optimizer as the campaign will build it: options' values, the genome's dimension
         genome = Genome(space, num_layers, seed=exp.seed)
@@ -225,8 +227,9 @@ def check_experiment(
     return {"space": space, "evaluator": evaluator, "num_layers": num_layers}
 
 
-def _check_tensors(models: dict[str, str], base: str, fail) -> None:
-    """Every model's tensors line up with the base's, from the safetensors headers alone."""
+def _check_tensors(models: dict[str, str], base: str, fail) -> dict:
+    """Every model's tensors line up with the base's, from the safetensors headers alone; returns
+    model name -> tensor name -> (shape, dtype name)."""
     from evomerge.models.tensors import TensorHeaderError, first_mismatch, tensor_specs
 
     try:
@@ -237,6 +240,67 @@ def _check_tensors(models: dict[str, str], base: str, fail) -> None:
         problem = first_mismatch(specs[base], tensors) if name != base else None
         if problem:
             fail(f"models.{name}", f"cannot be merged with the base '{base}': {problem}")
+    return specs
+
+
+#: Bytes per element of safetensors dtype names.
+DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "F32": 4,
+    "I32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
+def resident_estimate(exp: Experiment, specs: dict, base: str) -> dict[str, int]:
+    """Bytes one worker keeps resident, from the headers and ``workers.memory``: the model (in
+    ``workers.dtype`` or as saved), the base (as saved), each expert's task vector, the cache budget."""
+    from math import prod
+
+    tensors = specs[base]
+    numel = sum(prod(shape) for shape, _ in tensors.values())
+    saved = sum(prod(shape) * DTYPE_BYTES.get(dtype, 4) for shape, dtype in tensors.values())
+    model_size = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}.get(exp.workers.dtype or "")
+    model = numel * model_size if model_size else saved
+    memory = exp.workers.memory
+    sixteen = {"F16", "BF16"}
+    expert_dtypes = {d for name, t in specs.items() if name != base for _, d in t.values()}
+    if memory.task_vector_dtype != "auto":
+        tv_size = 4 if memory.task_vector_dtype == "float32" else 2
+    else:  # as MemoryPolicy.task_vector_dtype_for decides it
+        tv_size = 2 if (expert_dtypes and expert_dtypes <= sixteen) or model_size == 2 else 4
+    from evomerge.merge.memory import DEFAULT_CACHE_BYTES
+
+    budget = DEFAULT_CACHE_BYTES if memory.cache_bytes is None else memory.cache_bytes
+    # every statistic of every method is at most 40 B/param/expert (evomerge.merge.memory)
+    cache = 0 if memory.cache != "auto" else min(budget, 40 * numel * (len(specs) - 1))
+    return {"model": model, "base": saved, "experts": (len(specs) - 1) * numel * tv_size, "cache": cache}
+
+
+def _check_fits_host(exp: Experiment, specs: dict, base: str, fail) -> None:
+    """Refuse a private CPU pool whose workers' resident tensors exceed this machine's available memory."""
+    import psutil
+
+    parts = resident_estimate(exp, specs, base)
+    need = sum(parts.values()) * exp.workers.count
+    available = psutil.virtual_memory().available
+    if need > available:
+        gib = lambda n: f"{n / 2**30:.1f} GiB"
+        fail(
+            "workers",
+            f"the models do not fit this machine: each of {exp.workers.count} worker(s) holds "
+            f"{gib(sum(parts.values()))} (model {gib(parts['model'])}, base {gib(parts['base'])}, "
+            f"experts' task vectors {gib(parts['experts'])}, cache {gib(parts['cache'])}), "
+            f"{gib(need)} in all; {gib(available)} of memory is available",
+        )
 
 
 def _model_config(ref: str, allow_pickle: bool, fail) -> dict:

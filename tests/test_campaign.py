@@ -745,3 +745,27 @@ def test_a_campaign_whose_workers_cannot_start_leaves_no_directory(zoo, tmp_path
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("evomerge: error:")]
     assert "worker 0 failed to start" in line and "no_such_activation" in line
     assert not (tmp_path / "campaign").exists()
+
+
+def test_models_that_cannot_fit_this_machine_are_refused_before_anything_is_written(zoo, tmp_path):
+    """Sizes come from the safetensors headers: three models whose header declares an 80 GB tensor
+    (no data behind it) are refused in one line naming the sizes, and nothing is read or written."""
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [200_000, 100_000], "data_offsets": [0, 80_000_000_000]}})
+    models = {}
+    for name in ("base", "expert-add", "expert-sort"):
+        d = tmp_path / f"huge-{name}"
+        d.mkdir()
+        (d / "config.json").write_text((zoo / "base" / "config.json").read_text())
+        (d / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode())
+        models[name] = str(d)
+    path = experiment(tmp_path, zoo, models=models)
+    result = cli("run", path, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        f"evomerge: error: {path}: workers: the models do not fit this machine: each of 1 worker(s) "
+    )
+    assert "model 74.5 GiB, base 74.5 GiB, experts' task vectors 149.0 GiB" in line and "available" in line
+    assert not (tmp_path / "campaign").exists()
