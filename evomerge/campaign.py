@@ -544,7 +544,7 @@ def _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_se
                     loaded.save_state()
                 if on_result:
                     on_result(trial)
-            display.update(lambda ref=reference: progress_line(search, budget, session0, ref))
+            display.update(lambda: progress_line(search, budget, session0, tracker.latest))
         if tracker.due():
             tracker.publish(search.snapshot(reference))
 
@@ -554,7 +554,9 @@ def worst(search, directions) -> list[float]:
     return [(min if d == "maximize" else max)(v[j] for v in values) for j, d in enumerate(directions)]
 
 
-def progress_line(search, budget: Budget, session0: int, reference) -> str:
+def progress_line(search, budget: Budget, session0: int, front) -> str:
+    """``front``: the last FrontSnapshot tracking applied (at most refresh_s old; sorting the front
+    again for every line shown would cost O(N^2) per line)."""
     told = [t for t in search.trials if t.status != "running"]
     done = search.finished
     parts = [f"evaluations {len(told)}" + (f"/{budget.max_evaluations}" if budget.max_evaluations else "")]
@@ -564,9 +566,10 @@ def progress_line(search, budget: Budget, session0: int, reference) -> str:
             pick = max if o.direction == "maximize" else min
             best.append(f"{o.name} {pick(t.values[j] for t in done):.4g}")
         parts.append("best " + ", ".join(best))
-        parts.append(f"front {len(search.front())}")
-        if reference:
-            parts.append(f"hv {search.hypervolume(reference):.4g}")
+    if front is not None and front.front:
+        parts.append(f"front {len(front.front)}")
+        if front.hypervolume is not None:
+            parts.append(f"hv {front.hypervolume:.4g}")
     parts.append(f"failed {len(told) - len(done)}")
     spent = time.monotonic() - budget.started
     rate = (len(told) - session0) / spent if spent > 0 else 0.0

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -263,16 +263,24 @@ class Search:
     def hypervolume(self, reference: Sequence[float]) -> float:
         return hypervolume([t.values for t in self.finished], self.directions, reference)
 
-    def snapshot(self, reference: Sequence[float] | None) -> FrontSnapshot:
-        """The ranks, front and hypervolume of everything finished so far (the one Pareto source)."""
-        done = self.finished
-        ranks = pareto_ranks([t.values for t in done], self.directions)
-        by_id = {t.id: r + 1 for t, r in zip(done, ranks) if r is not None}
+    def snapshot(self, reference: Sequence[float] | None) -> Callable[[], FrontSnapshot]:
+        """The ranks, front and hypervolume of everything finished so far (the one Pareto source), to
+        compute later: it copies the values now and sorts them when called (O(M N^2), so a caller
+        may run it off the search loop's thread)."""
+        done = [(t.id, list(t.values)) for t in self.finished]
         told = sum(t.status != "running" for t in self.trials)
-        return FrontSnapshot(
-            ranks=by_id,
-            front=sorted(i for i, r in by_id.items() if r == 1),
-            told=told,
-            failed=told - len(done),
-            hypervolume=self.hypervolume(reference) if reference and done else None,
-        )
+        directions, reference = self.directions, list(reference) if reference else None
+
+        def compute() -> FrontSnapshot:
+            points = [v for _, v in done]
+            ranks = pareto_ranks(points, directions)
+            by_id = {i: r + 1 for (i, _), r in zip(done, ranks) if r is not None}
+            return FrontSnapshot(
+                ranks=by_id,
+                front=sorted(i for i, r in by_id.items() if r == 1),
+                told=told,
+                failed=told - len(done),
+                hypervolume=hypervolume(points, directions, reference) if reference and done else None,
+            )
+
+        return compute

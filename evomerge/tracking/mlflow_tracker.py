@@ -4,7 +4,8 @@ One MLflow experiment per campaign. The parent run holds the configuration (para
 experiment file as an artifact), the library versions, and, refreshed every ``refresh_s`` seconds
 and at the end: the hypervolume and front size per step, the front as a table, and a scatter plot of
 the objectives (interactive HTML and PNG). Ranks, front and hypervolume are the search's
-(``FrontSnapshot``), published here by the campaign: tracking never recomputes them. Each
+(``Search.snapshot``), evaluated on the tracking thread so that the search loop never waits for the
+O(M N^2) sort; tracking has no Pareto code of its own. Each
 candidate is a child run: genes and decoded recipe values as params, objectives and timings as
 metrics, its status. Front members carry the tags
 ``pareto=true`` and ``pareto_rank`` (1 = the front), updated as the front changes, so the MLflow UI
@@ -26,7 +27,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -143,13 +144,19 @@ class Tracker:
         """Whether ``refresh_s`` has passed since the last snapshot was published."""
         return time.monotonic() - self._published >= self.refresh_s
 
-    def publish(self, snapshot: FrontSnapshot) -> None:
-        """Queue the search's front: tags, metrics and plots follow once the queued candidates are logged."""
+    @property
+    def latest(self) -> FrontSnapshot | None:
+        """The last front applied (at most ``refresh_s`` old while the campaign runs)."""
+        return self._snapshot
+
+    def publish(self, snapshot: Callable[[], FrontSnapshot]) -> None:
+        """Queue the search's front (``Search.snapshot``, computed on the tracking thread): tags,
+        metrics and plots follow once the queued candidates are logged."""
         self._check()
         self._published = time.monotonic()
         self._queue.put(("front", snapshot, None))
 
-    def close(self, status: RunStatus = "FINISHED", snapshot: FrontSnapshot | None = None) -> None:
+    def close(self, status: RunStatus = "FINISHED", snapshot: Callable[[], FrontSnapshot] | None = None) -> None:
         """Log everything queued, publish ``snapshot`` (the final front), end the parent run with ``status``."""
         if self._thread is None:
             return
@@ -173,7 +180,7 @@ class Tracker:
                 if kind == "candidate":
                     self._log_candidate(a, *b)
                 elif kind == "front":
-                    self._refresh(a)
+                    self._refresh(a())
                 elif kind == "close":
                     self.client.set_terminated(self.parent, a)
                     return
