@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from random_llama import random_llama  # beside this script
 
 BIN = Path(sys.executable).parent
 
@@ -93,24 +94,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=16000)
     args = ap.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}")
     bandwidth = memcpy_gbps()
     print(f"memory-copy bandwidth (torch copy_ of 1 GiB, read+write): {bandwidth:.2f} GB/s")
     root = Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
     try:
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=args.vocab,
-            hidden_size=args.hidden,
-            num_hidden_layers=args.layers,
-            num_attention_heads=12,
-            num_key_value_heads=12,
-            intermediate_size=args.hidden * 8 // 3,
-            tie_word_embeddings=False,
-        )
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = random_llama(args.vocab, args.hidden, args.layers).to(torch.bfloat16)
         n = sum(p.numel() for p in model.parameters())
         model.save_pretrained(root / "base")
         base_state = {k: v.clone() for k, v in model.state_dict().items()}

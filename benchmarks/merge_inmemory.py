@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from random_llama import random_llama  # noqa: E402  (beside this script)
 
 from evomerge.merge.apply import ResidentMerge  # noqa: E402
 from evomerge.merge.memory import MemoryPolicy  # noqa: E402
@@ -89,17 +89,7 @@ def main() -> None:
     ap.add_argument("--cache", default="all", choices=["all", "auto", "none"])
     ap.add_argument("--task-vector-dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     args = ap.parse_args()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        intermediate_size=args.hidden * 8 // 3,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = random_llama(args.vocab, args.hidden, args.layers)
     n = sum(p.numel() for p in model.parameters())
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     experts = {f"e{i}": {k: v + 0.01 * torch.randn_like(v) for k, v in base.items()} for i in range(args.experts)}
