@@ -262,7 +262,8 @@ DTYPE_BYTES = {
 
 def resident_estimate(exp: Experiment, specs: dict, base: str) -> dict[str, int]:
     """Bytes one worker keeps resident, from the headers and ``workers.memory``: the model (in
-    ``workers.dtype`` or as saved), the base (as saved), each expert's task vector, the cache budget."""
+    ``workers.dtype`` or as saved), the base (in the model's dtype), the experts' task vectors, the
+    cache budget."""
     from math import prod
 
     tensors = specs[base]
@@ -282,24 +283,29 @@ def resident_estimate(exp: Experiment, specs: dict, base: str) -> dict[str, int]
     budget = DEFAULT_CACHE_BYTES if memory.cache_bytes is None else memory.cache_bytes
     # every statistic of every method is at most 40 B/param/expert (evomerge.merge.memory)
     cache = 0 if memory.cache != "auto" else min(budget, 40 * numel * (len(specs) - 1))
-    return {"model": model, "base": saved, "experts": (len(specs) - 1) * numel * tv_size, "cache": cache}
+    return {"model": model, "base": model, "experts": (len(specs) - 1) * numel * tv_size, "cache": cache}
 
 
 def _check_fits_host(exp: Experiment, specs: dict, base: str, fail) -> None:
-    """Refuse a private CPU pool whose workers' resident tensors exceed this machine's available memory."""
+    """Refuse a private CPU pool whose workers' resident tensors exceed this machine's available
+    memory: per worker its model and cache, and the base and task vectors once when shared
+    (``workers.memory.share``), else per worker too."""
     import psutil
 
     parts = resident_estimate(exp, specs, base)
-    need = sum(parts.values()) * exp.workers.count
+    n = exp.workers.count
+    inputs = parts["base"] + parts["experts"]
+    need = (parts["model"] + parts["cache"]) * n + (inputs if exp.workers.memory.share else inputs * n)
     available = psutil.virtual_memory().available
     if need > available:
-        gib = lambda n: f"{n / 2**30:.1f} GiB"
+        gib = lambda v: f"{v / 2**30:.1f} GiB"
+        held = "once, shared by the workers" if exp.workers.memory.share else "per worker"
         fail(
             "workers",
-            f"the models do not fit this machine: each of {exp.workers.count} worker(s) holds "
-            f"{gib(sum(parts.values()))} (model {gib(parts['model'])}, base {gib(parts['base'])}, "
-            f"experts' task vectors {gib(parts['experts'])}, cache {gib(parts['cache'])}), "
-            f"{gib(need)} in all; {gib(available)} of memory is available",
+            f"the models do not fit this machine: {n} worker(s) each hold a model of {gib(parts['model'])} "
+            f"and a cache of up to {gib(parts['cache'])}, with the base ({gib(parts['base'])}) and the "
+            f"experts' task vectors ({gib(parts['experts'])}) {held}: {gib(need)} in all; "
+            f"{gib(available)} of memory is available",
         )
 
 

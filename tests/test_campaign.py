@@ -764,8 +764,10 @@ def test_models_that_cannot_fit_this_machine_are_refused_before_anything_is_writ
     result = cli("run", path, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(
-        f"evomerge: error: {path}: workers: the models do not fit this machine: each of 1 worker(s) "
-    )
-    assert "model 74.5 GiB, base 74.5 GiB, experts' task vectors 149.0 GiB" in line and "available" in line
+    assert line.startswith(f"evomerge: error: {path}: workers: the models do not fit this machine: 1 worker(s) ")
+    assert (
+        "each hold a model of 74.5 GiB and a cache of up to 1.0 GiB, with the base (74.5 GiB) and the experts' "
+        "task vectors (149.0 GiB) once, shared by the workers: 299.0 GiB in all;" in line
+    ), line
+    assert line.endswith("of memory is available")
     assert not (tmp_path / "campaign").exists()

@@ -207,3 +207,78 @@ def test_candidate_scorer_takes_the_policy_and_keeps_its_own_base(zoo):
     )
     assert score.status == "done" and "device_peak_gib" not in score.timings  # CUDA only
     assert all(torch.equal(before[k], v) for k, v in scorer.resident.base.items())  # merges went to the model only
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private local Ray in this process (loopback, no dashboard), for the object store."""
+    import ray
+
+    from evomerge import environment
+
+    environment.configure()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_one_shared_copy_maps_zero_copy_and_merges_bit_for_bit(zoo, states, local_ray):
+    """The controller's published base and task vectors: every worker's view maps the same memory,
+    its merges equal a private worker's for every method, and candidates never write into it."""
+    from evomerge.merge.shared import fetch, plan_bytes, publish
+
+    models = {"base": str(zoo / "base"), **{e: str(zoo / e) for e in EXPERTS}}
+    policy = MemoryPolicy(task_vector_dtype="bfloat16", cache="none")
+    published = publish(models, "base", None, policy).to_dict()
+    n = sum(t.numel() for t in resident(zoo, states).params.values())
+    # float32 base once + 3 bfloat16 task vectors, as planned from the headers alone
+    assert published["nbytes"] == n * (4 + 3 * 2)
+    assert plan_bytes(models, "base", None, policy) == {"base": 4 * n, "experts": 3 * 2 * n}
+    one, two = fetch(published), fetch(published)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert one.base[name].data_ptr() == two.base[name].data_ptr()  # the same pages, not copies
+    assert one.deltas["expert-add"][name].dtype == torch.bfloat16
+
+    model = AutoModelForCausalLM.from_pretrained(zoo / "base", use_safetensors=True).eval()
+    shared = ResidentMerge(model, states[0], states[1], memory=policy, shared=one)
+    private = resident(zoo, states, task_vector_dtype="bfloat16", cache="none")
+    assert shared.shared_tensors == len(shared.params) and private.shared_tensors == 0
+    counts = shared.resident_bytes()
+    assert counts["task_vectors"] == 3 * 2 * n and counts["base"] == 4 * n  # the views, not copies
+    before = (
+        {k: v.clone() for k, v in two.base.items()},
+        {e: {k: v.clone() for k, v in d.items()} for e, d in two.deltas.items()},
+    )
+    for method in METHODS:
+        a, b = merged(shared, recipe(method)), merged(private, recipe(method))
+        assert all(torch.equal(a[k], b[k]) for k in a), method
+    assert all(torch.equal(before[0][k], v) for k, v in two.base.items())
+    assert all(torch.equal(before[1][e][k], v) for e, d in two.deltas.items() for k, v in d.items())
+
+    # a worker whose model dtype is not the one published against computes privately, same result
+    bf16 = AutoModelForCausalLM.from_pretrained(zoo / "base", use_safetensors=True, dtype=torch.bfloat16).eval()
+    params = dict(bf16.named_parameters())
+    mixed = ResidentMerge(bf16, {k: p.detach() for k, p in params.items()}, states[1], memory=policy, shared=one)
+    assert mixed.shared_tensors == 0
+    other = AutoModelForCausalLM.from_pretrained(zoo / "base", use_safetensors=True, dtype=torch.bfloat16).eval()
+    alone = ResidentMerge(other, {k: p.detach() for k, p in other.named_parameters()}, states[1], memory=policy)
+    a, b = merged(mixed, recipe("dare_ties")), merged(alone, recipe("dare_ties"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_gpu_that_cannot_hold_the_models_is_refused_with_the_sizes():
+    from evomerge.merge.memory import check_fits_device
+
+    gib = 2**30
+    sizes = {"base": 15 * gib, "experts": 45 * gib}  # an 8B-class bf16 base, 3 experts
+    with pytest.raises(ValueError) as e:
+        check_fits_device(MemoryPolicy(), sizes, 70 * gib, "cuda:0")
+    assert str(e.value) == (
+        "the models do not fit cuda:0: model 15.0 GiB, base 15.0 GiB, experts' task vectors 45.0 GiB, "
+        "75.0 GiB in all; 70.0 GiB of it is free (workers.memory.experts_on: host keeps the task vectors "
+        "in host memory)"
+    )
+    check_fits_device(MemoryPolicy(base_on="host"), sizes, 70 * gib, "cuda:0")  # 60 GiB: fits
+    check_fits_device(MemoryPolicy(experts_on="host"), sizes, 16 * gib, "cuda:0")  # model 15: fits
+    with pytest.raises(ValueError, match=r"^the models do not fit cuda:1: model 15.0 GiB, 15.0 GiB in all; 14.0"):
+        check_fits_device(MemoryPolicy(experts_on="host"), sizes, 14 * gib, "cuda:1")

@@ -119,6 +119,8 @@ def test_pool_scores_candidates_and_survives_a_killed_worker(zoo, tmp_path):
 
         # the values are exactly what the in-process scorer gives for the same recipes
         scorer = CandidateScorer(spec(zoo).models, "base", parse_evaluator(EVALUATOR, SOURCE))
+        # both workers mapped the controller's one copy of the base and task vectors for every tensor
+        assert [i["shared_tensors"] for i in infos] == [len(scorer.resident.params)] * 2
         for o in outcomes:
             assert o.score.values == scorer.score(parse_recipe(recipes[o.key])).values
             assert {"materialize", "evaluate", "total", "worker"} <= set(o.score.timings)
@@ -153,11 +155,18 @@ def test_pool_scores_candidates_and_survives_a_killed_worker(zoo, tmp_path):
     assert not leftovers(children), "processes left behind after shutdown"
 
 
-def test_a_worker_that_cannot_load_fails_the_start_with_the_reason(zoo, tmp_path):
-    bad = spec(zoo)
+@pytest.mark.parametrize(
+    "share, reason",
+    [
+        (True, r"cannot read the models: model directory not found: .*missing"),  # before Ray starts
+        (False, r"worker 0 failed to start: .*model directory not found: .*missing"),
+    ],
+)
+def test_models_that_cannot_load_fail_the_start_with_the_reason(zoo, tmp_path, share, reason):
+    bad = spec(zoo, memory={"share": share})
     bad.models["expert-sort"] = str(tmp_path / "missing")
     pool = WorkerPool(bad, workers=1, temp_dir=tmp_path / "ray", start_timeout_s=120)
-    with pytest.raises(PoolError, match=r"worker 0 failed to start: .*model directory not found: .*missing"):
+    with pytest.raises(PoolError, match=reason):
         pool.start()
     import ray
 

@@ -32,9 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
+
 from evomerge.cluster.worker import ScoringWorker, WorkerSpec
 from evomerge.errors import first_line
 from evomerge.evaluate.candidate import Score
+from evomerge.merge.memory import MemoryPolicy
 
 #: Unix socket paths are limited to 107 bytes; Ray puts ~70 characters of its own under its temp dir.
 MAX_TEMP_DIR = 36
@@ -118,6 +121,7 @@ class WorkerPool:
         self._ray_temp: str | None = None  # the private Ray's temp dir, as Ray was given it
         self._reaper = None
         self._node_id = None
+        self._published = None
         self._next_node_check = 0.0
         self.lost: str | None = None  # why the Ray node is gone, once it is
 
@@ -132,6 +136,8 @@ class WorkerPool:
         if ray.is_initialized():
             raise PoolError("Ray is already initialized in this process; one pool per process")
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "namespace": "evomerge"}
+        share = MemoryPolicy(**self.spec.memory).share
+        shared_bytes = self._shared_bytes() if share else 0
         if self.address in (None, "local"):
             cpus = max(1, int(round(self.n * self.cpus)))
             gpus = int(-(-self.n * self.gpus // 1)) if self.gpus else 0
@@ -144,6 +150,9 @@ class WorkerPool:
                 _temp_dir=self._ray_temp,
                 include_dashboard=False,
             )
+            if shared_bytes:  # room for the shared models beside Ray's own objects, when its default is less
+                default = int(0.3 * psutil.virtual_memory().available)
+                kwargs["object_store_memory"] = max(default, int(shared_bytes * 1.1) + (256 << 20))
             self.started_ray = True
         else:
             kwargs["address"] = self.address
@@ -173,6 +182,12 @@ class WorkerPool:
         actor_cls = ray.remote(ScoringWorker)
         threads = self.spec.threads or max(1, int(self.cpus))
         spec = {**self.spec.to_dict(), "threads": threads}
+        if share:
+            try:
+                spec["shared"] = self._publish(shared_bytes)
+            except BaseException:
+                self.shutdown()
+                raise
         # Ray restarts a dead worker (forever); the pool counts retries per candidate itself.
         self._make = lambda: actor_cls.options(
             num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=-1, max_task_retries=0
@@ -203,6 +218,56 @@ class WorkerPool:
             self.shutdown()
             raise
         return [s.info for s in self.slots]
+
+    def _shared_bytes(self) -> int:
+        from evomerge.merge.shared import plan_bytes
+
+        try:
+            sizes = plan_bytes(
+                self.spec.models,
+                self.spec.base,
+                self.spec.dtype,
+                MemoryPolicy(**self.spec.memory),
+                trust_remote_code=self.spec.trust_remote_code,
+                allow_pickle=self.spec.allow_pickle,
+            )
+            return sum(sizes.values())
+        except Exception as e:
+            raise PoolError(f"cannot read the models: {first_line(e)}") from None
+
+    def _publish(self, nbytes: int) -> dict:
+        """Put one copy of the base and the task vectors in Ray's object store (one per node that
+        runs workers), after checking that every node's store can hold them."""
+        import ray
+
+        from evomerge.merge.shared import publish
+
+        stores = {
+            n["NodeManagerAddress"]: n["Resources"].get("object_store_memory", 0)
+            for n in ray.nodes()
+            if n["Alive"] and n["Resources"].get("CPU", 0) >= self.cpus
+        }
+        small = {a: b for a, b in stores.items() if b < nbytes}
+        if small:
+            address, have = next(iter(small.items()))
+            raise PoolError(
+                f"the shared models need {nbytes / 2**30:.2f} GiB of Ray's object store, node {address} "
+                f"has {have / 2**30:.2f} GiB (start Ray with a larger --object-store-memory, or set "
+                "workers.memory.share: false)"
+            )
+        try:
+            published = publish(
+                self.spec.models,
+                self.spec.base,
+                self.spec.dtype,
+                MemoryPolicy(**self.spec.memory),
+                trust_remote_code=self.spec.trust_remote_code,
+                allow_pickle=self.spec.allow_pickle,
+            )
+        except Exception as e:
+            raise PoolError(f"cannot share the models: {first_line(e)}") from None
+        self._published = published  # the controller owns the objects: they live while the pool does
+        return published.to_dict()
 
     def _private_temp_dir(self) -> str:
         """Ray's temp dir: inside the campaign directory when its path is short enough for Ray's unix
@@ -235,6 +300,7 @@ class WorkerPool:
                     ray.kill(slot.actor, no_restart=True)
                 except Exception:
                     pass
+            self._published = None
             ray.shutdown()
         self.slots = []
         if self._reaper is not None:  # Ray is down: the watchdog has nothing left to guard

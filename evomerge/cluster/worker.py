@@ -29,6 +29,7 @@ class WorkerSpec:
     env: dict[str, str] = field(default_factory=dict)
     started_dir: str | None = None  # opt-in: score() touches <started_dir>/<pid> as it starts a candidate
     memory: dict = field(default_factory=dict)  # a MemoryPolicy's fields
+    shared: dict | None = None  # a Published's fields: this machine's one copy of base and task vectors
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,8 +51,20 @@ class ScoringWorker:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
+        policy = MemoryPolicy(**spec.memory)
+        if device.startswith("cuda"):  # refuse before loading anything when the models cannot fit
+            from evomerge.merge.memory import check_fits_device
+            from evomerge.merge.shared import plan_bytes
+
+            sizes = plan_bytes(spec.models, spec.base, spec.dtype, policy, spec.trust_remote_code, spec.allow_pickle)
+            check_fits_device(policy, sizes, torch.cuda.mem_get_info(torch.device(device))[0], device)
         self.started_dir = spec.started_dir
         evaluator = parse_evaluator(spec.evaluator, spec.evaluator_source)
+        shared = None
+        if spec.shared is not None:
+            from evomerge.merge.shared import fetch
+
+            shared = fetch(spec.shared)
         self.scorer = CandidateScorer(
             spec.models,
             spec.base,
@@ -61,7 +74,8 @@ class ScoringWorker:
             dtype=spec.dtype,
             trust_remote_code=spec.trust_remote_code,
             allow_pickle=spec.allow_pickle,
-            memory=MemoryPolicy(**spec.memory),
+            memory=policy,
+            shared=shared,
         )
 
     def ready(self) -> dict:
@@ -73,6 +87,7 @@ class ScoringWorker:
             "device": self.device,
             "threads": torch.get_num_threads(),
             "load_seconds": self.scorer.load_seconds,
+            "shared_tensors": self.scorer.resident.shared_tensors,
         }
 
     def score(self, recipe: dict, log_samples: bool = False) -> dict:

@@ -25,6 +25,7 @@ from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
     from evomerge.merge.memory import MemoryPolicy
+    from evomerge.merge.shared import Fetched
 
 #: Journaled and compared as these strings.
 ScoreStatus = Literal["done", "failed"]
@@ -79,7 +80,8 @@ class CandidateScorer:
     """Resident state for scoring recipes over ``models`` (name -> local dir or hub id).
 
     ``memory``: how the merge keeps the base, the task vectors and its caches (default
-    ``MemoryPolicy()``; see ``evomerge.merge.memory``).
+    ``MemoryPolicy()``; see ``evomerge.merge.memory``). ``shared``: the base and task vectors mapped
+    from this machine's shared copy (``evomerge.merge.shared.fetch``), used where they fit.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class CandidateScorer:
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         memory: MemoryPolicy | None = None,
+        shared: Fetched | None = None,
     ):
         from evomerge.evaluate.lmeval import TaskSuite, resolve_task, wrap_model
         from evomerge.evaluate.perplexity import PerplexityScorer
@@ -117,7 +120,7 @@ class CandidateScorer:
             source = ModelSource(resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
             have = set(source.names())
             experts[name] = _Tensors(source, [n for n in params if n in have])  # read one tensor at a time
-        self.resident = ResidentMerge(self.model, base_state, experts, base_name=base, memory=memory)
+        self.resident = ResidentMerge(self.model, base_state, experts, base_name=base, memory=memory, shared=shared)
 
         # objectives: lm-eval tasks (deduplicated: two objectives may read two metrics of one task)
         self.task_of: dict[str, str] = {}

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from evomerge.merge.methods import (
 )
 from evomerge.merge.plan import RecipePlan
 from evomerge.recipe import Recipe
+
+if TYPE_CHECKING:
+    from evomerge.merge.shared import Fetched
 
 
 def compute_tensor(
@@ -71,6 +75,10 @@ class ResidentMerge:
     ``model``: a module with the base's architecture (its parameters are overwritten);
     ``base``: the base's state dict, kept in its dtype (copied where it shares the model's storage);
     ``experts``: model name -> state (any mapping; each tensor is read once, one at a time).
+    ``shared``: a machine's one copy of the base and task vectors (``evomerge.merge.shared.fetch``):
+    a tensor's shared base and task vectors are used as they are, neither copied nor pinned, where
+    that base has the parameter's dtype and shape (the task vectors were made from it by the policy's
+    rule); elsewhere ``base`` and the experts' tensors are read as without it.
     ``memory`` (default ``MemoryPolicy()``) sets the task vectors' dtype, where base and task vectors
     live, and the cache budget. Recipes must name the base ``base_name`` and experts by the keys of
     ``experts``.
@@ -84,6 +92,7 @@ class ResidentMerge:
         base_name: str = "base",
         num_layers: int | None = None,
         memory: MemoryPolicy | None = None,
+        shared: Fetched | None = None,
     ):
         self.model = model
         self.base_name = base_name
@@ -100,7 +109,16 @@ class ResidentMerge:
         self.base: dict[str, torch.Tensor] = {}
         self.stats: dict[str, list[DeltaStats]] = {}
         self._field_keys: dict[str, tuple[int, int]] = {}
+        self.shared_tensors = 0  # tensors whose base and task vectors are the shared copy's
         for name, param in self.params.items():
+            if shared is not None and self._fits(shared, name, param):
+                self.base[name] = place(shared.base[name], base_home, pin=False)
+                self.stats[name] = [
+                    DeltaStats(place(shared.deltas[e][name], expert_home, pin=False), 0, self.budget)
+                    for e in self.experts
+                ]
+                self.shared_tensors += 1
+                continue
             kept = place(base[name], base_home)
             self.base[name] = kept.clone() if kept.data_ptr() == param.data_ptr() else kept
             tensors = []
@@ -123,6 +141,15 @@ class ResidentMerge:
                 )
                 for t in tensors
             ]
+
+    def _fits(self, shared: Fetched, name: str, param: torch.Tensor) -> bool:
+        b = shared.base.get(name)
+        return (
+            b is not None
+            and b.dtype == param.dtype
+            and b.shape == param.shape
+            and all(name in shared.deltas.get(e, {}) for e in self.experts)
+        )
 
     def _reseed(self, seed: int, order: list[str]) -> None:
         """Random fields are seeded by (seed, tensor, input position): redraw those that moved."""

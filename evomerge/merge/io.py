@@ -145,6 +145,11 @@ class ModelSource:
             return self._pickled[name]
         return self._handles[self._where[name]].tensor(name)
 
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
 
 def resolve_model_dir(ref: str, allow_pickle: bool = False) -> Path:
     """A local model directory for ``ref``: an existing path, or a hub id fetched (weights and

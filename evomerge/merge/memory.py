@@ -33,7 +33,10 @@ class MemoryPolicy(BaseModel):
     their total stays within ``cache_bytes`` bytes (default ``DEFAULT_CACHE_BYTES``, any device); none =
     never; all = always (fastest; 4-40 B/param/expert depending on the method). ``experts_on``: where
     the task vectors live; host = CPU memory (pinned when CUDA is present), streamed to the device
-    tensor by tensor. ``base_on``: where the base lives (default: with the experts).
+    tensor by tensor. ``base_on``: where the base lives (default: with the experts). ``share``: the
+    workers of a campaign on one machine map one copy of the base and task vectors from Ray's
+    object store (``evomerge.merge.shared``) instead of each holding its own; host copies that are
+    shared are not pinned.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -43,6 +46,7 @@ class MemoryPolicy(BaseModel):
     cache_bytes: int | None = Field(default=None, ge=0)
     experts_on: Literal["device", "host"] = "device"
     base_on: Literal["device", "host"] | None = None
+    share: bool = True
 
     @model_validator(mode="after")
     def _budget_is_for_auto(self) -> MemoryPolicy:
@@ -98,12 +102,32 @@ class CacheBudget:
         self.used -= nbytes
 
 
-def place(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``, copied only when it moves; host tensors are pinned when CUDA is present,
-    so that their copies to the GPU run asynchronously."""
+def place(t: torch.Tensor, device: torch.device, pin: bool = True) -> torch.Tensor:
+    """``t`` on ``device``, copied only when it moves; host tensors are pinned (``pin``) when CUDA is
+    present, so that their copies to the GPU run asynchronously."""
     import torch
 
-    if device.type != "cpu" or not torch.cuda.is_available() or t.is_pinned():
+    if not pin or device.type != "cpu" or not torch.cuda.is_available() or t.is_pinned():
         return t.to(device)
     pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return pinned.copy_(t)
+
+
+def check_fits_device(policy: MemoryPolicy, sizes: dict[str, int], free: int, device: str) -> None:
+    """Raise ValueError (one line naming the sizes) when what ``policy`` keeps on a GPU does not fit its
+    ``free`` bytes: the model (``sizes['base']``: the base in the model's dtype is the model's size),
+    the base and the experts' task vectors where the policy puts them there. Activations come on top."""
+    import torch
+
+    base_home, expert_home = policy.homes(torch.device(device))
+    parts = {"model": sizes["base"]}
+    if base_home.type != "cpu":
+        parts["base"] = sizes["base"]
+    if expert_home.type != "cpu":
+        parts["experts' task vectors"] = sizes["experts"]
+    need = sum(parts.values())
+    if need > free:
+        gib = lambda v: f"{v / 2**30:.1f} GiB"
+        held = ", ".join(f"{k} {gib(v)}" for k, v in parts.items())
+        hint = " (workers.memory.experts_on: host keeps the task vectors in host memory)" if len(parts) > 1 else ""
+        raise ValueError(f"the models do not fit {device}: {held}, {gib(need)} in all; {gib(free)} of it is free{hint}")

@@ -1,0 +1,180 @@
+"""One copy per machine: the base and the experts' task vectors, shared by every worker on a node.
+
+The campaign's controller computes them once, tensor by tensor (never a whole model in memory), and
+puts them in Ray's object store, which keeps one copy per node in shared memory. Every worker maps
+that copy zero-copy (``fetch``) and keeps only its own model and caches privately, so the host holds
+one copy of the inputs plus one model per worker, not one of everything per worker.
+
+Exactness: a task vector is ``(expert.float() - base_in_model_dtype.float())`` rounded once to the
+policy's dtype, as ``ResidentMerge`` computes it. The controller cannot load the model, so it takes
+the model's dtype from ``workers.dtype``, else ``config.json``'s ``dtype``/``torch_dtype``, else the
+tensor's saved dtype. A worker uses a shared tensor only when that guess is its parameter's dtype (and
+the policy's task-vector dtype matches); otherwise it computes that tensor privately, as without
+sharing. Either way the merged weights are bit-identical to an unshared worker's.
+
+Shared tensors are read-only views: the merge never writes into its base or task vectors. On a GPU,
+shared host tensors are not pinned (pinning would copy them), so host-to-device copies of
+``experts_on: host`` run synchronously; ``share: false`` keeps pinned private copies instead.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from evomerge.merge.io import ModelSource, resolve_model_dir
+from evomerge.merge.memory import MemoryPolicy
+from evomerge.merge.methods import MergeError
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _raw(t: torch.Tensor):
+    """``t``'s bytes as a flat uint8 numpy array (any dtype, bfloat16 included; no copy when contiguous)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _tensor(raw, dtype: str, shape: list[int]) -> torch.Tensor:
+    """The tensor viewing ``raw`` (read-only memory of the object store: torch warns, nothing writes it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.from_numpy(raw)
+    return flat.view(getattr(torch, dtype)).view(shape)
+
+
+def parameter_names(base_dir: Path, trust_remote_code: bool = False) -> list[str]:
+    """The model's parameter names (tied weights once), from its config on the meta device: no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return [n for n, _ in model.named_parameters()]
+
+
+def model_dtype_guess(base_dir: Path, dtype: str | None) -> torch.dtype | None:
+    """The dtype a worker's model will have: ``workers.dtype``, else the config's; None: as saved."""
+    if dtype:
+        return _DTYPES[dtype]
+    config = json.loads((base_dir / "config.json").read_text())
+    saved = config.get("dtype") or config.get("torch_dtype")
+    return _DTYPES.get(saved) if isinstance(saved, str) else None
+
+
+@dataclass
+class Published:
+    """What the controller put in the object store: per parameter name one object holding
+    ``(shape, base dtype, base bytes, task-vector dtype, [one task vector's bytes per expert])``."""
+
+    experts: list[str]
+    refs: dict[str, object] = field(default_factory=dict)
+    nbytes: int = 0
+
+    def to_dict(self) -> dict:
+        return {"experts": self.experts, "refs": self.refs, "nbytes": self.nbytes}
+
+
+def plan_bytes(
+    models: dict[str, str],
+    base: str,
+    dtype: str | None,
+    memory: MemoryPolicy,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> dict[str, int]:
+    """Bytes of the base (in the model's dtype: also the model's own size) and of all the experts'
+    task vectors, from the config and safetensors headers only: what ``publish`` will put, and what
+    a worker will hold."""
+    base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
+    model_dtype = model_dtype_guess(base_dir, dtype)
+    sources = {n: ModelSource(resolve_model_dir(r, allow_pickle=allow_pickle), allow_pickle) for n, r in models.items()}
+    experts = [n for n in models if n != base]
+    sizes = {"base": 0, "experts": 0}
+    try:
+        for name in parameter_names(base_dir, trust_remote_code):
+            info = sources[base].info(name)
+            numel = 1
+            for d in info.shape:
+                numel *= d
+            kept = model_dtype or info.dtype
+            tv = memory.task_vector_dtype_for({sources[e].info(name).dtype for e in experts}, kept)
+            sizes["base"] += numel * kept.itemsize
+            sizes["experts"] += numel * len(experts) * tv.itemsize
+    except KeyError as e:
+        raise MergeError(f"a model has no tensor {e}") from None
+    finally:
+        for s in sources.values():
+            s.close()
+    return sizes
+
+
+def publish(
+    models: dict[str, str],
+    base: str,
+    dtype: str | None,
+    memory: MemoryPolicy,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Published:
+    """Compute the base (in the model's dtype) and every expert's task vector, one tensor at a time,
+    and put them in Ray's object store (``ray.init`` must have run). Raises MergeError."""
+    import ray
+
+    base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
+    model_dtype = model_dtype_guess(base_dir, dtype)
+    experts = [n for n in models if n != base]
+    sources = {n: ModelSource(resolve_model_dir(models[n], allow_pickle=allow_pickle), allow_pickle) for n in models}
+    have = {n: set(s.names()) for n, s in sources.items()}
+    out = Published(experts)
+    for name in parameter_names(base_dir, trust_remote_code):
+        lacking = [n for n in [base, *experts] if name not in have[n]]
+        if lacking:
+            raise MergeError(f"model '{lacking[0]}' has no tensor '{name}'")
+        raw = sources[base].tensor(name)
+        kept = raw.to(model_dtype) if model_dtype is not None else raw
+        tensors = [sources[e].tensor(name) for e in experts]
+        for e, t in zip(experts, tensors):
+            if t.shape != kept.shape:
+                shapes = f"{tuple(t.shape)}, base has {tuple(kept.shape)}"
+                raise MergeError(f"expert '{e}': tensor '{name}' has shape {shapes}")
+        tv_dtype = memory.task_vector_dtype_for({t.dtype for t in tensors}, kept.dtype)
+        base_f32 = kept.float()
+        deltas = [(t.float() - base_f32).to(tv_dtype) for t in tensors]
+        out.refs[name] = ray.put(
+            (list(kept.shape), _name(kept.dtype), _raw(kept), _name(tv_dtype), [_raw(d) for d in deltas])
+        )
+        out.nbytes += kept.numel() * kept.element_size() + sum(d.numel() * d.element_size() for d in deltas)
+    for s in sources.values():
+        s.close()
+    return out
+
+
+@dataclass
+class Fetched:
+    """A worker's view of the published tensors: ``base[name]`` and ``deltas[expert][name]``."""
+
+    base: dict[str, torch.Tensor]
+    deltas: dict[str, dict[str, torch.Tensor]]
+    nbytes: int
+
+
+def fetch(published: dict) -> Fetched:
+    """Map every published tensor (zero-copy from this node's object store)."""
+    import ray
+
+    names = list(published["refs"])
+    values = ray.get([published["refs"][n] for n in names])
+    base, deltas = {}, {e: {} for e in published["experts"]}
+    for name, (shape, base_dtype, base_raw, tv_dtype, raws) in zip(names, values):
+        base[name] = _tensor(base_raw, base_dtype, shape)
+        for expert, raw in zip(published["experts"], raws):
+            deltas[expert][name] = _tensor(raw, tv_dtype, shape)
+    return Fetched(base, deltas, published["nbytes"])
