@@ -1,14 +1,16 @@
 """Peak memory of a whole campaign on a random-weight model of real size, on this CPU machine.
 
     .venv/bin/python benchmarks/campaign_scale.py [--hidden 768 --layers 14] [--workers 1]
-        [--candidates 3] [--task-vector-dtype auto|bfloat16|float32] [--cache auto|none|all]
+        [--candidates 3] [--task-vector-dtype auto|bfloat16|float32] [--cache auto|none|all] [--no-share]
 
 Builds a random Llama (float32 safetensors on disk, the zoo's tokenizer) and three experts (the
 base plus small random perturbations), then runs `evomerge run` on a DARE-TIES search space over
 them (one weight and density per expert, the zoo's add/sort tasks, 10 documents each) and samples
-the resident set size of the whole `evomerge run` process tree (controller, Ray, workers) every
-0.1 s. Printed: parameters, the peak RSS, and the issue's bound for it,
-8 B/param + experts x 2.5 B/param + 1.5 GB.
+the memory of the whole `evomerge run` process tree (controller, Ray, workers) every 0.1 s.
+Printed: parameters, the peak of the summed proportional set size (PSS: a page shared by several
+processes, such as the object store's copy of the task vectors, is split between them, so the sum
+is what the tree holds), the peak summed RSS beside it, the issue's bound,
+8 B/param + experts x 2.5 B/param + 1.5 GB, and PSS by process at the peak.
 """
 
 from __future__ import annotations
@@ -28,14 +30,37 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def smaps(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of one process in bytes, from /proc/PID/smaps_rollup."""
+    rss = pss = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1]) * 1024
+    return rss, pss
+
+
+def tree_memory(proc: psutil.Process) -> tuple[int, int, dict[str, int]]:
+    """Summed RSS and PSS of ``proc`` and its descendants, and PSS by process name. Summed RSS counts a
+    page mapped by several processes (shared libraries, the object store) once per process; PSS
+    splits it between them, so summed PSS is the memory the tree really holds."""
+    rss = pss = 0
+    by_name: dict[str, int] = {}
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
+            r, q = smaps(p.pid)
+            name = p.name()
+            if name.startswith("python"):  # the controller, the MLflow server, the watchdog: by module
+                cmd = p.cmdline()
+                name = next((c for c in cmd[1:] if not c.startswith("-")), name).rsplit("/", 1)[-1]
+                name = cmd[cmd.index("-m") + 1] if "-m" in cmd else name
+        except (OSError, psutil.NoSuchProcess):
+            continue
+        rss, pss = rss + r, pss + q
+        by_name[name] = by_name.get(name, 0) + q
+    return rss, pss, by_name
 
 
 def build_models(root: Path, zoo: Path, hidden: int, layers: int, experts: int) -> tuple[dict, int]:
@@ -83,6 +108,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--task-vector-dtype", default="auto")
     parser.add_argument("--cache", default="auto")
+    parser.add_argument("--no-share", action="store_true", help="every worker holds its own base and task vectors")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=REPO / ".cache") as tmp:
         tmp = Path(tmp)
@@ -131,7 +157,11 @@ def main() -> None:
                     "budget": {"max_evaluations": args.candidates},
                     "workers": {
                         "count": args.workers,
-                        "memory": {"task_vector_dtype": args.task_vector_dtype, "cache": args.cache},
+                        "memory": {
+                            "task_vector_dtype": args.task_vector_dtype,
+                            "cache": args.cache,
+                            "share": not args.no_share,
+                        },
                     },
                     "output_dir": str(tmp / "campaign"),
                 }
@@ -145,12 +175,16 @@ def main() -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        watched, peak = psutil.Process(proc.pid), 0
+        watched, peak_rss, peak_pss, at_peak = psutil.Process(proc.pid), 0, 0, {}
         while proc.poll() is None:
             try:
-                peak = max(peak, tree_rss(watched))
+                rss, pss, by_name = tree_memory(watched)
             except psutil.NoSuchProcess:
                 break
+            peak_rss = max(peak_rss, rss)
+            if pss > peak_pss:
+                peak_pss, at_peak = pss, by_name
+                at_peak["(system Shmem)"] = psutil.virtual_memory().shared
             time.sleep(0.1)
         out, err = proc.communicate()
         seconds = time.perf_counter() - started
@@ -159,16 +193,35 @@ def main() -> None:
     print(
         f"random Llama: {params / 1e6:.1f}M parameters (float32 on disk), {args.experts} experts, "
         f"{args.workers} worker(s), DARE-TIES, {args.candidates} candidates, task vectors {args.task_vector_dtype}, "
-        f"cache {args.cache}"
+        f"cache {args.cache}, {'private copies' if args.no_share else 'one shared copy'}"
     )
     print(
         f"evomerge run: exit {proc.returncode} in {seconds:.0f} s; {out.strip().splitlines()[0] if out else err[-500:]}"
     )
-    print(
-        f"peak RSS of the process tree: {peak / 1e9:.2f} GB; bound 8 B/param + {args.experts} x 2.5 B/param + "
-        f"1.5 GB = {bound / 1e9:.2f} GB: {'within' if peak <= bound else 'OVER'}"
+    verdict = (
+        f"; bound 8 B/param + {args.experts} x 2.5 B/param + 1.5 GB = {bound / 1e9:.2f} GB: "
+        f"{'within' if peak_pss <= bound else 'OVER'}"
+        if args.workers == 1
+        else ""
     )
-
+    print(
+        f"peak of the process tree: summed PSS {peak_pss / 1e9:.2f} GB (summed RSS {peak_rss / 1e9:.2f} GB, "
+        f"which counts shared pages once per process){verdict}"
+    )
+    tv = 4 if args.task_vector_dtype == "float32" else 2  # auto is float32 here only for float32 experts+model
+    tv = 4 if args.task_vector_dtype == "auto" else tv
+    inputs, model = params * (4 + args.experts * tv), 4 * params
+    copies = 1 if not args.no_share else args.workers
+    tensors = copies * inputs + args.workers * model
+    print(
+        f"tensors: base and task vectors {inputs / 1e9:.2f} GB x {copies} + model {model / 1e9:.2f} GB x "
+        f"{args.workers} worker(s) = {tensors / 1e9:.2f} GB; the rest (Python, torch, Ray, MLflow, "
+        f"evaluation): {(peak_pss - tensors) / 1e9:.2f} GB"
+    )
+    shmem = at_peak.pop("(system Shmem)", 0)
+    top = sorted(at_peak.items(), key=lambda kv: -kv[1])
+    print("PSS by process at the peak: " + ", ".join(f"{n} {b / 1e9:.2f} GB" for n, b in top if b >= 20e6))
+    print(f"shared memory in use on the machine at the peak (the object store's copy): {shmem / 1e9:.2f} GB")
 
 if __name__ == "__main__":
     main()

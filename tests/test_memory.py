@@ -267,18 +267,23 @@ def test_one_shared_copy_maps_zero_copy_and_merges_bit_for_bit(zoo, states, loca
 
 
 def test_a_gpu_that_cannot_hold_the_models_is_refused_with_the_sizes():
-    from evomerge.merge.memory import check_fits_device
+    from evomerge.merge.memory import fit_device
 
     gib = 2**30
     sizes = {"base": 15 * gib, "experts": 45 * gib}  # an 8B-class bf16 base, 3 experts
+    policy = MemoryPolicy()
+    assert fit_device(policy, sizes, 80 * gib, "cuda:0") is policy  # 15 + 15 + 45 + 4 reserve = 79
+    moved = fit_device(policy, sizes, 70 * gib, "cuda:0")  # the base goes to the host: 64 GiB
+    assert (moved.base_on, moved.experts_on) == ("host", "device")
     with pytest.raises(ValueError) as e:
-        check_fits_device(MemoryPolicy(), sizes, 70 * gib, "cuda:0")
+        fit_device(policy, sizes, 60 * gib, "cuda:0")
     assert str(e.value) == (
         "the models do not fit cuda:0: model 15.0 GiB, base 15.0 GiB, experts' task vectors 45.0 GiB, "
-        "75.0 GiB in all; 70.0 GiB of it is free (workers.memory.experts_on: host keeps the task vectors "
-        "in host memory)"
+        "reserve for activations 4.0 GiB, 79.0 GiB in all; 60.0 GiB of it is free "
+        "(workers.memory.experts_on: host keeps the task vectors in host memory)"
     )
-    check_fits_device(MemoryPolicy(base_on="host"), sizes, 70 * gib, "cuda:0")  # 60 GiB: fits
-    check_fits_device(MemoryPolicy(experts_on="host"), sizes, 16 * gib, "cuda:0")  # model 15: fits
-    with pytest.raises(ValueError, match=r"^the models do not fit cuda:1: model 15.0 GiB, 15.0 GiB in all; 14.0"):
-        check_fits_device(MemoryPolicy(experts_on="host"), sizes, 14 * gib, "cuda:1")
+    with pytest.raises(ValueError, match="base 15.0 GiB, .* 79.0 GiB in all; 70.0 GiB"):  # asked for: kept
+        fit_device(MemoryPolicy(base_on="device"), sizes, 70 * gib, "cuda:0")
+    assert fit_device(MemoryPolicy(experts_on="host", reserve_bytes=0), sizes, 15 * gib, "cuda:0").base_on is None
+    with pytest.raises(ValueError, match=r"^the models do not fit cuda:1: model 15.0 GiB, reserve for activations 4.0"):
+        fit_device(MemoryPolicy(experts_on="host"), sizes, 18 * gib, "cuda:1")

@@ -53,11 +53,12 @@ class ScoringWorker:
         self.device = device
         policy = MemoryPolicy(**spec.memory)
         if device.startswith("cuda"):  # refuse before loading anything when the models cannot fit
-            from evomerge.merge.memory import check_fits_device
+            from evomerge.merge.memory import fit_device
             from evomerge.merge.shared import plan_bytes
 
             sizes = plan_bytes(spec.models, spec.base, spec.dtype, policy, spec.trust_remote_code, spec.allow_pickle)
-            check_fits_device(policy, sizes, torch.cuda.mem_get_info(torch.device(device))[0], device)
+            policy = fit_device(policy, sizes, torch.cuda.mem_get_info(torch.device(device))[0], device)
+        self.policy = policy
         self.started_dir = spec.started_dir
         evaluator = parse_evaluator(spec.evaluator, spec.evaluator_source)
         shared = None
@@ -88,6 +89,7 @@ class ScoringWorker:
             "threads": torch.get_num_threads(),
             "load_seconds": self.scorer.load_seconds,
             "shared_tensors": self.scorer.resident.shared_tensors,
+            "base_on": self.policy.homes(torch.device(self.device))[0].type,
         }
 
     def score(self, recipe: dict, log_samples: bool = False) -> dict:

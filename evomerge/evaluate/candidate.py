@@ -101,6 +101,7 @@ class CandidateScorer:
         from evomerge.evaluate.perplexity import PerplexityScorer
         from evomerge.merge.apply import ResidentMerge
         from evomerge.merge.io import ModelSource, resolve_model_dir
+        from evomerge.merge.memory import trim_heap
         from evomerge.models.loading import load_causal_lm
 
         started = time.perf_counter()
@@ -121,6 +122,7 @@ class CandidateScorer:
             have = set(source.names())
             experts[name] = _Tensors(source, [n for n in params if n in have])  # read one tensor at a time
         self.resident = ResidentMerge(self.model, base_state, experts, base_name=base, memory=memory, shared=shared)
+        trim_heap()  # the experts' tensors read while the task vectors were made
 
         # objectives: lm-eval tasks (deduplicated: two objectives may read two metrics of one task)
         self.task_of: dict[str, str] = {}

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 #: statistic of a TIES search up to ~90M params x 3 experts, of a DARE search up to ~20M: the zoo,
 #: tests); large ones hold at most this on top of their 2 B/param/expert.
 DEFAULT_CACHE_BYTES = 1 << 30
+#: GPU memory a worker leaves free for the evaluation's activations when it checks that the models fit.
+DEFAULT_RESERVE_BYTES = 4 << 30
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled: experiment files load without it
     import torch
@@ -33,7 +35,8 @@ class MemoryPolicy(BaseModel):
     their total stays within ``cache_bytes`` bytes (default ``DEFAULT_CACHE_BYTES``, any device); none =
     never; all = always (fastest; 4-40 B/param/expert depending on the method). ``experts_on``: where
     the task vectors live; host = CPU memory (pinned when CUDA is present), streamed to the device
-    tensor by tensor. ``base_on``: where the base lives (default: with the experts). ``share``: the
+    tensor by tensor. ``base_on``: where the base lives (default: with the experts, or on the host when
+    it does not fit the GPU beside them and ``reserve_bytes`` for activations). ``share``: the
     workers of a campaign on one machine map one copy of the base and task vectors from Ray's
     object store (``evomerge.merge.shared``) instead of each holding its own; host copies that are
     shared are not pinned.
@@ -47,6 +50,7 @@ class MemoryPolicy(BaseModel):
     experts_on: Literal["device", "host"] = "device"
     base_on: Literal["device", "host"] | None = None
     share: bool = True
+    reserve_bytes: int = Field(default=DEFAULT_RESERVE_BYTES, ge=0)
 
     @model_validator(mode="after")
     def _budget_is_for_auto(self) -> MemoryPolicy:
@@ -113,21 +117,50 @@ def place(t: torch.Tensor, device: torch.device, pin: bool = True) -> torch.Tens
     return pinned.copy_(t)
 
 
-def check_fits_device(policy: MemoryPolicy, sizes: dict[str, int], free: int, device: str) -> None:
-    """Raise ValueError (one line naming the sizes) when what ``policy`` keeps on a GPU does not fit its
-    ``free`` bytes: the model (``sizes['base']``: the base in the model's dtype is the model's size),
-    the base and the experts' task vectors where the policy puts them there. Activations come on top."""
+def fit_device(policy: MemoryPolicy, sizes: dict[str, int], free: int, device: str) -> MemoryPolicy:
+    """The policy a worker on a GPU uses, given its ``free`` bytes; raises ValueError (one line naming
+    the sizes) when the models do not fit. Held there: the model (``sizes['base']``: the base in the
+    model's dtype is the model's size), the base and the experts' task vectors where the policy puts
+    them, plus ``reserve_bytes`` for the evaluation's activations. With ``base_on`` unset and the
+    experts on the device, a base that does not fit beside them is kept on the host instead (it is
+    streamed into each candidate's merge: one host-to-device copy of the model per candidate)."""
     import torch
 
-    base_home, expert_home = policy.homes(torch.device(device))
-    parts = {"model": sizes["base"]}
-    if base_home.type != "cpu":
-        parts["base"] = sizes["base"]
-    if expert_home.type != "cpu":
-        parts["experts' task vectors"] = sizes["experts"]
-    need = sum(parts.values())
-    if need > free:
-        gib = lambda v: f"{v / 2**30:.1f} GiB"
-        held = ", ".join(f"{k} {gib(v)}" for k, v in parts.items())
-        hint = " (workers.memory.experts_on: host keeps the task vectors in host memory)" if len(parts) > 1 else ""
-        raise ValueError(f"the models do not fit {device}: {held}, {gib(need)} in all; {gib(free)} of it is free{hint}")
+    def parts(p: MemoryPolicy) -> dict[str, int]:
+        base_home, expert_home = p.homes(torch.device(device))
+        held = {"model": sizes["base"]}
+        if base_home.type != "cpu":
+            held["base"] = sizes["base"]
+        if expert_home.type != "cpu":
+            held["experts' task vectors"] = sizes["experts"]
+        held["reserve for activations"] = p.reserve_bytes
+        return held
+
+    if sum(parts(policy).values()) <= free:
+        return policy
+    if policy.base_on is None and policy.experts_on == "device":
+        moved = policy.model_copy(update={"base_on": "host"})
+        if sum(parts(moved).values()) <= free:
+            return moved
+    held = parts(policy)
+    gib = lambda v: f"{v / 2**30:.1f} GiB"
+    hint = (
+        " (workers.memory.experts_on: host keeps the task vectors in host memory)"
+        if policy.experts_on == "device"
+        else ""
+    )
+    raise ValueError(
+        f"the models do not fit {device}: {', '.join(f'{k} {gib(v)}' for k, v in held.items())}, "
+        f"{gib(sum(held.values()))} in all; {gib(free)} of it is free{hint}"
+    )
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the system (glibc keeps them after a load's temporaries are
+    freed); nothing where the C library is not glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

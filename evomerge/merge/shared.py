@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from evomerge.merge.io import ModelSource, resolve_model_dir
-from evomerge.merge.memory import MemoryPolicy
+from evomerge.merge.memory import MemoryPolicy, trim_heap
 from evomerge.merge.methods import MergeError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -154,6 +154,7 @@ def publish(
         out.nbytes += kept.numel() * kept.element_size() + sum(d.numel() * d.element_size() for d in deltas)
     for s in sources.values():
         s.close()
+    trim_heap()  # the tensors read and converted on the way
     return out
 
 
