@@ -223,5 +223,6 @@ def main() -> None:
     print("PSS by process at the peak: " + ", ".join(f"{n} {b / 1e9:.2f} GB" for n, b in top if b >= 20e6))
     print(f"shared memory in use on the machine at the peak (the object store's copy): {shmem / 1e9:.2f} GB")
 
+
 if __name__ == "__main__":
     main()
