@@ -144,10 +144,11 @@ class Loaded:
 
     def search(self):
         """The search replayed from the journal; writable only while this process holds the lock."""
-        from evomerge.search.journal import Search
+        from evomerge.search.journal import Fidelity, Search
         from evomerge.search.space import Genome
 
         genome = Genome(self.parts["space"], self.parts["num_layers"], seed=self.experiment.seed)
+        f = self.experiment.fidelity
         return Search(
             genome,
             self.experiment.optimizer.name,
@@ -156,6 +157,7 @@ class Loaded:
             self.directory,
             self.experiment.optimizer.options,
             writable=self.lock is not None,
+            fidelity=Fidelity(tuple(f.rungs), f.promote) if f is not None else None,
         )
 
     @property
@@ -302,6 +304,39 @@ def seed_points(loaded: Loaded, search) -> list[list[float]]:
     for path in seeds.recipes:
         points.append(genome.encode(load_recipe(path)))
     return points
+
+
+#: ``seeds.baselines``: (label, merge method, per-expert parameters, method parameters); every
+#: expert at weight 1 unless said otherwise.
+BASELINES = [
+    ("task_arithmetic lambda=0.5", "task_arithmetic", {}, {"lambda": 0.5}),
+    ("task_arithmetic lambda=0.7", "task_arithmetic", {}, {"lambda": 0.7}),
+    ("task_arithmetic lambda=1.0", "task_arithmetic", {}, {"lambda": 1.0}),
+    ("ties density=0.5", "ties", {"density": 0.5}, {}),
+    ("ties density=0.8", "ties", {"density": 0.8}, {}),
+    ("dare_ties density=0.5", "dare_ties", {"density": 0.5}, {}),
+    ("uniform average", "linear", {}, {}),
+]
+
+
+def baseline_recipes(base: str, experts: list[str], seed: int) -> list[tuple[str, object]]:
+    """The hand baselines over ``experts`` as (label, Recipe); the uniform average is the experts'
+    linear merge at equal weights (the base is not one of its inputs)."""
+    from evomerge.recipe import parse_recipe
+
+    out = []
+    for label, method, per_model, shared in BASELINES:
+        data = {
+            "merge_method": method,
+            "models": [{"model": m, "parameters": {"weight": 1.0, **per_model}} for m in experts],
+            "evomerge": {"seed": seed},
+        }
+        if method != "linear":
+            data["base_model"] = base
+        if shared:
+            data["parameters"] = shared
+        out.append((label, parse_recipe(data, f"baseline {label}")))
+    return out
 
 
 @dataclass
@@ -459,9 +494,16 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
     display = display or Display()
     search = loaded.search()
     seeds = seed_points(loaded, search)
+    baselines = []
+    if exp.seeds.baselines:
+        space = loaded.parts["space"]
+        baselines = baseline_recipes(space.base, list(space.models), exp.seed)
     if not search.trials:
         for point in seeds:
             search.enqueue(point)
+        for label, recipe in baselines:
+            search.add_baseline(recipe, label)
+    n_seeds = len(seeds) + len(baselines)
     budget = Budget(
         exp.budget.max_evaluations,
         exp.budget.max_minutes * 60 if exp.budget.max_minutes else None,
@@ -485,7 +527,7 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
                     raise CampaignError(str(e)) from None
                 tracker = open_tracker(loaded, search)
                 budget.restart_clock()
-                _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, len(seeds), on_result)
+                _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_seeds, on_result)
                 status = "FINISHED"
         except KeyboardInterrupt as e:
             stop = e if isinstance(e, Interrupted) else Interrupted(received[-1] if received else signal.SIGINT)
@@ -523,7 +565,8 @@ def _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_se
     while not (budget.met(told) and not pool.in_flight):
         for _ in range(min(pool.free, budget.room(told, pool.in_flight))):
             trial = search.ask()
-            pool.submit(trial.id, trial.recipe.model_dump(exclude_none=True), log_samples=exp.tracking.log_samples)
+            recipe = trial.recipe.model_dump(exclude_none=True)
+            pool.submit(trial.id, recipe, log_samples=exp.tracking.log_samples, documents=search.documents_for(trial))
         for outcome in pool.poll(timeout=1.0):
             for result in fail_fast.admit(outcome):
                 score = result.score
@@ -532,11 +575,14 @@ def _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_se
                     "attempts": result.attempts,
                     "wall_s": result.seconds,
                     "worker": result.worker,
+                    "documents": int(score.timings.get("documents", 0)),
                     **({"reason": score.reason} if score.reason else {}),
                 }
-                trial = search.tell(
+                trial = search.report(
                     result.key, [score.values[k] for k in names] if score.status == "done" else None, info
                 )
+                if trial is None:  # promoted to the next rung: handed out again before new candidates
+                    continue
                 told += 1
                 tracker.candidate(trial, genes, samples=score.samples)
                 if reference is None and len(search.finished) >= max(1, n_seeds):
@@ -593,7 +639,9 @@ def summary(loaded: Loaded, search, stopped: str | None, status: RunStatus, exit
         "directory": str(loaded.directory),
         "evaluations": len(told),
         "done": len(search.finished),
-        "failed": len(told) - len(search.finished),
+        "failed": sum(t.status == "failed" for t in told),
+        "stopped_early": len(search.stopped_early),
+        "documents": search.documents,
         "front": [t.id for t in search.front()],
         "status": status,
         "stopped": stopped,

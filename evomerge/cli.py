@@ -145,7 +145,9 @@ def _campaign_errors():
 def _finish(summary: dict) -> int:
     d = summary["directory"]
     print(
-        f"evaluations {summary['evaluations']} ({summary['done']} done, {summary['failed']} failed); "
+        f"evaluations {summary['evaluations']} ({summary['done']} done, {summary['failed']} failed"
+        + (f", {summary['stopped_early']} stopped at a lower rung" if summary.get("stopped_early") else "")
+        + f"); documents scored {summary['documents']}; "
         f"front: {len(summary['front'])} candidates"
         + (f"; hypervolume {summary['hypervolume']:.4g}" if "hypervolume" in summary else "")
     )
@@ -213,8 +215,12 @@ def cmd_status(args) -> int:
     )
     budget = exp.budget.max_evaluations
     print(
-        f"evaluations {len(told)}" + (f"/{budget}" if budget else "") + f": {len(done)} done, "
-        f"{len(told) - len(done)} failed, {len(search.trials) - len(told)} in flight when last stopped"
+        f"evaluations {len(told)}"
+        + (f"/{budget}" if budget else "")
+        + f": {len(done)} done, "
+        + (f"{len(search.stopped_early)} stopped at a lower rung, " if search.stopped_early else "")
+        + f"{sum(t.status == 'failed' for t in told)} failed, {len(search.trials) - len(told)} in flight "
+        f"when last stopped; documents scored {search.documents}"
     )
     print(
         f"elapsed {loaded.state.get('elapsed_s', 0):.0f} s; "
@@ -237,10 +243,24 @@ def cmd_pareto(args) -> int:
     if not rows:
         raise UserError(f"{args.campaign}: no finished candidate yet")
     names = [o.name for o in loaded.objectives]
-    print("trial  " + "".join(f"{n:>14}" for n in names) + f"{'crowding':>10}")
+    print("trial  " + "".join(f"{n:>14}" for n in names) + f"{'crowding':>10}  recipe")
     for r in rows:
-        print(f"{r['trial']:>5}  " + "".join(f"{r[n]:>14.5g}" for n in names) + f"{r['crowding']:>10.3g}")
+        label = search.trials[r["trial"]].baseline
+        print(
+            f"{r['trial']:>5}  "
+            + "".join(f"{r[n]:>14.5g}" for n in names)
+            + f"{r['crowding']:>10.3g}  "
+            + (f"baseline: {label}" if label else "searched")
+        )
     done = search.finished
+    baselines = [t for t in search.trials if t.baseline]
+    if baselines:  # what the search added over the recipes a user tries first
+        on_front = {r["trial"] for r in rows}
+        print("hand baselines:")
+        for t in baselines:
+            where = "on the front" if t.id in on_front else ("dominated" if t.status == "done" else t.status)
+            values = "".join(f"{v:>14.5g}" for v in t.values) if t.values else "".join(f"{'-':>14}" for _ in names)
+            print(f"{t.id:>5}  {values}  {t.baseline} ({where})")
     html, png = front_plots(
         [t.id for t in done],
         [t.values for t in done],

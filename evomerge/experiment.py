@@ -41,6 +41,27 @@ class Seeds(BaseModel):
     uniform_average: bool = True
     experts_alone: bool = True
     recipes: list[str] = Field(default_factory=list)  # hand recipe YAML files (relative to the file)
+    #: The recipes a user tries first, evaluated in full as trials of their own (tagged baseline):
+    #: task arithmetic (weights 1) at lambda 0.5, 0.7, 1.0; TIES at density 0.5 and 0.8; DARE-TIES
+    #: at density 0.5; the experts' uniform average (``evomerge.campaign.BASELINES``).
+    baselines: bool = False
+
+
+class FidelityConfig(BaseModel):
+    """Multi-fidelity evaluation: each new candidate is scored on ``rungs[0]`` documents per task
+    first (a seeded subset, nested in every larger one), goes on to the next rung only if it ranks
+    within ``promote`` of that rung's results so far, and is scored on the evaluator's full ``limit``
+    last. Seeds and baselines are scored in full at once. Only the full results enter the front."""
+
+    model_config = ConfigDict(extra="forbid")
+    rungs: list[int] = Field(min_length=1)
+    promote: float = Field(default=1 / 3, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ascending(self):
+        if any(r < 1 for r in self.rungs) or any(b <= a for a, b in zip(self.rungs, self.rungs[1:])):
+            raise ValueError(f"rungs must be ascending document counts of at least 1, got {self.rungs}")
+        return self
 
 
 class Budget(BaseModel):
@@ -104,6 +125,8 @@ class Experiment(BaseModel):
     #: Hypervolume reference point, objective -> value (default: worst value among the seeds).
     reference_point: dict[str, float] | None = None
     seeds: Seeds = Field(default_factory=Seeds)
+    #: Multi-fidelity evaluation (off when absent).
+    fidelity: FidelityConfig | None = None
     budget: Budget
     workers: Workers = Field(default_factory=Workers)
     output_dir: str
@@ -185,6 +208,8 @@ def check_experiment(
         wanted = exp.objectives or names
         if sorted(exp.reference_point) != sorted(wanted):
             fail("reference_point", f"give one value for each objective: {', '.join(wanted)}")
+    if exp.fidelity is not None:
+        _check_fidelity(exp.fidelity, evaluator, fail)
     for model in [space.base, *space.models]:
         if model not in exp.models:
             fail("models", f"the search space uses model '{model}', which the experiment does not give")
@@ -241,6 +266,24 @@ def _check_tensors(models: dict[str, str], base: str, fail) -> dict:
         if problem:
             fail(f"models.{name}", f"cannot be merged with the base '{base}': {problem}")
     return specs
+
+
+def _check_fidelity(fidelity: FidelityConfig, evaluator, fail) -> None:
+    if evaluator.limit is None:
+        fail("fidelity", "multi-fidelity needs the evaluator's limit (documents per task at full fidelity)")
+    if fidelity.rungs[-1] >= evaluator.limit:
+        fail(
+            "fidelity.rungs",
+            f"every rung must score fewer documents than the evaluator's limit ({evaluator.limit}); "
+            f"got {fidelity.rungs[-1]}",
+        )
+    ppl = [o.name for o in evaluator.objectives if o.task is None]
+    if ppl:
+        fail(
+            "fidelity",
+            f"objective '{ppl[0]}' is a perplexity: multi-fidelity subsets lm-eval documents only; "
+            "remove fidelity or the perplexity objective",
+        )
 
 
 #: Bytes per element of safetensors dtype names.

@@ -173,6 +173,18 @@ BAD = {
         {"workers": {"memory": {"cach": "none"}}},
         "exp.yaml: unsupported key 'workers.memory.cach'",
     ),
+    "rung not below limit": (
+        {"fidelity": {"rungs": [5, 20]}},
+        "exp.yaml: fidelity.rungs: every rung must score fewer documents than the evaluator's limit (20); got 20",
+    ),
+    "promotion fraction": (
+        {"fidelity": {"rungs": [5], "promote": 1.5}},
+        "exp.yaml: fidelity.promote: Input should be less than or equal to 1",
+    ),
+    "multi-fidelity on perplexity": (
+        {"fidelity": {"rungs": [5]}, "evaluator": "perplexity:data/general_{split}.txt"},
+        "exp.yaml: fidelity: objective 'sort' is a perplexity: multi-fidelity subsets lm-eval documents only",
+    ),
     "unknown lm-eval task": (
         {"evaluator": "task:no_such_task_xyz"},
         "exp.yaml: evaluator: EVALUATOR: objectives: unknown lm-eval task(s) ['no_such_task_xyz']",
@@ -227,11 +239,14 @@ def test_bad_experiments_fail_in_one_line_before_any_compute(zoo, tmp_path, case
         }
     elif "models" in overrides:
         overrides["models"] = {m: str(zoo / m) for m in ("base", "expert-add", "expert-sort")} | overrides["models"]
-    if str(overrides.get("evaluator", "")).startswith(("metric:", "task:")):
+    if str(overrides.get("evaluator", "")).startswith(("metric:", "task:", "perplexity:")):
         kind, value = overrides["evaluator"].split(":")
         evaluator = write_evaluator(tmp_path, name="broken-evaluator.yaml")
         data = yaml.safe_load(evaluator.read_text())
-        data["objectives"][1 if kind == "metric" else 0][kind] = value
+        if kind == "perplexity":
+            data["objectives"][1] = {"name": "sort", "perplexity": str(TASKS / value), "unit": "line"}
+        else:
+            data["objectives"][1 if kind == "metric" else 0][kind] = value
         evaluator.write_text(yaml.safe_dump(data))
         overrides["evaluator"] = str(evaluator)
         message = message.replace("EVALUATOR", str(evaluator))
@@ -771,3 +786,61 @@ def test_models_that_cannot_fit_this_machine_are_refused_before_anything_is_writ
     ), line
     assert line.endswith("of memory is available")
     assert not (tmp_path / "campaign").exists()
+
+
+def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
+    """Hand baselines are scored in full and tagged; new candidates climb rungs of 5 and 10 documents
+    per task before the full 20; only full results reach the front; MLflow records rung and documents."""
+    from mlflow import MlflowClient
+
+    from evomerge import campaign
+
+    path = experiment(
+        tmp_path,
+        zoo,
+        seeds={"uniform_average": False, "experts_alone": False, "baselines": True},
+        fidelity={"rungs": [5, 10], "promote": 0.34},
+        budget={"max_evaluations": 16},
+        optimizer={"name": "random", "options": {}},
+    )
+    result = cli("run", path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # progress only: no warning from Ray about the shared copy
+    assert all(line.startswith(("starting", "evaluations")) for line in result.stderr.splitlines()), result.stderr
+    loaded = campaign.open_campaign(tmp_path / "campaign", check=False)
+    search = loaded.search()
+    assert f"documents scored {search.documents};" in result.stdout
+    baselines = [t for t in search.trials if t.baseline]
+    assert [t.baseline for t in baselines] == [label for label, *_ in campaign.BASELINES]
+    assert all(t.rung == 2 and t.documents == 2 * 20 and t.status == "done" for t in baselines)
+    ta1 = next(t.recipe for t in baselines if t.baseline == "task_arithmetic lambda=1.0")
+    assert ta1.merge_method == "task_arithmetic" and ta1.parameters == {"lambda": 1.0}
+    assert [(m.model, m.parameters) for m in ta1.models] == [
+        ("expert-add", {"weight": 1.0}),
+        ("expert-sort", {"weight": 1.0}),
+    ]
+    searched = [t for t in search.trials if not t.baseline]
+    assert len(searched) == 9 and searched[0].rung == 2  # alone at each rung so far: promoted twice
+    assert all(t.documents == 2 * sum((5, 10, 20)[: t.rung + 1]) for t in searched if t.status == "done")
+    assert {t.id for t in search.front()} <= {t.id for t in search.trials if t.status == "done" and t.rung == 2}
+
+    client = MlflowClient(tracking_uri=loaded.tracking()[0])
+    exp = client.get_experiment_by_name("t-campaign")
+    children = {
+        int(r.data.tags["evomerge.trial"]): r
+        for r in client.search_runs([exp.experiment_id], "tags.`evomerge.trial` != ''")
+    }
+    assert sorted(children) == list(range(16))
+    for t in search.trials:
+        tags, metrics = children[t.id].data.tags, children[t.id].data.metrics
+        assert tags.get("baseline") == ("true" if t.baseline else None)
+        assert tags["rung"] == str(t.rung) and tags["full_fidelity"] == str(t.rung == 2).lower()
+        assert metrics["documents"] == t.documents
+        if tags["pareto"] == "true":
+            assert t.rung == 2
+
+    pareto = cli("pareto", tmp_path / "campaign", cwd=tmp_path)
+    assert pareto.returncode == 0, pareto.stderr
+    lines = pareto.stdout.splitlines()
+    listed = lines[lines.index("hand baselines:") + 1 :][: len(baselines)]
+    assert [line.split("  ")[-1].rsplit(" (", 1)[0] for line in listed] == [t.baseline for t in baselines]

@@ -225,3 +225,88 @@ def test_optuna_view_of_every_told_trial_survives_resume_and_loss(tmp_path):
     resumed = run(Search(genome(), "cma", ONE, 0, tmp_path), 10)
     assert len(load_view(tmp_path).trials) == 10 == len([t for t in resumed.trials if t.status != "running"])
     assert not (tmp_path / (OPTUNA_VIEW + ".staged")).exists()
+
+
+# -- multi-fidelity ---------------------------------------------------------------------------------
+RUNG_DOCS = (5, 10, 20)  # documents at rungs 0, 1 and the full evaluation
+
+
+def at_rung(trial, rung):
+    """The bowl, blurred at the low rungs as a small sample of documents blurs a score."""
+    blur = random.Random(f"{trial.id}:{rung}")
+    return [v + 0.5 * blur.gauss(0, 1) / (rung + 1) for v in bowl(trial.genome)]
+
+
+def run_mf(search, n, crash_at=None):
+    """One worker: evaluate what ``ask`` hands out at its rung, report it; stop at n told. With
+    crash_at: return the trial in flight once crash_at results are told."""
+    told = lambda: sum(t.status != "running" for t in search.trials)
+    while told() < n:
+        t = search.ask()
+        if crash_at is not None and told() >= crash_at:
+            return t
+        rung = t.rung if t.rung is not None else 2
+        assert search.documents_for(t) == (RUNG_DOCS[rung] if rung < 2 else None)
+        search.report(t.id, None if t.id % 11 == 5 else at_rung(t, rung), {"documents": 2 * RUNG_DOCS[rung]})
+    return search
+
+
+def test_a_rung_promotes_what_ranks_within_its_fraction_so_far(tmp_path):
+    from evomerge.search.journal import Fidelity
+
+    s = Search(genome(), "random", ONE, 1, tmp_path, fidelity=Fidelity((5,), 0.5))
+    trials = [s.ask() for _ in range(4)]
+    assert all(t.rung == 0 and not t.full for t in trials)
+    # rung 0 so far: [0.2] -> 0.5 is the best of 2: promoted (top ceil(0.5 * 2) = 1)
+    assert s.report(trials[0].id, [0.2]) is None  # alone at its rung: promoted
+    assert s.report(trials[1].id, [0.5]) is None
+    # [0.2, 0.5] + 0.1: third of 3, the top ceil(1.5) = 2 go on: stopped, told at rung 0
+    stopped = s.report(trials[2].id, [0.1])
+    assert stopped.status == "done" and stopped.rung == 0 and not stopped.full
+    # [0.2, 0.5, 0.1] + 0.3: second of 4, top 2: promoted
+    assert s.report(trials[3].id, [0.3]) is None
+    assert [s.ask().id for _ in range(3)] == [trials[3].id, trials[1].id, trials[0].id]  # promoted first
+    assert s.report(trials[1].id, [0.45]).full and s.finished == [trials[1]] and s.front() == [trials[1]]
+    assert s.stopped_early == [trials[2]]  # the optimizer was told its rung-0 value, the front never
+    failed = s.report(trials[0].id, None)
+    assert failed.status == "failed" and failed.rung == 1
+
+
+def test_multi_fidelity_search_fronts_full_results_and_resumes_exactly(tmp_path):
+    from evomerge.search.journal import Fidelity
+
+    fidelity = Fidelity(RUNG_DOCS[:2], 1 / 3)
+    make = lambda d: Search(
+        genome(), "nsga2", TWO, 5, tmp_path / d, {"sampler_options": {"population_size": 6}}, fidelity=fidelity
+    )
+    whole = make("whole")
+    for point in (whole.genome.uniform_average(), whole.genome.expert_alone("expert-add")):
+        whole.enqueue(point)
+    run_mf(whole, 40)
+    events = [json.loads(line) for line in (tmp_path / "whole" / JOURNAL).read_text().splitlines()]
+    tells = [e["id"] for e in events if e["event"] == "tell"]
+    assert sorted(tells) == list(range(40))  # the optimizer is told once per candidate
+    promotions = [e for e in events if e["event"] == "promote"]
+    assert promotions and whole.stopped_early and whole.finished
+    assert [t.rung for t in whole.trials[:2]] == [2, 2]  # seeds: in full at once
+    assert not any(e["id"] in (0, 1) for e in promotions)
+    assert all(t.full for t in whole.front())
+    assert [t.id for t in whole.finished] == [t.id for t in whole.trials if t.status == "done" and t.rung == 2]
+    for t in whole.trials:  # documents: every rung the trial ran, 2 tasks each
+        ran = range(t.rung + 1) if t.id > 1 else [2]
+        assert t.documents == sum(2 * RUNG_DOCS[r] for r in ran), t
+    # most candidates stop at rung 0: far fewer documents than scoring every one in full
+    assert whole.documents < 0.8 * 40 * 2 * RUNG_DOCS[2]
+
+    part = make("part")
+    for point in (part.genome.uniform_average(), part.genome.expert_alone("expert-add")):
+        part.enqueue(point)
+    flying = run_mf(part, 40, crash_at=15)
+    with open(tmp_path / "part" / JOURNAL, "a") as f:
+        f.write('{"event": "promote", "id": ')  # a torn last write
+    resumed = make("part")
+    assert [t.id for t in resumed.trials if t.status == "running"] == [flying.id]
+    assert resumed.trials[flying.id].rung == flying.rung  # handed out again at the rung it was on
+    run_mf(resumed, 40)
+    final = lambda s: [(t.id, t.unit, t.status, t.rung, t.values, t.documents) for t in s.trials]
+    assert final(resumed) == final(whole)

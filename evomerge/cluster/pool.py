@@ -76,6 +76,7 @@ class _Job:
     key: Any
     recipe: dict
     log_samples: bool
+    documents: int | None = None  # per task (a multi-fidelity rung); None: the evaluator's limit
     attempts: int = 0
     first_dispatch: float | None = None
     reasons: list[str] = field(default_factory=list)
@@ -235,7 +236,7 @@ class WorkerPool:
         except Exception as e:
             raise PoolError(f"cannot read the models: {first_line(e)}") from None
 
-    def _publish(self, nbytes: int) -> dict:
+    def _publish(self, nbytes: int) -> bytes:
         """Put one copy of the base and the task vectors in Ray's object store (one per node that
         runs workers), after checking that every node's store can hold them."""
         import ray
@@ -267,7 +268,9 @@ class WorkerPool:
         except Exception as e:
             raise PoolError(f"cannot share the models: {first_line(e)}") from None
         self._published = published  # the controller owns the objects: they live while the pool does
-        return published.to_dict()
+        # handed to the workers as bytes, not as object refs among the actors' constructor arguments
+        # (Ray keeps those for restarts and warns about them); unpickled, the refs borrow the objects
+        return ray.cloudpickle.dumps(published.to_dict())
 
     def _private_temp_dir(self) -> str:
         """Ray's temp dir: inside the campaign directory when its path is short enough for Ray's unix
@@ -329,9 +332,10 @@ class WorkerPool:
         """Candidates submitted and not yet returned by ``poll``."""
         return len(self.queue) + sum(s.job is not None for s in self.slots)
 
-    def submit(self, key: Any, recipe: dict, log_samples: bool = False) -> None:
-        """Queue a candidate (a recipe as a plain dict); it starts on the first free worker."""
-        self.queue.append(_Job(key, recipe, log_samples))
+    def submit(self, key: Any, recipe: dict, log_samples: bool = False, documents: int | None = None) -> None:
+        """Queue a candidate (a recipe as a plain dict), scored on ``documents`` per task (default: the
+        evaluator's limit); it starts on the first free worker."""
+        self.queue.append(_Job(key, recipe, log_samples, documents))
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -343,7 +347,7 @@ class WorkerPool:
                 job.attempts += 1
                 job.first_dispatch = job.first_dispatch or time.perf_counter()
                 slot.state, slot.job, slot.since = "busy", job, time.monotonic()
-                slot.ref = slot.actor.score.remote(job.recipe, job.log_samples)
+                slot.ref = slot.actor.score.remote(job.recipe, job.log_samples, job.documents)
 
     def poll(self, timeout: float | None = None) -> list[Outcome]:
         """Wait up to ``timeout`` seconds (None: until something finishes) and return every candidate

@@ -29,7 +29,7 @@ class WorkerSpec:
     env: dict[str, str] = field(default_factory=dict)
     started_dir: str | None = None  # opt-in: score() touches <started_dir>/<pid> as it starts a candidate
     memory: dict = field(default_factory=dict)  # a MemoryPolicy's fields
-    shared: dict | None = None  # a Published's fields: this machine's one copy of base and task vectors
+    shared: bytes | None = None  # a Published's fields, pickled: this machine's copy of base and task vectors
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,9 +63,11 @@ class ScoringWorker:
         evaluator = parse_evaluator(spec.evaluator, spec.evaluator_source)
         shared = None
         if spec.shared is not None:
+            import ray
+
             from evomerge.merge.shared import fetch
 
-            shared = fetch(spec.shared)
+            shared = fetch(ray.cloudpickle.loads(spec.shared))
         self.scorer = CandidateScorer(
             spec.models,
             spec.base,
@@ -92,7 +94,7 @@ class ScoringWorker:
             "base_on": self.policy.homes(torch.device(self.device))[0].type,
         }
 
-    def score(self, recipe: dict, log_samples: bool = False) -> dict:
+    def score(self, recipe: dict, log_samples: bool = False, documents: int | None = None) -> dict:
         from evomerge.recipe import parse_recipe
 
         started = time.perf_counter()
@@ -109,7 +111,7 @@ class ScoringWorker:
                 "samples": None,
                 "pid": os.getpid(),
             }
-        out = self.scorer.score(parsed, log_samples=log_samples).to_dict()
+        out = self.scorer.score(parsed, log_samples=log_samples, documents=documents).to_dict()
         out["timings"]["worker"] = time.perf_counter() - started
         out["pid"] = os.getpid()
         return out

@@ -135,20 +135,39 @@ class TaskSuite:
             out[name] = {m for leaf in members for m in leaves[leaf].higher_is_better()}
         return out
 
-    def evaluate(self, lm, log_samples: bool = False, quiet: bool = True) -> dict:
-        """Run every task on ``lm`` (an lm-eval ``LM``); returns lm-eval's results dict.
+    def subset(self, documents: int | None = None) -> dict[str, list[int]]:
+        """Per leaf task, the indices of the documents scored: the suite's own (its ``limit``), or with
+        ``documents`` the first that many of a seeded permutation of them, so that smaller subsets
+        are nested in larger ones and the largest is the suite's own."""
+        out = {}
+        for leaf, task in _leaf_tasks(self.task_dict):
+            if self.samples is not None:
+                full = self.samples[leaf]
+            else:
+                n = len(task.eval_docs)
+                full = list(range(min(n, self.limit) if self.limit is not None else n))
+            if documents is not None and documents < len(full):
+                order = random.Random(f"rungs:{leaf}").sample(full, len(full))
+                full = sorted(order[:documents])
+            out[leaf] = full
+        return out
+
+    def evaluate(self, lm, log_samples: bool = False, quiet: bool = True, documents: int | None = None) -> dict:
+        """Run every task on ``lm`` (an lm-eval ``LM``); returns lm-eval's results dict. ``documents``:
+        score only that many documents per task (``subset``), e.g. a multi-fidelity rung.
 
         ``quiet`` swallows lm-eval's per-call progress bars (they ignore TQDM_DISABLE); errors still raise.
         """
         from lm_eval.evaluator import evaluate
 
+        samples = self.samples if documents is None else self.subset(documents)
         sink = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
         with sink:
             return evaluate(
                 lm,
                 self.task_dict,
-                limit=None if self.samples is not None else self.limit,
-                samples=self.samples,
+                limit=None if samples is not None else self.limit,
+                samples=samples,
                 bootstrap_iters=0,
                 log_samples=log_samples,
                 verbosity="ERROR",

@@ -17,6 +17,7 @@ rebuilt from the journal when it is missing or behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,13 +44,42 @@ TrialStatus = Literal["running", "done", "failed"]
 @dataclass
 class Trial:
     id: int
-    unit: list[float]  # the optimizer's point in [0, 1]^d
-    genome: list[float]  # the same point in the genome's box
+    unit: list[float] | None  # the optimizer's point in [0, 1]^d (None: a baseline, outside the optimizer)
+    genome: list[float] | None  # the same point in the genome's box
     recipe: Recipe
     status: TrialStatus = "running"
     replicate: int = 0  # k > 0: the k-th re-evaluation of the same genes, with merge seed + k
     values: list[float] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: Multi-fidelity: the rung evaluated next while running, the rung of ``values`` once told
+    #: (``Fidelity.top`` = the full evaluation; None without multi-fidelity).
+    rung: int | None = None
+    top: int | None = None  # the full evaluation's rung (None without multi-fidelity)
+    documents: int = 0  # documents scored for this trial, over all its rungs
+    baseline: str | None = None  # a hand baseline's label
+
+    @property
+    def full(self) -> bool:
+        """Whether ``values`` come from the full evaluation (what the front, hypervolume and export use)."""
+        return self.rung is None or self.rung >= self.top
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Multi-fidelity evaluation (asynchronous successive halving, stopping rule at each rung).
+
+    ``rungs``: documents per task scored at each rung before the full evaluation (ascending, each
+    below the evaluator's ``limit``); rung ``top`` = ``len(rungs)`` is the full evaluation.
+    ``promote``: a result at a rung goes on to the next one when it ranks within this fraction of the
+    results at that rung so far (non-domination rank, ties broken by mean rank per objective);
+    otherwise the optimizer is told that result as the candidate's final one."""
+
+    rungs: tuple[int, ...]
+    promote: float
+
+    @property
+    def top(self) -> int:
+        return len(self.rungs)
 
 
 @dataclass(frozen=True)
@@ -81,8 +111,10 @@ class Search:
         directory: str | Path,
         options: dict | None = None,
         writable: bool = True,
+        fidelity: Fidelity | None = None,
     ):
         self.genome, self.objectives = genome, list(objectives)
+        self.fidelity = fidelity
         self.directory = Path(directory)
         self.writable = writable
         if writable:
@@ -96,11 +128,15 @@ class Search:
             "genes": [g.name for g in genome.genes],
             "objectives": [o.model_dump() for o in self.objectives],
         }
+        if fidelity is not None:
+            self.header["fidelity"] = {"rungs": list(fidelity.rungs), "promote": fidelity.promote}
         self.optimizer = make_optimizer(optimizer, genome.dimension, self.objectives, seed, **(options or {}))
         lo, hi = genome.bounds
         self._lo, self._span = lo, [b - a for a, b in zip(lo, hi)]
         self.trials: list[Trial] = []
         self._pending: list[int] = []
+        self._seeds_left = 0  # enqueued points not asked yet: evaluated in full, never on a rung
+        self._rungs: list[list[tuple[int, list[float]]]] = [[] for _ in (fidelity.rungs if fidelity else ())]
         if self.path.exists() and self.path.stat().st_size:
             self._replay()
         elif writable:
@@ -115,7 +151,7 @@ class Search:
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         path = self.directory / OPTUNA_VIEW
-        told = [t for t in self.trials if t.status != "running"]
+        told = [t for t in self.trials if t.status != "running" and t.unit is not None]
         if path.exists():
             try:
                 study = optuna.load_study(study_name=STUDY, storage=JournalStorage(JournalFileBackend(str(path))))
@@ -136,6 +172,8 @@ class Search:
     def _add_to_view(self, study, trial: Trial) -> None:
         import optuna
 
+        if trial.unit is None:  # a baseline: not a point of the optimizer's
+            return
         lo, hi = self.genome.bounds
         params = {g.name: min(max(v, a), b) for g, v, a, b in zip(self.genome.genes, trial.genome, lo, hi)}
         if not hasattr(self, "_view_dists"):  # the same for every trial: built once
@@ -185,6 +223,7 @@ class Search:
         for event in events[1:]:
             if event["event"] == "enqueue":
                 self.optimizer.enqueue(event["unit"])
+                self._seeds_left += 1
             elif event["event"] == "ask":
                 unit, replicate = self.optimizer.ask_replicate()
                 if unit != event["unit"] or replicate != event.get("replicate", 0):
@@ -192,6 +231,10 @@ class Search:
                         f"{self.path}: trial {event['id']} does not replay (the optimizer's library version changed?)"
                     )
                 self._new_trial(unit, replicate)
+            elif event["event"] == "baseline":
+                self._new_baseline(event["recipe"], event["label"])
+            elif event["event"] == "promote":
+                self._apply_promote(event["id"], event["values"], event.get("documents", 0))
             elif event["event"] == "tell":
                 self._apply_tell(event["id"], event["values"], event.get("info", {}))
         keep = sum(len(line) + 1 for line in lines[: len(events)])  # JSON lines are ASCII
@@ -200,7 +243,9 @@ class Search:
                 f.truncate(min(keep, self.path.stat().st_size))
                 if keep > f.seek(0, os.SEEK_END):
                     f.write("\n")
-        self._pending = [t.id for t in self.trials if t.status == "running"]
+        # promoted trials first (as they are handed out before new ones), then in the order asked
+        running = [t for t in self.trials if t.status == "running"]
+        self._pending = [t.id for t in sorted(running, key=lambda t: -(t.rung or 0))]
 
     # -- ask / tell -------------------------------------------------------------------------------
     def _new_trial(self, unit: list[float], replicate: int = 0) -> Trial:
@@ -209,7 +254,28 @@ class Search:
         if replicate:
             recipe.evomerge.seed += replicate
         trial = Trial(len(self.trials), unit, genome, recipe, replicate=replicate)
+        if self.fidelity is not None:
+            trial.rung, trial.top = (0 if self._seeds_left == 0 else self.fidelity.top), self.fidelity.top
+        self._seeds_left = max(0, self._seeds_left - 1)
         self.trials.append(trial)
+        return trial
+
+    def _new_baseline(self, recipe: dict, label: str) -> Trial:
+        from evomerge.recipe import parse_recipe
+
+        trial = Trial(len(self.trials), None, None, parse_recipe(recipe, f"baseline {label}"), baseline=label)
+        if self.fidelity is not None:
+            trial.rung = trial.top = self.fidelity.top
+        self.trials.append(trial)
+        return trial
+
+    def add_baseline(self, recipe: Recipe, label: str) -> Trial:
+        """A hand recipe evaluated in full as a trial of its own (``baseline``), ahead of new candidates;
+        the optimizer is not told it (it may lie outside the space)."""
+        data = recipe.model_dump(mode="json", exclude_none=True)
+        self._append({"event": "baseline", "id": len(self.trials), "recipe": data, "label": label})
+        trial = self._new_baseline(data, label)
+        self._pending.append(trial.id)
         return trial
 
     def enqueue(self, genome_vector: Sequence[float]) -> None:
@@ -217,6 +283,7 @@ class Search:
         unit = [min(max((v - a) / s, 0.0), 1.0) if s else 0.0 for v, a, s in zip(genome_vector, self._lo, self._span)]
         self._append({"event": "enqueue", "unit": unit})
         self.optimizer.enqueue(unit)
+        self._seeds_left += 1
 
     def ask(self) -> Trial:
         """The next candidate: one left running by an interruption first, else a new one."""
@@ -238,19 +305,81 @@ class Search:
         self._add_to_view(self._study, trial)
         return trial
 
+    def documents_for(self, trial: Trial) -> int | None:
+        """Documents per task for ``trial``'s next evaluation: its rung's, or None (the full ``limit``)."""
+        if self.fidelity is None or trial.rung is None or trial.rung >= self.fidelity.top:
+            return None
+        return self.fidelity.rungs[trial.rung]
+
+    def report(self, trial_id: int, values: Sequence[float] | None, info: dict | None = None) -> Trial | None:
+        """A result of ``trial_id`` at its current rung: promoted to the next rung (None: the trial is
+        handed out again by ``ask`` before new ones), or told as its final result (the Trial)."""
+        trial = self.trials[trial_id]
+        info = dict(info or {})
+        if values is not None:
+            values = [float(v) for v in values]
+        ok = values is not None and all(v == v and abs(v) != float("inf") for v in values)
+        if self.fidelity is not None and trial.rung is not None and trial.rung < self.fidelity.top and ok:
+            if self._promotes(trial.rung, values):
+                documents = int(info.get("documents", 0))
+                self._append({"event": "promote", "id": trial_id, "values": values, "documents": documents})
+                self._apply_promote(trial_id, values, documents)
+                self._pending.insert(0, trial_id)
+                return None
+        return self.tell(trial_id, values, info)
+
+    def _promotes(self, rung: int, values: list[float]) -> bool:
+        """Whether ``values`` rank within the promoted fraction of rung ``rung``'s results with them."""
+        table = [v for _, v in self._rungs[rung]] + [values]
+        ranks = pareto_ranks(table, self.directions)
+        per_objective = []
+        for j, d in enumerate(self.directions):  # 0 = best, per objective
+            order = sorted(range(len(table)), key=lambda i: table[i][j], reverse=d == "maximize")
+            position = [0] * len(table)
+            for p, i in enumerate(order):
+                position[i] = p
+            per_objective.append(position)
+        key = [(ranks[i], sum(p[i] for p in per_objective)) for i in range(len(table))]
+        me = key[-1]
+        better = sum(k < me for k in key[:-1])
+        return better < max(1, math.ceil(self.fidelity.promote * len(table)))
+
+    def _apply_promote(self, trial_id: int, values: list[float], documents: int) -> None:
+        trial = self.trials[trial_id]
+        if trial.status != "running" or trial.rung is None or trial.rung >= self.fidelity.top:
+            raise JournalError(f"trial {trial_id} cannot be promoted")
+        self._rungs[trial.rung].append((trial_id, values))
+        trial.rung += 1
+        trial.documents += documents
+
     def _apply_tell(self, trial_id, values, info) -> Trial:
         trial = self.trials[trial_id]
         if trial.status != "running":
             raise JournalError(f"trial {trial_id} was already told")
         failed = values is None or any(v != v or v in (float("inf"), float("-inf")) for v in values)
         trial.status, trial.values, trial.info = ("failed" if failed else "done"), values, info
-        self.optimizer.tell(trial.unit, None if failed else values)
+        trial.documents += int(info.get("documents", 0))
+        if self.fidelity is not None and not failed and trial.rung < self.fidelity.top:
+            self._rungs[trial.rung].append((trial_id, values))
+        if trial.unit is not None:
+            self.optimizer.tell(trial.unit, None if failed else values)
         return trial
 
     # -- results ----------------------------------------------------------------------------------
     @property
     def finished(self) -> list[Trial]:
-        return [t for t in self.trials if t.status == "done"]
+        """Trials done with a full evaluation: the front, hypervolume and export use these only."""
+        return [t for t in self.trials if t.status == "done" and t.full]
+
+    @property
+    def stopped_early(self) -> list[Trial]:
+        """Trials done whose final result is from a lower rung (multi-fidelity)."""
+        return [t for t in self.trials if t.status == "done" and not t.full]
+
+    @property
+    def documents(self) -> int:
+        """Documents scored so far over every trial and rung (results told or promoted)."""
+        return sum(t.documents for t in self.trials)
 
     @property
     def directions(self) -> list[str]:

@@ -205,8 +205,15 @@ class Tracker:
         }
         if info.get("reason"):
             tags["reason"] = str(info["reason"])[:5000]
+        if trial.baseline:
+            tags["baseline"] = "true"
+            tags["baseline_recipe"] = trial.baseline
+        if trial.rung is not None:  # multi-fidelity: the rung of the values logged, and whether in full
+            tags["rung"] = str(trial.rung)
+            tags["full_fidelity"] = str(trial.full).lower()
         run = self.client.create_run(self.experiment_id, start_time=now, tags=tags)
-        params = [Param(param_key(f"gene.{n}"), repr(float(v))) for n, v in zip(gene_names, trial.genome)]
+        genome = trial.genome or []  # a baseline has no genes
+        params = [Param(param_key(f"gene.{n}"), repr(float(v))) for n, v in zip(gene_names, genome)]
         params += [Param(param_key(k), v) for k, v in recipe_params(trial.recipe).items()]
         if trial.replicate:
             params.append(Param("replicate", str(trial.replicate)))
@@ -219,6 +226,7 @@ class Tracker:
         for key in ("wall_s", "attempts"):
             if key in info:
                 metrics.append(Metric(key, float(info[key]), now, 0))
+        metrics.append(Metric("documents", float(trial.documents), now, 0))
         for i in range(0, len(params), 100):
             self.client.log_batch(run.info.run_id, params=params[i : i + 100], metrics=metrics if i == 0 else [])
         if samples:
