@@ -758,7 +758,11 @@ def test_a_campaign_whose_workers_cannot_start_leaves_no_directory(zoo, tmp_path
     result = cli("run", path, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("evomerge: error:")]
-    assert "worker 0 failed to start" in line and "no_such_activation" in line
+    # the controller reads the models' configs as it makes the shared copy, before any worker starts
+    assert line == (
+        f"evomerge: error: cannot read the models: {broken}: cannot build the model of its config.json: "
+        "KeyError: 'no_such_activation'"
+    ), line
     assert not (tmp_path / "campaign").exists()
 
 

@@ -38,6 +38,7 @@ from evomerge.cluster.worker import ScoringWorker, WorkerSpec
 from evomerge.errors import first_line
 from evomerge.evaluate.candidate import Score
 from evomerge.merge.memory import MemoryPolicy
+from evomerge.merge.methods import MergeError
 
 #: Unix socket paths are limited to 107 bytes; Ray puts ~70 characters of its own under its temp dir.
 MAX_TEMP_DIR = 36
@@ -122,7 +123,7 @@ class WorkerPool:
         self._ray_temp: str | None = None  # the private Ray's temp dir, as Ray was given it
         self._reaper = None
         self._node_id = None
-        self._published = None
+        self._store = None
         self._next_node_check = 0.0
         self.lost: str | None = None  # why the Ray node is gone, once it is
 
@@ -234,14 +235,15 @@ class WorkerPool:
             )
             return sum(sizes.values())
         except Exception as e:
-            raise PoolError(f"cannot read the models: {first_line(e)}") from None
+            reason = str(e) if isinstance(e, MergeError) else first_line(e, with_type=True)
+            raise PoolError(f"cannot read the models: {reason}") from None
 
     def _publish(self, nbytes: int) -> bytes:
         """Put one copy of the base and the task vectors in Ray's object store (one per node that
         runs workers), after checking that every node's store can hold them."""
         import ray
 
-        from evomerge.merge.shared import publish
+        from evomerge.merge.shared import SharedStore
 
         stores = {
             n["NodeManagerAddress"]: n["Resources"].get("object_store_memory", 0)
@@ -256,21 +258,22 @@ class WorkerPool:
                 f"has {have / 2**30:.2f} GiB (start Ray with a larger --object-store-memory, or set "
                 "workers.memory.share: false)"
             )
+        store = ray.remote(SharedStore).options(num_cpus=0, max_restarts=0).remote()
+        self._store = store  # it owns the objects: they live while it does, as long as the pool
+        args = (
+            self.spec.models,
+            self.spec.base,
+            self.spec.dtype,
+            MemoryPolicy(**self.spec.memory),
+            self.spec.trust_remote_code,
+            self.spec.allow_pickle,
+        )
         try:
-            published = publish(
-                self.spec.models,
-                self.spec.base,
-                self.spec.dtype,
-                MemoryPolicy(**self.spec.memory),
-                trust_remote_code=self.spec.trust_remote_code,
-                allow_pickle=self.spec.allow_pickle,
-            )
+            # the refs, pickled by their owner: handed to the workers as bytes, not as object refs
+            # among the actors' constructor arguments (Ray keeps those for restarts and warns)
+            return ray.get(store.publish.remote(*args))
         except Exception as e:
-            raise PoolError(f"cannot share the models: {first_line(e)}") from None
-        self._published = published  # the controller owns the objects: they live while the pool does
-        # handed to the workers as bytes, not as object refs among the actors' constructor arguments
-        # (Ray keeps those for restarts and warns about them); unpickled, the refs borrow the objects
-        return ray.cloudpickle.dumps(published.to_dict())
+            raise PoolError(f"cannot share the models: {_cause(e)}") from None
 
     def _private_temp_dir(self) -> str:
         """Ray's temp dir: inside the campaign directory when its path is short enough for Ray's unix
@@ -303,7 +306,12 @@ class WorkerPool:
                     ray.kill(slot.actor, no_restart=True)
                 except Exception:
                     pass
-            self._published = None
+            if self._store is not None and not self.lost:
+                try:
+                    ray.kill(self._store)
+                except Exception:
+                    pass
+            self._store = None
             ray.shutdown()
         self.slots = []
         if self._reaper is not None:  # Ray is down: the watchdog has nothing left to guard

@@ -54,9 +54,15 @@ def parameter_names(base_dir: Path, trust_remote_code: bool = False) -> list[str
     """The model's parameter names (tied weights once), from its config on the meta device: no weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    from evomerge.errors import first_line
+
+    try:
+        config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises many types for a config it cannot build
+        reason = first_line(e, with_type=True)
+        raise MergeError(f"{base_dir}: cannot build the model of its config.json: {reason}") from None
     return [n for n, _ in model.named_parameters()]
 
 
@@ -98,8 +104,9 @@ def plan_bytes(
     sources = {n: ModelSource(resolve_model_dir(r, allow_pickle=allow_pickle), allow_pickle) for n, r in models.items()}
     experts = [n for n in models if n != base]
     sizes = {"base": 0, "experts": 0}
+    names = parameter_names(base_dir, trust_remote_code)
     try:
-        for name in parameter_names(base_dir, trust_remote_code):
+        for name in names:
             info = sources[base].info(name)
             numel = 1
             for d in info.shape:
@@ -116,6 +123,44 @@ def plan_bytes(
     return sizes
 
 
+def produce(
+    models: dict[str, str],
+    base: str,
+    dtype: str | None,
+    memory: MemoryPolicy,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """Per parameter name, in ``parameter_names`` order, the object to share:
+    ``(shape, base dtype, base bytes, task-vector dtype, [one task vector's bytes per expert])``,
+    computed from one tensor of each model at a time. Raises MergeError."""
+    base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
+    model_dtype = model_dtype_guess(base_dir, dtype)
+    experts = [n for n in models if n != base]
+    sources = {n: ModelSource(resolve_model_dir(models[n], allow_pickle=allow_pickle), allow_pickle) for n in models}
+    have = {n: set(s.names()) for n, s in sources.items()}
+    try:
+        for name in parameter_names(base_dir, trust_remote_code):
+            lacking = [n for n in [base, *experts] if name not in have[n]]
+            if lacking:
+                raise MergeError(f"model '{lacking[0]}' has no tensor '{name}'")
+            raw = sources[base].tensor(name)
+            kept = raw.to(model_dtype) if model_dtype is not None else raw
+            tensors = [sources[e].tensor(name) for e in experts]
+            for e, t in zip(experts, tensors):
+                if t.shape != kept.shape:
+                    shapes = f"{tuple(t.shape)}, base has {tuple(kept.shape)}"
+                    raise MergeError(f"expert '{e}': tensor '{name}' has shape {shapes}")
+            tv_dtype = memory.task_vector_dtype_for({t.dtype for t in tensors}, kept.dtype)
+            base_f32 = kept.float()
+            deltas = [(t.float() - base_f32).to(tv_dtype) for t in tensors]
+            yield (list(kept.shape), _name(kept.dtype), _raw(kept), _name(tv_dtype), [_raw(d) for d in deltas])
+    finally:
+        for s in sources.values():
+            s.close()
+        trim_heap()  # the tensors read and converted on the way
+
+
 def publish(
     models: dict[str, str],
     base: str,
@@ -124,38 +169,34 @@ def publish(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
 ) -> Published:
-    """Compute the base (in the model's dtype) and every expert's task vector, one tensor at a time,
-    and put them in Ray's object store (``ray.init`` must have run). Raises MergeError."""
+    """``produce``'s objects put in Ray's object store by this process (``ray.init`` must have run),
+    which then owns them and talks to the object store itself. Raises MergeError."""
     import ray
 
     base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
-    model_dtype = model_dtype_guess(base_dir, dtype)
-    experts = [n for n in models if n != base]
-    sources = {n: ModelSource(resolve_model_dir(models[n], allow_pickle=allow_pickle), allow_pickle) for n in models}
-    have = {n: set(s.names()) for n, s in sources.items()}
-    out = Published(experts)
-    for name in parameter_names(base_dir, trust_remote_code):
-        lacking = [n for n in [base, *experts] if name not in have[n]]
-        if lacking:
-            raise MergeError(f"model '{lacking[0]}' has no tensor '{name}'")
-        raw = sources[base].tensor(name)
-        kept = raw.to(model_dtype) if model_dtype is not None else raw
-        tensors = [sources[e].tensor(name) for e in experts]
-        for e, t in zip(experts, tensors):
-            if t.shape != kept.shape:
-                shapes = f"{tuple(t.shape)}, base has {tuple(kept.shape)}"
-                raise MergeError(f"expert '{e}': tensor '{name}' has shape {shapes}")
-        tv_dtype = memory.task_vector_dtype_for({t.dtype for t in tensors}, kept.dtype)
-        base_f32 = kept.float()
-        deltas = [(t.float() - base_f32).to(tv_dtype) for t in tensors]
-        out.refs[name] = ray.put(
-            (list(kept.shape), _name(kept.dtype), _raw(kept), _name(tv_dtype), [_raw(d) for d in deltas])
-        )
-        out.nbytes += kept.numel() * kept.element_size() + sum(d.numel() * d.element_size() for d in deltas)
-    for s in sources.values():
-        s.close()
-    trim_heap()  # the tensors read and converted on the way
+    out = Published([n for n in models if n != base])
+    names = parameter_names(base_dir, trust_remote_code)
+    for name, payload in zip(names, produce(models, base, dtype, memory, trust_remote_code, allow_pickle)):
+        out.refs[name] = ray.put(payload)
+        out.nbytes += payload[2].nbytes + sum(r.nbytes for r in payload[4])
     return out
+
+
+class SharedStore:
+    """The owner of a node's shared copy: a Ray actor that makes the objects (``publish``) and keeps
+    them alive while it lives. The controller only holds their refs pickled, as bytes: the objects
+    are never the controller's, so it keeps no connection to the object store to lose (Ray
+    terminates a process whose object store connection breaks, and the controller must outlive a
+    dead node to stop the campaign cleanly)."""
+
+    def __init__(self):
+        self.published = None
+
+    def publish(self, *args) -> bytes:
+        import ray
+
+        self.published = publish(*args)
+        return ray.cloudpickle.dumps(self.published.to_dict())
 
 
 @dataclass
