@@ -116,7 +116,8 @@ def test_scorer_equals_scoring_the_expert_loaded_from_disk(zoo):
             "sort": results["zoo_sort_search"]["acc,none"],
             "sort_again": results["zoo_sort_search"]["acc,none"],
         }
-        assert set(score.timings) == {"materialize", "evaluate", "forward", "total"}
+        assert set(score.timings) == {"materialize", "evaluate", "forward", "total", "documents"}
+        assert score.timings["documents"] == 2 * 40  # two tasks, 40 documents each
         assert 0 < score.timings["forward"] < score.timings["evaluate"]
     # the report split is a different, held-out set of documents
     report = CandidateScorer(models(zoo), "base", ev, split="report")

@@ -119,7 +119,7 @@ def test_pool_scores_candidates_and_survives_a_killed_worker(zoo, tmp_path):
 
         # the values are exactly what the in-process scorer gives for the same recipes
         scorer = CandidateScorer(spec(zoo).models, "base", parse_evaluator(EVALUATOR, SOURCE))
-        # both workers mapped the controller's one copy of the base and task vectors for every tensor
+        # both workers mapped the store's one copy of the base and task vectors for every tensor
         assert [i["shared_tensors"] for i in infos] == [len(scorer.resident.params)] * 2
         for o in outcomes:
             assert o.score.values == scorer.score(parse_recipe(recipes[o.key])).values

@@ -1,16 +1,15 @@
 """One copy per machine: the base and the experts' task vectors, shared by every worker on a node.
 
-The campaign's controller computes them once, tensor by tensor (never a whole model in memory), and
-puts them in Ray's object store, which keeps one copy per node in shared memory. Every worker maps
+A store actor (``SharedStore``) computes them once, tensor by tensor (never a whole model in memory),
+and puts them in Ray's object store, which keeps one copy per node in shared memory. Every worker maps
 that copy zero-copy (``fetch``) and keeps only its own model and caches privately, so the host holds
 one copy of the inputs plus one model per worker, not one of everything per worker.
 
 Exactness: a task vector is ``(expert.float() - base_in_model_dtype.float())`` rounded once to the
-policy's dtype, as ``ResidentMerge`` computes it. The controller cannot load the model, so it takes
+policy's dtype, as ``ResidentMerge`` computes it. The store does not load the model, so it takes
 the model's dtype from ``workers.dtype``, else ``config.json``'s ``dtype``/``torch_dtype``, else the
-tensor's saved dtype. A worker uses a shared tensor only when that guess is its parameter's dtype (and
-the policy's task-vector dtype matches); otherwise it computes that tensor privately, as without
-sharing. Either way the merged weights are bit-identical to an unshared worker's.
+tensor's saved dtype. A worker uses a shared tensor only when that guess is its parameter's dtype;
+otherwise it computes that tensor privately, as without sharing. Either way the merged weights are bit-identical to an unshared worker's.
 
 Shared tensors are read-only views: the merge never writes into its base or task vectors. On a GPU,
 shared host tensors are not pinned (pinning would copy them), so host-to-device copies of
