@@ -238,12 +238,12 @@ class WorkerPool:
             reason = str(e) if isinstance(e, MergeError) else first_line(e, with_type=True)
             raise PoolError(f"cannot read the models: {reason}") from None
 
-    def _publish(self, nbytes: int) -> bytes:
+    def _publish(self, nbytes: int):
         """Put one copy of the base and the task vectors in Ray's object store (one per node that
         runs workers), after checking that every node's store can hold them."""
         import ray
 
-        from evomerge.merge.shared import SharedStore
+        from evomerge.cluster.store import SharedStore
 
         stores = {
             n["NodeManagerAddress"]: n["Resources"].get("object_store_memory", 0)
@@ -258,7 +258,10 @@ class WorkerPool:
                 f"has {have / 2**30:.2f} GiB (start Ray with a larger --object-store-memory, or set "
                 "workers.memory.share: false)"
             )
-        store = ray.remote(SharedStore).options(num_cpus=0, max_restarts=0).remote()
+        # named: the workers look it up by name (a handle among their constructor arguments would
+        # count as an object-store dependency, which Ray warns about for restartable actors)
+        name = f"shared-store-{os.getpid()}-{time.monotonic_ns()}"
+        store = ray.remote(SharedStore).options(num_cpus=0, max_restarts=0, name=name).remote()
         self._store = store  # it owns the objects: they live while it does, as long as the pool
         args = (
             self.spec.models,
@@ -269,11 +272,10 @@ class WorkerPool:
             self.spec.allow_pickle,
         )
         try:
-            # the refs, pickled by their owner: handed to the workers as bytes, not as object refs
-            # among the actors' constructor arguments (Ray keeps those for restarts and warns)
-            return ray.get(store.publish.remote(*args))
+            ray.get(store.publish.remote(*args))
         except Exception as e:
             raise PoolError(f"cannot share the models: {_cause(e)}") from None
+        return name  # the workers ask the store for the refs
 
     def _private_temp_dir(self) -> str:
         """Ray's temp dir: inside the campaign directory when its path is short enough for Ray's unix

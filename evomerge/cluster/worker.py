@@ -29,7 +29,7 @@ class WorkerSpec:
     env: dict[str, str] = field(default_factory=dict)
     started_dir: str | None = None  # opt-in: score() touches <started_dir>/<pid> as it starts a candidate
     memory: dict = field(default_factory=dict)  # a MemoryPolicy's fields
-    shared: bytes | None = None  # a Published's fields, pickled: this machine's copy of base and task vectors
+    shared: str | None = None  # the name of the SharedStore actor that holds the base and task vectors
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +67,8 @@ class ScoringWorker:
 
             from evomerge.merge.shared import fetch
 
-            shared = fetch(ray.cloudpickle.loads(spec.shared))
+            store = ray.get_actor(spec.shared, namespace=ray.get_runtime_context().namespace)
+            shared = fetch(ray.cloudpickle.loads(ray.get(store.refs.remote())))
         self.scorer = CandidateScorer(
             spec.models,
             spec.base,

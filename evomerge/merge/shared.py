@@ -9,7 +9,8 @@ Exactness: a task vector is ``(expert.float() - base_in_model_dtype.float())`` r
 policy's dtype, as ``ResidentMerge`` computes it. The store does not load the model, so it takes
 the model's dtype from ``workers.dtype``, else ``config.json``'s ``dtype``/``torch_dtype``, else the
 tensor's saved dtype. A worker uses a shared tensor only when that guess is its parameter's dtype;
-otherwise it computes that tensor privately, as without sharing. Either way the merged weights are bit-identical to an unshared worker's.
+otherwise it computes that tensor privately, as without sharing. Either way the merged weights are
+bit-identical to an unshared worker's.
 
 Shared tensors are read-only views: the merge never writes into its base or task vectors. On a GPU,
 shared host tensors are not pinned (pinning would copy them), so host-to-device copies of
@@ -181,21 +182,20 @@ def publish(
     return out
 
 
-class SharedStore:
-    """The owner of a node's shared copy: a Ray actor that makes the objects (``publish``) and keeps
-    them alive while it lives. The controller only holds their refs pickled, as bytes: the objects
-    are never the controller's, so it keeps no connection to the object store to lose (Ray
-    terminates a process whose object store connection breaks, and the controller must outlive a
-    dead node to stop the campaign cleanly)."""
+def produce_stream(*args):
+    """``produce``'s objects, for a Ray generator task, then a small last item: ("ok", the parameter
+    names in the order of the objects) or ("error", the reason)."""
+    models, base, _, _, trust_remote_code, allow_pickle = args
+    try:
+        base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
+        names = parameter_names(base_dir, trust_remote_code)
+        yield from produce(*args)
+    except Exception as e:
+        from evomerge.errors import first_line
 
-    def __init__(self):
-        self.published = None
-
-    def publish(self, *args) -> bytes:
-        import ray
-
-        self.published = publish(*args)
-        return ray.cloudpickle.dumps(self.published.to_dict())
+        yield ("error", first_line(e))
+        return
+    yield ("ok", names)
 
 
 @dataclass
@@ -218,4 +218,6 @@ def fetch(published: dict) -> Fetched:
         base[name] = _tensor(base_raw, base_dtype, shape)
         for expert, raw in zip(published["experts"], raws):
             deltas[expert][name] = _tensor(raw, tv_dtype, shape)
-    return Fetched(base, deltas, published["nbytes"])
+    nbytes = sum(t.numel() * t.element_size() for t in base.values())
+    nbytes += sum(t.numel() * t.element_size() for d in deltas.values() for t in d.values())
+    return Fetched(base, deltas, nbytes)

@@ -1,0 +1,48 @@
+"""The owner of a node's shared copy of the base and task vectors (``evomerge.merge.shared``).
+
+``SharedStore`` is a Ray actor that imports nothing heavy. It calls a one-off generator task (its
+process exits after) that reads the models one tensor at a time and yields the objects; a task's
+results belong to its caller, so the objects live as long as the store does, while the store's own
+process stays small. Workers ask the store for the refs (``refs``, pickled); the controller only
+holds the store's handle, so it owns no object and never talks to the object store (Ray terminates
+a process whose object store connection breaks, and the controller must outlive a dead node to stop
+the campaign cleanly), and the workers' constructor arguments stay small.
+"""
+
+from __future__ import annotations
+
+
+class SharedStore:
+    def __init__(self):
+        self.published = None
+
+    def publish(self, *args) -> int:
+        """Make the shared copy; returns its number of tensors. ``args``: models, base, dtype,
+        MemoryPolicy, trust_remote_code, allow_pickle. Raises RuntimeError with the reason when the
+        models cannot be read."""
+        import ray
+
+        models, base = args[0], args[1]
+        task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_produce)
+        stream = task.remote(*args)
+        refs = list(stream)
+        ray.get(stream.completed())  # raises if the task's process died
+        status, detail = ray.get(refs[-1])  # small: returned inline
+        if status != "ok":
+            raise RuntimeError(detail)
+        if len(detail) != len(refs) - 1:
+            raise RuntimeError(f"the shared copy holds {len(refs) - 1} tensors, the model has {len(detail)}")
+        self.published = {"experts": [n for n in models if n != base], "refs": dict(zip(detail, refs))}
+        return len(detail)
+
+    def refs(self) -> bytes:
+        """The published refs, pickled (``evomerge.merge.shared.fetch`` takes them unpickled)."""
+        import ray
+
+        return ray.cloudpickle.dumps(self.published)
+
+
+def _produce(*args):
+    from evomerge.merge.shared import produce_stream
+
+    yield from produce_stream(*args)
