@@ -225,15 +225,16 @@ def local_ray():
 def test_one_shared_copy_maps_zero_copy_and_merges_bit_for_bit(zoo, states, local_ray):
     """The controller's published base and task vectors: every worker's view maps the same memory,
     its merges equal a private worker's for every method, and candidates never write into it."""
-    from evomerge.merge.shared import fetch, plan_bytes, publish
+    from evomerge.merge.shared import Inputs, fetch, plan_bytes, publish
 
     models = {"base": str(zoo / "base"), **{e: str(zoo / e) for e in EXPERTS}}
     policy = MemoryPolicy(task_vector_dtype="bfloat16", cache="none")
-    published = publish(models, "base", None, policy).to_dict()
+    inputs = Inputs(models, "base", None, policy.model_dump())
+    published = publish(inputs).to_dict()
     n = sum(t.numel() for t in resident(zoo, states).params.values())
     # float32 base once + 3 bfloat16 task vectors, as planned from the headers alone
     assert published["nbytes"] == n * (4 + 3 * 2)
-    assert plan_bytes(models, "base", None, policy) == {"base": 4 * n, "experts": 3 * 2 * n}
+    assert plan_bytes(inputs) == {"base": 4 * n, "experts": 3 * 2 * n}
     one, two = fetch(published), fetch(published)
     name = "model.layers.0.mlp.down_proj.weight"
     assert one.base[name].data_ptr() == two.base[name].data_ptr()  # the same pages, not copies

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -225,15 +225,7 @@ class WorkerPool:
         from evomerge.merge.shared import plan_bytes
 
         try:
-            sizes = plan_bytes(
-                self.spec.models,
-                self.spec.base,
-                self.spec.dtype,
-                MemoryPolicy(**self.spec.memory),
-                trust_remote_code=self.spec.trust_remote_code,
-                allow_pickle=self.spec.allow_pickle,
-            )
-            return sum(sizes.values())
+            return sum(plan_bytes(self.spec.shared_inputs()).values())
         except Exception as e:
             reason = str(e) if isinstance(e, MergeError) else first_line(e, with_type=True)
             raise PoolError(f"cannot read the models: {reason}") from None
@@ -263,16 +255,8 @@ class WorkerPool:
         name = f"shared-store-{os.getpid()}-{time.monotonic_ns()}"
         store = ray.remote(SharedStore).options(num_cpus=0, max_restarts=0, name=name).remote()
         self._store = store  # it owns the objects: they live while it does, as long as the pool
-        args = (
-            self.spec.models,
-            self.spec.base,
-            self.spec.dtype,
-            MemoryPolicy(**self.spec.memory),
-            self.spec.trust_remote_code,
-            self.spec.allow_pickle,
-        )
         try:
-            ray.get(store.publish.remote(*args))
+            ray.get(store.publish.remote(asdict(self.spec.shared_inputs())))
         except Exception as e:
             raise PoolError(f"cannot share the models: {_cause(e)}") from None
         return name  # the workers ask the store for the refs

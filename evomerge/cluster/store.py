@@ -16,15 +16,13 @@ class SharedStore:
     def __init__(self):
         self.published = None
 
-    def publish(self, *args) -> int:
-        """Make the shared copy; returns its number of tensors. ``args``: models, base, dtype,
-        MemoryPolicy, trust_remote_code, allow_pickle. Raises RuntimeError with the reason when the
-        models cannot be read."""
+    def publish(self, inputs: dict) -> int:
+        """Make the shared copy of ``evomerge.merge.shared.Inputs(**inputs)``; returns its number of
+        tensors. Raises RuntimeError with the reason when the models cannot be read."""
         import ray
 
-        models, base = args[0], args[1]
         task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_produce)
-        stream = task.remote(*args)
+        stream = task.remote(inputs)
         refs = list(stream)
         ray.get(stream.completed())  # raises if the task's process died
         status, detail = ray.get(refs[-1])  # small: returned inline
@@ -32,7 +30,8 @@ class SharedStore:
             raise RuntimeError(detail)
         if len(detail) != len(refs) - 1:
             raise RuntimeError(f"the shared copy holds {len(refs) - 1} tensors, the model has {len(detail)}")
-        self.published = {"experts": [n for n in models if n != base], "refs": dict(zip(detail, refs))}
+        experts = [n for n in inputs["models"] if n != inputs["base"]]
+        self.published = {"experts": experts, "refs": dict(zip(detail, refs))}
         return len(detail)
 
     def refs(self) -> bytes:
@@ -42,7 +41,7 @@ class SharedStore:
         return ray.cloudpickle.dumps(self.published)
 
 
-def _produce(*args):
+def _produce(inputs: dict):
     from evomerge.merge.shared import produce_stream
 
-    yield from produce_stream(*args)
+    yield from produce_stream(inputs)

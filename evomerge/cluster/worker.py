@@ -34,6 +34,12 @@ class WorkerSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def shared_inputs(self):
+        """What the machine's shared copy of base and task vectors is made of (``merge.shared.Inputs``)."""
+        from evomerge.merge.shared import Inputs
+
+        return Inputs(self.models, self.base, self.dtype, self.memory, self.trust_remote_code, self.allow_pickle)
+
 
 class ScoringWorker:
     def __init__(self, spec: dict):
@@ -56,7 +62,7 @@ class ScoringWorker:
             from evomerge.merge.memory import fit_device
             from evomerge.merge.shared import plan_bytes
 
-            sizes = plan_bytes(spec.models, spec.base, spec.dtype, policy, spec.trust_remote_code, spec.allow_pickle)
+            sizes = plan_bytes(spec.shared_inputs())
             policy = fit_device(policy, sizes, torch.cuda.mem_get_info(torch.device(device))[0], device)
         self.policy = policy
         self.started_dir = spec.started_dir

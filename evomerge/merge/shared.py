@@ -88,33 +88,51 @@ class Published:
         return {"experts": self.experts, "refs": self.refs, "nbytes": self.nbytes}
 
 
-def plan_bytes(
-    models: dict[str, str],
-    base: str,
-    dtype: str | None,
-    memory: MemoryPolicy,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-) -> dict[str, int]:
+@dataclass(frozen=True)
+class Inputs:
+    """What the shared copy is made of: the models (name -> directory or hub id), which is the base,
+    the workers' dtype, the memory policy's fields; plain data (the store actor passes it on without
+    importing torch)."""
+
+    models: dict[str, str]
+    base: str
+    dtype: str | None
+    memory: dict
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    @property
+    def experts(self) -> list[str]:
+        return [n for n in self.models if n != self.base]
+
+    def open(self) -> tuple[list[str], torch.dtype | None, dict[str, ModelSource]]:
+        """(parameter names, the model's dtype guess, name -> ModelSource); close the sources."""
+        base_dir = resolve_model_dir(self.models[self.base], allow_pickle=self.allow_pickle)
+        names = parameter_names(base_dir, self.trust_remote_code)
+        sources = {
+            n: ModelSource(resolve_model_dir(r, allow_pickle=self.allow_pickle), self.allow_pickle)
+            for n, r in self.models.items()
+        }
+        return names, model_dtype_guess(base_dir, self.dtype), sources
+
+
+def plan_bytes(inputs: Inputs) -> dict[str, int]:
     """Bytes of the base (in the model's dtype: also the model's own size) and of all the experts'
-    task vectors, from the config and safetensors headers only: what ``publish`` will put, and what
-    a worker will hold."""
-    base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
-    model_dtype = model_dtype_guess(base_dir, dtype)
-    sources = {n: ModelSource(resolve_model_dir(r, allow_pickle=allow_pickle), allow_pickle) for n, r in models.items()}
-    experts = [n for n in models if n != base]
+    task vectors, from the config and safetensors headers only: what ``produce`` makes, and what a
+    worker holds."""
+    names, model_dtype, sources = inputs.open()
+    policy = MemoryPolicy(**inputs.memory)
     sizes = {"base": 0, "experts": 0}
-    names = parameter_names(base_dir, trust_remote_code)
     try:
         for name in names:
-            info = sources[base].info(name)
+            info = sources[inputs.base].info(name)
             numel = 1
             for d in info.shape:
                 numel *= d
             kept = model_dtype or info.dtype
-            tv = memory.task_vector_dtype_for({sources[e].info(name).dtype for e in experts}, kept)
+            tv = policy.task_vector_dtype_for({sources[e].info(name).dtype for e in inputs.experts}, kept)
             sizes["base"] += numel * kept.itemsize
-            sizes["experts"] += numel * len(experts) * tv.itemsize
+            sizes["experts"] += numel * len(inputs.experts) * tv.itemsize
     except KeyError as e:
         raise MergeError(f"a model has no tensor {e}") from None
     finally:
@@ -123,24 +141,15 @@ def plan_bytes(
     return sizes
 
 
-def produce(
-    models: dict[str, str],
-    base: str,
-    dtype: str | None,
-    memory: MemoryPolicy,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-):
-    """Per parameter name, in ``parameter_names`` order, the object to share:
+def produce(inputs: Inputs):
+    """Per parameter name, in ``parameter_names`` order, ``(name, object to share)``, the object being
     ``(shape, base dtype, base bytes, task-vector dtype, [one task vector's bytes per expert])``,
     computed from one tensor of each model at a time. Raises MergeError."""
-    base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
-    model_dtype = model_dtype_guess(base_dir, dtype)
-    experts = [n for n in models if n != base]
-    sources = {n: ModelSource(resolve_model_dir(models[n], allow_pickle=allow_pickle), allow_pickle) for n in models}
+    names, model_dtype, sources = inputs.open()
+    policy, base, experts = MemoryPolicy(**inputs.memory), inputs.base, inputs.experts
     have = {n: set(s.names()) for n, s in sources.items()}
     try:
-        for name in parameter_names(base_dir, trust_remote_code):
+        for name in names:
             lacking = [n for n in [base, *experts] if name not in have[n]]
             if lacking:
                 raise MergeError(f"model '{lacking[0]}' has no tensor '{name}'")
@@ -151,45 +160,36 @@ def produce(
                 if t.shape != kept.shape:
                     shapes = f"{tuple(t.shape)}, base has {tuple(kept.shape)}"
                     raise MergeError(f"expert '{e}': tensor '{name}' has shape {shapes}")
-            tv_dtype = memory.task_vector_dtype_for({t.dtype for t in tensors}, kept.dtype)
+            tv_dtype = policy.task_vector_dtype_for({t.dtype for t in tensors}, kept.dtype)
             base_f32 = kept.float()
             deltas = [(t.float() - base_f32).to(tv_dtype) for t in tensors]
-            yield (list(kept.shape), _name(kept.dtype), _raw(kept), _name(tv_dtype), [_raw(d) for d in deltas])
+            yield name, (list(kept.shape), _name(kept.dtype), _raw(kept), _name(tv_dtype), [_raw(d) for d in deltas])
     finally:
         for s in sources.values():
             s.close()
         trim_heap()  # the tensors read and converted on the way
 
 
-def publish(
-    models: dict[str, str],
-    base: str,
-    dtype: str | None,
-    memory: MemoryPolicy,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-) -> Published:
+def publish(inputs: Inputs) -> Published:
     """``produce``'s objects put in Ray's object store by this process (``ray.init`` must have run),
-    which then owns them and talks to the object store itself. Raises MergeError."""
+    which then owns them. Raises MergeError."""
     import ray
 
-    base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
-    out = Published([n for n in models if n != base])
-    names = parameter_names(base_dir, trust_remote_code)
-    for name, payload in zip(names, produce(models, base, dtype, memory, trust_remote_code, allow_pickle)):
+    out = Published(inputs.experts)
+    for name, payload in produce(inputs):
         out.refs[name] = ray.put(payload)
         out.nbytes += payload[2].nbytes + sum(r.nbytes for r in payload[4])
     return out
 
 
-def produce_stream(*args):
-    """``produce``'s objects, for a Ray generator task, then a small last item: ("ok", the parameter
-    names in the order of the objects) or ("error", the reason)."""
-    models, base, _, _, trust_remote_code, allow_pickle = args
+def produce_stream(fields: dict):
+    """For a Ray generator task: ``produce``'s objects (``Inputs(**fields)``), then a small last item:
+    ("ok", the parameter names in the order of the objects) or ("error", the reason)."""
+    names = []
     try:
-        base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
-        names = parameter_names(base_dir, trust_remote_code)
-        yield from produce(*args)
+        for name, payload in produce(Inputs(**fields)):
+            yield payload
+            names.append(name)
     except Exception as e:
         from evomerge.errors import first_line
 
