@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/quality.py [--seeds 5] [--budget 60] [--zoo .cache/zoo ...]
 
+RESULTS.md's run used two zoos: the default one and one of another architecture and seed, built
+first with ``.venv/bin/python -m evomerge zoo build --out .cache/zoo-qwen2-s1 --architecture qwen2
+--seed 1``.
+
 The zoo's three-expert problem: base + expert-add, expert-rev, expert-sort; objectives add, rev and
 sort (lm-eval, 100 documents per task, seeded subsets; search split), all maximized, hypervolume from
 (0, 0, 0). Search space: search_spaces/three_experts_ties_groups.yaml (TIES, weight and density per
