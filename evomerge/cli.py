@@ -245,12 +245,12 @@ def cmd_pareto(args) -> int:
     names = [o.name for o in loaded.objectives]
     print("trial  " + "".join(f"{n:>14}" for n in names) + f"{'crowding':>10}  recipe")
     for r in rows:
-        label = search.trials[r["trial"]].baseline
+        t = search.trials[r["trial"]]
         print(
             f"{r['trial']:>5}  "
             + "".join(f"{r[n]:>14.5g}" for n in names)
             + f"{r['crowding']:>10.3g}  "
-            + (f"baseline: {label}" if label else "searched")
+            + (f"baseline: {t.baseline}" if t.baseline else "seed" if t.seeded else "searched")
         )
     done = search.finished
     baselines = [t for t in search.trials if t.baseline]

@@ -289,6 +289,7 @@ def test_multi_fidelity_search_fronts_full_results_and_resumes_exactly(tmp_path)
     promotions = [e for e in events if e["event"] == "promote"]
     assert promotions and whole.stopped_early and whole.finished
     assert [t.rung for t in whole.trials[:2]] == [2, 2]  # seeds: in full at once
+    assert [t.seeded for t in whole.trials[:3]] == [True, True, False]
     assert not any(e["id"] in (0, 1) for e in promotions)
     assert all(t.full for t in whole.front())
     assert [t.id for t in whole.finished] == [t.id for t in whole.trials if t.status == "done" and t.rung == 2]

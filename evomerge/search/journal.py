@@ -57,6 +57,7 @@ class Trial:
     top: int | None = None  # the full evaluation's rung (None without multi-fidelity)
     documents: int = 0  # documents scored for this trial, over all its rungs
     baseline: str | None = None  # a hand baseline's label
+    seeded: bool = False  # a known point enqueued before the search (uniform average, expert alone, recipe)
 
     @property
     def full(self) -> bool:
@@ -254,8 +255,9 @@ class Search:
         if replicate:
             recipe.evomerge.seed += replicate
         trial = Trial(len(self.trials), unit, genome, recipe, replicate=replicate)
+        trial.seeded = self._seeds_left > 0
         if self.fidelity is not None:
-            trial.rung, trial.top = (0 if self._seeds_left == 0 else self.fidelity.top), self.fidelity.top
+            trial.rung, trial.top = (self.fidelity.top if trial.seeded else 0), self.fidelity.top
         self._seeds_left = max(0, self._seeds_left - 1)
         self.trials.append(trial)
         return trial
