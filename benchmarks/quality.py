@@ -140,9 +140,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=60, help="full evaluations' worth of documents per run")
     parser.add_argument("--zoo", type=Path, nargs="+", default=[REPO / ".cache" / "zoo"])
+    parser.add_argument("--rungs", default="11,33", help="multi-fidelity rungs, documents per task")
+    parser.add_argument("--promote", type=float, default=1 / 3)
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     args = parser.parse_args()
+    global FIDELITY
+    FIDELITY = Fidelity(tuple(int(r) for r in args.rungs.split(",")), args.promote)
+    chosen = args.optimizers.split(",")
     budget_docs = args.budget * FULL_DOCS
-    print(f"machine: {platform.machine()}; seeds 0-{args.seeds - 1}; budget {budget_docs} documents per run")
+    print(
+        f"machine: {platform.machine()}; seeds 0-{args.seeds - 1}; budget {budget_docs} documents per run; "
+        f"rungs {FIDELITY.rungs}, promote {FIDELITY.promote:.2f}"
+    )
     for path in args.zoo:
         started = time.perf_counter()
         zoo = Zoo(path)
@@ -159,7 +168,7 @@ def main() -> None:
             print(f"| {label} | {v:.3f} |")
         best_expert, best_baseline = max(experts.values()), max(baselines.values())
         results = {}
-        for optimizer in OPTIMIZERS:
+        for optimizer in chosen:
             for multi in (False, True):
                 results[optimizer, multi] = [
                     search_run(zoo, optimizer, multi, s, budget_docs) for s in range(args.seeds)
