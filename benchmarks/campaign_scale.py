@@ -208,8 +208,7 @@ def main() -> None:
         f"peak of the process tree: summed PSS {peak_pss / 1e9:.2f} GB (summed RSS {peak_rss / 1e9:.2f} GB, "
         f"which counts shared pages once per process){verdict}"
     )
-    tv = 4 if args.task_vector_dtype == "float32" else 2  # auto is float32 here only for float32 experts+model
-    tv = 4 if args.task_vector_dtype == "auto" else tv
+    tv = 2 if args.task_vector_dtype in ("bfloat16", "float16") else 4  # auto: float32 for float32 checkpoints
     inputs, model = params * (4 + args.experts * tv), 4 * params
     copies = 1 if not args.no_share else args.workers
     tensors = copies * inputs + args.workers * model

@@ -223,19 +223,26 @@ def local_ray():
 
 
 def test_one_shared_copy_maps_zero_copy_and_merges_bit_for_bit(zoo, states, local_ray):
-    """The controller's published base and task vectors: every worker's view maps the same memory,
+    """The store actor's shared base and task vectors: every worker's view maps the same memory,
     its merges equal a private worker's for every method, and candidates never write into it."""
-    from evomerge.merge.shared import Inputs, fetch, plan_bytes, publish
+    from dataclasses import asdict
+
+    import ray
+
+    from evomerge.cluster.store import SharedStore
+    from evomerge.merge.shared import Inputs, fetch, plan_bytes
 
     models = {"base": str(zoo / "base"), **{e: str(zoo / e) for e in EXPERTS}}
     policy = MemoryPolicy(task_vector_dtype="bfloat16", cache="none")
     inputs = Inputs(models, "base", None, policy.model_dump())
-    published = publish(inputs).to_dict()
+    store = ray.remote(SharedStore).options(num_cpus=0).remote()
     n = sum(t.numel() for t in resident(zoo, states).params.values())
-    # float32 base once + 3 bfloat16 task vectors, as planned from the headers alone
-    assert published["nbytes"] == n * (4 + 3 * 2)
-    assert plan_bytes(inputs) == {"base": 4 * n, "experts": 3 * 2 * n}
+    assert ray.get(store.publish.remote(asdict(inputs))) == len(resident(zoo, states).params)
+    published = ray.cloudpickle.loads(ray.get(store.refs.remote()))
     one, two = fetch(published), fetch(published)
+    # float32 base once + 3 bfloat16 task vectors, as planned from the headers alone
+    assert one.nbytes == n * (4 + 3 * 2)
+    assert plan_bytes(inputs) == {"base": 4 * n, "experts": 3 * 2 * n}
     name = "model.layers.0.mlp.down_proj.weight"
     assert one.base[name].data_ptr() == two.base[name].data_ptr()  # the same pages, not copies
     assert one.deltas["expert-add"][name].dtype == torch.bfloat16

@@ -166,8 +166,6 @@ class CandidateScorer:
         self.model.register_forward_hook(
             lambda *_: self._forward.__setitem__(0, self._forward[0] + time.perf_counter() - self._forward[1])
         )
-        # documents scored per evaluation, by documents per task asked for (None: the full limit)
-        self._documents = _DocumentCounts(self.suite)
         vocab = int(self.model.config.vocab_size)
         self._probe = torch.arange(min(16, vocab)).unsqueeze(0).to(device)
         self.load_seconds = time.perf_counter() - started
@@ -214,7 +212,7 @@ class CandidateScorer:
                 from evomerge.evaluate.lmeval import pick_metric
 
                 out = self.suite.evaluate(self.lm, log_samples=log_samples, documents=documents)
-                timings["documents"] = self._documents[documents]
+                timings["documents"] = sum(len(v) for v in self.suite.subset(documents).values())
                 for o in self.evaluator.objectives:
                     if o.name in self.task_of:
                         task = self.task_of[o.name]
@@ -236,19 +234,6 @@ class CandidateScorer:
         ordered = {o.name: values[o.name] for o in self.evaluator.objectives}
         finish()
         return Score("done", values=ordered, timings=timings, samples=samples)
-
-
-class _DocumentCounts(dict):
-    """documents per task asked for -> documents the suite scores for it (over its tasks), on demand."""
-
-    def __init__(self, suite):
-        super().__init__()
-        self.suite = suite
-
-    def __missing__(self, documents):
-        n = sum(len(v) for v in self.suite.subset(documents).values()) if self.suite is not None else 0
-        self[documents] = n
-        return n
 
 
 def _compact(record: dict) -> dict[str, Any]:

@@ -119,6 +119,7 @@ class TaskSuite:
                     task.set_config(key="num_fewshot", value=int(shots))
                     task.set_fewshot_seed(seed=fewshot_seed)
         self.samples = None
+        self._subsets: dict[int | None, dict[str, list[int]]] = {}
         if limit is not None and subset_seed is not None:
             self.samples = {}
             for leaf, task in leaves.items():
@@ -138,8 +139,10 @@ class TaskSuite:
     def subset(self, documents: int | None = None) -> dict[str, list[int]]:
         """Per leaf task, the indices of the documents scored: the suite's own (its ``limit``), or with
         ``documents`` the first that many of a seeded permutation of them, so that smaller subsets
-        are nested in larger ones and the largest is the suite's own."""
-        out = {}
+        are nested in larger ones and the largest is the suite's own. Drawn once per ``documents``."""
+        if documents in self._subsets:
+            return self._subsets[documents]
+        out = self._subsets[documents] = {}
         for leaf, task in _leaf_tasks(self.task_dict):
             if self.samples is not None:
                 full = self.samples[leaf]

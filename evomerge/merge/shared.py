@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,19 +73,6 @@ def model_dtype_guess(base_dir: Path, dtype: str | None) -> torch.dtype | None:
     config = json.loads((base_dir / "config.json").read_text())
     saved = config.get("dtype") or config.get("torch_dtype")
     return _DTYPES.get(saved) if isinstance(saved, str) else None
-
-
-@dataclass
-class Published:
-    """What the controller put in the object store: per parameter name one object holding
-    ``(shape, base dtype, base bytes, task-vector dtype, [one task vector's bytes per expert])``."""
-
-    experts: list[str]
-    refs: dict[str, object] = field(default_factory=dict)
-    nbytes: int = 0
-
-    def to_dict(self) -> dict:
-        return {"experts": self.experts, "refs": self.refs, "nbytes": self.nbytes}
 
 
 @dataclass(frozen=True)
@@ -168,18 +155,6 @@ def produce(inputs: Inputs):
         for s in sources.values():
             s.close()
         trim_heap()  # the tensors read and converted on the way
-
-
-def publish(inputs: Inputs) -> Published:
-    """``produce``'s objects put in Ray's object store by this process (``ray.init`` must have run),
-    which then owns them. Raises MergeError."""
-    import ray
-
-    out = Published(inputs.experts)
-    for name, payload in produce(inputs):
-        out.refs[name] = ray.put(payload)
-        out.nbytes += payload[2].nbytes + sum(r.nbytes for r in payload[4])
-    return out
 
 
 def produce_stream(fields: dict):
