@@ -145,9 +145,11 @@ class Loaded:
     def search(self):
         """The search replayed from the journal; writable only while this process holds the lock."""
         from evomerge.search.journal import Fidelity, Search
-        from evomerge.search.space import Genome
+        from evomerge.search.space import make_genome
 
-        genome = Genome(self.parts["space"], self.parts["num_layers"], seed=self.experiment.seed)
+        space = self.parts["space"]
+        layers = self.parts["layer_counts"] if space.is_path else self.parts["num_layers"]
+        genome = make_genome(space, layers, seed=self.experiment.seed)
         f = self.experiment.fidelity
         return Search(
             genome,
@@ -297,7 +299,7 @@ def seed_points(loaded: Loaded, search) -> list[list[float]]:
 
     genome, seeds = search.genome, loaded.experiment.seeds
     points = []
-    if seeds.uniform_average:
+    if seeds.uniform_average and genome.uniform_average() is not None:  # a path space has no average
         points.append(genome.uniform_average())
     if seeds.experts_alone:
         points += [genome.expert_alone(m) for m in genome.space.models]
@@ -427,9 +429,12 @@ def worker_pool(loaded: Loaded):
     from evomerge.environment import OFFLINE, QUIET_DEFAULTS, SAFETY
 
     exp, w = loaded.experiment, loaded.experiment.workers
+    space = loaded.parts["space"]
     spec = WorkerSpec(
-        models=exp.models,
-        base=loaded.parts["space"].base,
+        # a path's workers hold its models whole; a merge's, the base and the experts' task vectors
+        models={m: exp.models[m] for m in space.models} if space.is_path else exp.models,
+        base=space.models[0] if space.is_path else space.base,
+        path=space.is_path,
         evaluator=loaded.parts["evaluator"].model_dump(),
         evaluator_source=exp.evaluator,
         split=loaded.parts["evaluator"].split,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def cmd_merge(args) -> int:
 def cmd_space_show(args) -> int:
     import json
 
-    from evomerge.search.space import Genome, SpaceError, load_space
+    from evomerge.search.space import SpaceError, load_space, make_genome
 
     try:
         space = load_space(args.file)
@@ -122,13 +123,25 @@ def cmd_space_show(args) -> int:
             layers = int(json.loads(config.read_text()).get("num_hidden_layers", 0))
         else:
             layers = args.layers
-        genome = Genome(space, layers)
+        if layers < 1:
+            raise UserError(f"a model has at least one layer, got {layers}")
+        genome = make_genome(space, {m: layers for m in space.models} if space.is_path else layers)
     except SpaceError as e:
         raise UserError(str(e)) from None
-    print(
-        f"{args.file}: {genome.dimension} genes for a {layers}-layer model; method "
-        f"{' | '.join(space.methods)}; granularity {space.layers.granularity}"
-    )
+    if space.is_path:
+        lay = space.layers
+        scale = f"[{lay.scale.low:g}, {lay.scale.high:g}]" if lay.scale.searched else f"fixed {lay.scale.fixed:g}"
+        print(
+            f"{args.file}: {genome.dimension} genes for {len(space.models)} models of {layers} layers; layer path "
+            f"over {len(genome.slots)} slots ({' + '.join(space.models)}, x{lay.repeats}); "
+            f"{'transition matrix W' if lay.transitions else 'input scale per slot'} {scale}; "
+            f"fixed ends: {'yes' if lay.fix_ends else 'no'}; at most {genome.longest} layers"
+        )
+    else:
+        print(
+            f"{args.file}: {genome.dimension} genes for a {layers}-layer model; method "
+            f"{' | '.join(space.methods)}; granularity {space.layers.granularity}"
+        )
     for g in genome.genes:
         print(f"  {g.name:<40} [{g.low:g}, {g.high:g}]")
     return 0
@@ -368,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = space.add_parser("show", help="print a space's genes and dimension for a model")
     p.add_argument("file", type=Path)
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--layers", type=int, help="the model's layer count")
+    where.add_argument("--layers", type=int, help="the model's layer count (a path space: each model's)")
     where.add_argument("--model", help="a model directory to read the layer count from")
     p.set_defaults(func=cmd_space_show)
 
@@ -424,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _print("evomerge: interrupted")
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # a path we cannot write (read-only directory, full disk): one line, no traceback
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
             raise

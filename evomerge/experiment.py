@@ -116,7 +116,7 @@ class Experiment(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     seed: int = 0
     #: model name (as used by the search space) -> local directory or hub id
-    models: dict[str, str] = Field(min_length=2)
+    models: dict[str, str] = Field(min_length=1)
     search_space: str
     evaluator: str
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -210,12 +210,15 @@ def check_experiment(
             fail("reference_point", f"give one value for each objective: {', '.join(wanted)}")
     if exp.fidelity is not None:
         _check_fidelity(exp.fidelity, evaluator, fail)
-    for model in [space.base, *space.models]:
+    used = space.models if space.is_path else [space.base, *space.models]
+    for model in used:
         if model not in exp.models:
             fail("models", f"the search space uses model '{model}', which the experiment does not give")
     configs = {}
     for name, ref in exp.models.items():
         configs[name] = _model_config(ref, exp.allow_pickle, lambda msg, n=name: fail(f"models.{n}", msg))
+    if space.is_path:
+        return _check_path_experiment(exp, space, evaluator, configs, fail, check_tasks, check_tracking)
     base = configs[space.base]
     for name, config in configs.items():
         for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
@@ -239,6 +242,14 @@ def check_experiment(
     for i, recipe in enumerate(exp.seeds.recipes):
         if not Path(recipe).is_file():
             fail(f"seeds.recipes[{i}]", f"file not found: {recipe}")
+    _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking)
+    counts = {name: int(c.get("num_hidden_layers", 0)) for name, c in configs.items()}
+    return {"space": space, "evaluator": evaluator, "num_layers": num_layers, "layer_counts": counts}
+
+
+def _check_tasks_and_tracking(exp: Experiment, evaluator, fail, check_tasks: bool, check_tracking: bool) -> None:
+    from evomerge.evaluate.config import EvaluatorError
+
     if check_tasks:
         try:
             for split in dict.fromkeys([evaluator.split, "report"]):
@@ -249,7 +260,69 @@ def check_experiment(
         problem = tracking_unreachable(exp.tracking.uri)
         if problem:
             fail("tracking.uri", f"tracking server {exp.tracking.uri} unreachable: {problem}")
-    return {"space": space, "evaluator": evaluator, "num_layers": num_layers}
+
+
+def _check_path_experiment(exp: Experiment, space, evaluator, configs: dict, fail, check_tasks, check_tracking):
+    """``check_experiment`` for a layer-path (data-flow) space: the path's models can share a hidden
+    state, their headers read, the seeds are paths within the models, the workers fit."""
+    from evomerge.merge.path import PathError, check_path, check_path_configs
+    from evomerge.models.tensors import TensorHeaderError, tensor_specs
+    from evomerge.recipe import RecipeError, load_recipe
+    from evomerge.search.optimizers import make_optimizer
+    from evomerge.search.space import SpaceError, make_genome
+
+    try:
+        check_path_configs({m: configs[m] for m in space.models})
+    except PathError as e:
+        fail("models", str(e))
+    if exp.seeds.baselines:
+        fail("seeds.baselines", "the hand baselines are parameter-space merges; a layer-path space has none")
+    specs = {}
+    for m in space.models:
+        try:
+            specs[m] = tensor_specs(exp.models[m], Path(exp.models[m]).is_absolute())
+        except TensorHeaderError as e:
+            fail(f"models.{m}", str(e))
+    counts = {m: int(configs[m].get("num_hidden_layers", 0)) for m in space.models}
+    try:
+        genome = make_genome(space, counts, exp.seed)
+        make_optimizer(exp.optimizer.name, genome.dimension, [], exp.seed, **exp.optimizer.options)
+    except SpaceError as e:
+        fail("search_space", str(e))
+    except (ValueError, TypeError) as e:
+        fail("optimizer.options", first_line(e))
+    for i, file in enumerate(exp.seeds.recipes):
+        if not Path(file).is_file():
+            fail(f"seeds.recipes[{i}]", f"file not found: {file}")
+        try:
+            recipe = load_recipe(file)
+            check_path(recipe, counts)
+            genome.encode(recipe)
+        except (RecipeError, PathError, SpaceError) as e:
+            fail(f"seeds.recipes[{i}]", first_line(e))
+    if exp.workers.address is None and not exp.workers.gpus_per_worker:
+        _check_path_fits_host(exp, specs, fail)
+    _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking)
+    return {"space": space, "evaluator": evaluator, "num_layers": None, "layer_counts": counts}
+
+
+def _check_path_fits_host(exp: Experiment, specs: dict, fail) -> None:
+    """Each worker of a private CPU pool holds every model of the path (the path itself is references)."""
+    from math import prod
+
+    import psutil
+
+    size = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}.get(exp.workers.dtype or "")
+    per_worker = sum(
+        prod(shape) * (size or DTYPE_BYTES.get(dtype, 4)) for tensors in specs.values() for shape, dtype in tensors.values()
+    )
+    need, available = per_worker * exp.workers.count, psutil.virtual_memory().available
+    if need > available:
+        fail(
+            "workers",
+            f"the models do not fit this machine: {exp.workers.count} worker(s) each hold the path's "
+            f"{len(specs)} models ({per_worker / 2**30:.1f} GiB); {available / 2**30:.1f} GiB of memory is available",
+        )
 
 
 def _check_tensors(models: dict[str, str], base: str, fail) -> dict:

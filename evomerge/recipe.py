@@ -16,6 +16,7 @@ Parameter values follow mergekit's semantics (see ``resolve_setting``):
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.configfile import describe, read_yaml
+
+
+#: mergekit's method for stacking layers; here the form of a data-flow (layer path) candidate.
+PASSTHROUGH = "passthrough"
 
 
 class RecipeError(ValueError):
@@ -89,6 +94,9 @@ class Extensions(BaseModel):
     #: Seed of random methods (DARE and DELLA drop masks): same seed, bit-identical merge.
     seed: int = 0
     lines: LinesStep | None = None
+    #: ``passthrough`` layer paths only: the factor the hidden state is multiplied by as it enters
+    #: each layer of the path, in path order (absent: all 1). Export folds them into the weights.
+    scales: list[float] | None = None
 
 
 class Recipe(BaseModel):
@@ -110,6 +118,10 @@ class Recipe(BaseModel):
             raise ValueError("exactly one of 'models' or 'slices' must be given")
         if self.models is not None and not self.models:
             raise ValueError("'models' is empty")
+        if self.merge_method == PASSTHROUGH:
+            return self._path_shape()
+        if self.evomerge.scales is not None:
+            raise ValueError("evomerge.scales: only a passthrough layer path takes input scales")
         if self.slices:
             first = [s.model for s in self.slices[0].sources]
             for i, sl in enumerate(self.slices):
@@ -137,16 +149,59 @@ class Recipe(BaseModel):
             raise ValueError("tokenizer_source 'union' is not supported (use 'base' or a model)")
         return self
 
+    def _path_shape(self):
+        """A layer path (mergekit's ``passthrough``): slices of one source each, stacked in order."""
+        if not self.slices:
+            raise ValueError("passthrough: give the layer path as 'slices' (one source each)")
+        if self.base_model is not None or self.parameters:
+            raise ValueError("passthrough: a layer path takes no base_model and no parameters")
+        for i, sl in enumerate(self.slices):
+            if len(sl.sources) != 1 or sl.parameters or sl.base_model:
+                raise ValueError(f"slices[{i}]: a passthrough slice has exactly one source and no slice parameters")
+            params = sl.sources[0].parameters or {}
+            if set(params) - {"scale"}:
+                raise ValueError(f"slices[{i}].sources[0].parameters: passthrough takes only 'scale'")
+            if "scale" in params and not _constant_setting(params["scale"]):
+                raise ValueError(
+                    f"slices[{i}].sources[0].parameters.scale: give a number or {{filter, value}} entries with numbers"
+                )
+        if self.evomerge.scales is not None and any(sl.sources[0].parameters for sl in self.slices):
+            raise ValueError("evomerge.scales: give input scales or per-tensor 'scale' parameters, not both")
+        scales = self.evomerge.scales
+        if scales is not None:
+            n = sum(hi - lo for lo, hi in (sl.sources[0].layer_range for sl in self.slices))
+            if len(scales) != n:
+                raise ValueError(f"evomerge.scales: {len(scales)} values for a path of {n} layers")
+            if not all(math.isfinite(v) and v > 0 for v in scales):
+                raise ValueError("evomerge.scales: every input scale must be a finite number > 0")
+        return self
+
+    @property
+    def is_path(self) -> bool:
+        """A layer path (``passthrough`` slices), rather than a merge of parameters."""
+        return self.merge_method == PASSTHROUGH
+
+    def path(self) -> list[tuple[str, int, float]]:
+        """A layer path's layers in order: (model, layer index in that model, input scale)."""
+        layers = [(sl.sources[0].model, i) for sl in self.slices for i in range(*sl.sources[0].layer_range)]
+        scales = self.evomerge.scales or [1.0] * len(layers)
+        return [(m, i, float(s)) for (m, i), s in zip(layers, scales)]
+
     # --- what the rest of evomerge reads -----------------------------------------------------
     def model_names(self) -> list[str]:
         """The input models in recipe order (the base first if it is not listed)."""
-        names = [m.model for m in self.models] if self.models else [s.model for s in self.slices[0].sources]
+        if self.models:
+            names = [m.model for m in self.models]
+        else:
+            names = list(dict.fromkeys(s.model for sl in self.slices for s in sl.sources))
         if self.base_model and self.base_model not in names:
             names = [self.base_model, *names]
         return names
 
     def layer_count(self) -> int | None:
         """Layers the slices cover (None for the ``models`` form: all of the base's layers)."""
+        if self.is_path:
+            return len(self.path())
         return self.slices[-1].sources[0].layer_range[1] if self.slices else None
 
     def to_yaml(self) -> str:
@@ -157,6 +212,14 @@ class Recipe(BaseModel):
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
+
+
+def _constant_setting(setting) -> bool:
+    """A number, or filter entries whose values are numbers (no gradients)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if number(setting):
+        return True
+    return isinstance(setting, list) and all(isinstance(e, FilterValue) and number(e.value) for e in setting)
 
 
 #: Keys of mergekit's format outside the supported subset, with why.

@@ -138,7 +138,7 @@ class WorkerPool:
         if ray.is_initialized():
             raise PoolError("Ray is already initialized in this process; one pool per process")
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "namespace": "evomerge"}
-        share = MemoryPolicy(**self.spec.memory).share
+        share = MemoryPolicy(**self.spec.memory).share and not self.spec.path  # a path holds no task vectors
         shared_bytes = self._shared_bytes() if share else 0
         if self.address in (None, "local"):
             cpus = max(1, int(round(self.n * self.cpus)))

@@ -30,6 +30,7 @@ class WorkerSpec:
     started_dir: str | None = None  # opt-in: score() touches <started_dir>/<pid> as it starts a candidate
     memory: dict = field(default_factory=dict)  # a MemoryPolicy's fields
     shared: str | None = None  # the name of the SharedStore actor that holds the base and task vectors
+    path: bool = False  # score layer paths over ``models`` (held whole) instead of merges over ``base``
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +59,7 @@ class ScoringWorker:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         policy = MemoryPolicy(**spec.memory)
-        if device.startswith("cuda"):  # refuse before loading anything when the models cannot fit
+        if device.startswith("cuda") and not spec.path:  # refuse before loading anything when the models cannot fit
             from evomerge.merge.memory import fit_device
             from evomerge.merge.shared import plan_bytes
 
@@ -86,6 +87,7 @@ class ScoringWorker:
             allow_pickle=spec.allow_pickle,
             memory=policy,
             shared=shared,
+            path=spec.path,
         )
 
     def ready(self) -> dict:

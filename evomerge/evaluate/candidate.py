@@ -79,6 +79,9 @@ class _Tensors(Mapping):
 class CandidateScorer:
     """Resident state for scoring recipes over ``models`` (name -> local dir or hub id).
 
+    ``path``: score layer paths (``passthrough`` recipes) over ``models``, each held whole, with the
+    tokenizer of ``base`` (``evomerge.merge.path.ResidentPath``); else merges over ``base``.
+
     ``memory``: how the merge keeps the base, the task vectors and its caches (default
     ``MemoryPolicy()``; see ``evomerge.merge.memory``). ``shared``: the base and task vectors mapped
     from this machine's shared copy (``evomerge.merge.shared.fetch``), used where they fit.
@@ -96,33 +99,61 @@ class CandidateScorer:
         allow_pickle: bool = False,
         memory: MemoryPolicy | None = None,
         shared: Fetched | None = None,
+        path: bool = False,
     ):
         from evomerge.evaluate.lmeval import TaskSuite, resolve_task, wrap_model
         from evomerge.evaluate.perplexity import PerplexityScorer
         from evomerge.merge.apply import ResidentMerge
         from evomerge.merge.io import ModelSource, resolve_model_dir
         from evomerge.merge.memory import trim_heap
+        from evomerge.merge.path import path_recipe
         from evomerge.models.loading import load_causal_lm
 
         started = time.perf_counter()
         self.split = split or evaluator.split
         self.evaluator = evaluator
         torch_dtype = getattr(torch, dtype) if dtype else None
-        base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
-        self.model, self.tokenizer = load_causal_lm(
-            base_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, dtype=torch_dtype, device=device
-        )
-        params = dict(self.model.named_parameters())
-        base_state = {n: p.detach() for n, p in params.items()}  # ResidentMerge copies what it keeps of these
-        experts = {}
-        for name, ref in models.items():
-            if name == base:
-                continue
-            source = ModelSource(resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
-            have = set(source.names())
-            experts[name] = _Tensors(source, [n for n in params if n in have])  # read one tensor at a time
-        self.resident = ResidentMerge(self.model, base_state, experts, base_name=base, memory=memory, shared=shared)
-        trim_heap()  # the experts' tensors read while the task vectors were made
+        if path:  # layer paths: every model resident whole; each candidate a shell over their layers
+            from evomerge.merge.path import ResidentPath
+
+            loaded = {}
+            for name, ref in models.items():
+                loaded[name], tokenizer = load_causal_lm(
+                    resolve_model_dir(ref, allow_pickle=allow_pickle),
+                    trust_remote_code=trust_remote_code,
+                    allow_pickle=allow_pickle,
+                    dtype=torch_dtype,
+                    device=device,
+                )
+                if name == base:
+                    self.tokenizer = tokenizer
+            self.resident = ResidentPath(loaded)
+            self.model = self.resident.model
+            # a first path, so that the wrappers below see a complete model: the first model alone
+            first = next(iter(loaded))
+            self.resident.materialize(path_recipe([(first, i, 1.0) for i in range(self.resident.layer_counts[first])]))
+        else:
+            base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
+            self.model, self.tokenizer = load_causal_lm(
+                base_dir,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+                dtype=torch_dtype,
+                device=device,
+            )
+            params = dict(self.model.named_parameters())
+            base_state = {n: p.detach() for n, p in params.items()}  # ResidentMerge copies what it keeps
+            experts = {}
+            for name, ref in models.items():
+                if name == base:
+                    continue
+                source = ModelSource(resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+                have = set(source.names())
+                experts[name] = _Tensors(source, [n for n in params if n in have])  # read one tensor at a time
+            self.resident = ResidentMerge(
+                self.model, base_state, experts, base_name=base, memory=memory, shared=shared
+            )
+            trim_heap()  # the experts' tensors read while the task vectors were made
 
         # objectives: lm-eval tasks (deduplicated: two objectives may read two metrics of one task)
         self.task_of: dict[str, str] = {}

@@ -80,6 +80,8 @@ def _check_compatible(base_ref: str, base: ModelSource, others: dict[str, ModelS
 def model_card(recipe: Recipe, scores: dict[str, float] | None = None) -> str:
     from evomerge.merge.methods import get_method
 
+    if recipe.is_path:
+        return _path_card(recipe, scores)
     method = get_method(recipe.merge_method)
     lines = [
         "---",
@@ -118,6 +120,45 @@ def model_card(recipe: Recipe, scores: dict[str, float] | None = None) -> str:
     return "\n".join(lines)
 
 
+def _path_card(recipe: Recipe, scores: dict[str, float] | None) -> str:
+    path = recipe.path()
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, evomerge, passthrough]",
+        *(["base_model:", *[f"- {m}" for m in recipe.model_names()]]),
+        "---",
+        "",
+        "# Layer-path model",
+        "",
+        f"Assembled with [evomerge](https://github.com/) {__version__}: a {len(path)}-layer path through the "
+        "layers of the models below (the data-flow space of Akiba et al., \"Evolutionary Optimization of "
+        "Model Merging Recipes\", arXiv:2403.13187). A standard checkpoint: no custom code. Input scales, "
+        "where the path had them, are folded into each layer's o_proj/down_proj (the `scale` parameters).",
+        "",
+        "Models:",
+        *[f"- `{m}`" for m in recipe.model_names()],
+        "",
+        "| layer | model | source layer |",
+        "|---|---|---|",
+        *[f"| {k} | `{m}` | {i} |" for k, (m, i, _) in enumerate(path)],
+        "",
+    ]
+    if scores:
+        lines += ["## Scores", "", "| task | score |", "|---|---|", *[f"| {k} | {v:.4f} |" for k, v in scores.items()], ""]
+    lines += [
+        "## Recipe",
+        "",
+        f"Runs unchanged with `mergekit-yaml {RECIPE_FILE} OUT` (keys under `evomerge:` are ignored by mergekit).",
+        "",
+        "```yaml",
+        recipe.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def merge_to_disk(
     recipe: Recipe,
     out: str | Path,
@@ -130,6 +171,13 @@ def merge_to_disk(
     scores: dict[str, float] | None = None,
 ) -> Path:
     """Merge ``recipe`` into a Hugging Face model directory at ``out``; returns its path."""
+    if recipe.is_path:  # a layer path: stacked, not merged
+        from evomerge.merge.path import fold_scales, write_path
+
+        path = write_path(recipe, out, allow_pickle=allow_pickle, overwrite=overwrite, progress=progress)
+        if scores:
+            (path / "README.md").write_text(model_card(fold_scales(recipe), scores))
+        return Path(path)
     refs = recipe.model_names()
     base_ref = recipe.base_model or refs[0]
     dirs = {ref: resolve_model_dir(ref, allow_pickle) for ref in refs}

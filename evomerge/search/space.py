@@ -8,6 +8,8 @@ layer structure of every searched parameter:
 - ``granularity: group``   one gene per group of ``group_size`` consecutive layers;
 - ``granularity: layer``   one gene per layer;
 - ``granularity: smooth``  ``control_points`` genes interpolated linearly across the layers;
+- ``granularity: path``    the data-flow space: which layers of which models, in what order, with
+  what input scale (``evomerge.search.paths``; a space of its own, without parameter genes);
 - ``split: [self_attn, mlp]`` separate genes for tensors whose name contains each filter, plus one
   set for the rest (norms, embeddings, head);
 - ``tied: [weight]``       one gene set shared by all models for those parameters;
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -74,6 +76,7 @@ class Lines(BaseModel):
 
 class SearchSpace(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    is_path: ClassVar[bool] = False
     base: str
     models: list[str] = Field(min_length=1)
     method: str | list[str]
@@ -116,12 +119,35 @@ class SearchSpace(BaseModel):
         return [self.method] if isinstance(self.method, str) else list(self.method)
 
 
-def load_space(path: str | Path) -> SearchSpace:
+def load_space(path: str | Path):
+    """A ``SearchSpace``, or a ``PathSpace`` (``evomerge.search.paths``) for ``layers.granularity: path``."""
     data = read_yaml(path, SpaceError)
+    cls = SearchSpace
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if isinstance(layers, dict) and layers.get("granularity") == "path":
+        from evomerge.search.paths import PathSpace
+
+        mixed = [k for k in ("base", "method", "parameters", "tied", "lines") if k in data]
+        if mixed:
+            raise SpaceError(
+                f"{path}: {mixed[0]}: a layer-path space (layers.granularity: path) has no parameter-space genes; "
+                "merge in parameter space first and list that merge among the path's models (PS then DFS)"
+            )
+        cls = PathSpace
     try:
-        return SearchSpace.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as e:
         raise SpaceError(f"{path}: {describe(e)}") from None
+
+
+def make_genome(space, layers: int | dict[str, int], seed: int = 0):
+    """The genome of ``space``: ``layers`` is the base's layer count for a parameter space, each
+    model's layer count (name -> layers) for a path space."""
+    if getattr(space, "is_path", False):
+        from evomerge.search.paths import PathGenome
+
+        return PathGenome(space, layers, seed)
+    return Genome(space, layers if isinstance(layers, int) else layers[space.base], seed)
 
 
 @dataclass(frozen=True)
