@@ -314,7 +314,9 @@ def _check_path_fits_host(exp: Experiment, specs: dict, fail) -> None:
 
     size = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}.get(exp.workers.dtype or "")
     per_worker = sum(
-        prod(shape) * (size or DTYPE_BYTES.get(dtype, 4)) for tensors in specs.values() for shape, dtype in tensors.values()
+        prod(shape) * (size or DTYPE_BYTES.get(dtype, 4))
+        for tensors in specs.values()
+        for shape, dtype in tensors.values()
     )
     need, available = per_worker * exp.workers.count, psutil.virtual_memory().available
     if need > available:

@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from evomerge.configfile import describe, read_yaml
 
-
 #: mergekit's method for stacking layers; here the form of a data-flow (layer path) candidate.
 PASSTHROUGH = "passthrough"
 

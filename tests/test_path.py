@@ -195,7 +195,9 @@ def test_a_path_model_generates_as_its_export_and_copies_no_weight(pair, tmp_pat
     assert torch.allclose(logits, cached_logits, rtol=1e-4, atol=1e-4), (logits - cached_logits).abs().max()
     with torch.no_grad():  # a unit-scale path exports bit for bit
         resident.materialize(path_recipe([(m, i, 1.0) for m, i, _ in PATH]))
-        plain = write_path(path_recipe([(str(dirs[m]), i, 1.0) for m, i, _ in PATH]), tmp_path / "plain", progress=False)
+        plain = write_path(
+            path_recipe([(str(dirs[m]), i, 1.0) for m, i, _ in PATH]), tmp_path / "plain", progress=False
+        )
         assert torch.equal(_load(plain)(PROMPT).logits, shell(PROMPT).logits)
 
     for n, m in models.items():  # the source models are untouched
@@ -209,7 +211,7 @@ def test_without_distinct_cache_slots_a_repeated_layer_corrupts_generation(pair)
     _, dirs = pair
     resident = ResidentPath({n: _load(d) for n, d in dirs.items()})
     resident.materialize(path_recipe(PATH))
-    for k, (m, i, _) in enumerate(PATH):  # every slot back to its source layer's own index
+    for k, (_, i, _) in enumerate(PATH):  # every slot back to its source layer's own index
         resident.model.model.layers[k].self_attn.layer_idx = i
     with torch.no_grad():
         uncached = resident.model.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0, use_cache=False)
@@ -271,3 +273,130 @@ def test_mergekit_reproduces_exported_paths_with_and_without_scales(zoo, tmp_pat
         expected = (source.float() * factor).to(source.dtype)
         assert torch.equal(mine["model.layers.2.self_attn.o_proj.weight"], expected)
         assert math.isclose(factor, 1.0204081632653061) or label == "plain"
+
+
+# -- experiments and campaigns ------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = REPO / "evaluators" / "zoo"
+
+
+def path_experiment(tmp_path, models: dict[str, str], space_extra=None, **overrides) -> Path:
+    evaluator = tmp_path / "evaluator.yaml"
+    objectives = [
+        {"name": "add", "task": str(TASKS / "zoo_add_{split}.yaml"), "metric": "exact_match"},
+        {"name": "sort", "task": str(TASKS / "zoo_sort_{split}.yaml"), "metric": "acc"},
+    ]
+    evaluator.write_text(yaml.safe_dump({"limit": 20, "seed": 0, "batch_size": 20, "objectives": objectives}))
+    space = tmp_path / "space.yaml"
+    layers = {"granularity": "path", "repeats": 2, "max_layers": 8}
+    space.write_text(yaml.safe_dump({"models": list(models), "layers": layers, **(space_extra or {})}))
+    data = {
+        "name": "t-path",
+        "seed": 2,
+        "models": models,
+        "search_space": str(space),
+        "evaluator": str(evaluator),
+        "optimizer": {"name": "cma"},
+        "reference_point": {"add": 0.0, "sort": 0.0},
+        "seeds": {"experts_alone": True},
+        "budget": {"max_evaluations": 6},
+        "workers": {"count": 1},
+        "output_dir": str(tmp_path / "campaign"),
+        "tracking": {"refresh_s": 0.5},
+        **overrides,
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli(*args, cwd, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge", "--offline", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _wide(zoo, tmp_path) -> Path:
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    config = json.loads((zoo / "expert-sort" / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    (wide / "model.safetensors").write_bytes((zoo / "expert-sort" / "model.safetensors").read_bytes())
+    return wide
+
+
+BAD = {
+    "hidden sizes": ("wide", "models: expert-sort: hidden_size is 128, 'expert-add' has 64 (a layer path passes"),
+    "parameter genes": (
+        "method",
+        "search_space: {space}: method: a layer-path space (layers.granularity: path) has no parameter-space genes",
+    ),
+    "seed path beyond the model": ("seed", "seeds.recipes[0]: slices[1]: layer_range [2, 6] leaves 'expert-add' (4"),
+    "hand baselines": ("baselines", "seeds.baselines: the hand baselines are parameter-space merges"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_path_experiments_are_refused_before_compute(zoo, tmp_path, case):
+    from evomerge.experiment import ExperimentError, check_experiment, load_experiment
+
+    kind, message = BAD[case]
+    models = {"expert-add": str(zoo / "expert-add"), "expert-sort": str(zoo / "expert-sort")}
+    space_extra, overrides = {}, {}
+    if kind == "wide":
+        models["expert-sort"] = str(_wide(zoo, tmp_path))
+    elif kind == "method":
+        space_extra = {"method": "ties"}
+    elif kind == "seed":
+        seed = path_recipe([("expert-sort", 0, 1.0), ("expert-add", 2, 1.0)]).model_dump(mode="json")
+        seed["slices"][1]["sources"][0]["layer_range"] = [2, 6]
+        (tmp_path / "seed.yaml").write_text(yaml.safe_dump(seed))
+        overrides = {"seeds": {"experts_alone": True, "recipes": [str(tmp_path / "seed.yaml")]}}
+    else:
+        overrides = {"seeds": {"baselines": True}}
+    path = path_experiment(tmp_path, models, space_extra, **overrides)
+    with pytest.raises(ExperimentError) as e:
+        check_experiment(load_experiment(path), path, check_tasks=False)
+    assert str(e.value) == str(e.value).splitlines()[0]
+    assert f"{path}: " + message.format(space=tmp_path / "space.yaml") in str(e.value)
+    if kind == "wide":  # and from the command line: one line, exit 2, no campaign directory
+        result = cli("run", path, cwd=tmp_path, timeout=120)
+        assert result.returncode == 2 and result.stderr.strip() == f"evomerge: error: {e.value}", result.stderr
+        assert not (tmp_path / "campaign").exists()
+
+
+def test_ps_then_dfs_campaign_exports_a_checkpoint_without_custom_code(zoo, tmp_path):
+    """PS first (here a task-arithmetic merge written by `evomerge merge`), then a layer-path campaign
+    over [that merge, an expert]: real Ray, MLflow store and lm-eval; the pick exported and loaded."""
+    ps = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo / "base"),
+        "models": [{"model": str(zoo / e), "parameters": {"weight": 0.7}} for e in ("expert-add", "expert-sort")],
+    }
+    (tmp_path / "ps.yaml").write_text(yaml.safe_dump(ps))
+    made = cli("merge", tmp_path / "ps.yaml", "--out", tmp_path / "ps-merge", "--quiet", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    path = path_experiment(tmp_path, {"ps-merge": str(tmp_path / "ps-merge"), "expert-sort": str(zoo / "expert-sort")})
+    result = cli("run", path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    from evomerge import campaign
+
+    search = campaign.open_campaign(tmp_path / "campaign", check=False).search()
+    assert len(search.finished) == 6 and all(t.recipe.is_path for t in search.trials)
+    seeds = [t.recipe.path() for t in search.trials[:2]]  # each model's own layers first
+    assert seeds == [[(m, i, 1.0) for i in range(4)] for m in ("ps-merge", "expert-sort")]
+
+    out = tmp_path / "export"
+    exported = cli("export", tmp_path / "campaign", "--best", "--out", out, "--quiet", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    record = json.loads((out / "evomerge.json").read_text())
+    layers = search.trials[record["trial"]].recipe.path()
+    model = _load(out)  # a standard checkpoint: trust_remote_code stays off
+    assert model.config.num_hidden_layers == len(layers) and len(model.model.layers) == len(layers)
+    assert set(record["report_scores"]) == {"add", "sort"}
+    assert yaml.safe_load((out / RECIPE_FILE).read_text())["merge_method"] == "passthrough"

@@ -157,6 +157,21 @@ def test_cma_restarts(strategy):
         assert 8 in popsizes and opt.budget["small"] > 0  # both regimes ran
 
 
+def test_cma_can_start_at_the_best_seed():
+    seeds = [[0.1, 0.9, 0.2], [0.8, 0.3, 0.7], [0.4, 0.4, 0.4]]
+    values = {tuple(x): v for x, v in zip(seeds, [0.2, 0.9, 0.5])}  # maximized: the second is best
+    for start, mean in (("middle", [0.5] * 3), ("best_seed", seeds[1])):
+        opt = make_optimizer("cma", 3, ONE, 0, start=start)
+        for x in seeds:
+            opt.enqueue(x)
+        asked = [opt.ask() for _ in range(4)]  # the three seeds, then one from the first distribution
+        assert asked[:3] == seeds and asked[3] not in seeds
+        for x in asked[:3]:
+            opt.tell(x, [values[tuple(x)]])
+        assert opt.es.mean.tolist() == pytest.approx(mean)
+        assert opt.runs == 1  # starting at a seed is not a restart
+
+
 @pytest.mark.parametrize("name", ["nsga3", "gp", "cmaes", "optuna-random"])
 def test_other_samplers_run(tmp_path, name):
     objectives = ONE if name == "cmaes" else TWO

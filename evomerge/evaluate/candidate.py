@@ -150,9 +150,7 @@ class CandidateScorer:
                 source = ModelSource(resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
                 have = set(source.names())
                 experts[name] = _Tensors(source, [n for n in params if n in have])  # read one tensor at a time
-            self.resident = ResidentMerge(
-                self.model, base_state, experts, base_name=base, memory=memory, shared=shared
-            )
+            self.resident = ResidentMerge(self.model, base_state, experts, base_name=base, memory=memory, shared=shared)
             trim_heap()  # the experts' tensors read while the task vectors were made
 
         # objectives: lm-eval tasks (deduplicated: two objectives may read two metrics of one task)

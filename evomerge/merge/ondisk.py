@@ -132,8 +132,8 @@ def _path_card(recipe: Recipe, scores: dict[str, float] | None) -> str:
         "# Layer-path model",
         "",
         f"Assembled with [evomerge](https://github.com/) {__version__}: a {len(path)}-layer path through the "
-        "layers of the models below (the data-flow space of Akiba et al., \"Evolutionary Optimization of "
-        "Model Merging Recipes\", arXiv:2403.13187). A standard checkpoint: no custom code. Input scales, "
+        'layers of the models below (the data-flow space of Akiba et al., "Evolutionary Optimization of '
+        'Model Merging Recipes", arXiv:2403.13187). A standard checkpoint: no custom code. Input scales, '
         "where the path had them, are folded into each layer's o_proj/down_proj (the `scale` parameters).",
         "",
         "Models:",
@@ -145,7 +145,14 @@ def _path_card(recipe: Recipe, scores: dict[str, float] | None) -> str:
         "",
     ]
     if scores:
-        lines += ["## Scores", "", "| task | score |", "|---|---|", *[f"| {k} | {v:.4f} |" for k, v in scores.items()], ""]
+        lines += [
+            "## Scores",
+            "",
+            "| task | score |",
+            "|---|---|",
+            *[f"| {k} | {v:.4f} |" for k, v in scores.items()],
+            "",
+        ]
     lines += [
         "## Recipe",
         "",

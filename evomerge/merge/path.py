@@ -311,7 +311,7 @@ def write_path(recipe: Recipe, out, *, allow_pickle: bool = False, overwrite: bo
         prefix = f"{LAYERS}{i}."
         for name in sources[model].names():
             if name.startswith(prefix):
-                plan.append((f"{LAYERS}{k}.{name[len(prefix):]}", model, name, params[k].get("scale")))
+                plan.append((f"{LAYERS}{k}.{name[len(prefix) :]}", model, name, params[k].get("scale")))
     for name in sources[last].names():
         if not name.startswith(LAYERS) and "embed_tokens" not in name and not (tied and name.startswith("lm_head")):
             plan.append((name, last, name, params[-1].get("scale")))

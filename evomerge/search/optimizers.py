@@ -115,6 +115,10 @@ class CMAOptions(BaseModel):
     noise: bool = False
     noise_max_evaluations: int = Field(default=5, ge=1)
     noise_reevals: int | None = Field(default=None, ge=0)
+    #: Where the search starts: the middle of the box, or (``best_seed``) the best of the seeds
+    #: once they are all scored, e.g. an expert's own layer path in a path space, whose middle is a
+    #: random path. Candidates asked before the seeds were all in belong to the middle start.
+    start: Literal["middle", "best_seed"] = "middle"
 
 
 class CMA(Optimizer):
@@ -140,9 +144,15 @@ class CMA(Optimizer):
             self.noise = cma.NoiseHandler(
                 dim, maxevals=[1, 1, self.options.noise_max_evaluations], reevals=self.options.noise_reevals, epsilon=0
             )
+        self._seeds: list[tuple[float, ...]] = []  # enqueued points, for ``start: best_seed``
+        self._seed_results: list[tuple[list[float], float]] | None = [] if self.options.start == "best_seed" else None
         self._start(self.default_popsize, self.options.sigma0, "large")
 
-    def _start(self, popsize: int, sigma0: float, regime: str) -> None:
+    def enqueue(self, x) -> None:
+        super().enqueue(x)
+        self._seeds.append(tuple(float(v) for v in x))
+
+    def _start(self, popsize: int, sigma0: float, regime: str, x0: list[float] | None = None) -> None:
         import cma
 
         self.regime = regime
@@ -156,14 +166,15 @@ class CMA(Optimizer):
             "tolfun": self.options.tolfun,
             "randn": lambda *shape: self.rng.standard_normal(shape),
         }
-        x0 = self.rng.random(self.dim).tolist() if self.runs else [0.5] * self.dim
+        if x0 is None:
+            x0 = self.rng.random(self.dim).tolist() if self.runs else [0.5] * self.dim
+            self.runs += 1
         self.es = cma.CMAEvolutionStrategy(x0, sigma0, opts)
         self.queue: list[list[float]] = []
         self.results: list[tuple[list[float], float]] = []
         self.slots: list[tuple[list[float], int]] = []  # noise mode: (point, replicate) still to hand out
         self.open: dict[tuple, dict] = {}  # noise mode: point -> its replicates' values so far
         self._asked_since_tell = False
-        self.runs += 1
 
     def _ask(self):
         if not self.queue:
@@ -192,6 +203,13 @@ class CMA(Optimizer):
         else:
             f = scalarize(values, self.objectives)
             self.worst = f if self.worst is None else max(self.worst, f)
+        if self._seed_results is not None and tuple(float(v) for v in x) in self._seeds:
+            self._seed_results.append((list(x), f))
+            if len(self._seed_results) == len(self._seeds):  # every seed is in: start at the best
+                best = min(self._seed_results, key=lambda r: r[1])[0]
+                self._seed_results = None
+                self._start(self.default_popsize, self.options.sigma0, "large", x0=best)
+            return
         if self.noise is not None and tuple(x) in self.open:
             rec = self.open[tuple(x)]
             rec["values"].append(f)
