@@ -5,7 +5,10 @@ read and written as YAML in a compatible subset of mergekit's configuration form
 ``merge_method``, ``base_model``, ``models: [{model, parameters}]``, ``slices`` (with
 ``sources: [{model, layer_range, parameters}]``), ``parameters``, ``dtype``, ``out_dtype``,
 ``tokenizer_source``. evomerge's own additions live under one key, ``evomerge:`` (the seed of random
-methods, the LiNeS post-step); mergekit ignores that key.
+methods, the LiNeS post-step, a layer path's input scales); mergekit ignores that key.
+
+A layer path (the data-flow space, ``evomerge.merge.path``) is mergekit's ``passthrough``: slices of
+one source each, stacked in order, each source optionally with mergekit's per-tensor ``scale``.
 
 Parameter values follow mergekit's semantics (see ``resolve_setting``):
 - a scalar;

@@ -80,8 +80,10 @@ def _check_compatible(base_ref: str, base: ModelSource, others: dict[str, ModelS
 def model_card(recipe: Recipe, scores: dict[str, float] | None = None) -> str:
     from evomerge.merge.methods import get_method
 
-    if recipe.is_path:
-        return _path_card(recipe, scores)
+    if recipe.is_path:  # the card shows what mergekit reproduces: the scales folded into the weights
+        from evomerge.merge.path import fold_scales
+
+        return _path_card(fold_scales(recipe), scores)
     method = get_method(recipe.merge_method)
     lines = [
         "---",
@@ -98,16 +100,15 @@ def model_card(recipe: Recipe, scores: dict[str, float] | None = None) -> str:
     if recipe.base_model:
         lines += [f"Base model: `{recipe.base_model}`", ""]
     lines += ["Models:", *[f"- `{m}`" for m in recipe.model_names() if m != recipe.base_model], ""]
+    return "\n".join(lines + _scores_and_recipe(recipe, scores))
+
+
+def _scores_and_recipe(recipe: Recipe, scores: dict[str, float] | None) -> list[str]:
+    lines = []
     if scores:
-        lines += [
-            "## Scores",
-            "",
-            "| task | score |",
-            "|---|---|",
-            *[f"| {k} | {v:.4f} |" for k, v in scores.items()],
-            "",
-        ]
-    lines += [
+        lines += ["## Scores", "", "| task | score |", "|---|---|", *[f"| {k} | {v:.4f} |" for k, v in scores.items()]]
+        lines.append("")
+    return lines + [
         "## Recipe",
         "",
         f"Runs unchanged with `mergekit-yaml {RECIPE_FILE} OUT` (keys under `evomerge:` are ignored by mergekit).",
@@ -117,7 +118,6 @@ def model_card(recipe: Recipe, scores: dict[str, float] | None = None) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _path_card(recipe: Recipe, scores: dict[str, float] | None) -> str:
@@ -144,26 +144,7 @@ def _path_card(recipe: Recipe, scores: dict[str, float] | None) -> str:
         *[f"| {k} | `{m}` | {i} |" for k, (m, i, _) in enumerate(path)],
         "",
     ]
-    if scores:
-        lines += [
-            "## Scores",
-            "",
-            "| task | score |",
-            "|---|---|",
-            *[f"| {k} | {v:.4f} |" for k, v in scores.items()],
-            "",
-        ]
-    lines += [
-        "## Recipe",
-        "",
-        f"Runs unchanged with `mergekit-yaml {RECIPE_FILE} OUT` (keys under `evomerge:` are ignored by mergekit).",
-        "",
-        "```yaml",
-        recipe.to_yaml().rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    return "\n".join(lines + _scores_and_recipe(recipe, scores))
 
 
 def merge_to_disk(
@@ -179,11 +160,11 @@ def merge_to_disk(
 ) -> Path:
     """Merge ``recipe`` into a Hugging Face model directory at ``out``; returns its path."""
     if recipe.is_path:  # a layer path: stacked, not merged
-        from evomerge.merge.path import fold_scales, write_path
+        from evomerge.merge.path import write_path
 
         path = write_path(recipe, out, allow_pickle=allow_pickle, overwrite=overwrite, progress=progress)
         if scores:
-            (path / "README.md").write_text(model_card(fold_scales(recipe), scores))
+            (path / "README.md").write_text(model_card(recipe, scores))
         return Path(path)
     refs = recipe.model_names()
     base_ref = recipe.base_model or refs[0]
