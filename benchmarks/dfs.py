@@ -50,18 +50,8 @@ from evomerge.search.optimizers import Objective  # noqa: E402
 from evomerge.search.paths import PathSpace  # noqa: E402
 from evomerge.search.space import Genome, load_space, make_genome  # noqa: E402
 
-EXPERTS = ["expert-add", "expert-rev", "expert-sort"]
-NAMES = ["add", "rev", "sort"]
-EVALUATOR = {
-    "limit": 100,
-    "seed": 0,
-    "batch_size": 100,
-    "objectives": [
-        {"name": "add", "task": "zoo/zoo_add_{split}.yaml", "metric": "exact_match"},
-        {"name": "rev", "task": "zoo/zoo_rev_{split}.yaml", "metric": "exact_match"},
-        {"name": "sort", "task": "zoo/zoo_sort_{split}.yaml", "metric": "acc"},
-    ],
-}
+sys.path.insert(0, str(REPO / "benchmarks"))
+from quality import EVALUATOR, EXPERTS, NAMES  # noqa: E402  (the same problem as the quality benchmark)
 
 
 def scorers(models: dict[str, str], base: str, path: bool) -> dict[str, CandidateScorer]:

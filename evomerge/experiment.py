@@ -178,8 +178,8 @@ def check_experiment(
     Reads configs and safetensors headers, never weights; ``check_tasks`` loads the evaluator's
     tasks (seconds) to check that each reports its objective's metric."""
     from evomerge.evaluate.config import EvaluatorError, load_evaluator
-    from evomerge.search.optimizers import OPTIMIZERS, check_options, make_optimizer
-    from evomerge.search.space import Genome, SpaceError, load_space
+    from evomerge.search.optimizers import OPTIMIZERS, check_options
+    from evomerge.search.space import SpaceError, load_space
 
     def fail(field: str, msg: str):
         raise ExperimentError(f"{source}: {field}: {msg}")
@@ -232,19 +232,28 @@ def check_experiment(
     if exp.workers.address is None and not exp.workers.gpus_per_worker:  # a private CPU pool: this host
         _check_fits_host(exp, specs, space.base, fail)
     num_layers = int(base["num_hidden_layers"])
-    try:  # the optimizer as the campaign will build it: options' values, the genome's dimension
-        genome = Genome(space, num_layers, seed=exp.seed)
-        make_optimizer(exp.optimizer.name, genome.dimension, [], exp.seed, **exp.optimizer.options)
-    except SpaceError as e:
-        fail("search_space", str(e))
-    except (ValueError, TypeError) as e:
-        fail("optimizer.options", first_line(e))
+    _check_genome(exp, space, num_layers, fail)
     for i, recipe in enumerate(exp.seeds.recipes):
         if not Path(recipe).is_file():
             fail(f"seeds.recipes[{i}]", f"file not found: {recipe}")
     _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking)
     counts = {name: int(c.get("num_hidden_layers", 0)) for name, c in configs.items()}
     return {"space": space, "evaluator": evaluator, "num_layers": num_layers, "layer_counts": counts}
+
+
+def _check_genome(exp: Experiment, space, layers, fail):
+    """The genome and optimizer as the campaign will build them: options' values, the dimension."""
+    from evomerge.search.optimizers import make_optimizer
+    from evomerge.search.space import SpaceError, make_genome
+
+    try:
+        genome = make_genome(space, layers, exp.seed)
+        make_optimizer(exp.optimizer.name, genome.dimension, [], exp.seed, **exp.optimizer.options)
+    except SpaceError as e:
+        fail("search_space", str(e))
+    except (ValueError, TypeError) as e:
+        fail("optimizer.options", first_line(e))
+    return genome
 
 
 def _check_tasks_and_tracking(exp: Experiment, evaluator, fail, check_tasks: bool, check_tracking: bool) -> None:
@@ -268,8 +277,7 @@ def _check_path_experiment(exp: Experiment, space, evaluator, configs: dict, fai
     from evomerge.merge.path import PathError, check_path, check_path_configs
     from evomerge.models.tensors import TensorHeaderError, tensor_specs
     from evomerge.recipe import RecipeError, load_recipe
-    from evomerge.search.optimizers import make_optimizer
-    from evomerge.search.space import SpaceError, make_genome
+    from evomerge.search.space import SpaceError
 
     try:
         check_path_configs({m: configs[m] for m in space.models})
@@ -284,13 +292,7 @@ def _check_path_experiment(exp: Experiment, space, evaluator, configs: dict, fai
         except TensorHeaderError as e:
             fail(f"models.{m}", str(e))
     counts = {m: int(configs[m].get("num_hidden_layers", 0)) for m in space.models}
-    try:
-        genome = make_genome(space, counts, exp.seed)
-        make_optimizer(exp.optimizer.name, genome.dimension, [], exp.seed, **exp.optimizer.options)
-    except SpaceError as e:
-        fail("search_space", str(e))
-    except (ValueError, TypeError) as e:
-        fail("optimizer.options", first_line(e))
+    genome = _check_genome(exp, space, counts, fail)
     for i, file in enumerate(exp.seeds.recipes):
         if not Path(file).is_file():
             fail(f"seeds.recipes[{i}]", f"file not found: {file}")

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_campaign import cli
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from evomerge.merge.methods import MergeError
@@ -314,16 +315,6 @@ def path_experiment(tmp_path, models: dict[str, str], space_extra=None, **overri
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def cli(*args, cwd, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "evomerge", "--offline", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _wide(zoo, tmp_path) -> Path:

@@ -162,10 +162,7 @@ def merge_to_disk(
     if recipe.is_path:  # a layer path: stacked, not merged
         from evomerge.merge.path import write_path
 
-        path = write_path(recipe, out, allow_pickle=allow_pickle, overwrite=overwrite, progress=progress)
-        if scores:
-            (path / "README.md").write_text(model_card(recipe, scores))
-        return Path(path)
+        return write_path(recipe, out, allow_pickle=allow_pickle, overwrite=overwrite, progress=progress, scores=scores)
     refs = recipe.model_names()
     base_ref = recipe.base_model or refs[0]
     dirs = {ref: resolve_model_dir(ref, allow_pickle) for ref in refs}
@@ -216,27 +213,39 @@ def merge_to_disk(
         if out_dtype is not None:
             name = next(k for k, v in DTYPE_NAMES.items() if v == out_dtype)
             config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
-        (staged.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if (dirs[base_ref] / "generation_config.json").is_file():
-            shutil.copy2(dirs[base_ref] / "generation_config.json", staged.path)
-        for fname in TOKENIZER_FILES:
-            if (dirs[tok_ref] / fname).is_file():
-                shutil.copy2(dirs[tok_ref] / fname, staged.path)
-        recipe.save(staged.path / RECIPE_FILE)
-        (staged.path / "README.md").write_text(model_card(recipe, scores))
-        (staged.path / "evomerge.json").write_text(
-            json.dumps(
-                {
-                    "evomerge_version": __version__,
-                    "torch": torch.__version__,
-                    "seconds": round(time.perf_counter() - started, 3),
-                    "inputs": {ref: str(d) for ref, d in dirs.items()},
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        write_model_files(staged.path, config, dirs[base_ref], dirs[tok_ref], recipe, scores, dirs, started)
         return staged.commit()
     except BaseException:
         staged.discard()
         raise
+
+
+def write_model_files(
+    out: Path,
+    config: dict,
+    config_dir: Path,
+    tokenizer_dir: Path,
+    recipe: Recipe,
+    scores: dict[str, float] | None,
+    inputs: dict[str, Path],
+    started: float,
+    **record,
+) -> None:
+    """Everything of a written model directory but its weights: config, generation config and
+    tokenizer (copied), recipe, model card, ``evomerge.json`` (versions, seconds, inputs, ``record``)."""
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (config_dir / "generation_config.json").is_file():
+        shutil.copy2(config_dir / "generation_config.json", out)
+    for fname in TOKENIZER_FILES:
+        if (tokenizer_dir / fname).is_file():
+            shutil.copy2(tokenizer_dir / fname, out)
+    recipe.save(out / RECIPE_FILE)
+    (out / "README.md").write_text(model_card(recipe, scores))
+    meta = {
+        "evomerge_version": __version__,
+        "torch": torch.__version__,
+        "seconds": round(time.perf_counter() - started, 3),
+        "inputs": {ref: str(d) for ref, d in inputs.items()},
+        **record,
+    }
+    (out / "evomerge.json").write_text(json.dumps(meta, indent=2) + "\n")

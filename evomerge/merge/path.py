@@ -271,16 +271,20 @@ class ResidentPath:
 # --- on disk -----------------------------------------------------------------------------------
 
 
-def write_path(recipe: Recipe, out, *, allow_pickle: bool = False, overwrite: bool = False, progress: bool = True):
+def write_path(
+    recipe: Recipe,
+    out,
+    *,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    scores: dict[str, float] | None = None,
+):
     """Write ``recipe``'s path as a standard model directory at ``out`` (scales folded, see
     ``fold_scales``), streaming one tensor at a time; returns its path. Nothing is written at
     ``out`` unless the whole model is."""
-    import json
-    import shutil
-
     from evomerge import __version__
     from evomerge.merge.io import (
-        TOKENIZER_FILES,
         ModelSource,
         ShardedWriter,
         StagedDirectory,
@@ -288,7 +292,7 @@ def write_path(recipe: Recipe, out, *, allow_pickle: bool = False, overwrite: bo
         iter_with_progress,
         resolve_model_dir,
     )
-    from evomerge.merge.ondisk import DEFAULT_SHARD_BYTES, RECIPE_FILE, model_card
+    from evomerge.merge.ondisk import DEFAULT_SHARD_BYTES, write_model_files
 
     folded = fold_scales(recipe)
     refs = folded.model_names()
@@ -337,26 +341,9 @@ def write_path(recipe: Recipe, out, *, allow_pickle: bool = False, overwrite: bo
             writer.write(out_name, tensor)
         writer.close()
         config = path_config(configs, path)
-        (staged.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if (dirs[first] / "generation_config.json").is_file():
-            shutil.copy2(dirs[first] / "generation_config.json", staged.path)
-        for fname in TOKENIZER_FILES:
-            if (dirs[first] / fname).is_file():
-                shutil.copy2(dirs[first] / fname, staged.path)
-        folded.save(staged.path / RECIPE_FILE)
-        (staged.path / "README.md").write_text(model_card(folded))
-        (staged.path / "evomerge.json").write_text(
-            json.dumps(
-                {
-                    "evomerge_version": __version__,
-                    "torch": torch.__version__,
-                    "seconds": round(time.perf_counter() - started, 3),
-                    "inputs": {ref: str(d) for ref, d in dirs.items()},
-                    "layer_path": [[m, i, s] for m, i, s in recipe.path()],
-                },
-                indent=2,
-            )
-            + "\n"
+        layer_path = [[m, i, s] for m, i, s in recipe.path()]
+        write_model_files(
+            staged.path, config, dirs[first], dirs[first], folded, scores, dirs, started, layer_path=layer_path
         )
         return staged.commit()
     except BaseException:

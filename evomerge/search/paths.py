@@ -31,7 +31,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.recipe import Recipe
-from evomerge.search.space import Gene, Range, SpaceError
+from evomerge.search.space import Gene, GeneBox, Range, SpaceError
 
 #: Bounds of an inclusion gene; included when > 0.
 INCLUDE = (-1.0, 1.0)
@@ -94,7 +94,7 @@ class Slot:
         return f"{self.model}.{self.layer}"
 
 
-class PathGenome:
+class PathGenome(GeneBox):
     """A path space bound to the models' layer counts: the genes, decode and encode."""
 
     def __init__(self, space: PathSpace, layer_counts: dict[str, int], seed: int = 0):
@@ -127,14 +127,6 @@ class PathGenome:
                     self.scale_gene[(a, b)] = len(genes)
                     genes.append(Gene(f"w[{a}>{b}]", lay.scale.low, lay.scale.high, param="scale"))
         self.genes = genes
-
-    @property
-    def dimension(self) -> int:
-        return len(self.genes)
-
-    @property
-    def bounds(self) -> tuple[list[float], list[float]]:
-        return [g.low for g in self.genes], [g.high for g in self.genes]
 
     @property
     def longest(self) -> int:

@@ -163,7 +163,21 @@ class Gene:
     position: int = 0
 
 
-class Genome:
+class GeneBox:
+    """The box a genome's genes span (``genes``: a list of ``Gene``)."""
+
+    genes: list[Gene]
+
+    @property
+    def dimension(self) -> int:
+        return len(self.genes)
+
+    @property
+    def bounds(self) -> tuple[list[float], list[float]]:
+        return [g.low for g in self.genes], [g.high for g in self.genes]
+
+
+class Genome(GeneBox):
     """A space bound to a model with ``num_layers`` layers: the genes, decode and encode."""
 
     def __init__(self, space: SearchSpace, num_layers: int, seed: int = 0):
@@ -198,14 +212,6 @@ class Genome:
                 if rng.searched:
                     genes.append(Gene(f"lines.{key}", rng.low, rng.high, f"lines.{key}"))
         self.genes = genes
-
-    @property
-    def dimension(self) -> int:
-        return len(self.genes)
-
-    @property
-    def bounds(self) -> tuple[list[float], list[float]]:
-        return [g.low for g in self.genes], [g.high for g in self.genes]
 
     # -- decode -----------------------------------------------------------------------------------
     def _method(self, vector) -> str:
