@@ -20,7 +20,7 @@ from evomerge.cluster.worker import WorkerSpec
 from evomerge.evaluate.candidate import CandidateScorer
 from evomerge.evaluate.config import parse_evaluator
 
-# 200 documents per task in batches of 8: an evaluation takes a few seconds, long enough to be killed in
+# 200 documents per task in batches of 8: an evaluation takes 0.3 s or more (0.34 s on a 2-core EPYC)
 EVALUATOR = {
     "limit": None,
     "seed": 1,
@@ -139,12 +139,12 @@ def test_pool_scores_candidates_and_survives_a_killed_worker(zoo, tmp_path):
         assert "gave up after 1 attempts" in doomed.score.reason
 
         # 3. a candidate over the time limit: its worker is killed and restarted, the candidate failed
-        pool.timeout_s = 0.3
+        pool.timeout_s = 0.05  # an evaluation here takes 0.3 s or more
         while pool.free < 2:
             pool.poll(timeout=1)
         pool.submit("slow", recipes[2])
         (slow,) = drain(pool)
-        assert slow.score.status == "failed" and slow.score.reason.startswith("evaluation exceeded timeout_s=0.3")
+        assert slow.score.status == "failed" and slow.score.reason.startswith("evaluation exceeded timeout_s=0.05")
         pool.timeout_s = None
         pool.submit("after", recipes[2])
         (after,) = drain(pool)
@@ -193,7 +193,9 @@ def test_a_dead_ray_node_raises_pool_error_and_shutdown_cleans_up(zoo, tmp_path,
             while time.monotonic() - killed < 30:
                 returned += pool.poll(timeout=1)
         assert time.monotonic() - killed < 10
-        assert not returned and pool.in_flight == 1  # not reported failed: a resumed campaign redoes it
+        # never reported failed: finished before the death was noticed (a real result, evaluations
+        # here are short), or still in flight, which a resumed campaign redoes
+        assert all(o.score.status == "done" for o in returned) and pool.in_flight == 1 - len(returned)
     finally:
         began = time.monotonic()
         pool.shutdown()

@@ -363,8 +363,9 @@ class WorkerPool:
                 return out
             now = time.monotonic()
             wait = 0.0 if out else (PROBE_EVERY if deadline is None else max(0.0, min(PROBE_EVERY, deadline - now)))
-            if self.timeout_s is not None:
-                wait = min(wait, PROBE_EVERY)
+            if self.timeout_s is not None:  # wake up when the first busy worker becomes overdue
+                due = [s.since + self.timeout_s - now for s in self.slots if s.state == "busy" and not s.kill_reason]
+                wait = min(wait, PROBE_EVERY, *(max(0.0, d) + 0.001 for d in due))
             done = []
             if refs:  # the first to finish, then whatever else is ready already
                 done, rest = ray.wait(list(refs), num_returns=1, timeout=wait)
