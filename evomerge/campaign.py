@@ -480,8 +480,8 @@ def open_tracker(loaded: Loaded, search):
         {"evomerge.seed": str(exp.seed), "evomerge.campaign_dir": str(loaded.directory)},
         loaded.directory / EXPERIMENT_COPY,
     )
-    if loaded.state.get("parent_run_id") != parent:
-        loaded.state["parent_run_id"] = parent
+    if (loaded.state.get("parent_run_id"), loaded.state.get("experiment_id")) != (parent, tracker.experiment_id):
+        loaded.state["parent_run_id"], loaded.state["experiment_id"] = parent, tracker.experiment_id
         loaded.save_state()
     genes = [g.name for g in search.genome.genes]
     for trial in search.trials:
@@ -652,6 +652,7 @@ def summary(loaded: Loaded, search, stopped: str | None, status: RunStatus, exit
         "stopped": stopped,
         "exit": exit_code,
         "parent_run_id": loaded.state.get("parent_run_id"),
+        "experiment_id": loaded.state.get("experiment_id"),
         "tracking_uri": loaded.tracking()[0],
         "budget": loaded.experiment.budget.max_evaluations,
     }

@@ -172,15 +172,27 @@ def _finish(summary: dict) -> int:
         return summary["exit"]
     print(f"front:    evomerge pareto {d}")
     print(f"export:   evomerge export {d} --best --out {d}/export")
-    uri = summary["tracking_uri"]
-    if uri.startswith("sqlite"):
-        print(
-            f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  "
-            "(then filter runs with: tags.pareto = 'true')"
-        )
-    else:
-        print(f"MLflow: {uri} (filter runs with: tags.pareto = 'true')")
+    _print_mlflow(summary["tracking_uri"], summary.get("experiment_id"), summary.get("parent_run_id"))
     return 0
+
+
+def _print_mlflow(uri: str, experiment_id: str | None, campaign_run: str | None) -> None:
+    """How to open the campaign in the MLflow UI: the front, and the campaign run's plots."""
+    from evomerge.tracking.mlflow_tracker import FRONT_FILTER, ui_links
+
+    if uri.startswith("sqlite"):
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        base = "http://127.0.0.1:5000"
+    else:
+        print(f"MLflow: {uri}")
+        base = uri
+    if experiment_id is None:
+        print(f"  (filter runs with: {FRONT_FILTER})")
+        return
+    links = ui_links(base, experiment_id, campaign_run)
+    print(f"  front:      {links['front']}")
+    if "plot" in links:
+        print(f"  front plot: {links['plot']}")
 
 
 def _run_campaign(opener) -> int:

@@ -148,14 +148,16 @@ def register_model(loaded: Loaded, trial, path: Path, name: str, scores: dict | 
     """Log the exported directory to a run of the campaign's MLflow experiment and register it."""
     from mlflow import MlflowClient
 
+    from evomerge.tracking.mlflow_tracker import CAMPAIGN_TAG, ROLE_TAG, TRIAL_TAG
+
     uri, _ = loaded.tracking()
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(loaded.experiment.tracking.experiment or loaded.experiment.name)
     if exp is None:
         raise CampaignError("the campaign has no MLflow experiment yet (run it first)")
-    tags = {"mlflow.runName": f"export trial-{trial.id:05d}", "evomerge.trial": str(trial.id)}
-    if loaded.state.get("parent_run_id"):
-        tags["mlflow.parentRunId"] = loaded.state["parent_run_id"]
+    tags = {"mlflow.runName": f"export trial-{trial.id:05d}", TRIAL_TAG: str(trial.id), ROLE_TAG: "export"}
+    if loaded.state.get("parent_run_id"):  # flat, like the candidates: see evomerge.tracking.mlflow_tracker
+        tags[CAMPAIGN_TAG] = loaded.state["parent_run_id"]
     run = client.create_run(exp.experiment_id, tags=tags)
     for k, v in (scores or {}).items():
         client.log_metric(run.info.run_id, f"report.{k}", v)

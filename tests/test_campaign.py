@@ -328,17 +328,28 @@ def test_campaign_tracks_runs_front_and_artifacts_on_a_real_mlflow_server(zoo, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "evaluations 12 (" in result.stdout and f"MLflow: {mlflow_server}" in result.stdout
 
-    exp_id = rest(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=t-server")["experiment"][
-        "experiment_id"
-    ]
+    created = rest(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=t-server")["experiment"]
+    exp_id = created["experiment_id"]
+    # a model-training experiment, so that MLflow's UI opens it on the runs table
+    assert {t["key"]: t["value"] for t in created["tags"]}["mlflow.experimentKind"] == "custom_model_development"
     (parent,) = runs(mlflow_server, exp_id, "tags.`evomerge.campaign_dir` != ''")
     pid = parent["info"]["run_id"]
     assert parent["info"]["status"] == "FINISHED"
+    front_link = (
+        f"{mlflow_server}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+        "&searchFilter=tags.pareto%20%3D%20%27true%27"
+    )
+    assert f"  front:      {front_link}\n" in result.stdout
+    assert f"/#/experiments/{exp_id}/runs/{pid}/artifactPath/front.png\n" in result.stdout
+    note = {t["key"]: t["value"] for t in parent["data"]["tags"]}["mlflow.note.content"]
+    assert f"get-artifact?path=front.png&run_uuid={pid}" in note
     params = {p["key"]: p["value"] for p in parent["data"]["params"]}
     assert params["experiment.seed"] == "3" and params["experiment.optimizer.name"] == "nsga2"
     assert "versions.torch" in params and "versions.lm_eval" in params
-    children = runs(mlflow_server, exp_id, f"tags.mlflow.parentRunId = '{pid}'")
+    children = runs(mlflow_server, exp_id, f"tags.evomerge.campaign_run = '{pid}'")
     assert len(children) == 12
+    # flat: no run is nested under the campaign run, so the UI lists front members as rows
+    assert not runs(mlflow_server, exp_id, f"tags.mlflow.parentRunId = '{pid}'")
     trial_of = {int({t["key"]: t["value"] for t in c["data"]["tags"]}["evomerge.trial"]): c for c in children}
     assert sorted(trial_of) == list(range(12))
 
@@ -517,7 +528,7 @@ def test_ctrl_c_sigterm_and_sigkill_then_resume_finish_the_exact_budget(resumed)
     assert not [r.info.run_id for r in everything if r.info.status == "RUNNING"]  # no orphans
     parent = client.get_run(loaded.state["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    children = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = [r for r in everything if r.data.tags.get("evomerge.campaign_run") == parent.info.run_id]
     assert sorted(int(r.data.tags["evomerge.trial"]) for r in children) == list(range(16))
     status = cli("status", directory, cwd=tmp)
     assert status.returncode == 0 and "evaluations 16/16" in status.stdout and "finished" in status.stdout
@@ -609,7 +620,7 @@ def test_a_child_run_cut_off_mid_write_is_replaced_on_resume(tmp_path):
     deletes it, so the journal's candidate is logged anew and no run stays RUNNING."""
     from mlflow import MlflowClient
 
-    from evomerge.tracking.mlflow_tracker import PARENT_TAG, TRIAL_TAG, Tracker, local_store
+    from evomerge.tracking.mlflow_tracker import CAMPAIGN_TAG, PARENT_TAG, TRIAL_TAG, Tracker, local_store
 
     uri, artifacts = local_store(tmp_path)
     tracker = Tracker(uri, "t-cut", ["a"], ["maximize"], artifacts)
@@ -617,9 +628,16 @@ def test_a_child_run_cut_off_mid_write_is_replaced_on_resume(tmp_path):
     tracker.close("KILLED")
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.get_experiment_by_name("t-cut").experiment_id
-    cut = client.create_run(exp_id, tags={PARENT_TAG: parent, TRIAL_TAG: "0"}).info.run_id
+    cut = client.create_run(exp_id, tags={CAMPAIGN_TAG: parent, TRIAL_TAG: "0"}).info.run_id
+    # a candidate nested the way earlier versions logged them, and an exported winner's run
+    older = client.create_run(exp_id, tags={PARENT_TAG: parent, TRIAL_TAG: "1"}).info.run_id
+    client.log_metric(older, "a", 0.5)
+    client.set_terminated(older)
+    export = client.create_run(exp_id, tags={CAMPAIGN_TAG: parent, TRIAL_TAG: "1", "evomerge.role": "export"})
+    client.set_terminated(export.info.run_id)
     again = Tracker(uri, "t-cut", ["a"], ["maximize"], artifacts)
-    assert again.open(parent, {}, {}, None) == parent and again.logged == set()
+    assert again.open(parent, {}, {}, None) == parent and again.logged == {1}
+    assert again._runs[1] == older
     again.close()
     assert client.get_run(cut).info.lifecycle_stage == "deleted"
     assert not client.search_runs([exp_id], "attributes.status = 'RUNNING'")

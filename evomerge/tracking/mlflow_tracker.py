@@ -6,10 +6,19 @@ and at the end: the hypervolume and front size per step, the front as a table, a
 the objectives (interactive HTML and PNG). Ranks, front and hypervolume are the search's
 (``Search.snapshot``), evaluated on the tracking thread so that the search loop never waits for the
 O(M N^2) sort; tracking has no Pareto code of its own. Each
-candidate is a child run: genes and decoded recipe values as params, objectives and timings as
+candidate is a run of its own: genes and decoded recipe values as params, objectives and timings as
 metrics, its status. Front members carry the tags
 ``pareto=true`` and ``pareto_rank`` (1 = the front), updated as the front changes, so the MLflow UI
 filters to the front by itself (``tags.pareto = 'true'``).
+
+What a user sees in the MLflow UI: the experiment is a model-training experiment (the
+``mlflow.experimentKind`` tag; MLflow 3.17's UI reads the kind from its GenAI / Model training switch
+instead, so every link evomerge prints carries ``workflowType=machine_learning``). Candidate runs are
+flat, not nested under the campaign run, so that filtering on ``tags.pareto = 'true'`` lists the front
+members themselves, with their objectives as metric columns (nested children show as one collapsed
+parent row). They point at the campaign run with the ``evomerge.campaign_run`` tag; the experiment's
+description links to it, and the campaign run's description shows the front plot and links its
+``front.html``.
 
 Logging runs on a background thread: a sqlite-backed run costs ~50 ms, as much as a candidate's
 evaluation on the zoo, and must not hold up the search loop. Candidates are queued; ``close``
@@ -34,8 +43,28 @@ from typing import Literal
 from evomerge.search.journal import FrontSnapshot
 
 RunStatus = Literal["FINISHED", "KILLED", "FAILED"]
-PARENT_TAG = "mlflow.parentRunId"
+PARENT_TAG = "mlflow.parentRunId"  # how candidates pointed at the campaign run before they were flat
+CAMPAIGN_TAG = "evomerge.campaign_run"
+ROLE_TAG = "evomerge.role"  # campaign | candidate | export
 TRIAL_TAG = "evomerge.trial"
+NOTE_TAG = "mlflow.note.content"  # a run's or experiment's description (markdown) in the UI
+#: MLflow's own mark of an experiment's kind: the UI opens a model-training experiment on its runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+FRONT_FILTER = "tags.pareto = 'true'"
+
+
+def ui_links(base: str, experiment_id: str, campaign_run: str | None = None) -> dict[str, str]:
+    """Addresses in the MLflow UI at ``base`` (e.g. ``http://127.0.0.1:5000``): the runs table, the
+    runs table filtered to the Pareto front, and the campaign run's artifacts (front.html, front.png).
+    Each opens the model-training view whatever the UI's GenAI / Model training switch says."""
+    from urllib.parse import quote
+
+    base = base.rstrip("/")
+    runs = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    links = {"runs": runs, "front": f"{runs}&searchFilter={quote(FRONT_FILTER)}"}
+    if campaign_run:
+        links["plot"] = f"{base}/#/experiments/{experiment_id}/runs/{campaign_run}/artifactPath/front.png"
+    return links
 
 
 def param_key(name: str) -> str:
@@ -92,36 +121,74 @@ class Tracker:
         exp_id = (
             exp.experiment_id
             if exp
-            else self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+            else self.client.create_experiment(
+                self.experiment_name, artifact_location=self.artifact_location, tags=dict([EXPERIMENT_KIND])
+            )
         )
         self.experiment_id = exp_id
+        if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) is None:  # made by an earlier version
+            self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
         if parent_run_id:
             self.client.update_run(parent_run_id, status="RUNNING")
             self.parent = parent_run_id
             self._load_children()
         else:
-            run = self.client.create_run(exp_id, tags={"mlflow.runName": f"campaign {self.experiment_name}", **tags})
+            run = self.client.create_run(
+                exp_id,
+                tags={"mlflow.runName": f"campaign {self.experiment_name}", ROLE_TAG: "campaign", **tags},
+            )
             self.parent = run.info.run_id
             items = [Param(param_key(k), str(v)[:6000]) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.parent, params=items[i : i + 100])
             if config_file is not None:
                 self.client.log_artifact(self.parent, str(config_file))
+        self._describe()
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
         return self.parent
 
+    def _describe(self) -> None:
+        """The experiment's and the campaign run's descriptions, as the UI shows them (markdown): the
+        plot and the interactive plot one click away from the experiment's page."""
+        objectives = ", ".join(f"`{o}` ({d})" for o, d in zip(self.objectives, self.directions))
+        run = f"#/experiments/{self.experiment_id}/runs/{self.parent}"
+        plots = f"[plot]({run}/artifactPath/front.png) · [interactive plot]({run}/artifactPath/front.html)"
+        self.client.set_experiment_tag(
+            self.experiment_id,
+            NOTE_TAG,
+            f"**Pareto front**: {plots} · its members: filter the runs with `{FRONT_FILTER}`.\n\n"
+            f"evomerge campaign **{self.experiment_name}**: one run per candidate merge, with the objectives "
+            f"{objectives} as metrics (Columns > Metrics) and its recipe as params; the run "
+            f"[campaign {self.experiment_name}]({run}) holds the configuration and the front "
+            "(`front.png`, `front.html`, `front.json`).",
+        )
+        self.client.set_tag(
+            self.parent,
+            NOTE_TAG,
+            f"**Pareto front** ({objectives}): {plots} · its members: the runs of this experiment with "
+            f"`{FRONT_FILTER}`.\n\n![Pareto front](get-artifact?path=front.png&run_uuid={self.parent})",
+        )
+
     def _load_children(self) -> None:
+        for tag in (CAMPAIGN_TAG, PARENT_TAG):  # candidates of earlier versions were nested
+            self._load_runs(tag)
+
+    def _load_runs(self, tag: str) -> None:
         token = None
         while True:
             page = self.client.search_runs(
-                [self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent}'", max_results=1000, page_token=token
+                [self.experiment_id], f"tags.`{tag}` = '{self.parent}'", max_results=1000, page_token=token
             )
             for run in page:
+                tags = run.data.tags
+                role = tags.get(ROLE_TAG) or ("export" if tags.get("mlflow.runName", "").startswith("export") else "")
+                if role not in ("", "candidate"):
+                    continue  # an exported winner's run, not a candidate
                 if run.info.status == "RUNNING":  # the controller died while writing it: log it anew
                     self.client.delete_run(run.info.run_id)
                     continue
-                tid = int(run.data.tags[TRIAL_TAG])
+                tid = int(tags[TRIAL_TAG])
                 self._runs[tid] = run.info.run_id
                 if run.info.status == "FINISHED":
                     self._done[tid] = [run.data.metrics[o] for o in self.objectives]
@@ -197,7 +264,8 @@ class Tracker:
         now = int(time.time() * 1000)
         info = trial.info or {}
         tags = {
-            PARENT_TAG: self.parent,
+            CAMPAIGN_TAG: self.parent,
+            ROLE_TAG: "candidate",
             "mlflow.runName": f"trial-{trial.id:05d}",
             TRIAL_TAG: str(trial.id),
             "status": trial.status,

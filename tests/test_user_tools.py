@@ -1,0 +1,231 @@
+"""A finished campaign in the tools its users already open: the MLflow UI in a real headless
+Chromium (skipped where Chromium is not installed), optuna.load_study and optuna-dashboard.
+
+Screenshots of the browser test are kept in ``$EVOMERGE_TEST_ARTIFACTS`` (default
+``.cache/test-artifacts``) under ``mlflow-ui/``.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_campaign import cli, experiment, free_port
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+ARTIFACTS = Path(os.environ.get("EVOMERGE_TEST_ARTIFACTS", REPO / ".cache" / "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def finished(zoo, tmp_path_factory):
+    """A finished 12-candidate NSGA-II campaign tracked in its own local store, and what `run` printed."""
+    tmp = tmp_path_factory.mktemp("user-tools")
+    path = experiment(tmp, zoo, name="exp.yaml", budget={"max_evaluations": 12})
+    result = cli("run", path, cwd=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from evomerge import campaign
+
+    loaded = campaign.open_campaign(tmp / "campaign", check=False)
+    return loaded, loaded.search(), result.stdout
+
+
+def serve(command: list[str], url: str, env: dict | None = None):
+    """Start a server in its own process group; return it once ``url`` answers (it is polled, and the
+    wait ends early if the process exits)."""
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    import time
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{command[0]} exited with {proc.returncode}")
+        try:
+            if urllib.request.urlopen(url, timeout=1).status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.2)  # polling a server coming up, not guessing a duration
+    stop(proc)
+    raise AssertionError(f"{url} did not answer within 90 s")
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# -- MLflow UI in headless Chromium -------------------------------------------------------------------
+@pytest.fixture
+def mlflow_ui(finished):
+    """The UI over the finished campaign, started with the command `evomerge run` printed (port changed)."""
+    _, _, stdout = finished
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("MLflow UI: mlflow ui ")]
+    port = free_port()
+    args = line.removeprefix("MLflow UI: ").replace("--port 5000", f"--port {port}").split()
+    mlflow = REPO / ".venv" / "bin" / "mlflow"
+    args[0] = str(mlflow) if mlflow.exists() else "mlflow"
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    url = f"http://127.0.0.1:{port}"
+    proc = serve(args, url + "/health", {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
+    yield url, {k: v.replace("127.0.0.1:5000", f"127.0.0.1:{port}") for k, v in printed_links(stdout).items()}
+    stop(proc)
+
+
+def printed_links(stdout: str) -> dict[str, str]:
+    links = dict(re.findall(r"^  (front|front plot): +(\S+)$", stdout, re.M))
+    assert set(links) == {"front", "front plot"}, stdout
+    return links
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=2000,1100")  # wide enough for the objective columns
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+ROWS_JS = """
+const out = {};
+for (const cell of document.querySelectorAll('[role=row][row-index] [role=gridcell][col-id]')) {
+  const i = cell.closest('[role=row]').getAttribute('row-index');
+  (out[i] = out[i] || {})[cell.getAttribute('col-id')] = cell.textContent.trim();
+}
+return Object.values(out);
+"""
+
+
+def test_the_mlflow_ui_opens_on_the_front_and_its_plot(finished, mlflow_ui, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    loaded, search, _ = finished
+    url, links = mlflow_ui
+    shots = ARTIFACTS / "mlflow-ui"
+    shots.mkdir(parents=True, exist_ok=True)
+    front = sorted(t.id for t in search.front())
+    wait = WebDriverWait(browser, 60)
+
+    def matching(n):  # the table's own count of the runs it lists
+        return wait.until(lambda d: f"{n} matching runs" in d.find_element(By.TAG_NAME, "body").text)
+
+    def rows():
+        return browser.execute_script(ROWS_JS)
+
+    # 1. the printed link: the runs table (not the GenAI overview), filtered to the front, flat rows
+    browser.get(links["front"])
+    matching(len(front))
+    assert "/runs" in browser.current_url and "Overview" not in browser.find_element(By.TAG_NAME, "body").text
+    wait.until(lambda d: len(rows()) == len(front))
+    names = sorted(int(r["attributes.`Run Name`"][-5:]) for r in rows())
+    assert names == front
+    browser.save_screenshot(str(shots / "1-front-filtered.png"))
+
+    # the objectives as columns: Columns > Metrics > add, sort
+    next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Columns").click()
+    menu = wait.until(lambda d: d.find_element(By.XPATH, "//input[@placeholder='Search columns']/ancestor::div[3]"))
+    for name in ("add", "sort"):
+        menu.find_element(By.XPATH, f".//*[normalize-space(text())='{name}']").click()
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    wait.until(lambda d: all("metrics.`add`" in r and "metrics.`sort`" in r for r in rows()) and rows())
+    shown = {int(r["attributes.`Run Name`"][-5:]): (r["metrics.`add`"], r["metrics.`sort`"]) for r in rows()}
+    for tid in front:  # the UI rounds to a few digits
+        values = search.trials[tid].values
+        assert [float(v) for v in shown[tid]] == pytest.approx(values, abs=5e-3)
+    browser.save_screenshot(str(shots / "2-front-with-objectives.png"))
+
+    # 2. cleared, the table holds every candidate and the campaign run; typing the filter narrows it
+    box = wait.until(lambda d: d.find_element(By.XPATH, "//input[starts-with(@placeholder, 'metrics.')]"))
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE, Keys.ENTER)
+    matching(len(search.trials) + 1)
+    box.send_keys("tags.pareto = 'true'", Keys.ENTER)
+    matching(len(front))
+    browser.save_screenshot(str(shots / "3-filter-typed.png"))
+
+    # 3. the front plot: the printed link opens the campaign run's front.png, which renders
+    browser.get(links["front plot"])
+    wait.until(
+        lambda d: d.execute_script(
+            "return [...document.images].some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 300)"
+        )
+    )
+    assert "front.png" in browser.find_element(By.TAG_NAME, "body").text
+    browser.save_screenshot(str(shots / "4-front-plot.png"))
+
+    # and from the runs table: one click on the campaign run shows the plot in its description
+    run = loaded.state["parent_run_id"]
+    browser.get(f"{url}/#/experiments/{loaded.state['experiment_id']}/runs/{run}")
+    wait.until(
+        lambda d: d.execute_script(
+            "return [...document.images].some(i => i.src.includes('get-artifact?path=front.png') && i.complete "
+            "&& i.naturalWidth > 300)"
+        )
+    )
+    browser.save_screenshot(str(shots / "5-campaign-run.png"))
+
+
+# -- Optuna --------------------------------------------------------------------------------------------
+def test_the_campaign_opens_in_optuna_with_its_objective_names(finished):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    loaded, search, _ = finished
+    study = optuna.load_study(
+        study_name="evomerge", storage=JournalStorage(JournalFileBackend(str(loaded.directory / "optuna.journal")))
+    )
+    assert study.metric_names == ["add", "sort"]
+    assert len(study.trials) == len(search.trials)
+    by_id = {t.user_attrs["evomerge_trial"]: t for t in study.trials}
+    for trial in search.trials:
+        assert by_id[trial.id].values == trial.values
+    assert sorted(t.user_attrs["evomerge_trial"] for t in study.best_trials) == sorted(t.id for t in search.front())
+
+
+def test_optuna_dashboard_serves_the_campaign(finished):
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (the test extra)")
+    loaded, search, _ = finished
+    port = free_port()
+    command = [sys.executable, "-m", "optuna_dashboard._cli", str(loaded.directory / "optuna.journal")]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    proc = serve(command, url + "/api/meta")
+    try:
+        with urllib.request.urlopen(url + "/api/studies", timeout=30) as r:
+            (study,) = json.loads(r.read())["study_summaries"]
+        assert study["study_name"] == "evomerge" and study["directions"] == ["maximize", "maximize"]
+        with urllib.request.urlopen(f"{url}/api/studies/{study['study_id']}", timeout=30) as r:
+            detail = json.loads(r.read())
+        assert detail["objective_names"] == ["add", "sort"]
+        assert len(detail["trials"]) == len(search.trials)
+    finally:
+        stop(proc)
