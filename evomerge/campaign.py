@@ -451,6 +451,7 @@ def worker_pool(loaded: Loaded):
         cpus_per_worker=w.cpus_per_worker,
         gpus_per_worker=w.gpus_per_worker,
         address=w.address,
+        resources=w.resources,
         temp_dir=loaded.directory / "ray",
         max_retries=w.max_retries,
         timeout_s=w.timeout_s,
@@ -527,9 +528,15 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
             with stop_signals() as received:
                 display.update(f"starting {exp.workers.count} worker(s) ...", force=True)
                 try:
-                    pool.start()
+                    workers = pool.start()
                 except PoolError as e:
                     raise CampaignError(str(e)) from None
+                loaded.state["workers"] = [  # where this run's workers were placed
+                    {k: w.get(k) for k in ("node_id", "node_address", "node_resources", "pid", "device")}
+                    for w in workers
+                ]
+                nodes = len({w["node_id"] for w in workers})
+                display.update(f"{len(workers)} worker(s) ready on {nodes} Ray node(s)", force=True)
                 tracker = open_tracker(loaded, search)
                 budget.restart_clock()
                 _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_seeds, on_result)

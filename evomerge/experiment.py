@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from evomerge.configfile import describe, read_yaml
 from evomerge.errors import first_line
@@ -87,8 +87,11 @@ class Workers(BaseModel):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     #: GPUs per worker (fractions share one GPU between workers); 0 on CPU machines.
     gpus_per_worker: float = Field(default=0.0, ge=0)
-    #: None: a private local Ray; "host:port" or "ray://...": join that cluster.
+    #: None: a private local Ray; "auto", "host:port" or "ray://...": join that cluster.
     address: str | None = None
+    #: Custom Ray resources each worker asks for, e.g. {"big-gpu-node": 1} for nodes started with
+    #: ``ray start --resources '{"big-gpu-node": 4}'``: places workers on the nodes that offer them.
+    resources: dict[str, float] = Field(default_factory=dict)
     device: str = "auto"
     dtype: str | None = None
     max_retries: int = Field(default=2, ge=0)
@@ -96,6 +99,22 @@ class Workers(BaseModel):
     #: What each worker keeps resident: task-vector dtype, cached statistics within a byte budget,
     #: experts (and base) on the device or in host memory (``evomerge.merge.memory.MemoryPolicy``).
     memory: MemoryPolicy = Field(default_factory=MemoryPolicy)
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, resources: dict[str, float], info: ValidationInfo):
+        bad = [k for k, v in resources.items() if not v > 0]
+        if bad:
+            raise ValueError(f"amounts must be > 0 ({', '.join(bad)})")
+        reserved = sorted(set(resources) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} are set by cpus_per_worker/gpus_per_worker, not here")
+        if resources and info.data.get("address") is None:
+            raise ValueError(
+                "custom resources are offered by the nodes of a Ray cluster; "
+                "set workers.address to join one (a private local Ray has none)"
+            )
+        return resources
 
 
 class Tracking(BaseModel):

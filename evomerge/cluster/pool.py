@@ -108,6 +108,7 @@ class WorkerPool:
         max_retries: int = 2,
         timeout_s: float | None = None,
         start_timeout_s: float = 300.0,
+        resources: dict[str, float] | None = None,
     ):
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -115,6 +116,7 @@ class WorkerPool:
         self.cpus, self.gpus = cpus_per_worker, gpus_per_worker
         self.address, self.temp_dir = address, Path(temp_dir) if temp_dir else None
         self.max_retries, self.timeout_s, self.start_timeout_s = max_retries, timeout_s, start_timeout_s
+        self.resources = dict(resources or {})
         self.slots: list[_Slot] = []
         self.queue: deque[_Job] = deque()
         self.started_ray = False
@@ -137,6 +139,11 @@ class WorkerPool:
 
         if ray.is_initialized():
             raise PoolError("Ray is already initialized in this process; one pool per process")
+        from ray._private import ray_constants
+
+        # evomerge's environment keeps Ray on loopback (SAFETY), which a private Ray needs; a driver that
+        # joins a cluster must see this node's real address instead, as `ray start` did (read per call)
+        ray_constants.ENABLE_RAY_CLUSTER = self.address not in (None, "local")
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "namespace": "evomerge"}
         share = MemoryPolicy(**self.spec.memory).share and not self.spec.path  # a path holds no task vectors
         shared_bytes = self._shared_bytes() if share else 0
@@ -192,7 +199,7 @@ class WorkerPool:
                 raise
         # Ray restarts a dead worker (forever); the pool counts retries per candidate itself.
         self._make = lambda: actor_cls.options(
-            num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=-1, max_task_retries=0
+            num_cpus=self.cpus, num_gpus=self.gpus, resources=self.resources, max_restarts=-1, max_task_retries=0
         ).remote(spec)
         self.slots = [_Slot(i, self._make()) for i in range(self.n)]
         refs = {s.actor.ready.remote(): s for s in self.slots}
@@ -219,7 +226,21 @@ class WorkerPool:
         except BaseException:
             self.shutdown()
             raise
+        self._placement()
         return [s.info for s in self.slots]
+
+    def _placement(self) -> None:
+        """Add to each worker's info the node it runs on: address and custom resources (its labels)."""
+        import ray
+
+        standard = {"CPU", "GPU", "memory", "object_store_memory"}
+        nodes = {n["NodeID"]: n for n in ray.nodes()}
+        for slot in self.slots:
+            node = nodes.get(slot.info.get("node_id"), {})
+            slot.info["node_address"] = node.get("NodeManagerAddress")
+            slot.info["node_resources"] = {
+                k: v for k, v in node.get("Resources", {}).items() if k not in standard and not k.startswith("node:")
+            }
 
     def _shared_bytes(self) -> int:
         from evomerge.merge.shared import plan_bytes

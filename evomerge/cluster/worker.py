@@ -91,10 +91,12 @@ class ScoringWorker:
         )
 
     def ready(self) -> dict:
-        """Where this worker runs: pid, device, threads, seconds it took to load."""
+        """Where this worker runs: Ray node, pid, device, threads, seconds it took to load."""
+        import ray
         import torch
 
         return {
+            "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "device": self.device,
             "threads": torch.get_num_threads(),
