@@ -255,7 +255,7 @@ def check_experiment(
     for i, recipe in enumerate(exp.seeds.recipes):
         if not Path(recipe).is_file():
             fail(f"seeds.recipes[{i}]", f"file not found: {recipe}")
-    _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking)
+    _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking, exp.models[space.base])
     counts = {name: int(c.get("num_hidden_layers", 0)) for name, c in configs.items()}
     return {"space": space, "evaluator": evaluator, "num_layers": num_layers, "layer_counts": counts}
 
@@ -275,9 +275,22 @@ def _check_genome(exp: Experiment, space, layers, fail):
     return genome
 
 
-def _check_tasks_and_tracking(exp: Experiment, evaluator, fail, check_tasks: bool, check_tracking: bool) -> None:
+def _check_tasks_and_tracking(
+    exp: Experiment, evaluator, fail, check_tasks: bool, check_tracking: bool, tokenizer_ref: str
+) -> None:
     from evomerge.evaluate.config import EvaluatorError
 
+    wanted = evaluator.lm_eval.apply_chat_template
+    if wanted:  # the candidates' tokenizer is the base's (a path's: its first model's)
+        templates = chat_templates(tokenizer_ref)
+        where = f"evaluator: {evaluator.source}: lm_eval.apply_chat_template"
+        if not templates:
+            fail(where, f"the tokenizer of {tokenizer_ref} has no chat template")
+        if isinstance(wanted, str) and wanted not in templates:
+            fail(
+                where,
+                f"the tokenizer of {tokenizer_ref} has no chat template '{wanted}'; it has: {', '.join(templates)}",
+            )
     if check_tasks:
         try:
             for split in dict.fromkeys([evaluator.split, "report"]):
@@ -323,7 +336,7 @@ def _check_path_experiment(exp: Experiment, space, evaluator, configs: dict, fai
             fail(f"seeds.recipes[{i}]", first_line(e))
     if exp.workers.address is None and not exp.workers.gpus_per_worker:
         _check_path_fits_host(exp, specs, fail)
-    _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking)
+    _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking, exp.models[space.models[0]])
     return {"space": space, "evaluator": evaluator, "num_layers": None, "layer_counts": counts}
 
 
@@ -367,6 +380,12 @@ def _check_tensors(models: dict[str, str], base: str, fail) -> dict:
 def _check_fidelity(fidelity: FidelityConfig, evaluator, fail) -> None:
     if evaluator.limit is None:
         fail("fidelity", "multi-fidelity needs the evaluator's limit (documents per task at full fidelity)")
+    if evaluator.limit < 1:
+        fail(
+            "fidelity",
+            f"rungs count documents: give the evaluator's limit as a number of documents, not a fraction "
+            f"({evaluator.limit})",
+        )
     if fidelity.rungs[-1] >= evaluator.limit:
         fail(
             "fidelity.rungs",
@@ -468,6 +487,32 @@ def _model_config(ref: str, allow_pickle: bool, fail) -> dict:
         return json.loads(Path(hf_hub_download(ref, "config.json")).read_text())
     except Exception as e:
         fail(f"'{ref}' is not a local directory and its config cannot be fetched from the hub: {first_line(e)}")
+
+
+def chat_templates(ref: str) -> dict[str, str]:
+    """The chat templates of a model's tokenizer, by name (``default`` for the unnamed one), read from
+    its files as transformers saves them: ``chat_template.jinja``, ``additional_chat_templates/*.jinja``,
+    or ``chat_template`` in ``tokenizer_config.json``. A hub id's files come from the hub (or its cache)."""
+    path = Path(ref)
+    if not path.is_absolute():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(ref, allow_patterns=["tokenizer_config.json", "*.jinja"]))
+        except Exception:  # unreachable: the model check reports it; no template known here
+            return {}
+    out = {}
+    config = path / "tokenizer_config.json"
+    value = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    if isinstance(value, str):
+        out["default"] = value
+    elif isinstance(value, list):
+        out.update({t["name"]: t["template"] for t in value if isinstance(t, dict) and "name" in t})
+    if (path / "chat_template.jinja").is_file():
+        out["default"] = (path / "chat_template.jinja").read_text()
+    for file in sorted((path / "additional_chat_templates").glob("*.jinja")):
+        out[file.stem] = file.read_text()
+    return out
 
 
 def tracking_unreachable(uri: str, timeout: float = 5.0) -> str | None:

@@ -42,7 +42,7 @@ def alone(expert, others=("expert-add", "expert-sort")):
         ({}, "missing required field 'objectives'"),
         ({"objectives": [{"name": "a"}]}, "objectives[0]: give exactly one of 'task' or 'perplexity'"),
         ({"objectives": [{"name": "a", "task": "x"}, {"name": "a", "task": "y"}]}, "repeated: a"),
-        ({"objectives": [{"name": "a", "task": "x"}], "limit": 0}, "limit: Input should be greater than or equal to 1"),
+        ({"objectives": [{"name": "a", "task": "x"}], "limit": 0}, "limit: Input should be greater than 0"),
         ({"objectives": [{"name": "a", "perplexity": "t.txt", "metric": "acc"}]}, "apply to tasks"),
         ({"objectives": [{"name": "a", "task": "x", "weigth": 2}]}, "unsupported key 'objectives[0].weigth'"),
     ],

@@ -166,15 +166,32 @@ class CandidateScorer:
                 refs.append(ref)
             if o.num_fewshot is not None:
                 shots[task] = o.num_fewshot
+        options = evaluator.lm_eval
         self.suite = (
             TaskSuite(
-                refs, limit=evaluator.limit, subset_seed=evaluator.seed, num_fewshot=shots, fewshot_seed=evaluator.seed
+                refs,
+                limit=evaluator.limit,
+                subset_seed=evaluator.seed,
+                num_fewshot=shots,
+                fewshot_seed=evaluator.seed,
+                gen_kwargs=options.gen_kwargs,
+                evaluate_kwargs=options.evaluate_kwargs(),
             )
             if refs
             else None
         )
         max_length = getattr(self.model.config, "max_position_embeddings", None)
-        self.lm = wrap_model(self.model, self.tokenizer, batch_size=evaluator.batch_size) if refs else None
+        self.lm = (
+            wrap_model(
+                self.model,
+                self.tokenizer,
+                batch_size=evaluator.hflm_batch_size,
+                max_length=options.max_length,
+                max_batch_size=options.max_batch_size,
+            )
+            if refs
+            else None
+        )
         self.perplexity = {
             o.name: PerplexityScorer(
                 evaluator.resolve(o.perplexity, self.split),

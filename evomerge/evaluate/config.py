@@ -5,16 +5,17 @@ the perplexity of a local text file, with a direction, a weight (for single-obje
 and, for tasks, a number of few-shot examples. ``{split}`` in a task or text path is replaced by
 the split being scored: ``search`` during a campaign, ``report`` (held out) when a winner is
 exported. ``limit`` documents per task are scored, a subset drawn once from ``seed``, the same for
-every candidate so fitness is comparable. Paths are relative to the evaluator file; a task that is
-not a ``.yaml`` path is a built-in lm-eval task name.
+every candidate so fitness is comparable (``limit`` below 1 is a fraction of each task's documents).
+Paths are relative to the evaluator file; a task that is not a ``.yaml`` path is a built-in lm-eval
+task name. ``lm_eval`` passes lm-eval's own model and prompt options through (``LmEvalOptions``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from evomerge.configfile import describe, read_yaml
 
@@ -54,19 +55,94 @@ class ObjectiveSpec(BaseModel):
         return self
 
 
+class LmEvalOptions(BaseModel):
+    """What lm-eval's ``HFLM`` and ``evaluate`` accept, passed through as the lm-eval CLI's flags of
+    the same names would be."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: HFLM batch size: a number, or ``auto``: the largest that fits (up to ``max_batch_size``),
+    #: detected once per worker on its resident model (lm-eval alone re-detects it on every call).
+    #: Default: the evaluator's ``batch_size``.
+    batch_size: int | Literal["auto"] | None = None
+    max_batch_size: int = Field(64, ge=1)
+    #: Tokens of context kept (lm-eval truncates longer prompts from the left). Default: the model's.
+    max_length: int | None = Field(None, ge=2)
+    #: Render prompts with the tokenizer's chat template (``true``), or with the named one of its
+    #: templates; a tokenizer without a chat template is refused before the campaign starts.
+    apply_chat_template: bool | str = False
+    #: With a chat template: few-shot examples as alternating user/assistant turns.
+    fewshot_as_multiturn: bool = False
+    #: A system prompt put before every prompt (a system turn with a chat template).
+    system_instruction: str | None = None
+    #: Overrides of the generation settings of every generating task (``until``, ``max_gen_toks``,
+    #: ``do_sample``, ``temperature``, ...): keys of transformers' GenerationConfig or lm-eval's own.
+    gen_kwargs: dict[str, Any] | None = None
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("a number >= 1, or auto")
+        return value
+
+    @field_validator("gen_kwargs")
+    @classmethod
+    def _generation_keys(cls, value):
+        if value is None:
+            return value
+        from transformers import GenerationConfig
+
+        known = set(GenerationConfig().to_dict()) | {"until", "max_gen_toks"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown generation setting(s) {', '.join(unknown)} (not in transformers' GenerationConfig)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _multiturn(self):
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn: needs apply_chat_template (the turns are the chat template's)")
+        return self
+
+    def evaluate_kwargs(self) -> dict[str, Any]:
+        """The keywords of ``lm_eval.evaluator.evaluate`` these options set."""
+        return {
+            "apply_chat_template": self.apply_chat_template,
+            "fewshot_as_multiturn": self.fewshot_as_multiturn,
+            "system_instruction": self.system_instruction,
+        }
+
+
 class EvaluatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     objectives: list[ObjectiveSpec] = Field(min_length=1)
     #: Split scored during the search; export scores the held-out ``report`` split.
     split: Literal["search", "report"] = "search"
     #: Documents per task (a fixed seeded subset); text blocks for perplexity. None: all of them.
-    limit: int | None = Field(default=None, ge=1)
+    #: A number below 1 is a fraction of each task's documents (of the text's blocks), rounded up.
+    limit: int | float | None = Field(default=None, gt=0)
     #: Seed of the subsets (documents, text blocks) and of few-shot example draws.
     seed: int = 0
     batch_size: int = Field(default=64, ge=1)
     #: Tokens per perplexity block (capped by the model's maximum length).
     block_size: int = Field(default=64, ge=2)
+    #: lm-eval's model and prompt options (batch size, chat template, system prompt, generation).
+    lm_eval: LmEvalOptions = Field(default_factory=LmEvalOptions)
     _source: Path | None = PrivateAttr(default=None)
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, value):
+        if isinstance(value, float) and not (value < 1 or value.is_integer()):
+            raise ValueError("a number of documents (a whole number >= 1) or a fraction below 1")
+        return int(value) if isinstance(value, float) and value >= 1 else value
+
+    @property
+    def hflm_batch_size(self) -> int | str:
+        """The batch size of lm-eval's model wrapper: ``lm_eval.batch_size``, else ``batch_size``."""
+        return self.lm_eval.batch_size if self.lm_eval.batch_size is not None else self.batch_size
 
     @model_validator(mode="after")
     def _unique(self):
@@ -116,13 +192,19 @@ class EvaluatorConfig(BaseModel):
         refs = list(dict.fromkeys(ref for _, _, ref in tasks))
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # datasets' progress bars
-                reported = TaskSuite(refs).metrics()
+                suite = TaskSuite(refs)
+                reported = suite.metrics()
         except TaskError as e:
             raise EvaluatorError(f"{where}objectives: {e}") from None
         except Exception as e:  # lm-eval and datasets raise many types for a task that cannot load
             raise EvaluatorError(
                 f"{where}objectives: a task of the {split} split cannot be loaded: {first_line(e, with_type=True)}"
             ) from None
+        if self.lm_eval.gen_kwargs and "generate_until" not in suite.output_types().values():
+            raise EvaluatorError(
+                f"{where}lm_eval.gen_kwargs: no task of the {split} split generates text "
+                "(they are scored by likelihood, without generation settings)"
+            )
         for i, o, ref in tasks:
             name = resolve_task(ref).name
             have = reported[name]

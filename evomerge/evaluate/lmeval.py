@@ -15,6 +15,7 @@ import contextlib
 import functools
 import io
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,17 +80,23 @@ class TaskSuite:
 
     ``limit`` caps the documents per task, the same ones on every call so scores of different models
     are comparable: the first ``limit`` of the task's split, or with ``subset_seed`` a seeded random
-    subset of that size (drawn once per task from (seed, task name)). ``num_fewshot`` maps task
-    names to their number of few-shot examples (drawn by lm-eval with ``fewshot_seed``).
+    subset of that size (drawn once per task from (seed, task name)); below 1 it is a fraction of
+    each task's documents, rounded up. ``num_fewshot`` maps task names to their number of few-shot
+    examples, drawn by lm-eval with ``fewshot_seed``: the same examples on every call (lm-eval's
+    sampler would otherwise move on from call to call, giving each model other examples).
+    ``gen_kwargs`` overrides the generation settings of every generating task; ``evaluate_kwargs``
+    (chat template, multi-turn few-shot, system instruction) go to every ``evaluate`` call.
     """
 
     def __init__(
         self,
         tasks: list[str | Path],
-        limit: int | None = None,
+        limit: int | float | None = None,
         subset_seed: int | None = None,
         num_fewshot: dict[str, int] | None = None,
         fewshot_seed: int = 1234,
+        gen_kwargs: dict | None = None,
+        evaluate_kwargs: dict | None = None,
     ):
         from lm_eval.tasks import TaskManager, get_task_dict
 
@@ -110,6 +117,8 @@ class TaskSuite:
         self.task_dict = get_task_dict(specs, manager)
         self.names = names
         self.limit = limit
+        self.fewshot_seed = fewshot_seed
+        self.evaluate_kwargs = dict(evaluate_kwargs or {})
         leaves = dict(_leaf_tasks(self.task_dict))
         for name, shots in (num_fewshot or {}).items():
             if name not in self.names:
@@ -117,15 +126,31 @@ class TaskSuite:
             for leaf, task in leaves.items():
                 if leaf == name or leaf in _group_members(self.task_dict, name):
                     task.set_config(key="num_fewshot", value=int(shots))
-                    task.set_fewshot_seed(seed=fewshot_seed)
+        if gen_kwargs:  # as lm-eval's --gen_kwargs: only tasks that generate have generation settings
+            for task in leaves.values():
+                if task.get_config("output_type") == "generate_until":
+                    task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
         self.samples = None
         self._subsets: dict[int | None, dict[str, list[int]]] = {}
         if limit is not None and subset_seed is not None:
             self.samples = {}
             for leaf, task in leaves.items():
                 n = len(task.eval_docs)
+                k = self.documents_of(n)
                 rng = random.Random(f"{subset_seed}:{leaf}")
-                self.samples[leaf] = sorted(rng.sample(range(n), limit)) if limit < n else list(range(n))
+                self.samples[leaf] = sorted(rng.sample(range(n), k)) if k < n else list(range(n))
+
+    def documents_of(self, n: int) -> int:
+        """Documents scored of a task that has ``n``: ``limit`` of them, or that fraction, rounded up."""
+        if self.limit is None:
+            return n
+        if self.limit < 1:
+            return min(n, max(1, math.ceil(n * self.limit)))
+        return min(n, int(self.limit))
+
+    def output_types(self) -> dict[str, str]:
+        """Each leaf task's lm-eval output type (generate_until, loglikelihood, multiple_choice, ...)."""
+        return {leaf: task.get_config("output_type") for leaf, task in _leaf_tasks(self.task_dict)}
 
     def metrics(self) -> dict[str, set[str]]:
         """The metric names each of the suite's tasks reports (a group: its subtasks' together)."""
@@ -147,8 +172,7 @@ class TaskSuite:
             if self.samples is not None:
                 full = self.samples[leaf]
             else:
-                n = len(task.eval_docs)
-                full = list(range(min(n, self.limit) if self.limit is not None else n))
+                full = list(range(self.documents_of(len(task.eval_docs))))
             if documents is not None and documents < len(full):
                 order = random.Random(f"rungs:{leaf}").sample(full, len(full))
                 full = sorted(order[:documents])
@@ -164,16 +188,20 @@ class TaskSuite:
         from lm_eval.evaluator import evaluate
 
         samples = self.samples if documents is None else self.subset(documents)
+        if samples is None and self.limit is not None:
+            samples = self.subset(None)
+        for _, task in _leaf_tasks(self.task_dict):  # the same few-shot examples on every call
+            task.set_fewshot_seed(seed=self.fewshot_seed)
         sink = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
         with sink:
             return evaluate(
                 lm,
                 self.task_dict,
-                limit=None if samples is not None else self.limit,
                 samples=samples,
                 bootstrap_iters=0,
                 log_samples=log_samples,
                 verbosity="ERROR",
+                **self.evaluate_kwargs,
             )
 
     def scores(self, lm, metrics: dict[str, str] | None = None) -> dict[str, float]:
@@ -215,11 +243,13 @@ def pick_metric(task_results: dict, metric: str | None, task: str) -> float:
 TOKENIZATION_CACHE = 200_000
 
 
-def wrap_model(model, tokenizer, batch_size: int = 64, max_length: int | None = None):
+def wrap_model(model, tokenizer, batch_size: int | str = 64, max_length: int | None = None, max_batch_size: int = 64):
     """An lm-eval ``HFLM`` around an in-memory model object (weights may be rewritten in place).
 
     It remembers its tokenizations: the tokenizer never changes while the weights do, and every
-    candidate sends the same prompts, so each string is tokenized once per worker.
+    candidate sends the same prompts, so each string is tokenized once per worker. ``batch_size="auto"``
+    is resolved here, once, to the largest batch (up to ``max_batch_size``) that runs at the model's
+    maximum length: lm-eval alone detects it again on every call (a second per candidate on the zoo).
     """
     from lm_eval.models.huggingface import HFLM
 
@@ -239,9 +269,17 @@ def wrap_model(model, tokenizer, batch_size: int = 64, max_length: int | None = 
 
     device = str(next(model.parameters()).device)
     lm = ResidentHFLM(
-        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        device=device,
+        max_length=max_length,
+        max_batch_size=max_batch_size,
     )
     lm._tokens = {}  # per instance
+    if str(batch_size).startswith("auto"):
+        with contextlib.redirect_stdout(io.StringIO()):  # lm-eval prints its detection
+            lm.batch_size_per_gpu = int(lm._detect_batch_size())
     return lm
 
 

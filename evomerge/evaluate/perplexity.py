@@ -24,7 +24,7 @@ class PerplexityScorer:
         path: str | Path,
         tokenizer,
         block_size: int = 64,
-        limit: int | None = None,
+        limit: int | float | None = None,
         seed: int = 0,
         batch_size: int = 64,
         max_length: int | None = None,
@@ -46,6 +46,8 @@ class PerplexityScorer:
             raise ValueError(f"unknown perplexity unit {unit!r}; expected 'block' or 'line'")
         if not units or len(units[0]) < 2:
             raise ValueError(f"{path}: too little text for perplexity")
+        if limit is not None and limit < 1:  # a fraction of the units, rounded up
+            limit = max(1, math.ceil(len(units) * limit))
         if limit is not None and limit < len(units):
             keep = sorted(random.Random(f"{seed}:{path.name}").sample(range(len(units)), limit))
             units = [units[i] for i in keep]

@@ -158,7 +158,7 @@ class Search:
                 study = optuna.load_study(study_name=STUDY, storage=JournalStorage(JournalFileBackend(str(path))))
                 if len(study.trials) == len(told):
                     if study.metric_names is None:  # written by an earlier version
-                        study.set_metric_names(self._metric_names)
+                        self._name_metrics(study)
                     return study
             except Exception:  # unreadable or another study: rebuilt below
                 pass
@@ -167,15 +167,19 @@ class Search:
         study = optuna.create_study(
             study_name=STUDY, directions=self.directions, storage=JournalStorage(JournalFileBackend(str(staged)))
         )
-        study.set_metric_names(self._metric_names)  # what optuna-dashboard labels its axes and columns with
+        self._name_metrics(study)
         for trial in told:
             self._add_to_view(study, trial)
         os.replace(staged, path)
         return optuna.load_study(study_name=STUDY, storage=JournalStorage(JournalFileBackend(str(path))))
 
-    @property
-    def _metric_names(self) -> list[str]:
-        return [o.name for o in self.objectives]
+    def _name_metrics(self, study) -> None:
+        """Name the study's objectives: what optuna-dashboard labels its axes and columns with."""
+        import warnings
+
+        with warnings.catch_warnings():  # optuna marks set_metric_names experimental
+            warnings.simplefilter("ignore")
+            study.set_metric_names([o.name for o in self.objectives])
 
     def _add_to_view(self, study, trial: Trial) -> None:
         import optuna

@@ -169,7 +169,7 @@ def _build_into(root: Path, spec: ZooSpec, progress: Progress) -> dict:
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
     corpus = skills.training_examples(rng, spec.base_mixture(), TOKENIZER_CORPUS_SIZE)
-    tokenizer = train_tokenizer([e.text for e in corpus])
+    tokenizer = train_tokenizer([e.text for e in corpus], chat_template=spec.chat_template)
     vocab = tokenizer.get_vocab()
     model = build_model(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     n_params = sum(p.numel() for p in model.parameters())

@@ -37,6 +37,9 @@ class ZooSpec(BaseModel):
     #: Base-corpus examples per skill example in an expert's fine-tuning batches.
     replay: float = Field(1.0, ge=0.0)
     batch_size: int = Field(64, ge=1)
+    #: Give the tokenizer the zoo's chat template (``evomerge.zoo.tokenizer.CHAT_TEMPLATE``), so that
+    #: lm-eval's ``apply_chat_template`` can be tried on the zoo.
+    chat_template: bool = True
 
     @field_validator("experts")
     @classmethod

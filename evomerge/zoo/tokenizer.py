@@ -15,9 +15,21 @@ from evomerge.zoo.skills import ALPHABET
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
+#: The zoo's chat template: the turns in the zoo's own plain format, without role markers (its models
+#: never saw any): a system or assistant turn is its text and a newline, a user turn its text. One user
+#: turn renders as itself, so a zero-shot task scores the same with and without apply_chat_template;
+#: few-shot examples as turns (fewshot_as_multiturn) become "question answer" lines.
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{{ m['content'] }}"
+    "{%- else -%}{{ m['content'] + '\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+)
 
-def train_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
-    """Train the character-level BPE tokenizer on ``corpus`` and wrap it for transformers."""
+
+def train_tokenizer(corpus: list[str], chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """Train the character-level BPE tokenizer on ``corpus`` and wrap it for transformers (with the
+    zoo's chat template unless ``chat_template`` is false)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # "[\s\S]": any single character, the newline included.
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -29,7 +41,7 @@ def train_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    out = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
         bos_token="<s>",
@@ -38,3 +50,6 @@ def train_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
         padding_side="left",
         model_max_length=64,
     )
+    if chat_template:
+        out.chat_template = CHAT_TEMPLATE
+    return out
