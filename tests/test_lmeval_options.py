@@ -63,7 +63,7 @@ def test_few_shot_examples_are_the_same_for_every_candidate(zoo):
 def test_the_zoo_tokenizer_has_a_chat_template_and_a_zero_shot_prompt_renders_as_itself(zoo):
     _, tok = load_causal_lm(zoo / "base")
     assert tok.chat_template == CHAT_TEMPLATE
-    turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    turns = [{"role": r, "content": c} for r, c in (("system", "s"), ("user", "q"), ("assistant", "a"))]
     assert tok.apply_chat_template(turns, tokenize=False) == "s\nqa\n"
     plain, chat = scorer(zoo), scorer(zoo, {"apply_chat_template": True})
     assert [r["arguments"][0][0] for r in prompts(chat)] == [r["arguments"][0][0] for r in prompts(plain)]
@@ -72,7 +72,8 @@ def test_the_zoo_tokenizer_has_a_chat_template_and_a_zero_shot_prompt_renders_as
 
 def test_system_instruction_with_and_without_the_chat_template(zoo):
     plain = [r["arguments"][0][0] for r in prompts(scorer(zoo))]
-    chat = [r["arguments"][0][0] for r in prompts(scorer(zoo, {"apply_chat_template": True, "system_instruction": "x"}))]
+    with_template = scorer(zoo, {"apply_chat_template": True, "system_instruction": "x"})
+    chat = [r["arguments"][0][0] for r in prompts(with_template)]
     bare = [r["arguments"][0][0] for r in prompts(scorer(zoo, {"system_instruction": "x"}))]
     assert chat == ["x\n" + p for p in plain]  # a system turn: the template's "text + newline"
     assert bare == ["x" + p for p in plain]  # lm-eval's plain prefix
@@ -189,7 +190,7 @@ def test_a_campaign_refuses_what_its_models_or_tasks_cannot_do(zoo, tmp_path):
 def test_a_campaign_runs_with_lm_eval_options(zoo, tmp_path):
     ev = write_evaluator(
         tmp_path,
-        {"batch_size": "auto", "apply_chat_template": True, "system_instruction": "", "gen_kwargs": {"max_gen_toks": 6}},
+        {"batch_size": "auto", "apply_chat_template": True, "system_instruction": "", "gen_kwargs": {"do_sample": False}},
     )
     path = experiment(tmp_path, zoo, evaluator=str(ev), budget={"max_evaluations": 4})
     result = cli("run", path, cwd=tmp_path)
