@@ -190,7 +190,7 @@ def test_a_campaign_refuses_what_its_models_or_tasks_cannot_do(zoo, tmp_path):
 def test_a_campaign_runs_with_lm_eval_options(zoo, tmp_path):
     ev = write_evaluator(
         tmp_path,
-        {"batch_size": "auto", "apply_chat_template": True, "system_instruction": "", "gen_kwargs": {"do_sample": False}},
+        {"batch_size": "auto", "apply_chat_template": True, "system_instruction": "", "gen_kwargs": {"top_k": 1}},
     )
     path = experiment(tmp_path, zoo, evaluator=str(ev), budget={"max_evaluations": 4})
     result = cli("run", path, cwd=tmp_path)
