@@ -10,6 +10,7 @@ answers. Each problem is one ``ExperimentError`` line naming the file and field.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -481,6 +482,15 @@ def _model_config(ref: str, allow_pickle: bool, fail) -> dict:
         except ModelLoadError as e:
             fail(str(e))
         return json.loads((path / "config.json").read_text())
+    from evomerge.models.tensors import cached_snapshot, hub_cache
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false"):
+        snapshot = cached_snapshot(ref)
+        if snapshot is None or not (snapshot / "config.json").is_file():
+            fail(
+                f"'{ref}' is not a local directory nor a model in the local hub cache ({hub_cache()}); "
+                "offline mode forbids fetching it"
+            )
     try:  # a hub id: its config only (small); weights are fetched by the workers
         from huggingface_hub import hf_hub_download
 

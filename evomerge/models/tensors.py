@@ -2,11 +2,13 @@
 
 Used before a campaign starts: an expert whose tensor shapes differ from the base's would otherwise
 be noticed only once a worker had loaded everything. Local directories are read from their
-shards' headers; hub ids through the hub's header-only metadata call (a few kilobytes per shard).
+shards' headers; hub ids from their shards in the local hub cache when they are there (offline too),
+else through the hub's header-only metadata call (a few kilobytes per shard).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 #: safetensors dtype names that hold floating-point weights (merged); others are copied as they are.
@@ -27,9 +29,15 @@ def tensor_specs(ref: str, local: bool) -> dict[str, tuple[tuple[int, ...], str]
         for shard in sorted(Path(ref).glob("*.safetensors")):
             out.update(_read_header(shard))
         return out
+    cached = cached_snapshot(ref)
+    if cached is not None and any(cached.glob("*.safetensors")):
+        return tensor_specs(str(cached), True)
     from huggingface_hub import get_safetensors_metadata
 
     from evomerge.errors import first_line
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false"):
+        raise TensorHeaderError(f"{ref}: not in the local hub cache ({hub_cache()}), and offline mode forbids the hub")
 
     try:
         meta = get_safetensors_metadata(ref)
@@ -40,6 +48,24 @@ def tensor_specs(ref: str, local: bool) -> dict[str, tuple[tuple[int, ...], str]
         for file in meta.files_metadata.values()
         for name, info in file.tensors.items()
     }
+
+
+def hub_cache() -> str:
+    """Where huggingface_hub keeps downloaded models (``HF_HUB_CACHE``, else ``HF_HOME``/hub)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def cached_snapshot(ref: str) -> Path | None:
+    """The folder of the snapshot of hub id ``ref`` that its ``main`` ref points to in the local hub
+    cache, or None; never contacts the hub."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception:  # not cached (huggingface_hub raises a few types for it)
+        return None
 
 
 def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
