@@ -835,7 +835,8 @@ def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
     result = cli("run", path, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # progress only: no warning from Ray about the shared copy
-    assert all(line.startswith(("starting", "evaluations")) for line in result.stderr.splitlines()), result.stderr
+    progress = ("starting", "evaluations", "1 worker(s) ready")
+    assert all(line.startswith(progress) for line in result.stderr.splitlines()), result.stderr
     loaded = campaign.open_campaign(tmp_path / "campaign", check=False)
     search = loaded.search()
     assert f"documents scored {search.documents};" in result.stdout

@@ -185,14 +185,3 @@ def test_a_campaign_refuses_what_its_models_or_tasks_cannot_do(zoo, tmp_path):
         "without generation settings)"
     )
     assert not (tmp_path / "campaign").exists()
-
-
-def test_a_campaign_runs_with_lm_eval_options(zoo, tmp_path):
-    ev = write_evaluator(
-        tmp_path,
-        {"batch_size": "auto", "apply_chat_template": True, "system_instruction": "", "gen_kwargs": {"top_k": 1}},
-    )
-    path = experiment(tmp_path, zoo, evaluator=str(ev), budget={"max_evaluations": 4})
-    result = cli("run", path, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "evaluations 4 (4 done" in result.stdout

@@ -6,7 +6,8 @@ loopback address (127.0.0.1, localhost) with the machine's external one, so the 
 another loopback address; in cluster mode Ray's processes listen on every interface, so the cluster
 asks for a random auth token (RAY_AUTH_MODE=token) for the few seconds it lives. Only the processes
 this test started are stopped: the `ray start --block` commands' process groups, then anything still
-holding the cluster's temp dir; never `ray stop`, which would stop every Ray on the machine.
+holding the cluster's temp dir (and the test fails if there was any); never `ray stop`, which would
+stop every Ray on the machine.
 """
 
 import json
@@ -83,16 +84,11 @@ def cluster():
             logs.append(log)
             wait_for(lambda log=log: "Ray runtime started" in log.read_text(), f"{name} start", procs=procs)
         yield f"{HOST}:{port}", env, temp, procs
-    finally:
+    finally:  # a throwaway cluster: no graceful drain (it takes Ray ~30 s), its process groups killed
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            p.wait()
         left = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
         for p in left:  # started by this cluster and outliving its `ray start`: only these
             p.kill()
@@ -105,13 +101,13 @@ def test_a_campaign_runs_on_a_two_node_ray_cluster(zoo, tmp_path, cluster):
 
     address, env, temp, procs = cluster
     path = experiment(
-        tmp_path, zoo, budget={"max_evaluations": 8}, workers={"count": 2, "cpus_per_worker": 1, "address": address}
+        tmp_path, zoo, budget={"max_evaluations": 6}, workers={"count": 2, "cpus_per_worker": 1, "address": address}
     )
     result = cli("run", path, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 worker(s) ready on 2 Ray node(s)" in result.stdout + result.stderr
     directory = tmp_path / "campaign"
-    assert sorted(tells(directory)) == list(range(8))  # the whole budget
+    assert sorted(tells(directory)) == list(range(6))  # the whole budget
     loaded = campaign.open_campaign(directory, check=False)
     assert loaded.state["finished"]
     workers = loaded.state["workers"]

@@ -16,8 +16,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 from test_campaign import cli, experiment, free_port
+
+TASKS = REPO / "evaluators" / "zoo"
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ARTIFACTS = Path(os.environ.get("EVOMERGE_TEST_ARTIFACTS", REPO / ".cache" / "test-artifacts"))
@@ -25,11 +28,27 @@ ARTIFACTS = Path(os.environ.get("EVOMERGE_TEST_ARTIFACTS", REPO / ".cache" / "te
 
 @pytest.fixture(scope="module")
 def finished(zoo, tmp_path_factory):
-    """A finished 12-candidate NSGA-II campaign tracked in its own local store, and what `run` printed."""
+    """A finished 10-candidate NSGA-II campaign tracked in its own local store, and what `run` printed.
+    Its evaluator sets lm-eval options too (the zoo tokenizer's chat template, batch size auto,
+    generation settings): a campaign runs with them."""
     tmp = tmp_path_factory.mktemp("user-tools")
-    path = experiment(tmp, zoo, name="exp.yaml", budget={"max_evaluations": 12})
+    evaluator = tmp / "lm-evaluator.yaml"
+    evaluator.write_text(
+        yaml.safe_dump(
+            {
+                "limit": 20,
+                "objectives": [
+                    {"name": "add", "task": str(TASKS / "zoo_add_{split}.yaml"), "metric": "exact_match"},
+                    {"name": "sort", "task": str(TASKS / "zoo_sort_{split}.yaml"), "metric": "acc"},
+                ],
+                "lm_eval": {"batch_size": "auto", "apply_chat_template": True, "gen_kwargs": {"max_gen_toks": 6}},
+            }
+        )
+    )
+    path = experiment(tmp, zoo, name="exp.yaml", budget={"max_evaluations": 10}, evaluator=str(evaluator))
     result = cli("run", path, cwd=tmp)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "evaluations 10 (10 done" in result.stdout
     from evomerge import campaign
 
     loaded = campaign.open_campaign(tmp / "campaign", check=False)

@@ -55,6 +55,26 @@ RESULT_TIMEOUT = 60.0
 SlotState = Literal["starting", "idle", "busy", "restarting"]
 
 
+def cluster_mode(address: str | None) -> bool:
+    """Whether this driver joins ``address`` as a node of a multi-node cluster, so that Ray must find
+    this node's own address (as ``ray start`` does by default), rather than a loopback-only Ray: a
+    private one, or one whose address is the literal loopback (127.0.0.1, localhost), which Ray would
+    otherwise rewrite to the machine's external address and miss."""
+    if address in (None, "local"):
+        return False
+    if address.startswith("ray://"):
+        return True
+    if address == "auto":  # the cluster `ray start` made on this node, or RAY_ADDRESS
+        try:
+            from ray._private.services import get_ray_address_from_environment
+
+            address = get_ray_address_from_environment("auto", None) or ""
+        except Exception:
+            return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host not in ("", "127.0.0.1", "localhost", "::1")
+
+
 class PoolError(RuntimeError):
     """The pool could not start (Ray, or a worker failing to load its models), or its Ray node is gone."""
 
@@ -142,8 +162,8 @@ class WorkerPool:
         from ray._private import ray_constants
 
         # evomerge's environment keeps Ray on loopback (SAFETY), which a private Ray needs; a driver that
-        # joins a cluster must see this node's real address instead, as `ray start` did (read per call)
-        ray_constants.ENABLE_RAY_CLUSTER = self.address not in (None, "local")
+        # joins a multi-node cluster must see this node's address as the cluster's nodes do (read per call)
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode(self.address)
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "namespace": "evomerge"}
         share = MemoryPolicy(**self.spec.memory).share and not self.spec.path  # a path holds no task vectors
         shared_bytes = self._shared_bytes() if share else 0
