@@ -459,7 +459,7 @@ def worker_pool(loaded: Loaded):
 
 
 def open_tracker(loaded: Loaded, search):
-    """The campaign's MLflow parent run (created, or reopened on resume), with every candidate told
+    """The campaign's MLflow run (created, or reopened on resume), with every candidate told
     before an interruption but never logged queued for logging."""
     from evomerge.tracking.mlflow_tracker import Tracker
 

@@ -255,7 +255,7 @@ def cmd_status(args) -> int:
         front = search.front()
         ref = loaded.reference_point
         print(f"front {len(front)} candidates" + (f", hypervolume {search.hypervolume(ref):.4g}" if ref else ""))
-    print(f"tracking {loaded.tracking()[0]}; parent run {loaded.state.get('parent_run_id')}")
+    _print_mlflow(loaded.tracking()[0], loaded.state.get("experiment_id"), loaded.state.get("parent_run_id"))
     return 0
 
 

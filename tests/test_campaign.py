@@ -532,6 +532,8 @@ def test_ctrl_c_sigterm_and_sigkill_then_resume_finish_the_exact_budget(resumed)
     assert sorted(int(r.data.tags["evomerge.trial"]) for r in children) == list(range(16))
     status = cli("status", directory, cwd=tmp)
     assert status.returncode == 0 and "evaluations 16/16" in status.stdout and "finished" in status.stdout
+    exp_id, run_id = loaded.state["experiment_id"], loaded.state["parent_run_id"]
+    assert f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}/artifactPath/front.png" in status.stdout
 
 
 def test_a_campaign_is_run_by_one_process_at_a_time(resumed):
