@@ -102,14 +102,16 @@ def test_generation_overrides_reach_generating_tasks_only(zoo):
     assert scorer(zoo, {"gen_kwargs": {"max_gen_toks": 1}}).score(REV_ALONE).values["rev"] == 0.0
 
 
-def test_batch_size_auto_is_detected_once_and_scores_the_same(zoo, capsys):
+def test_batch_size_auto_is_detected_once_and_scores_the_same(zoo):
     fixed = scorer(zoo)
     auto = scorer(zoo, {"batch_size": "auto", "max_batch_size": 16})
-    assert auto.lm.batch_size == 16  # the largest allowed: nothing runs out of memory on the CPU
-    capsys.readouterr()
+    assert auto.lm.batch_size == "auto" and auto.lm.detections == 0  # detected on the first candidate
     assert auto.score(REV_ALONE).values == fixed.score(REV_ALONE).values
+    first = auto.lm.detections
+    assert first == 2  # generation (full context) and log-likelihood (the longest request): lm-eval's rules
+    assert set(auto.lm.batch_found.values()) == {16}  # the ceiling: nothing runs out of memory on a CPU
     auto.score(REV_ALONE)
-    assert "Detecting" not in capsys.readouterr().out  # not detected again per candidate
+    assert auto.lm.detections == first  # not detected again for the next candidate
 
 
 def test_max_length_is_passed_to_the_model_wrapper(zoo):

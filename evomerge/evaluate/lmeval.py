@@ -183,7 +183,8 @@ class TaskSuite:
         """Run every task on ``lm`` (an lm-eval ``LM``); returns lm-eval's results dict. ``documents``:
         score only that many documents per task (``subset``), e.g. a multi-fidelity rung.
 
-        ``quiet`` swallows lm-eval's per-call progress bars (they ignore TQDM_DISABLE); errors still raise.
+        ``quiet`` swallows lm-eval's per-call progress bars (they ignore TQDM_DISABLE) and messages;
+        errors still raise.
         """
         from lm_eval.evaluator import evaluate
 
@@ -192,7 +193,10 @@ class TaskSuite:
             samples = self.subset(None)
         for _, task in _leaf_tasks(self.task_dict):  # the same few-shot examples on every call
             task.set_fewshot_seed(seed=self.fewshot_seed)
-        sink = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
+        sink = contextlib.ExitStack()
+        if quiet:  # progress bars on stderr, lm-eval's batch size messages on stdout
+            sink.enter_context(contextlib.redirect_stderr(io.StringIO()))
+            sink.enter_context(contextlib.redirect_stdout(io.StringIO()))
         with sink:
             return evaluate(
                 lm,
@@ -247,9 +251,12 @@ def wrap_model(model, tokenizer, batch_size: int | str = 64, max_length: int | N
     """An lm-eval ``HFLM`` around an in-memory model object (weights may be rewritten in place).
 
     It remembers its tokenizations: the tokenizer never changes while the weights do, and every
-    candidate sends the same prompts, so each string is tokenized once per worker. ``batch_size="auto"``
-    is resolved here, once, to the largest batch (up to ``max_batch_size``) that runs at the model's
-    maximum length: lm-eval alone detects it again on every call (a second per candidate on the zoo).
+    candidate sends the same prompts, so each string is tokenized once per worker. With
+    ``batch_size="auto"`` it also remembers the batch size lm-eval detects (the largest, up to
+    ``max_batch_size``, that runs the longest request, or the full context for generation): lm-eval
+    alone detects it again on every call, a second per candidate on the zoo and an out-of-memory
+    search on a GPU, although every candidate sends the same requests. ``detections`` counts the real
+    ones (one per request kind, on the first candidate).
     """
     from lm_eval.models.huggingface import HFLM
 
@@ -267,6 +274,14 @@ def wrap_model(model, tokenizer, batch_size: int | str = 64, max_length: int | N
                     self._tokens[key] = hit
             return list(hit)  # callers get their own list, as from the tokenizer
 
+        def _detect_batch_size(self, requests=None, pos=0):
+            key = None if not requests else len(requests[pos][1]) + len(requests[pos][2])
+            if key not in self.batch_found:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    self.batch_found[key] = super()._detect_batch_size(requests, pos)
+                self.detections += 1
+            return self.batch_found[key]
+
     device = str(next(model.parameters()).device)
     lm = ResidentHFLM(
         pretrained=model,
@@ -276,10 +291,7 @@ def wrap_model(model, tokenizer, batch_size: int | str = 64, max_length: int | N
         max_length=max_length,
         max_batch_size=max_batch_size,
     )
-    lm._tokens = {}  # per instance
-    if str(batch_size).startswith("auto"):
-        with contextlib.redirect_stdout(io.StringIO()):  # lm-eval prints its detection
-            lm.batch_size_per_gpu = int(lm._detect_batch_size())
+    lm._tokens, lm.batch_found, lm.detections = {}, {}, 0  # per instance
     return lm
 
 
