@@ -11,7 +11,8 @@ times with the same resident model and task suite, as a worker does for successi
   request kind) and remembered, since every candidate sends the same requests (the median hides
   the first call);
 - ``apply_chat_template`` with the zoo's chat template (prompts rendered through Jinja per document).
-Prints seconds per evaluation (median) and the ratio to the fixed batch size.
+Each configuration is evaluated once untimed first (as a worker's first candidate warms its caches);
+prints seconds per evaluation (median) and the ratio to the fixed batch size.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from evomerge.models.loading import load_causal_lm  # noqa: E402
 
 def timed(suite, lm, repeats, forget=False) -> tuple[float, float]:
     seconds, scores = [], None
+    with contextlib.redirect_stdout(io.StringIO()):  # warm-up: tokenizations, compiled templates
+        suite.evaluate(lm)
     for _ in range(repeats):
         if forget:  # lm-eval's own behaviour: the batch size is detected anew on every call
             lm.batch_found.clear()
