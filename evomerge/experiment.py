@@ -10,7 +10,6 @@ answers. Each problem is one ``ExperimentError`` line naming the file and field.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +106,9 @@ class Workers(BaseModel):
         bad = [k for k, v in resources.items() if not v > 0]
         if bad:
             raise ValueError(f"amounts must be > 0 ({', '.join(bad)})")
-        reserved = sorted(set(resources) & {"CPU", "GPU", "memory", "object_store_memory"})
+        from evomerge.cluster import RAY_STANDARD_RESOURCES
+
+        reserved = sorted(set(resources) & RAY_STANDARD_RESOURCES)
         if reserved:
             raise ValueError(f"{', '.join(reserved)} are set by cpus_per_worker/gpus_per_worker, not here")
         if resources and info.data.get("address") is None:
@@ -482,9 +483,11 @@ def _model_config(ref: str, allow_pickle: bool, fail) -> dict:
         except ModelLoadError as e:
             fail(str(e))
         return json.loads((path / "config.json").read_text())
+    from huggingface_hub.constants import is_offline_mode
+
     from evomerge.models.tensors import cached_snapshot, hub_cache
 
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false"):
+    if is_offline_mode():
         snapshot = cached_snapshot(ref)
         if snapshot is None or not (snapshot / "config.json").is_file():
             fail(

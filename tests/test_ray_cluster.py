@@ -17,27 +17,23 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import REPO
-from test_campaign import cli, experiment, free_port, tells
+from test_campaign import cli, experiment, free_port, tells, wait_for
 
 HOST = "127.0.0.2"
 RAY = REPO / ".venv" / "bin" / "ray"
 
 
-def wait_for(predicate, what: str, timeout: float = 120.0, procs=()):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"{what}: a `ray start` exited with {p.returncode}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.2)  # polling for the event, not guessing a duration
+def started(log: Path, procs) -> bool:
+    """Whether the `ray start` writing ``log`` is up; fails at once if one of ``procs`` exited."""
+    for p in procs:
+        if p.poll() is not None:
+            raise AssertionError(f"a `ray start` exited with {p.returncode}: {log.read_text()[-2000:]}")
+    return "Ray runtime started" in log.read_text()
 
 
 @pytest.fixture
@@ -82,7 +78,7 @@ def cluster():
                 )
             )
             logs.append(log)
-            wait_for(lambda log=log: "Ray runtime started" in log.read_text(), f"{name} start", procs=procs)
+            wait_for(lambda log=log: started(log, procs), 120, f"{name} to start")
         yield f"{HOST}:{port}", env, temp, procs
     finally:  # a throwaway cluster: no graceful drain (it takes Ray ~30 s), its process groups killed
         for p in procs:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
-from test_campaign import cli, experiment, free_port
+from test_campaign import cli, experiment, free_port, wait_for
 
 TASKS = REPO / "evaluators" / "zoo"
 
@@ -56,8 +56,8 @@ def finished(zoo, tmp_path_factory):
 
 
 def serve(command: list[str], url: str, env: dict | None = None):
-    """Start a server in its own process group; return it once ``url`` answers (it is polled, and the
-    wait ends early if the process exits)."""
+    """Start a server in its own process group; return it once ``url`` answers (fails at once if
+    the process exits)."""
     proc = subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,
@@ -65,19 +65,21 @@ def serve(command: list[str], url: str, env: dict | None = None):
         env={**os.environ, **(env or {})},
         start_new_session=True,
     )
-    import time
 
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"{command[0]} exited with {proc.returncode}")
         try:
-            if urllib.request.urlopen(url, timeout=1).status == 200:
-                return proc
+            return urllib.request.urlopen(url, timeout=1).status == 200
         except OSError:
-            time.sleep(0.2)  # polling a server coming up, not guessing a duration
-    stop(proc)
-    raise AssertionError(f"{url} did not answer within 90 s")
+            return False
+
+    try:
+        wait_for(answers, 90, url)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
 
 
 def stop(proc) -> None:

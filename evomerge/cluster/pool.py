@@ -253,7 +253,8 @@ class WorkerPool:
         """Add to each worker's info the node it runs on: address and custom resources (its labels)."""
         import ray
 
-        standard = {"CPU", "GPU", "memory", "object_store_memory"}
+        from evomerge.cluster import RAY_STANDARD_RESOURCES as standard
+
         nodes = {n["NodeID"]: n for n in ray.nodes()}
         for slot in self.slots:
             node = nodes.get(slot.info.get("node_id"), {})

@@ -8,7 +8,6 @@ else through the hub's header-only metadata call (a few kilobytes per shard).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 #: safetensors dtype names that hold floating-point weights (merged); others are copied as they are.
@@ -33,10 +32,11 @@ def tensor_specs(ref: str, local: bool) -> dict[str, tuple[tuple[int, ...], str]
     if cached is not None and any(cached.glob("*.safetensors")):
         return tensor_specs(str(cached), True)
     from huggingface_hub import get_safetensors_metadata
+    from huggingface_hub.constants import is_offline_mode
 
     from evomerge.errors import first_line
 
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false"):
+    if is_offline_mode():
         raise TensorHeaderError(f"{ref}: not in the local hub cache ({hub_cache()}), and offline mode forbids the hub")
 
     try:
