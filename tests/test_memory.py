@@ -14,7 +14,20 @@ from evomerge.merge.memory import DEFAULT_CACHE_BYTES, MemoryPolicy
 from evomerge.recipe import parse_recipe
 
 EXPERTS = ("expert-add", "expert-rev", "expert-sort")
-METHODS = ["linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "dare_linear", "della", "della_linear"]
+METHODS = [
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "breadcrumbs_ties",
+    "dare_ties",
+    "dare_linear",
+    "della",
+    "della_linear",
+    "pcb",
+    "consensus_ta",
+    "consensus_ties",
+    "darex",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +50,13 @@ def resident(zoo, states, dtype=torch.float32, **policy) -> ResidentMerge:
 
 
 def recipe(method, seed=5, lines=None):
-    per = {} if method in ("linear", "task_arithmetic") else {"density": 0.45}
+    per = {} if method in ("linear", "task_arithmetic", "consensus_ta") else {"density": 0.45}
     if method.startswith("della"):
         per["epsilon"] = 0.1
+    if method.startswith("consensus"):
+        per["tall_lambda"] = 0.5
+    if method == "darex":
+        per["q"] = 0.6
     models = [{"model": e, "parameters": {**per, "weight": 0.5 + 0.2 * i}} for i, e in enumerate(EXPERTS)]
     if method == "linear":
         models.insert(0, {"model": "base", "parameters": {"weight": 0.3}})

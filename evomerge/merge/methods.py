@@ -49,6 +49,8 @@ class Param:
     kind: type = float
     low: float | None = None
     high: float | None = None
+    #: A count of input models (``kind=int``): at most the number of inputs a recipe merges.
+    counts_models: bool = False
 
     def check(self, value: Any, where: str) -> Any:
         if self.kind is bool:
@@ -64,7 +66,8 @@ class Param:
             lo = "-inf" if self.low is None else self.low
             hi = "inf" if self.high is None else self.high
             raise MergeError(f"{where}: '{self.name}' = {value} is outside [{lo}, {hi}]")
-        return value
+        # a count read from a gene or a gradient is rounded to the nearest whole number
+        return int(math.floor(value + 0.5)) if self.kind is int else value
 
 
 #: How a task-vector method sparsifies each delta (see _mask_for).
@@ -99,6 +102,12 @@ class Method:
     #: For task-vector methods: how each delta is sparsified, and whether signs are elected.
     sparsify: Sparsifier | None = None
     consensus: bool = False
+    #: Keep only the entries that at least k inputs' TALL masks mark as important (Consensus Merging).
+    tall: bool = False
+    #: Rescale a random drop by 1/q, q searched per input (DAREx-q), instead of restoring the L1 norm.
+    rescale_q: bool = False
+    #: mergekit has this method (a recipe of it runs with ``mergekit-yaml``); else ``evomerge merge`` only.
+    in_mergekit: bool = True
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -683,14 +692,19 @@ def _task_vector(method, base, stats: list[DeltaStats], shared, per_model, out=N
     Davari & Belilovsky, "Model Breadcrumbs", ECCV 2024, arXiv:2312.06795; Deep et al.,
     "DELLA-Merging", arXiv:2406.11617 (MAGPRUNE); mergekit's generalized task arithmetic.
     """
-    rescale, normalize, lam = bool(shared["rescale"]), bool(shared["normalize"]), float(shared["lambda"])
-    weights = [float(p["weight"]) for p in per_model]
+    rescale, normalize, lam = bool(shared.get("rescale", False)), bool(shared["normalize"]), float(shared["lambda"])
+    total = sum(float(p["weight"]) for p in per_model)
+    # DAREx-q: the rescale 1/q is folded into the weight (it applies to whatever the mask keeps)
+    weights = [float(p["weight"]) / (float(p["q"]) if method.rescale_q else 1.0) for p in per_model]
     dev = base.device
     size = chunk_for(dev)
     masks = [_mask_for(method.sparsify, s, p, rescale) for s, p in zip(stats, per_model)]
     # random masks: no exact order of operations to keep, so fold the rescale and the weight
     masks = [replace(m, scale=(m.scale or 1.0) * w) if m.mode == "drop" else m for m, w in zip(masks, weights)]
-    total = sum(weights)
+    if method.tall:
+        k = int(shared["k"])
+        if k > len(stats):
+            raise MergeError(f"{method.name}: k = {k} is larger than the number of experts ({len(stats)})")
     out = _output(base, out)
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     for a, b in _blocks(base.numel(), size):
@@ -729,10 +743,167 @@ def _task_vector(method, base, stats: list[DeltaStats], shared, per_model, out=N
             mixed = acc
             if normalize:
                 mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+        if method.tall:
+            _consensus_mask(mixed, stats, per_model, k, a, b, c, tmp)
         if lam != 1:
             mixed.mul_(lam)
         if lines is None:
             torch.add(flat_base[a:b], mixed, out=flat_out[a:b])  # in float32 (mixed is), rounded once into out
+        else:
+            flat_out[a:b].copy_(_lines(mixed.add_(flat_base[a:b]), flat_base[a:b], lines))
+    return out
+
+
+def _consensus_mask(
+    merged: torch.Tensor,
+    stats: list[DeltaStats],
+    per_model: list[dict[str, Any]],
+    k: int,
+    a: int,
+    b: int,
+    x: torch.Tensor,
+    tmp: torch.Tensor,
+) -> None:
+    """Consensus Merging on flat range [a, b): zero the entries of ``merged`` (the multi-task vector
+    tau_MTL) that fewer than ``k`` inputs' TALL masks mark. Input t's mask is
+    ``|w_t tau_t| >= tall_lambda_t * |tau_MTL - w_t tau_t|``: its own (weighted, untrimmed) task
+    vector outweighs the rest of the merge there. ``x`` and ``tmp``: chunk-sized scratch."""
+    count = _SCRATCH.get("count", b - a, torch.float32, merged.device).zero_()
+    for s, p in zip(stats, per_model):
+        d = _f32(s.delta, a, b, x)
+        torch.mul(d, float(p["weight"]), out=x)
+        torch.sub(merged, x, out=tmp).abs_().mul_(float(p["tall_lambda"]))
+        count.add_(torch.ge(x.abs_(), tmp, out=tmp))
+    merged.mul_(torch.ge(count, k, out=count))
+
+
+# --- PCB-Merging --------------------------------------------------------------------------------
+
+#: Fraction of each task vector's magnitudes clipped at either end before PCB's balancing (the
+#: reference implementation's outlier clip).
+PCB_CLIP = 1e-4
+
+
+def _order_keys(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> int32 keys ordered as the floats (negatives' magnitude bits flipped); an involution."""
+    bits = v.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _kth_largest_values(
+    block_values: Callable[[int, int], list[torch.Tensor]], n: int, ks: list[int], device
+) -> tuple[list[float], list[float]]:
+    """For m float32 fields of n entries that ``block_values(a, b)`` computes block by block (a list
+    of m tensors for [a, b)): (each field's ks[i]-th largest value, signed and exact, 1 <= ks[i] <= n;
+    each field's maximum). Two passes of bincounts of order-preserving keys, high then low 16 bits:
+    nothing of size n is held."""
+    m, size = len(ks), _block_for(device)
+    counts = torch.zeros(m, 1 << 16, dtype=torch.int64, device=device)
+    maxima = [-math.inf] * m
+    for a, b in _blocks(n, size):
+        for i, v in enumerate(block_values(a, b)):
+            counts[i] += torch.bincount(((_order_keys(v) >> 16) + 32768).long(), minlength=1 << 16)
+            maxima[i] = max(maxima[i], float(v.max()))
+    found = [_from_top(counts[i], k) for i, k in enumerate(ks)]
+    low = torch.zeros(m, (1 << 16) + 1, dtype=torch.int64, device=device)
+    for a, b in _blocks(n, size):
+        for i, v in enumerate(block_values(a, b)):
+            key = _order_keys(v)
+            inside = ((key >> 16) + 32768) == found[i][0]
+            low[i] += torch.bincount(torch.where(inside, key & 0xFFFF, 1 << 16).long(), minlength=(1 << 16) + 1)
+    values = []
+    for i, (high, rank) in enumerate(found):
+        lo_bits = _from_top(low[i, : 1 << 16], rank)[0]
+        key = torch.tensor([((high - 32768) << 16) | lo_bits], dtype=torch.int64).to(torch.int32)
+        values.append(float(_order_keys(key).view(torch.float32)))
+    return values, maxima
+
+
+def _pcb_score(
+    d: torch.Tensor, total: torch.Tensor, lo: float, hi: float, n: int, out: torch.Tensor, tmp: torch.Tensor
+) -> torch.Tensor:
+    """PCB's balance of one task vector on a chunk, in ``out``: intra-balancing exp(n * norm(|d|)^2)
+    (|d| clipped to [lo, hi] and min-max normalized; 0 when lo == hi) times inter-balancing
+    tanh(d * sum_j d_j). ``tmp``: scratch of the chunk's size."""
+    torch.abs(d, out=out).clamp_(lo, hi)
+    if hi > lo:
+        out.sub_(lo).mul_(1.0 / (hi - lo)).square_().mul_(n).exp_()
+    else:
+        out.fill_(1.0)
+    return out.mul_(torch.mul(d, total, out=tmp).tanh_())
+
+
+def _pcb(method, base, stats: list[DeltaStats], shared, per_model, out=None, lines=None) -> torch.Tensor:
+    """PCB-Merging: balance each entry of each task vector by its own magnitude (intra) and its
+    agreement with the others (inter), keep each task vector's top ``density`` fraction by balance,
+    and merge as the balance-weighted mean, scaled by lambda.
+
+    For input i with task vector d_i (n inputs, one tensor of N entries):
+      a_i = clip(|d_i|, lo_i, hi_i), lo_i/hi_i its magnitudes' 1e-4 and 1 - 1e-4 quantiles;
+      beta_i = exp(n * ((a_i - lo_i) / (hi_i - lo_i))^2) * tanh(d_i * sum_j d_j);
+      t_i = beta_i's value at ascending rank floor(N * (1 - density_i)), T_i = max beta_i;
+      s_i = (clip(beta_i, t_i, T_i) - t_i) / (T_i - t_i)  (entries below t_i get 0: dropped);
+      merged = base + lambda * sum_i w_i s_i sign(d_i) a_i / max(sum_i s_i, 1e-12).
+    Choices the paper leaves open, taken from its reference implementation: the per-model
+    normalization of the intra term (its softmax's denominator cancels in the min-max step), tanh
+    for the inter term, the 1e-4 outlier clip. Ours: statistics per tensor (the reference flattens
+    the whole model), a per-model weight w_i (1 in the paper) in the numerator, a degenerate range
+    (hi_i == lo_i: intra term 1; T_i == t_i or density 0: the input is left out of this tensor)
+    instead of NaN. Nothing per element is kept: the thresholds come from two histogram passes over
+    the balance, recomputed a block at a time.
+
+    Reference: Du et al., "Parameter Competition Balancing for Model Merging", NeurIPS 2024,
+    arXiv:2410.02396.
+    """
+    n_models, lam, dev = len(stats), float(shared["lambda"]), base.device
+    n = base.numel()
+    weights = [float(p["weight"]) for p in per_model]
+    out = _output(base, out)
+    if n == 0:
+        return out
+    bounds = []
+    for s in stats:  # the outlier clip depends on the task vector alone: computed once
+        if "pcb_clip" not in s.scalars:
+            low_rank, high_rank = int(n * PCB_CLIP), int(n * (1 - PCB_CLIP)) - 1
+            high_rank += n if high_rank < 0 else 0
+            s.scalars["pcb_clip"] = (s.kth_largest(n - low_rank), s.kth_largest(n - high_rank))
+        bounds.append(s.scalars["pcb_clip"])
+
+    def balance(a: int, b: int, key: str, into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        L = b - a
+        ds = [_f32(s.delta, a, b, _SCRATCH.get(f"{key}d{i}", L, torch.float32, dev)) for i, s in enumerate(stats)]
+        total = _SCRATCH.get(f"{key}sum", L, torch.float32, dev).zero_()
+        for d in ds:
+            total.add_(d)
+        tmp = _SCRATCH.get(f"{key}tmp", L, torch.float32, dev)
+        outs = into or [_SCRATCH.get(f"{key}s{i}", L, torch.float32, dev) for i in range(n_models)]
+        return [_pcb_score(d, total, lo, hi, n_models, o, tmp) for d, (lo, hi), o in zip(ds, bounds, outs)], ds
+
+    # ascending rank floor(N (1 - density)) is the (N - rank)-th largest; density 0 keeps nothing
+    ranks = [int(n * (1 - float(p["density"]))) for p in per_model]
+    ks = [min(n, n - r) if r < n else 1 for r in ranks]
+    cuts, tops = _kth_largest_values(lambda a, b: balance(a, b, "pcb")[0], n, ks, dev)
+    cuts = [c if r < n else None for c, r in zip(cuts, ranks)]
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    for a, b in _blocks(n, chunk_for(dev)):
+        L = b - a
+        scores, ds = balance(a, b, "pcb")
+        acc = _SCRATCH.get("acc", L, torch.float32, dev).zero_()
+        den = _SCRATCH.get("den", L, torch.float32, dev).zero_()
+        kept = _SCRATCH.get("tmp", L, torch.float32, dev)
+        for d, score, (lo, hi), w, top, t in zip(ds, scores, bounds, weights, tops, cuts):
+            if t is None or top <= t:
+                continue
+            score.clamp_(t, top).sub_(t).mul_(1.0 / (top - t))
+            den.add_(score)
+            sign = torch.sign(d, out=_SCRATCH.get("sign", L, torch.float32, dev))
+            torch.abs(d, out=kept).clamp_(lo, hi).mul_(sign).mul_(score)  # sign(d) clip(|d|, lo, hi)
+            acc.add_(kept, alpha=w)
+        mixed = acc.div_(den.clamp_(min=1e-12))
+        if lam != 1:
+            mixed.mul_(lam)
+        if lines is None:
+            torch.add(flat_base[a:b], mixed, out=flat_out[a:b])
         else:
             flat_out[a:b].copy_(_lines(mixed.add_(flat_base[a:b]), flat_base[a:b], lines))
     return out
@@ -818,6 +989,31 @@ def _tv(name, reference, sparsify=None, consensus=False, normalize=False, rescal
     )
 
 
+#: Consensus Merging's parameters: the TALL masks' lambda per input, and k (masks that must agree).
+_TALL_PARAMS = (
+    Param("tall_lambda", per_model=True, default=0.4, low=0.0),
+    Param("k", per_model=False, default=2, kind=int, low=1, counts_models=True),
+)
+_CONSENSUS_REFERENCE = (
+    'Wang et al., "Localizing Task Information for Improved Model Merging and Compression" '
+    "(TALL masks, Consensus Merging), ICML 2024, arXiv:2405.07813"
+)
+
+
+def _consensus(name: str, sparsify: Sparsifier | None, consensus: bool, normalize: bool) -> Method:
+    return Method(
+        name,
+        _tv_params(normalize, False, sparsify) + _TALL_PARAMS,
+        _CONSENSUS_REFERENCE,
+        _task_vector,
+        min_models=2,
+        sparsify=sparsify,
+        consensus=consensus,
+        tall=True,
+        in_mergekit=False,
+    )
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -865,6 +1061,37 @@ METHODS: dict[str, Method] = {
             rescale=True,
         ),
         _tv("della_linear", "Deep et al., DELLA-Merging, arXiv:2406.11617", sparsify="della", rescale=True),
+        _consensus("consensus_ta", None, consensus=False, normalize=False),
+        _consensus("consensus_ties", "magnitude", consensus=True, normalize=True),
+        Method(
+            "darex",
+            (
+                Param("weight", per_model=True),
+                Param("normalize", per_model=False, default=False, kind=bool),
+                Param("lambda", per_model=False, default=1.0),
+                Param("density", per_model=True, default=1.0, low=0.0, high=1.0),
+                Param("q", per_model=True, low=1e-3, high=1.0),
+            ),
+            'Deng et al., "DARE the Extreme: Revisiting Delta-Parameter Pruning for Fine-Tuned Models" '
+            "(DAREx-q), ICLR 2025, arXiv:2410.09344",
+            _task_vector,
+            sparsify="random",
+            rescale_q=True,
+            in_mergekit=False,
+        ),
+        Method(
+            "pcb",
+            (
+                Param("weight", per_model=True, default=1.0),
+                Param("density", per_model=True, default=0.1, low=0.0, high=1.0),
+                Param("lambda", per_model=False, default=1.0),
+            ),
+            'Du et al., "Parameter Competition Balancing for Model Merging" (PCB-Merging), NeurIPS 2024, '
+            "arXiv:2410.02396",
+            _pcb,
+            min_models=2,
+            in_mergekit=False,
+        ),
         Method(
             "slerp",
             (Param("t", per_model=False, low=0.0, high=1.0),),

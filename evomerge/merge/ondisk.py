@@ -108,10 +108,20 @@ def _scores_and_recipe(recipe: Recipe, scores: dict[str, float] | None) -> list[
     if scores:
         lines += ["## Scores", "", "| task | score |", "|---|---|", *[f"| {k} | {v:.4f} |" for k, v in scores.items()]]
         lines.append("")
+    from evomerge.merge.methods import METHODS
+
+    method = METHODS.get(recipe.merge_method)
+    if method is not None and not method.in_mergekit:
+        how = (
+            f"Reproduce with `evomerge merge {RECIPE_FILE} --out OUT` (mergekit has no `{method.name}` method; "
+            f"{method.reference})."
+        )
+    else:
+        how = f"Runs unchanged with `mergekit-yaml {RECIPE_FILE} OUT` (keys under `evomerge:` are ignored by mergekit)."
     return lines + [
         "## Recipe",
         "",
-        f"Runs unchanged with `mergekit-yaml {RECIPE_FILE} OUT` (keys under `evomerge:` are ignored by mergekit).",
+        how,
         "",
         "```yaml",
         recipe.to_yaml().rstrip(),

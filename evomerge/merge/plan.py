@@ -69,6 +69,7 @@ class RecipePlan:
             if covered != num_layers:
                 raise MergeError(f"slices cover layers [0, {covered}) but the model has {num_layers} layers")
         self._check_parameter_names()
+        self._check_counts(n)
 
     # -- validation ----------------------------------------------------------------------------
     def _settings_everywhere(self):
@@ -89,6 +90,19 @@ class RecipePlan:
                     raise MergeError(
                         f"{where}: unknown parameter '{key}' for {self.method.name}; valid: {', '.join(sorted(valid))}"
                     )
+
+    def _check_counts(self, n: int) -> None:
+        """A count of models (Consensus Merging's k) cannot exceed the inputs, anywhere it is set."""
+        for p in self.method.params:
+            if not p.counts_models:
+                continue
+            for where, settings in self._settings_everywhere():
+                if settings and p.name in settings:
+                    for v in _numbers(settings[p.name]):
+                        if round(v) > n:
+                            raise MergeError(
+                                f"{where}.{p.name}: {p.name} = {v:g} is larger than the number of experts ({n})"
+                            )
 
     # -- resolution ----------------------------------------------------------------------------
     def position(self, tensor_name: str) -> tuple[int, float, float]:
@@ -147,3 +161,15 @@ class RecipePlan:
         lines = self.recipe.evomerge.lines
         scale = None if lines is None else lines.alpha + lines.beta * depth
         return TensorParams(shared, per_model, scale)
+
+
+def _numbers(setting) -> list[float]:
+    """Every number in a setting (a number, a gradient list, {filter, value} entries)."""
+    if isinstance(setting, bool):
+        return []
+    if isinstance(setting, (int, float)):
+        return [float(setting)]
+    if isinstance(setting, list):
+        return [v for e in setting for v in _numbers(e)]
+    value = getattr(setting, "value", None)
+    return _numbers(value) if value is not None else []
