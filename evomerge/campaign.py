@@ -29,6 +29,7 @@ from typing import Literal
 import yaml
 
 from evomerge import __version__
+from evomerge.errors import first_line
 from evomerge.experiment import Experiment, check_experiment, load_experiment
 
 STATE = "campaign.json"
@@ -491,6 +492,26 @@ def open_tracker(loaded: Loaded, search):
     return tracker
 
 
+def log_kinship(loaded: Loaded, pool, tracker, display: Display) -> None:
+    """Once per campaign: the experts' kinship table to the campaign run (a failure only warns)."""
+    if not loaded.experiment.tracking.kinship or loaded.state.get("kinship_logged"):
+        return
+    try:
+        table = pool.kinship()
+        if table is None:
+            return
+        tracker.log_kinship(table)
+    except Exception as e:
+        display.update(f"warning: kinship table not logged: {first_line(e)}", force=True)
+        return
+    flagged = [p for p in table["pairs"] if p["flags"]]
+    pairs = ", ".join(f"{p['a']}~{p['b']}" for p in flagged)
+    verdict = f"{len(flagged)} pair(s) flagged: {pairs}" if flagged else "no pair flagged"
+    display.update(f"kinship of {len(table['experts'])} experts logged; {verdict}", force=True)
+    loaded.state["kinship_logged"] = True
+    loaded.save_state()
+
+
 def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
     """Run (or continue) the campaign until its budget is met, it is interrupted or halted; returns a
     summary (``status``: FINISHED | KILLED | FAILED, ``stopped``: why it stopped early)."""
@@ -538,6 +559,7 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
                 nodes = len({w["node_id"] for w in workers})
                 display.update(f"{len(workers)} worker(s) ready on {nodes} Ray node(s)", force=True)
                 tracker = open_tracker(loaded, search)
+                log_kinship(loaded, pool, tracker, display)
                 budget.restart_clock()
                 _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_seeds, on_result)
                 status = "FINISHED"

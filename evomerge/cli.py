@@ -109,6 +109,74 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _kinship_models(args) -> tuple[list[str], str, list[str]]:
+    """(expert names, base directory, expert directories) from an experiment file or directories."""
+    from evomerge.experiment import ExperimentError, load_experiment
+    from evomerge.merge.io import resolve_model_dir
+    from evomerge.merge.methods import MergeError
+    from evomerge.search.space import SpaceError, load_space
+
+    sources = args.sources
+    first = Path(sources[0])
+    if len(sources) == 1 and first.suffix in (".yaml", ".yml") and first.is_file():
+        if args.base:
+            raise UserError(f"{first}: --base is taken from the experiment file; give it with model directories only")
+        try:
+            exp = load_experiment(first)
+            space = load_space(exp.search_space)
+        except (ExperimentError, SpaceError) as e:
+            raise UserError(str(e)) from None
+        if space.is_path:
+            raise UserError(f"{first}: search_space: a layer-path space has no base to take task vectors against")
+        missing = [m for m in [space.base, *space.models] if m not in exp.models]
+        if missing:
+            raise UserError(
+                f"{first}: models: the search space uses model '{missing[0]}', which the experiment does not give"
+            )
+        names, base_ref, refs = list(space.models), exp.models[space.base], [exp.models[m] for m in space.models]
+        allow_pickle = exp.allow_pickle
+    else:
+        if not args.base:
+            raise UserError("kinship: give --base BASE_MODEL with model directories (task vectors are taken from it)")
+        names, base_ref, refs = [], args.base, list(sources)
+        for ref in refs:
+            name = Path(ref).name or ref
+            names.append(name if name not in names else ref)
+        allow_pickle = args.allow_pickle
+    if len(refs) < 2:
+        raise UserError(f"kinship compares experts pairwise: give at least 2, got {len(refs)}")
+    try:
+        dirs = [str(resolve_model_dir(r, allow_pickle)) for r in refs]
+        return names, str(resolve_model_dir(base_ref, allow_pickle)), dirs
+    except MergeError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_kinship(args) -> int:
+    import json
+
+    from evomerge.merge.methods import MergeError
+    from evomerge.models.kinship import FlagRule, kinship_of, stream_models
+
+    rule = FlagRule(args.opposed_below, args.conflict_above, args.orthogonal_below, args.redundant_above)
+    if args.group_size is not None and args.group_size < 1:
+        raise UserError(f"--group-size: must be 1 or more, got {args.group_size}")
+    names, base_dir, dirs = _kinship_models(args)
+    if args.json is not None and args.json.exists() and not args.json.is_file():
+        raise UserError(f"--json: {args.json} is not a file")
+    try:
+        layers, tensors = stream_models(base_dir, dirs, allow_pickle=args.allow_pickle)
+        table = kinship_of(names, layers, ((n, ts, b) for n, ts, b in tensors), rule, args.group_size)
+    except MergeError as e:
+        raise UserError(str(e)) from None
+    print(table.format())
+    if args.json is not None:
+        staged = args.json.with_name(args.json.name + ".partial")
+        staged.write_text(json.dumps(table.to_dict(), indent=2))
+        os.replace(staged, args.json)
+    return 0
+
+
 def cmd_space_show(args) -> int:
     import json
 
@@ -138,12 +206,17 @@ def cmd_space_show(args) -> int:
             f"fixed ends: {'yes' if lay.fix_ends else 'no'}; at most {genome.longest} layers"
         )
     else:
+        selection = ""
+        if space.select is not None:
+            most = space.select.max or len(space.models)
+            selection = f"; merges {space.fewest_experts} to {most} of {len(space.models)} experts"
         print(
             f"{args.file}: {genome.dimension} genes for a {layers}-layer model; method "
-            f"{' | '.join(space.methods)}; granularity {space.layers.granularity}"
+            f"{' | '.join(space.methods)}; granularity {space.layers.granularity}{selection}"
         )
     for g in genome.genes:
-        print(f"  {g.name:<40} [{g.low:g}, {g.high:g}]")
+        kind = " included at >= 0.5 (Optuna: a choice of 2)" if g.param == "include" and g.choices else ""
+        print(f"  {g.name:<40} [{g.low:g}, {g.high:g}]{kind}")
     return 0
 
 
@@ -388,6 +461,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where to compute (cpu, cuda, cuda:1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "kinship",
+        help="pairwise similarity of experts' task vectors (EXPERIMENT.yaml, or --base BASE MODEL_DIR...)",
+    )
+    p.add_argument("sources", nargs="+", help="an experiment file, or expert model directories / hub ids")
+    p.add_argument("--base", help="the base model the experts were fine-tuned from (with model directories)")
+    p.add_argument("--group-size", type=int, help="layers per layer group (default: a quarter of the layers)")
+    p.add_argument("--json", type=Path, help="also write the table (every metric, every group) as JSON")
+    p.add_argument("--opposed-below", type=float, default=0.0, help="flag pairs whose cosine is below (default 0)")
+    p.add_argument(
+        "--conflict-above", type=float, default=0.5, help="flag pairs whose sign-conflict share is above (default 0.5)"
+    )
+    p.add_argument("--orthogonal-below", type=float, default=0.01, help="flag |cosine| below (default 0.01)")
+    p.add_argument("--redundant-above", type=float, default=0.95, help="flag cosine above (default 0.95)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin checkpoints (they can execute code)")
+    p.set_defaults(func=cmd_kinship)
 
     space = sub.add_parser("space", help="search spaces").add_subparsers(dest="space_command", required=True)
     p = space.add_parser("show", help="print a space's genes and dimension for a model")

@@ -130,6 +130,9 @@ class Tracking(BaseModel):
     #: Log every candidate's per-sample records (document, target, answer, metrics) as its
     #: ``samples.json`` artifact; off by default (it costs an artifact write per candidate).
     log_samples: bool = False
+    #: Log the experts' kinship table (``evomerge kinship``) to the campaign run when it starts,
+    #: computed by a worker from its resident task vectors.
+    kinship: bool = True
 
 
 class Experiment(BaseModel):

@@ -105,6 +105,20 @@ class ScoringWorker:
             "base_on": self.policy.homes(torch.device(self.device))[0].type,
         }
 
+    def kinship(self) -> dict | None:
+        """The kinship table of the resident task vectors (``evomerge.models.kinship``), or None for a
+        layer-path worker (no base, no task vectors)."""
+        from evomerge.merge.apply import ResidentMerge
+        from evomerge.models.kinship import Kinship
+
+        resident = self.scorer.resident
+        if not isinstance(resident, ResidentMerge) or len(resident.experts) < 2:
+            return None
+        acc = Kinship(resident.experts, resident.num_layers)
+        for name, row in resident.stats.items():
+            acc.add(name, [s.delta for s in row])
+        return acc.table().to_dict()
+
     def score(self, recipe: dict, log_samples: bool = False, documents: int | None = None) -> dict:
         from evomerge.recipe import parse_recipe
 

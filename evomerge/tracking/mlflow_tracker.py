@@ -148,6 +148,16 @@ class Tracker:
         self._thread.start()
         return self.parent
 
+    def log_kinship(self, table: dict) -> None:
+        """The experts' kinship table on the campaign run: ``kinship.json`` (every metric and layer
+        group), ``kinship.txt`` (as ``evomerge kinship`` prints it) and the flagged pairs as a tag."""
+        from evomerge.models.kinship import KinshipTable
+
+        self.client.log_dict(self.parent, table, "kinship.json")
+        self.client.log_text(self.parent, KinshipTable(**table).format(), "kinship.txt")
+        flagged = [f"{p['a']}~{p['b']}: {', '.join(p['flags'])}" for p in table["pairs"] if p["flags"]]
+        self.client.set_tag(self.parent, "evomerge.kinship_flags", ("; ".join(flagged) or "none")[:5000])
+
     def _describe(self) -> None:
         """The experiment's and the campaign run's descriptions, as the UI shows them (markdown): the
         plot and the interactive plot one click away from the experiment's page."""
