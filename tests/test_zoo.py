@@ -23,9 +23,9 @@ MICRO = PRESETS["micro"]
 def test_manifest_lists_models_skills_seeds_params_and_hashes(zoo):
     manifest = json.loads((zoo / MANIFEST).read_text())
     names = [m["name"] for m in manifest["models"]]
-    assert names == ["base", "expert-add", "expert-rev", "expert-sort"]
+    assert names == ["base", "expert-add", "expert-rev", "expert-sort", "expert-sub", "expert-mul"]
     assert manifest["spec"] == PRESETS["default"].model_dump(mode="json")
-    assert set(manifest["skills"]) == {"add", "rev", "sort"}
+    assert set(manifest["skills"]) == {"add", "rev", "sort", "sub", "mul"}
     for m in manifest["models"]:
         assert (zoo / m["path"] / "model.safetensors").is_file()
         assert not list((zoo / m["path"]).glob("*.bin"))

@@ -131,7 +131,14 @@ class Search:
         }
         if fidelity is not None:
             self.header["fidelity"] = {"rungs": list(fidelity.rungs), "promote": fidelity.promote}
-        self.optimizer = make_optimizer(optimizer, genome.dimension, self.objectives, seed, **(options or {}))
+        self.optimizer = make_optimizer(
+            optimizer,
+            genome.dimension,
+            self.objectives,
+            seed,
+            categories=[getattr(g, "choices", 0) for g in genome.genes],
+            **(options or {}),
+        )
         lo, hi = genome.bounds
         self._lo, self._span = lo, [b - a for a, b in zip(lo, hi)]
         self.trials: list[Trial] = []

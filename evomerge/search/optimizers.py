@@ -65,6 +65,11 @@ class Optimizer:
         self.dim, self.objectives, self.seed = dim, list(objectives), seed
         self.options = options if options is not None else self.Options()
 
+    def use_categories(self, categories: Sequence[int]) -> None:
+        """Per dimension, the number of choices of a categorical gene (0: continuous). The unit
+        interval is cut into that many equal cells; the optimizers that can sample a category do."""
+        self.categories = list(categories)
+
     def enqueue(self, x: Sequence[float]) -> None:
         """Make ``x`` (a known recipe's point) the next ask."""
         self._enqueued = [*getattr(self, "_enqueued", []), [float(v) for v in x]]
@@ -331,12 +336,29 @@ class OptunaSampler(Optimizer):
                 f"valid: {', '.join(sorted(accepted))}"
             )
 
+    def use_categories(self, categories):
+        import optuna
+
+        super().use_categories(categories)
+        for i, k in enumerate(self.categories):
+            if k:
+                self.dists[f"x{i}"] = optuna.distributions.CategoricalDistribution(list(range(k)))
+
+    def _value(self, i: int, v: float):
+        """Dimension i's unit-interval value as the study's parameter (a category's index)."""
+        k = self.categories[i] if getattr(self, "categories", None) else 0
+        return min(int(v * k), k - 1) if k else float(v)
+
     def enqueue(self, x):
-        self.study.enqueue_trial({f"x{i}": float(v) for i, v in enumerate(x)})
+        self.study.enqueue_trial({f"x{i}": self._value(i, v) for i, v in enumerate(x)})
 
     def _ask(self):  # enqueued points are the study's own (enqueue_trial)
         trial = self.study.ask(self.dists)
-        x = [float(trial.params[f"x{i}"]) for i in range(self.dim)]
+        x = []
+        for i in range(self.dim):
+            v = trial.params[f"x{i}"]
+            k = self.categories[i] if getattr(self, "categories", None) else 0
+            x.append((v + 0.5) / k if k else float(v))  # a category: its cell's middle
         self.open.setdefault(tuple(x), []).append(trial)
         return x
 
@@ -395,7 +417,19 @@ def check_options(name: str, options: dict[str, Any]) -> BaseModel:
     return typed
 
 
-def make_optimizer(name: str, dim: int, objectives: Sequence[Objective], seed: int, **options) -> Optimizer:
-    """The optimizer ``name`` (see OPTIMIZERS) with its options; unknown names and options are refused."""
+def make_optimizer(
+    name: str,
+    dim: int,
+    objectives: Sequence[Objective],
+    seed: int,
+    *,
+    categories: Sequence[int] | None = None,
+    **options,
+) -> Optimizer:
+    """The optimizer ``name`` (see OPTIMIZERS) with its options; unknown names and options are refused.
+    ``categories``: per dimension, a categorical gene's number of choices (0: continuous)."""
     options = check_options(name, options)  # refuses unknown names first
-    return OPTIMIZERS[name].build(dim, objectives, seed, options)
+    optimizer = OPTIMIZERS[name].build(dim, objectives, seed, options)
+    if categories is not None and any(categories):
+        optimizer.use_categories(categories)
+    return optimizer

@@ -74,6 +74,24 @@ class Lines(BaseModel):
     beta: Range = Range(fixed=0.0)
 
 
+class Select(BaseModel):
+    """Expert selection: an inclusion gene per selectable expert (Model-GLUE, FW-Merging).
+
+    A candidate merges the fixed experts (the space's models without a gene) and the selectable
+    ones whose gene is >= 0.5 (CMA-ES: a thresholded continuous gene in [0, 1]; Optuna samplers: a
+    categorical choice of two). Rules of the decode: fewer than ``min`` experts -> the excluded ones
+    with the largest genes join (ties: in the space's order); more than ``max`` -> the included ones
+    with the largest genes stay.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    #: The experts with an inclusion gene (default: all the space's models).
+    experts: list[str] | None = None
+    #: Fewest and most experts a candidate merges (fixed ones included).
+    min: int = Field(1, ge=0)
+    max: int | None = Field(None, ge=1)
+
+
 class SearchSpace(BaseModel):
     model_config = ConfigDict(extra="forbid")
     is_path: ClassVar[bool] = False
@@ -84,6 +102,7 @@ class SearchSpace(BaseModel):
     layers: Layers = Field(default_factory=Layers)
     tied: list[str] = Field(default_factory=list)
     lines: Lines | None = None
+    select: Select | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -112,7 +131,60 @@ class SearchSpace(BaseModel):
                 raise ValueError(f"tied: '{name}' is not in parameters")
         if len(set(self.models)) != len(self.models) or self.base in self.models:
             raise ValueError("models: list each expert once, without the base")
+        self._check_selection(methods)
         return self
+
+    def _check_selection(self, methods: list[str]) -> None:
+        sel = self.select
+        if sel is not None:
+            if sel.experts is not None:
+                unknown = [m for m in sel.experts if m not in self.models]
+                if unknown:
+                    raise ValueError(f"select.experts: '{unknown[0]}' is not one of the space's models")
+                if not sel.experts or len(set(sel.experts)) != len(sel.experts):
+                    raise ValueError("select.experts: list at least one of the space's models, each once")
+            fixed = len(self.models) - len(self.selectable)
+            if sel.min > len(self.models):
+                raise ValueError(f"select.min: {sel.min} is more than the space's {len(self.models)} models")
+            if sel.max is not None and (sel.max < sel.min or sel.max < fixed):
+                raise ValueError(f"select.max: {sel.max} is below select.min or the {fixed} experts without a gene")
+            if max(sel.min, fixed) == 0:
+                raise ValueError(
+                    "select: every expert has an inclusion gene and select.min is 0, so a candidate could merge no "
+                    "expert; set select.min to 1 or more"
+                )
+        fewest = self.fewest_experts
+        for m in methods:
+            method = get_method(m)
+            if fewest < method.min_models:
+                where = "select.min" if sel is not None else "models"
+                raise ValueError(
+                    f"{where}: {m} needs at least {method.min_models} experts; "
+                    f"a candidate of this space could merge {fewest}"
+                )
+            for p in method.params:
+                rng = self.parameters.get(p.name)
+                if p.counts_models and rng is not None:
+                    most = rng.high if rng.searched else rng.fixed
+                    if round(most) > fewest:
+                        raise ValueError(
+                            f"parameters.{p.name}: {p.name} up to {most:g} is larger than the number of experts a "
+                            f"candidate could merge ({fewest})"
+                        )
+
+    @property
+    def selectable(self) -> list[str]:
+        """The experts with an inclusion gene (none without ``select``)."""
+        if self.select is None:
+            return []
+        return [m for m in self.models if self.select.experts is None or m in self.select.experts]
+
+    @property
+    def fewest_experts(self) -> int:
+        """The fewest experts a candidate of this space merges."""
+        if self.select is None:
+            return len(self.models)
+        return max(self.select.min, len(self.models) - len(self.selectable))
 
     @property
     def methods(self) -> list[str]:
@@ -161,6 +233,8 @@ class Gene:
     model: str | None = None  # None: shared (global or tied)
     part: str | None = None  # split filter, "*" for the rest, None without split
     position: int = 0
+    #: A categorical gene's number of choices (0: continuous); Optuna samples it as categorical.
+    choices: int = 0
 
 
 class GeneBox:
@@ -195,6 +269,8 @@ class Genome(GeneBox):
         genes: list[Gene] = []
         if len(space.methods) > 1:
             genes.append(Gene("method", 0.0, float(len(space.methods))))
+        for model in space.selectable:
+            genes.append(Gene(f"include[{model}]", 0.0, 1.0, param="include", model=model, choices=2))
         shared = {p.name for m in space.methods for p in get_method(m).shared_params}
         for name, rng in space.parameters.items():
             if not rng.searched:
@@ -251,7 +327,7 @@ class Genome(GeneBox):
         collected: dict[tuple, dict] = {}
         lines = {}
         for v, g in zip(x, self.genes):
-            if g.param is None:
+            if g.param is None or g.param == "include":
                 continue
             if g.param.startswith("lines."):
                 lines[g.param.split(".")[1]] = v
@@ -270,7 +346,8 @@ class Genome(GeneBox):
                 else:
                     value = rng.fixed
                 (per_model[model] if model else shared)[name] = value
-        experts = [{"model": m, "parameters": per_model[m]} for m in self.space.models]
+        chosen = self._included(x)
+        experts = [{"model": m, "parameters": per_model[m]} for m in self.space.models if m in chosen]
         # listed only as the task vectors' origin: a method that averages its inputs would weight it
         base_entry = [{"model": self.space.base}] if method.base_is_origin else []
         data = {"merge_method": method.name, "base_model": self.space.base, "models": base_entry + experts}
@@ -284,6 +361,19 @@ class Genome(GeneBox):
             return parse_recipe(data, "<decoded genome>")
         except RecipeError as e:
             raise SpaceError(str(e)) from None
+
+    def _included(self, x: list[float]) -> set[str]:
+        """The experts a candidate merges (see ``Select`` for the rules)."""
+        genes = {g.model: v for v, g in zip(x, self.genes) if g.param == "include"}
+        if not genes:
+            return set(self.space.models)
+        sel = self.space.select
+        fixed = [m for m in self.space.models if m not in genes]
+        by_gene = sorted(genes, key=lambda m: -genes[m])  # stable: the space's order among ties
+        chosen = [m for m in by_gene if genes[m] >= 0.5]
+        most = len(self.space.models) if sel.max is None else sel.max
+        want = min(max(len(fixed) + len(chosen), sel.min), most) - len(fixed)
+        return set(fixed) | set(by_gene[:want] if want > len(chosen) else chosen[:want])
 
     # -- encode -----------------------------------------------------------------------------------
     def _probe(self, part: str | None, pos: int) -> tuple[str, float]:
@@ -333,6 +423,8 @@ class Genome(GeneBox):
                 if recipe.merge_method not in self.space.methods:
                     raise SpaceError(f"encode: method '{recipe.merge_method}' is not one of {self.space.methods}")
                 value = self.space.methods.index(recipe.merge_method) + 0.5
+            elif g.param == "include":
+                value = 0.75 if g.model in by_model else 0.25
             elif g.param.startswith("lines."):
                 lines = recipe.evomerge.lines
                 value = getattr(lines, g.param.split(".")[1]) if lines else None
@@ -365,6 +457,8 @@ class Genome(GeneBox):
         for g in self.genes:
             if g.param == "weight" and g.model in weights:
                 out.append(min(max(weights[g.model], g.low), g.high))
+            elif g.param == "include":
+                out.append(1.0 if weights.get(g.model, -math.inf) > -math.inf else 0.0)
             else:
                 out.append((g.low + g.high) / 2)
         return out

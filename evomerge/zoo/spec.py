@@ -27,7 +27,9 @@ class ZooSpec(BaseModel):
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
     intermediate_size: int = Field(128, ge=8)
-    experts: tuple[str, ...] = ("add", "rev", "sort")
+    #: Skills the experts are fine-tuned on, one expert each, trained in this order: appending a skill
+    #: leaves the base and the earlier experts bit for bit as they were (the seeds are drawn in order).
+    experts: tuple[str, ...] = ("add", "rev", "sort", "sub", "mul")
     #: Share of each skill's easy variant in the base corpus, relative to each general component (1.0).
     base_skill_share: float = Field(0.5, ge=0.0)
     base_steps: int = Field(2000, ge=1)
