@@ -8,6 +8,8 @@ perturbed copies. One ResidentMerge holds the base and the task vectors, under t
 flags give (default: float32 task vectors, every statistic cached); the first candidate of each
 method pays its one-time precomputation (reported apart), then `--repeats` candidates with fresh
 random parameters are timed. Target: every sparsifying method at most 3x linear (with caches).
+PCB keeps nothing per element (its balance is recomputed for its drop thresholds: two histogram
+passes, then the merge pass); Consensus adds one pass over the task vectors for the TALL masks.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ METHODS = [
     "breadcrumbs_ties",
     "della",
     "della_linear",
+    "darex",
+    "pcb",
+    "consensus_ta",
+    "consensus_ties",
     "slerp",
     "model_stock",
 ]
@@ -47,10 +53,26 @@ METHODS = [
 
 def recipe_for(method: str, experts: list[str], rng: random.Random, seed: int):
     per = {"weight": round(rng.uniform(0.2, 1.0), 3)}
-    if method in ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
+    if method in (
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "darex",
+        "consensus_ties",
+    ):
         per["density"] = round(rng.uniform(0.3, 0.7), 3)
+    if method == "pcb":  # the paper's kept fractions are 5-20 %
+        per["density"] = round(rng.uniform(0.05, 0.2), 3)
     if method.startswith("della"):
         per["epsilon"] = 0.1
+    if method == "darex":
+        per["q"] = round(rng.uniform(per["density"], 1.0), 3)
+    if method.startswith("consensus"):
+        per["tall_lambda"] = round(rng.uniform(0.2, 0.6), 3)
     if method == "slerp":
         return parse_recipe(
             {

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import REPO
 from safetensors.torch import load_file
-from test_campaign import cli
+from test_campaign import cli, experiment
 
 import evomerge.models.kinship as kinship
 from evomerge.models.kinship import FlagRule, Kinship, layer_group
@@ -82,6 +82,19 @@ def test_cli_on_the_zoo_equals_a_direct_computation(zoo, tmp_path):
         assert pair["pearson"] == pytest.approx(float(torch.corrcoef(torch.stack([a, b]))[0, 1]), rel=1e-4)
         assert pair["euclidean"] == pytest.approx(float((a - b).norm()), rel=1e-5)
     assert table["groups"] == ["embeddings", "layers 0", "layers 1", "layers 2", "layers 3", "head"]
+
+
+def test_cli_reads_the_experts_of_an_experiment(zoo, tmp_path):
+    path = experiment(tmp_path, zoo)  # the space's experts: expert-add and expert-sort
+    out = tmp_path / "k.json"
+    result = cli("kinship", path, "--json", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    table = json.loads(out.read_text())
+    assert table["experts"] == ["expert-add", "expert-sort"] and len(table["pairs"]) == 1
+    direct = cli("kinship", "--base", zoo / "base", zoo / "expert-add", zoo / "expert-sort", cwd=tmp_path)
+    assert direct.stdout.splitlines()[2].split()[3:] == result.stdout.splitlines()[2].split()[3:]
+    again = cli("kinship", path, "--base", zoo / "base", cwd=tmp_path)
+    assert again.returncode == 2 and "--base is taken from the experiment file" in again.stderr
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(zoo, tmp_path):

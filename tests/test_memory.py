@@ -119,10 +119,24 @@ def test_resident_bytes_equal_hand_counts(zoo, states):
     r = resident(zoo, states, task_vector_dtype="float32", cache="all")  # what every merge kept before
     assert r.resident_bytes()["task_vectors"] == 4 * n * 3
     r.materialize(recipe("ties"))  # sorted magnitudes 4 B + their float64 prefix sums 8 B (rescale)
-    assert cached(r) == {"sorted": 4 * n * 3, "cumsum": 8 * n * 3, "uniform": 0, "della_rank": 0, "drop_keys": 0}
+    assert cached(r) == {
+        "sorted": 4 * n * 3,
+        "cumsum": 8 * n * 3,
+        "uniform": 0,
+        "della_rank": 0,
+        "drop_keys": 0,
+        "pcb_balance": 0,
+    }
     r.clear_cache()
     r.materialize(recipe("dare_ties"))  # uniform field 4 B (= DARE's key), sorted keys 4 B + prefix sums 8 B
-    assert cached(r) == {"sorted": 0, "cumsum": 0, "uniform": 4 * n * 3, "della_rank": 0, "drop_keys": 12 * n * 3}
+    assert cached(r) == {
+        "sorted": 0,
+        "cumsum": 0,
+        "uniform": 4 * n * 3,
+        "della_rank": 0,
+        "drop_keys": 12 * n * 3,
+        "pcb_balance": 0,
+    }
     r.materialize(recipe("della"))  # + ranks 4 B, and DELLA's own keys 4 B + sorted 4 B + prefix sums 8 B
     assert cached(r) == {
         "sorted": 0,
@@ -130,10 +144,26 @@ def test_resident_bytes_equal_hand_counts(zoo, states):
         "uniform": 4 * n * 3,
         "della_rank": 4 * n * 3,
         "drop_keys": (12 + 16) * n * 3,
+        "pcb_balance": 0,
     }
     assert r.budget.used == sum(cached(r).values())
     r.clear_cache()
     assert r.budget.used == 0 and sum(cached(r).values()) == 0
+    # PCB: sorted magnitudes 4 B (its outlier clip), the balance 4 B + its sorted copy 4 B, per input set
+    r.materialize(recipe("pcb"))
+    assert cached(r) == dict.fromkeys(methods.CACHE_KINDS, 0) | {"sorted": 4 * n * 3, "pcb_balance": 8 * n * 3}
+    two = parse_recipe(
+        {
+            "merge_method": "pcb",
+            "base_model": "base",
+            "models": [{"model": e, "parameters": {"density": 0.3}} for e in EXPERTS[:2]],
+        }
+    )
+    r.materialize(two)  # another input set replaces its inputs' balances: one set per task vector at most
+    assert cached(r)["pcb_balance"] == 8 * n * 3
+    held = {id(s): [k for k in s.cache if k.startswith("pcb_balance@")] for row in r.stats.values() for s in row}
+    assert all(len(keys) == 1 for keys in held.values())
+    assert r.budget.used == sum(cached(r).values())
 
 
 def test_the_cache_budget_is_kept(zoo, states):

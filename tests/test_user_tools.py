@@ -213,6 +213,18 @@ def test_the_mlflow_ui_opens_on_the_front_and_its_plot(finished, mlflow_ui, brow
     )
     browser.save_screenshot(str(shots / "5-campaign-run.png"))
 
+    # 4. the experts' kinship table, linked from the campaign run's description, reads as text
+    link = next(a for a in browser.find_elements(By.TAG_NAME, "a") if a.text.strip() == "kinship table")
+    assert link.get_attribute("href").endswith(f"/runs/{run}/artifactPath/kinship.txt")
+    tabs = len(browser.window_handles)
+    browser.execute_script("arguments[0].click()", link)  # under the collapsed description's fade
+    wait.until(lambda d: len(d.window_handles) > tabs)  # MLflow opens description links in a new tab
+    browser.switch_to.window(browser.window_handles[-1])
+    wait.until(lambda d: "cosine by layer group" in d.find_element(By.TAG_NAME, "body").text)
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "expert-add ~ expert-sort" in body and "opposed: cosine < 0" in body
+    browser.save_screenshot(str(shots / "6-kinship.png"))
+
 
 # -- Optuna --------------------------------------------------------------------------------------------
 def test_the_campaign_opens_in_optuna_with_its_objective_names(finished):

@@ -248,7 +248,7 @@ def _della_rank(d: torch.Tensor) -> torch.Tensor:
 
 
 #: Kinds of cached per-element statistics, as ``ResidentMerge.resident_bytes`` reports them.
-CACHE_KINDS = ("sorted", "cumsum", "uniform", "della_rank", "drop_keys")
+CACHE_KINDS = ("sorted", "cumsum", "uniform", "della_rank", "drop_keys", "pcb_balance")
 
 
 @dataclass
@@ -397,6 +397,26 @@ class DeltaStats:
             return key, flat[order], torch.cumsum(self.delta.reshape(-1)[order].abs().double(), 0)
 
         return self._kept(kind, nbytes, build)
+
+    def pcb_balance(self, inputs: str, build: Callable[[], torch.Tensor]) -> tuple | None:
+        """(PCB's balance of this task vector, flat float32; the same sorted ascending) among the input
+        set ``inputs`` (the balance depends on every input), if cached or admitted now (8 B/element).
+        One input set is kept: a new one replaces it."""
+        kind = f"pcb_balance@{inputs}"
+        if kind in self.cache:
+            return self._hit(kind)
+        for k in [k for k in self.cache if k.startswith("pcb_balance@")]:
+            self.budget.release(self.cache.pop(k)[1])
+
+        def both() -> tuple[torch.Tensor, torch.Tensor]:
+            balance = build()
+            if balance.device.type == "cpu":
+                import numpy as np
+
+                return balance, torch.from_numpy(np.sort(balance.numpy()))
+            return balance, torch.sort(balance).values
+
+        return self._kept(kind, 8 * self.n, both)
 
     def dots(self, base: torch.Tensor) -> tuple[float, float]:
         """(base . delta, delta . delta): with |base|^2 they give slerp's angle for any t."""
@@ -849,8 +869,10 @@ def _pcb(method, base, stats: list[DeltaStats], shared, per_model, out=None, lin
     for the inter term, the 1e-4 outlier clip. Ours: statistics per tensor (the reference flattens
     the whole model), a per-model weight w_i (1 in the paper) in the numerator, a degenerate range
     (hi_i == lo_i: intra term 1; T_i == t_i or density 0: the input is left out of this tensor)
-    instead of NaN. Nothing per element is kept: the thresholds come from two histogram passes over
-    the balance, recomputed a block at a time.
+    instead of NaN. The balance depends on the inputs alone: where the memory budget admits it
+    (8 B/element per input: the balance and its sorted copy) it is computed once and a candidate's
+    thresholds are lookups; otherwise nothing per element is kept, the thresholds come from two
+    histogram passes over the balance, recomputed a block at a time, and give the same merge.
 
     Reference: Du et al., "Parameter Competition Balancing for Model Merging", NeurIPS 2024,
     arXiv:2410.02396.
@@ -881,13 +903,40 @@ def _pcb(method, base, stats: list[DeltaStats], shared, per_model, out=None, lin
 
     # ascending rank floor(N (1 - density)) is the (N - rank)-th largest; density 0 keeps nothing
     ranks = [int(n * (1 - float(p["density"]))) for p in per_model]
-    ks = [min(n, n - r) if r < n else 1 for r in ranks]
-    cuts, tops = _kth_largest_values(lambda a, b: balance(a, b, "pcb")[0], n, ks, dev)
-    cuts = [c if r < n else None for c, r in zip(cuts, ranks)]
+    # the balance depends on the inputs alone, not on the candidate's densities and weights: kept,
+    # with its sorted copy, where the budget admits them (a threshold is then a lookup)
+    inputs = ",".join(str(id(s.cache)) for s in stats)
+    cached = [] if any(s.budget is None for s in stats) else [None] * n_models
+    for i, s in enumerate(stats if cached else ()):
+
+        def build(i=i) -> torch.Tensor:
+            whole = torch.empty(n, dtype=torch.float32, device=dev)
+            for a, b in _blocks(n, _block_for(dev)):
+                whole[a:b] = balance(a, b, "pcb")[0][i]
+            return whole
+
+        cached[i] = s.pcb_balance(inputs, build)
+        if cached[i] is None:
+            cached = []
+            break
+    if cached:
+        cuts = [float(k[1][r]) if r < n else None for k, r in zip(cached, ranks)]
+        tops = [float(k[1][-1]) for k in cached]
+    else:
+        ks = [min(n, n - r) if r < n else 1 for r in ranks]
+        cuts, tops = _kth_largest_values(lambda a, b: balance(a, b, "pcb")[0], n, ks, dev)
+        cuts = [c if r < n else None for c, r in zip(cuts, ranks)]
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     for a, b in _blocks(n, chunk_for(dev)):
         L = b - a
-        scores, ds = balance(a, b, "pcb")
+        if cached:
+            ds = [_f32(s.delta, a, b, _SCRATCH.get(f"pcbd{i}", L, torch.float32, dev)) for i, s in enumerate(stats)]
+            scores = [
+                _SCRATCH.get(f"pcbs{i}", L, torch.float32, dev).copy_(k[0][a:b], non_blocking=True)
+                for i, k in enumerate(cached)
+            ]
+        else:
+            scores, ds = balance(a, b, "pcb")
         acc = _SCRATCH.get("acc", L, torch.float32, dev).zero_()
         den = _SCRATCH.get("den", L, torch.float32, dev).zero_()
         kept = _SCRATCH.get("tmp", L, torch.float32, dev)

@@ -216,7 +216,7 @@ class KinshipTable:
             lines += [f"  {p['a']} ~ {p['b']}: {', '.join(p['flags'])}" for p in flagged]
         else:
             lines.append("no pair flagged")
-        lines.append(f"rule: {self.rule}")
+        lines += ["flag rules:", *(f"  {r}" for r in self.rule.split("; "))]
         return "\n".join(lines)
 
 

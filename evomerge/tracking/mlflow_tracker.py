@@ -47,6 +47,7 @@ PARENT_TAG = "mlflow.parentRunId"  # how candidates pointed at the campaign run 
 CAMPAIGN_TAG = "evomerge.campaign_run"
 ROLE_TAG = "evomerge.role"  # campaign | candidate | export
 TRIAL_TAG = "evomerge.trial"
+KINSHIP_TAG = "evomerge.kinship_flags"  # the campaign run's flagged expert pairs, or "none"
 NOTE_TAG = "mlflow.note.content"  # a run's or experiment's description (markdown) in the UI
 #: MLflow's own mark of an experiment's kind: the UI opens a model-training experiment on its runs.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -156,7 +157,8 @@ class Tracker:
         self.client.log_dict(self.parent, table, "kinship.json")
         self.client.log_text(self.parent, KinshipTable(**table).format(), "kinship.txt")
         flagged = [f"{p['a']}~{p['b']}: {', '.join(p['flags'])}" for p in table["pairs"] if p["flags"]]
-        self.client.set_tag(self.parent, "evomerge.kinship_flags", ("; ".join(flagged) or "none")[:5000])
+        self.client.set_tag(self.parent, KINSHIP_TAG, ("; ".join(flagged) or "none")[:5000])
+        self._describe()
 
     def _describe(self) -> None:
         """The experiment's and the campaign run's descriptions, as the UI shows them (markdown): the
@@ -173,11 +175,15 @@ class Tracker:
             f"[campaign {self.experiment_name}]({run}) holds the configuration and the front "
             "(`front.png`, `front.html`, `front.json`).",
         )
+        kinship = self.client.get_run(self.parent).data.tags.get(KINSHIP_TAG)
+        if kinship is not None:  # logged (see log_kinship)
+            verdict = "no pair flagged" if kinship == "none" else f"flagged: {kinship}"
+            kinship = f"\n\n**Experts**: [kinship table]({run}/artifactPath/kinship.txt) · {verdict}"
         self.client.set_tag(
             self.parent,
             NOTE_TAG,
             f"**Pareto front** ({objectives}): {plots} · its members: the runs of this experiment with "
-            f"`{FRONT_FILTER}`.\n\n![Pareto front](get-artifact?path=front.png&run_uuid={self.parent})",
+            f"`{FRONT_FILTER}`.{kinship or ''}\n\n![Pareto front](get-artifact?path=front.png&run_uuid={self.parent})",
         )
 
     def _load_children(self) -> None:

@@ -80,7 +80,7 @@ class ZooSpec(BaseModel):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-#: Named sizes. "default" (170k parameters per model, about 2 minutes on 2 cores) is what
+#: Named sizes. "default" (170k parameters per model, five experts, about 3 minutes on 2 cores) is what
 #: `make demo` and the quality tests build; "micro" builds in seconds and learns nothing: for smoke
 #: tests of the machinery (caching, determinism, architectures), never for quality.
 PRESETS: dict[str, ZooSpec] = {
