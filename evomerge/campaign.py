@@ -496,6 +496,7 @@ def log_kinship(loaded: Loaded, pool, tracker, display: Display) -> None:
     """Once per campaign: the experts' kinship table to the campaign run (a failure only warns)."""
     if not loaded.experiment.tracking.kinship or loaded.state.get("kinship_logged"):
         return
+    display.update("kinship of the experts' task vectors ...", force=True)
     try:
         table = pool.kinship()
         if table is None:

@@ -109,8 +109,9 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _kinship_models(args) -> tuple[list[str], str, list[str]]:
-    """(expert names, base directory, expert directories) from an experiment file or directories."""
+def _kinship_models(args) -> tuple[list[str], str, list[str], bool]:
+    """(expert names, base directory, expert directories, whether pickled checkpoints may be read)
+    from an experiment file (its ``allow_pickle``) or directories (``--allow-pickle``)."""
     from evomerge.experiment import ExperimentError, load_experiment
     from evomerge.merge.io import resolve_model_dir
     from evomerge.merge.methods import MergeError
@@ -147,7 +148,7 @@ def _kinship_models(args) -> tuple[list[str], str, list[str]]:
         raise UserError(f"kinship compares experts pairwise: give at least 2, got {len(refs)}")
     try:
         dirs = [str(resolve_model_dir(r, allow_pickle)) for r in refs]
-        return names, str(resolve_model_dir(base_ref, allow_pickle)), dirs
+        return names, str(resolve_model_dir(base_ref, allow_pickle)), dirs, allow_pickle
     except MergeError as e:
         raise UserError(str(e)) from None
 
@@ -161,11 +162,11 @@ def cmd_kinship(args) -> int:
     rule = FlagRule(args.opposed_below, args.conflict_above, args.orthogonal_below, args.redundant_above)
     if args.group_size is not None and args.group_size < 1:
         raise UserError(f"--group-size: must be 1 or more, got {args.group_size}")
-    names, base_dir, dirs = _kinship_models(args)
+    names, base_dir, dirs, allow_pickle = _kinship_models(args)
     if args.json is not None and args.json.exists() and not args.json.is_file():
         raise UserError(f"--json: {args.json} is not a file")
     try:
-        layers, tensors = stream_models(base_dir, dirs, allow_pickle=args.allow_pickle)
+        layers, tensors = stream_models(base_dir, dirs, allow_pickle=allow_pickle)
         table = kinship_of(names, layers, ((n, ts, b) for n, ts, b in tensors), rule, args.group_size)
     except MergeError as e:
         raise UserError(str(e)) from None

@@ -837,7 +837,7 @@ def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
     result = cli("run", path, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # progress only: no warning from Ray about the shared copy
-    progress = ("starting", "evaluations", "1 worker(s) ready")
+    progress = ("starting", "evaluations", "1 worker(s) ready", "kinship")
     assert all(line.startswith(progress) for line in result.stderr.splitlines()), result.stderr
     loaded = campaign.open_campaign(tmp_path / "campaign", check=False)
     search = loaded.search()

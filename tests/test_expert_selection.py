@@ -62,6 +62,8 @@ def test_bad_selections_are_refused_with_the_field():
         ({"select": {"experts": ["z"]}}, "select.experts: 'z' is not one of the space's models"),
         ({"select": {"min": 3, "max": 2}}, "select.max: 2 is below select.min"),
         ({"select": {"min": 6}}, "select.min: 6 is more than the space's 5 models"),
+        # a gene at the box's edge rounds like the merge does: 2.5 -> 3, more than 2 experts
+        ({"parameters": {"weight": {"low": 0, "high": 1}, "k": {"low": 1, "high": 2.5}}}, "k up to 2.5 is larger"),
     ]
     for overrides, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -55,6 +55,9 @@ def test_groups_and_overall_and_flags():
     same = Kinship(["a", "b"], 1)
     same.add("model.layers.0.mlp.w", [x, x * 1.01])
     assert same.table().pairs[0]["flags"] == ["redundant"]
+    tiny = Kinship(["a", "b"], 1)
+    tiny.add("model.layers.0.mlp.w", [torch.tensor([1e-30, 2e-30]), torch.tensor([-1e-30, 3e-30])])
+    assert tiny.table().pairs[0]["sign_conflict"] == 0.5  # their product would underflow to 0
     assert layer_group("model.layers.7.mlp.down_proj.weight", 8, 3) == "layers 6-7"
     assert layer_group("model.norm.weight", 8, 3) == "head"
 

@@ -199,11 +199,15 @@ def test_consensus_ta_by_hand():
 
 
 def test_consensus_ties_masks_the_ties_merge():
-    """consensus_ties = TIES's merged vector, with the TALL masks computed against it."""
+    """consensus_ties = TIES's merged vector (a disjoint sum by default, as the reference), with the
+    TALL masks computed against it."""
     g = torch.Generator().manual_seed(5)
     deltas = [torch.randn(300, generator=g) for _ in range(3)]
     per = [{"weight": w, "density": 0.6, "tall_lambda": lam} for w, lam in ((1.0, 0.3), (0.8, 0.5), (1.2, 0.4))]
-    ties = merge("ties", deltas, {}, [{k: v for k, v in p.items() if k != "tall_lambda"} for p in per])
+    assert METHODS["consensus_ties"].param("normalize").default is False
+    ties = merge(
+        "ties", deltas, {"normalize": False}, [{k: v for k, v in p.items() if k != "tall_lambda"} for p in per]
+    )
     for k in (1, 2, 3):
         got = merge("consensus_ties", deltas, {"k": k}, per)
         marks = sum(
@@ -251,6 +255,8 @@ def test_bad_input_is_refused_before_any_tensor():
     with pytest.raises(MergeError, match=r"parameters.k: k = 3 is larger"):
         plan("consensus_ties", 2, {"k": [{"filter": "mlp", "value": 3}, {"value": 1}]})
     assert plan("consensus_ta", 3, {"k": 3}).method.name == "consensus_ta"
+    with pytest.raises(MergeError, match=r"k = 2.5 is larger than the number of experts \(2\)"):
+        plan("consensus_ta", 2, {"k": 2.5})  # a count rounds halves up, here as where it is used
     with pytest.raises(MergeError, match="missing required parameter 'q'"):
         plan("darex", 1, models=[{"model": "e0", "parameters": {"weight": 1.0}}]).resolve("model.norm.weight")
     with pytest.raises(MergeError, match=r"'q' = 0.0 is outside"):

@@ -249,13 +249,16 @@ class WorkerPool:
         self._placement()
         return [s.info for s in self.slots]
 
-    def kinship(self, timeout_s: float = 600.0) -> dict | None:
+    def kinship(self) -> dict | None:
         """The experts' kinship table, computed by an idle worker from its resident task vectors
-        (no disk read); call before submitting candidates."""
+        (no disk read); call before submitting candidates. Waits for it (Ctrl-C stops the wait like
+        any other), so the worker is idle again when candidates come."""
         import ray
 
-        slot = next(s for s in self.slots if s.state == "idle")
-        return ray.get(slot.actor.kinship.remote(), timeout=timeout_s)
+        slot = next((s for s in self.slots if s.state == "idle"), None)
+        if slot is None:
+            return None
+        return ray.get(slot.actor.kinship.remote())
 
     def _placement(self) -> None:
         """Add to each worker's info the node it runs on: address and custom resources (its labels)."""

@@ -66,8 +66,12 @@ class Param:
             lo = "-inf" if self.low is None else self.low
             hi = "inf" if self.high is None else self.high
             raise MergeError(f"{where}: '{self.name}' = {value} is outside [{lo}, {hi}]")
-        # a count read from a gene or a gradient is rounded to the nearest whole number
-        return int(math.floor(value + 0.5)) if self.kind is int else value
+        return round_count(value) if self.kind is int else value
+
+
+def round_count(value: float) -> int:
+    """A count read from a gene or a gradient: the nearest whole number, halves up (2.5 -> 3)."""
+    return int(math.floor(value + 0.5))
 
 
 #: How a task-vector method sparsifies each delta (see _mask_for).
@@ -398,6 +402,10 @@ class DeltaStats:
 
         return self._kept(kind, nbytes, build)
 
+    def cached_balance(self, inputs: str) -> tuple | None:
+        """``pcb_balance(inputs)`` if it is cached (no build)."""
+        return self._hit(f"pcb_balance@{inputs}")
+
     def pcb_balance(self, inputs: str, build: Callable[[], torch.Tensor]) -> tuple | None:
         """(PCB's balance of this task vector, flat float32; the same sorted ascending) among the input
         set ``inputs`` (the balance depends on every input), if cached or admitted now (8 B/element).
@@ -405,8 +413,7 @@ class DeltaStats:
         kind = f"pcb_balance@{inputs}"
         if kind in self.cache:
             return self._hit(kind)
-        for k in [k for k in self.cache if k.startswith("pcb_balance@")]:
-            self.budget.release(self.cache.pop(k)[1])
+        self.forget("pcb_balance")
 
         def both() -> tuple[torch.Tensor, torch.Tensor]:
             balance = build()
@@ -904,21 +911,27 @@ def _pcb(method, base, stats: list[DeltaStats], shared, per_model, out=None, lin
     # ascending rank floor(N (1 - density)) is the (N - rank)-th largest; density 0 keeps nothing
     ranks = [int(n * (1 - float(p["density"]))) for p in per_model]
     # the balance depends on the inputs alone, not on the candidate's densities and weights: kept,
-    # with its sorted copy, where the budget admits them (a threshold is then a lookup)
+    # with its sorted copy, where the budget admits every input's (a threshold is then a lookup).
+    # The input set is named by the inputs' cache dicts: one per resident task vector, for its life.
     inputs = ",".join(str(id(s.cache)) for s in stats)
-    cached = [] if any(s.budget is None for s in stats) else [None] * n_models
-    for i, s in enumerate(stats if cached else ()):
-
-        def build(i=i) -> torch.Tensor:
-            whole = torch.empty(n, dtype=torch.float32, device=dev)
-            for a, b in _blocks(n, _block_for(dev)):
-                whole[a:b] = balance(a, b, "pcb")[0][i]
-            return whole
-
-        cached[i] = s.pcb_balance(inputs, build)
-        if cached[i] is None:
+    budget = stats[0].budget
+    cached = [] if any(s.budget is not budget for s in stats) or budget is None else [None] * n_models
+    if cached:
+        cached = [s.cached_balance(inputs) for s in stats]
+        missing = [i for i, c in enumerate(cached) if c is None]
+        for i in missing:
+            stats[i].forget("pcb_balance")  # another input set's: one set per task vector
+        if missing and budget.admit(8 * n * len(missing)):
+            budget.release(8 * n * len(missing))  # each entry reserves its own bytes below
+            wholes = {i: torch.empty(n, dtype=torch.float32, device=dev) for i in missing}
+            for a, b in _blocks(n, _block_for(dev)):  # every missing balance in one pass
+                scores = balance(a, b, "pcb")[0]
+                for i in missing:
+                    wholes[i][a:b] = scores[i]
+            for i in missing:
+                cached[i] = stats[i].pcb_balance(inputs, lambda i=i: wholes.pop(i))
+        elif missing:
             cached = []
-            break
     if cached:
         cuts = [float(k[1][r]) if r < n else None for k, r in zip(cached, ranks)]
         tops = [float(k[1][-1]) for k in cached]
@@ -1111,7 +1124,9 @@ METHODS: dict[str, Method] = {
         ),
         _tv("della_linear", "Deep et al., DELLA-Merging, arXiv:2406.11617", sparsify="della", rescale=True),
         _consensus("consensus_ta", None, consensus=False, normalize=False),
-        _consensus("consensus_ties", "magnitude", consensus=True, normalize=True),
+        # TIES's disjoint sum (normalize false), as the reference builds tau_MTL; tall_lambda's range
+        # (0.2-0.6 in the paper) was tuned against it
+        _consensus("consensus_ties", "magnitude", consensus=True, normalize=False),
         Method(
             "darex",
             (

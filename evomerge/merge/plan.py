@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge.merge.methods import REQUIRED, MergeError, Method, get_method
+from evomerge.merge.methods import REQUIRED, MergeError, Method, get_method, round_count
 from evomerge.recipe import Recipe, Settings, resolve_setting
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
@@ -99,7 +99,7 @@ class RecipePlan:
             for where, settings in self._settings_everywhere():
                 if settings and p.name in settings:
                     for v in _numbers(settings[p.name]):
-                        if round(v) > n:
+                        if round_count(v) > n:
                             raise MergeError(
                                 f"{where}.{p.name}: {p.name} = {v:g} is larger than the number of experts ({n})"
                             )

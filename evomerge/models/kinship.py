@@ -144,10 +144,10 @@ class Kinship:
                     target.s[i] += s
                     target.ss[i] += ss
             for i, j in self.pairs:
-                prod = x[i] * x[j]
                 dot = float((x[i].double() * x[j].double()).sum())
                 sqdiff = float(((x[i] - x[j]).double() ** 2).sum())
-                conflict, both = int((prod < 0).sum()), int((prod != 0).sum())
+                both = int(((x[i] != 0) & (x[j] != 0)).sum())  # signs compared, not a product that underflows
+                conflict = int(((x[i] > 0) & (x[j] < 0)).sum() + ((x[i] < 0) & (x[j] > 0)).sum())
                 for target in (sums, self.total):
                     target.dot[(i, j)] += dot
                     target.sqdiff[(i, j)] += sqdiff
@@ -230,19 +230,25 @@ def stream_models(
     """(the base's layer count, an iterator of (tensor name, the experts' tensors, the base's)) read
     from the models' safetensors one tensor at a time: one tensor of each model is held, in its own
     dtype (task vectors are taken a chunk at a time by ``Kinship.add``)."""
-    import json
 
     from evomerge.merge.io import ModelSource
     from evomerge.merge.methods import MergeError
 
-    base = ModelSource(base_dir, allow_pickle)
-    experts = [ModelSource(d, allow_pickle) for d in expert_dirs]
+    def source(d) -> ModelSource:
+        try:
+            return ModelSource(d, allow_pickle)
+        except ValueError as e:  # an unreadable config.json
+            if isinstance(e, MergeError):
+                raise
+            raise MergeError(f"{d}: config.json is not valid JSON ({e})") from None
+
+    base = source(base_dir)
+    experts = [source(d) for d in expert_dirs]
     for src, d in zip(experts, expert_dirs):
         missing = [n for n in base.names() if n not in src.names()]
         if missing:
             raise MergeError(f"{d}: has no tensor '{missing[0]}' of the base")
-    config = json.loads((Path(base_dir) / "config.json").read_text())
-    layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 1)
+    layers = int(base.config.get("num_hidden_layers") or base.config.get("n_layer") or 1)
 
     def tensors() -> Iterator[tuple[str, list[torch.Tensor], torch.Tensor]]:
         try:

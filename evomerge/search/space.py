@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.configfile import describe, read_yaml
-from evomerge.merge.methods import METHODS, get_method
+from evomerge.merge.methods import METHODS, get_method, round_count
 from evomerge.recipe import FilterValue, Recipe, RecipeError, parse_recipe, resolve_setting
 
 
@@ -166,7 +166,7 @@ class SearchSpace(BaseModel):
                 rng = self.parameters.get(p.name)
                 if p.counts_models and rng is not None:
                     most = rng.high if rng.searched else rng.fixed
-                    if round(most) > fewest:
+                    if round_count(most) > fewest:
                         raise ValueError(
                             f"parameters.{p.name}: {p.name} up to {most:g} is larger than the number of experts a "
                             f"candidate could merge ({fewest})"
