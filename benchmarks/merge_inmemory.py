@@ -30,6 +30,7 @@ from random_llama import random_llama  # noqa: E402  (beside this script)
 
 from evomerge.merge.apply import ResidentMerge  # noqa: E402
 from evomerge.merge.memory import MemoryPolicy  # noqa: E402
+from evomerge.merge.methods import METHODS as METHODS_BY_NAME  # noqa: E402
 from evomerge.recipe import parse_recipe  # noqa: E402
 
 METHODS = [
@@ -53,17 +54,7 @@ METHODS = [
 
 def recipe_for(method: str, experts: list[str], rng: random.Random, seed: int):
     per = {"weight": round(rng.uniform(0.2, 1.0), 3)}
-    if method in (
-        "ties",
-        "dare_linear",
-        "dare_ties",
-        "breadcrumbs",
-        "breadcrumbs_ties",
-        "della",
-        "della_linear",
-        "darex",
-        "consensus_ties",
-    ):
+    if method != "pcb" and any(p.name == "density" for p in METHODS_BY_NAME[method].params):
         per["density"] = round(rng.uniform(0.3, 0.7), 3)
     if method == "pcb":  # the paper's kept fractions are 5-20 %
         per["density"] = round(rng.uniform(0.05, 0.2), 3)
