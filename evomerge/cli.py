@@ -163,8 +163,10 @@ def cmd_kinship(args) -> int:
     if args.group_size is not None and args.group_size < 1:
         raise UserError(f"--group-size: must be 1 or more, got {args.group_size}")
     names, base_dir, dirs, allow_pickle = _kinship_models(args)
-    if args.json is not None and args.json.exists() and not args.json.is_file():
-        raise UserError(f"--json: {args.json} is not a file")
+    if args.json is not None and (
+        (args.json.exists() and not args.json.is_file()) or not args.json.resolve().parent.is_dir()
+    ):
+        raise UserError(f"--json: {args.json} is not a file in an existing directory")
     try:
         layers, tensors = stream_models(base_dir, dirs, allow_pickle=allow_pickle)
         table = kinship_of(names, layers, ((n, ts, b) for n, ts, b in tensors), rule, args.group_size)

@@ -101,12 +101,14 @@ def test_cli_reads_the_experts_of_an_experiment(zoo, tmp_path):
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(zoo, tmp_path):
+    pair = ["--base", zoo / "base", zoo / "expert-add", zoo / "expert-rev"]
     cases = [
         (["--base", zoo / "base", zoo / "expert-add"], "give at least 2"),
         ([zoo / "expert-add", zoo / "expert-rev"], "give --base BASE_MODEL"),
         (["--base", zoo / "base", zoo / "expert-add", tmp_path / "nowhere"], "model directory not found"),
         ([REPO / "experiments" / "dfs_three_experts.yaml"], "a layer-path space has no base"),
-        (["--base", zoo / "base", zoo / "expert-add", zoo / "expert-rev", "--group-size", "0"], "--group-size"),
+        ([*pair, "--group-size", "0"], "--group-size"),
+        ([*pair, "--json", tmp_path / "no" / "k.json"], "--json: "),
     ]
     for args, message in cases:
         result = cli("kinship", *args, cwd=tmp_path)

@@ -1,8 +1,6 @@
 """PCB-Merging, Consensus Merging (TALL masks) and DAREx-q: against hand-computed values, against a
 whole-tensor transcription of the papers' equations, and against FusionBench's numbers."""
 
-import math
-
 import pytest
 import torch
 import yaml
@@ -84,8 +82,6 @@ def test_pcb_by_hand_on_two_inputs():
     d1 = torch.tensor([1.0, 1.0, -1.0, 0.5])
     got = merge("pcb", [d0, d1], {}, [{"density": 0.5}, {"density": 0.5}])
     assert got.tolist() == pytest.approx([1.0, 0.0, 0.0, 2.0])
-    e2 = math.exp(2)
-    assert e2 * math.tanh(6) < e2 * math.tanh(10.5) and e2 * math.tanh(0.5) < e2 * math.tanh(3)  # the ranks used
 
 
 def test_pcb_leaves_out_an_input_whose_balance_cannot_be_normalized():

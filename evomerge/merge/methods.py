@@ -131,7 +131,8 @@ class Method:
 # --- chunks and blocks --------------------------------------------------------------------------
 
 #: Elements per chunk of the fused merge loops. CPU: the working set (a few float32 buffers) stays
-#: in cache. CUDA: large, so that kernel launches do not dominate (scratch: up to 9 buffers x 32 MiB).
+#: in cache. CUDA: large, so that kernel launches do not dominate (scratch: up to 9 buffers x 32 MiB;
+#: PCB: 2 per expert + 6, e.g. 448 MiB for 5 experts).
 #: Chunks and blocks are multiples of 8 (drop masks are packed into bytes).
 CHUNK = int(os.environ.get("EVOMERGE_MERGE_CHUNK", 1 << 16)) // 8 * 8 or 8
 CHUNK_CUDA = int(os.environ.get("EVOMERGE_MERGE_CHUNK_CUDA", 1 << 23)) // 8 * 8 or 8

@@ -136,16 +136,18 @@ class Kinship:
             if origin is not None:
                 o = origin[a:b].float()
                 x = [v - o if f.dtype == torch.float32 else v.sub_(o) for v, f in zip(x, flat)]  # never the source
+            wide = [v.double() for v in x]  # once per chunk; sums and dot products in float64
             for target in (sums, self.total):
                 target.n += b - a
-            for i, v in enumerate(x):
-                s, ss = float(v.sum(dtype=torch.float64)), float((v.double() ** 2).sum())
+            for i, v in enumerate(wide):
+                s, ss = float(v.sum()), float(torch.dot(v, v))
                 for target in (sums, self.total):
                     target.s[i] += s
                     target.ss[i] += ss
             for i, j in self.pairs:
-                dot = float((x[i].double() * x[j].double()).sum())
-                sqdiff = float(((x[i] - x[j]).double() ** 2).sum())
+                dot = float(torch.dot(wide[i], wide[j]))
+                diff = wide[i] - wide[j]
+                sqdiff = float(torch.dot(diff, diff))
                 both = int(((x[i] != 0) & (x[j] != 0)).sum())  # signs compared, not a product that underflows
                 conflict = int(((x[i] > 0) & (x[j] < 0)).sum() + ((x[i] < 0) & (x[j] > 0)).sum())
                 for target in (sums, self.total):

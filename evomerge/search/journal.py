@@ -136,7 +136,7 @@ class Search:
             genome.dimension,
             self.objectives,
             seed,
-            categories=[getattr(g, "choices", 0) for g in genome.genes],
+            categories=[g.choices for g in genome.genes],
             **(options or {}),
         )
         lo, hi = genome.bounds

@@ -64,6 +64,7 @@ class Optimizer:
             raise ValueError("the genome has no searched gene")
         self.dim, self.objectives, self.seed = dim, list(objectives), seed
         self.options = options if options is not None else self.Options()
+        self.categories = [0] * dim
 
     def use_categories(self, categories: Sequence[int]) -> None:
         """Per dimension, the number of choices of a categorical gene (0: continuous). The unit
@@ -346,7 +347,7 @@ class OptunaSampler(Optimizer):
 
     def _value(self, i: int, v: float):
         """Dimension i's unit-interval value as the study's parameter (a category's index)."""
-        k = self.categories[i] if getattr(self, "categories", None) else 0
+        k = self.categories[i]
         return min(int(v * k), k - 1) if k else float(v)
 
     def enqueue(self, x):
@@ -355,9 +356,8 @@ class OptunaSampler(Optimizer):
     def _ask(self):  # enqueued points are the study's own (enqueue_trial)
         trial = self.study.ask(self.dists)
         x = []
-        for i in range(self.dim):
+        for i, k in enumerate(self.categories):
             v = trial.params[f"x{i}"]
-            k = self.categories[i] if getattr(self, "categories", None) else 0
             x.append((v + 0.5) / k if k else float(v))  # a category: its cell's middle
         self.open.setdefault(tuple(x), []).append(trial)
         return x
