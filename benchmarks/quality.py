@@ -1,6 +1,6 @@
 """Does the search beat the recipes a user writes by hand, and does multi-fidelity pay?
 
-    .venv/bin/python benchmarks/quality.py [--seeds 5] [--budget 60] [--zoo .cache/zoo ...]
+    .venv/bin/python benchmarks/quality.py [--problem three|select] [--seeds 5] [--budget 60] [--zoo .cache/zoo ...]
 
 RESULTS.md's run used two zoos: the default one and one of another architecture and seed, built
 first with ``.venv/bin/python -m evomerge zoo build --out .cache/zoo-qwen2-s1 --architecture qwen2
@@ -25,6 +25,12 @@ hypervolume on the search split, documents scored until 95% of the run's own fin
 for multi-fidelity the documents until it reached the median final hypervolume of the same optimizer
 with full evaluations. One candidate at a time, in-process (the campaign's Search and CandidateScorer,
 no Ray or MLflow: the figures count documents, not seconds).
+
+``--problem select``: the default demo's problem, which experts to merge. The zoo's five experts (add,
+rev, sort, sub, mul), objectives add, rev, sort and sub (400 documents per full evaluation; the
+multiplication expert barely learns its skill and is there to be left out), space
+search_spaces/five_experts_select.yaml (2-3 experts per candidate, TIES | PCB | Consensus-TIES, a
+weight and a density per expert: 16 genes); the hand baselines merge all five.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,21 +60,48 @@ from evomerge.search.optimizers import Objective  # noqa: E402
 from evomerge.search.pareto import hypervolume  # noqa: E402
 from evomerge.search.space import Genome, load_space  # noqa: E402
 
-EXPERTS = ["expert-add", "expert-rev", "expert-sort"]
-NAMES = ["add", "rev", "sort"]
 LIMIT = 100
-FULL_DOCS = LIMIT * len(NAMES)
-REFERENCE = [0.0, 0.0, 0.0]
-EVALUATOR = {
-    "limit": LIMIT,
-    "seed": 0,
-    "batch_size": 100,
-    "objectives": [
-        {"name": "add", "task": "zoo/zoo_add_{split}.yaml", "metric": "exact_match"},
-        {"name": "rev", "task": "zoo/zoo_rev_{split}.yaml", "metric": "exact_match"},
-        {"name": "sort", "task": "zoo/zoo_sort_{split}.yaml", "metric": "acc"},
-    ],
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Experts merged, one objective per skill in ``skills`` (lm-eval, ``LIMIT`` documents per task),
+    a search space."""
+
+    experts: tuple[str, ...]
+    skills: tuple[tuple[str, str], ...]  # (skill, metric)
+    space: str
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.skills]
+
+    @property
+    def evaluator(self) -> dict:
+        objectives = [{"name": n, "task": f"zoo/zoo_{n}_{{split}}.yaml", "metric": m} for n, m in self.skills]
+        return {"limit": LIMIT, "seed": 0, "batch_size": 100, "objectives": objectives}
+
+    @property
+    def full_documents(self) -> int:
+        return LIMIT * len(self.skills)
+
+
+PROBLEMS = {
+    # where task arithmetic at lambda 1 loses the reversal skill
+    "three": Problem(
+        ("expert-add", "expert-rev", "expert-sort"),
+        (("add", "exact_match"), ("rev", "exact_match"), ("sort", "acc")),
+        "three_experts_ties_groups.yaml",
+    ),
+    # the default demo's problem: which of five experts to merge (2-3 per candidate), judged on four
+    # skills (the multiplication expert barely learns its own: there to be left out)
+    "select": Problem(
+        ("expert-add", "expert-rev", "expert-sort", "expert-sub", "expert-mul"),
+        (("add", "exact_match"), ("rev", "exact_match"), ("sort", "acc"), ("sub", "acc")),
+        "five_experts_select.yaml",
+    ),
 }
+PROBLEM = PROBLEMS["three"]
 FIDELITY = Fidelity((11, 33), 1 / 3)
 KEY = "best_report_mean"
 OPTIMIZERS = {
@@ -82,15 +116,15 @@ class Zoo:
 
     def __init__(self, path: Path):
         self.path = path
-        models = {"base": str(path / "base"), **{e: str(path / e) for e in EXPERTS}}
-        evaluator = parse_evaluator(EVALUATOR, REPO / "evaluators" / "inline.yaml")
+        models = {"base": str(path / "base"), **{e: str(path / e) for e in PROBLEM.experts}}
+        evaluator = parse_evaluator(PROBLEM.evaluator, REPO / "evaluators" / "inline.yaml")
         self.scorers = {s: CandidateScorer(models, "base", evaluator, split=s) for s in ("search", "report")}
         self._report = {}
         self.layers = int(self.scorers["search"].model.config.num_hidden_layers)
 
     def score(self, recipe, split="search", documents=None):
         s = self.scorers[split].score(recipe, documents=documents)
-        values = [s.values[n] for n in NAMES] if s.status == "done" else None
+        values = [s.values[n] for n in PROBLEM.names] if s.status == "done" else None
         return values, int(s.timings.get("documents", 0))
 
     def report_mean(self, recipe) -> float:
@@ -103,11 +137,12 @@ class Zoo:
 
 def search_run(zoo: Zoo, optimizer: str, multi: bool, seed: int, budget_docs: int) -> dict:
     name, options = OPTIMIZERS[optimizer]
-    genome = Genome(load_space(REPO / "search_spaces" / "three_experts_ties_groups.yaml"), zoo.layers, seed=seed)
-    objectives = [Objective(name=n) for n in NAMES]
+    genome = Genome(load_space(REPO / "search_spaces" / PROBLEM.space), zoo.layers, seed=seed)
+    objectives = [Objective(name=n) for n in PROBLEM.names]
+    m, k = len(PROBLEM.names), len(PROBLEM.experts)
     with tempfile.TemporaryDirectory() as tmp:
         search = Search(genome, name, objectives, seed, tmp, options, fidelity=FIDELITY if multi else None)
-        for point in [genome.uniform_average(), *(genome.expert_alone(e) for e in EXPERTS)]:
+        for point in [genome.uniform_average(), *(genome.expert_alone(e) for e in PROBLEM.experts)]:
             search.enqueue(point)
         curve = []  # (documents scored, hypervolume of the full-fidelity front)
         while search.documents < budget_docs:
@@ -115,11 +150,11 @@ def search_run(zoo: Zoo, optimizer: str, multi: bool, seed: int, budget_docs: in
             values, docs = zoo.score(trial.recipe, documents=search.documents_for(trial))
             search.report(trial.id, values, {"documents": docs})
             curve.append(
-                (search.documents, hypervolume([t.values for t in search.finished], ["maximize"] * 3, REFERENCE))
+                (search.documents, hypervolume([t.values for t in search.finished], ["maximize"] * m, [0.0] * m))
             )
         # the searched front member a user exports with equal weights: the best mean on the search
         # split (seeds excluded: those are the experts and their average), judged on the report split
-        searched = [t for t in search.front() if t.id >= 1 + len(EXPERTS)] or search.finished[1 + len(EXPERTS) :]
+        searched = [t for t in search.front() if t.id >= 1 + k] or search.finished[1 + k :]
         pick = max(searched, key=lambda t: statistics.fmean(t.values))
         best = zoo.report_mean(pick.recipe)
         return {
@@ -143,13 +178,16 @@ def main() -> None:
     parser.add_argument("--rungs", default="11,33", help="multi-fidelity rungs, documents per task")
     parser.add_argument("--promote", type=float, default=1 / 3)
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--problem", choices=PROBLEMS, default="three")
     args = parser.parse_args()
-    global FIDELITY
+    global FIDELITY, PROBLEM
+    PROBLEM = PROBLEMS[args.problem]
     FIDELITY = Fidelity(tuple(int(r) for r in args.rungs.split(",")), args.promote)
     chosen = args.optimizers.split(",")
-    budget_docs = args.budget * FULL_DOCS
+    budget_docs = args.budget * PROBLEM.full_documents
     print(
-        f"machine: {platform.machine()}; seeds 0-{args.seeds - 1}; budget {budget_docs} documents per run; "
+        f"machine: {platform.machine()}; problem {args.problem} ({', '.join(PROBLEM.experts)}; {PROBLEM.space}); "
+        f"seeds 0-{args.seeds - 1}; budget {budget_docs} documents per run; "
         f"rungs {FIDELITY.rungs}, promote {FIDELITY.promote:.2f}"
     )
     for path in args.zoo:
@@ -160,9 +198,9 @@ def main() -> None:
             e: zoo.report_mean(
                 parse_recipe({"merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 1.0}}]})
             )
-            for e in EXPERTS
+            for e in PROBLEM.experts
         }
-        baselines = {label: zoo.report_mean(r) for label, r in baseline_recipes("base", EXPERTS, 0)}
+        baselines = {label: zoo.report_mean(r) for label, r in baseline_recipes("base", list(PROBLEM.experts), 0)}
         print("| recipe | mean report score |\n|---|---|")
         for label, v in {**experts, **baselines}.items():
             print(f"| {label} | {v:.3f} |")

@@ -335,6 +335,25 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _best_means(search, objectives) -> str | None:
+    """One line: the best mean over the objectives of the searched candidates, the seeds (experts
+    alone, their average) and the hand baselines, each with its trial; None when the objectives do
+    not share a direction (a mean of scores and perplexities means nothing)."""
+    directions = {o.direction for o in objectives}
+    if len(objectives) < 2 or len(directions) != 1:
+        return None
+    sign = 1.0 if directions == {"maximize"} else -1.0
+    kinds = {"searched": [], "seed": [], "hand baseline": []}
+    for t in search.finished:
+        kinds["hand baseline" if t.baseline else "seed" if t.seeded else "searched"].append(t)
+    parts = []
+    for kind, trials in kinds.items():
+        if trials:
+            top = max(trials, key=lambda t: (sign * sum(t.values) / len(t.values), -t.id))  # ties: the first
+            parts.append(f"{kind} {sum(top.values) / len(top.values):.4g} (trial {top.id})")
+    return f"best mean over the {len(objectives)} objectives: " + ", ".join(parts)
+
+
 def cmd_pareto(args) -> int:
     from evomerge import campaign
     from evomerge.tracking.mlflow_tracker import front_plots
@@ -362,12 +381,16 @@ def cmd_pareto(args) -> int:
             where = "on the front" if t.id in on_front else ("dominated" if t.status == "done" else t.status)
             values = "".join(f"{v:>14.5g}" for v in t.values) if t.values else "".join(f"{'-':>14}" for _ in names)
             print(f"{t.id:>5}  {values}  {t.baseline} ({where})")
+    summary = _best_means(search, loaded.objectives)
+    if summary:
+        print(summary)
     html, png = front_plots(
         [t.id for t in done],
         [t.values for t in done],
         [r["trial"] for r in rows],
         names,
         [o.direction for o in loaded.objectives],
+        [t.id for t in baselines],
     )
     out = Path(args.plot) if args.plot else loaded.directory / "front.png"
     import matplotlib.pyplot as plt

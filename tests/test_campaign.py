@@ -876,3 +876,16 @@ def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
     lines = pareto.stdout.splitlines()
     listed = lines[lines.index("hand baselines:") + 1 :][: len(baselines)]
     assert [line.split("  ")[-1].rsplit(" (", 1)[0] for line in listed] == [t.baseline for t in baselines]
+    # the best mean of each kind, searched against the hand baselines (no seeds in this campaign)
+    mean = lambda t: (t.values[0] + t.values[1]) / 2  # noqa: E731
+    top = {
+        kind: max(ts, key=lambda t: (mean(t), -t.id))
+        for kind, ts in (
+            ("searched", [t for t in search.finished if not t.baseline]),
+            ("hand baseline", [t for t in search.finished if t.baseline]),
+        )
+    }
+    assert lines[lines.index("hand baselines:") + 1 + len(baselines)] == (
+        "best mean over the 2 objectives: "
+        + ", ".join(f"{kind} {mean(t):.4g} (trial {t.id})" for kind, t in top.items())
+    )

@@ -93,3 +93,33 @@ def test_knee_and_weighted_picks():
         knee([(float("nan"), 1.0)], MAXMAX)
     with pytest.raises(ValueError, match="directions"):
         front_indices(pts, ["max", "min"])
+
+
+def plotted(html: str) -> list[dict]:
+    """The traces a plotly HTML page draws (the second argument of its Plotly.newPlot call)."""
+    import json
+
+    start = html.index("Plotly.newPlot(")
+    start = html.index(",", start) + 1
+    traces, _ = json.JSONDecoder().raw_decode(html[start:].lstrip())
+    return traces
+
+
+def test_front_plots_show_every_pair_of_objectives_and_mark_the_hand_baselines():
+    from evomerge.tracking.mlflow_tracker import front_plots
+
+    ids = [0, 1, 2, 3]
+    points = [[0.1, 0.9, 0.5], [0.9, 0.1, 0.5], [0.2, 0.2, 0.2], [0.5, 0.5, 0.9]]
+    html, png = front_plots(ids, points, [0, 1, 3], ["a", "b", "c"], ["maximize"] * 3, baselines=[2])
+    assert png.shape[:2] == (450, 1080)  # three panels (a-b, a-c, b-c) side by side
+    traces = plotted(html)
+    assert [t["name"] for t in traces] == ["Pareto front", "hand baseline"]  # no other candidates here
+    assert [d["label"] for d in traces[0]["dimensions"]] == ["a", "b", "c"]
+    assert traces[1]["dimensions"][0]["values"] == [0.2] and traces[1]["marker"]["symbol"] == "x"
+    html, png = front_plots(ids, [p[:2] for p in points], [0, 1], ["a", "b"], ["maximize"] * 2, baselines=[2])
+    assert png.shape[:2] == (450, 600)
+    assert [(t["type"], t["name"], t["x"], t["y"]) for t in plotted(html)] == [
+        ("scatter", "candidates", [0.5], [0.5]),  # trial 3, not on the front given
+        ("scatter", "Pareto front", [0.1, 0.9], [0.9, 0.1]),
+        ("scatter", "hand baseline", [0.2], [0.2]),
+    ]

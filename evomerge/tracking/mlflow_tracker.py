@@ -104,6 +104,7 @@ class Tracker:
         self.parent: str | None = None
         self._runs: dict[int, str] = {}  # trial id -> child run id
         self._done: dict[int, list[float]] = {}  # trial id -> objective values (for the plots)
+        self._baselines: set[int] = set()  # trial ids of the hand baselines (marked in the plots)
         self._ranks: dict[int, int | None] = {}  # trial id -> the pareto_rank tag it carries
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -206,6 +207,8 @@ class Tracker:
                     continue
                 tid = int(tags[TRIAL_TAG])
                 self._runs[tid] = run.info.run_id
+                if tags.get("baseline") == "true":
+                    self._baselines.add(tid)
                 if run.info.status == "FINISHED":
                     self._done[tid] = [run.data.metrics[o] for o in self.objectives]
                     rank = run.data.tags.get("pareto_rank")
@@ -292,6 +295,7 @@ class Tracker:
         if trial.baseline:
             tags["baseline"] = "true"
             tags["baseline_recipe"] = trial.baseline
+            self._baselines.add(trial.id)
         if trial.rung is not None:  # multi-fidelity: the rung of the values logged, and whether in full
             tags["rung"] = str(trial.rung)
             tags["full_fidelity"] = str(trial.full).lower()
@@ -357,7 +361,7 @@ class Tracker:
         for j, name in enumerate(self.objectives):
             table[name] = [self._done[t][j] for t in rows]
         self.client.log_dict(self.parent, table, "front.json")
-        html, png = front_plots(ids, points, front, self.objectives, self.directions)
+        html, png = front_plots(ids, points, front, self.objectives, self.directions, self._baselines)
         self.client.log_text(self.parent, html, "front.html")
         self.client.log_image(self.parent, png, "front.png") if png is not None else None
 
@@ -383,10 +387,18 @@ def _plain(value):
     return value
 
 
-def front_plots(ids, points, front, objectives, directions):
-    """Plots of the first two objectives (or the one objective against the trial number): every
-    finished candidate, the front highlighted. Returns (interactive HTML with plotly.js embedded, so
-    it opens offline; PNG as a numpy image)."""
+#: objectives shown in the plots' pairwise grid (all pairs of the first this many)
+PLOT_OBJECTIVES = 5
+
+
+def front_plots(ids, points, front, objectives, directions, baselines=()):
+    """Plots of every finished candidate with the front highlighted and the hand baselines
+    (``baselines``: their trial ids) marked. One objective: against the trial number; two: one
+    scatter; three or more: a grid of every pair of the first ``PLOT_OBJECTIVES`` (a front member may
+    look dominated in one pair: it is non-dominated over all of them). Returns (interactive HTML with
+    plotly.js embedded, so it opens offline; PNG as a numpy image)."""
+    import itertools
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -394,34 +406,65 @@ def front_plots(ids, points, front, objectives, directions):
     import numpy as np
     import plotly.graph_objects as go
 
+    on, marked = set(front), set(baselines)
+    groups = (  # label, trial ids, matplotlib style, plotly marker
+        ("candidates", [t for t in ids if t not in on and t not in marked], {"c": "lightgray", "s": 14}, "lightgray"),
+        ("Pareto front", [t for t in ids if t in on and t not in marked], {"c": "crimson", "s": 30}, "crimson"),
+        ("hand baseline", [t for t in ids if t in marked], {"c": "black", "s": 40, "marker": "x"}, "black"),
+    )
+    value = dict(zip(ids, points))
     if len(objectives) >= 2:
-        xs, ys, xl, yl = [p[0] for p in points], [p[1] for p in points], objectives[0], objectives[1]
+        shown = list(range(min(len(objectives), PLOT_OBJECTIVES)))
+        pairs = list(itertools.combinations(shown, 2))
+        axis = lambda t, j: value[t][j]  # noqa: E731
+        names = list(objectives)
     else:
-        xs, ys, xl, yl = list(ids), [p[0] for p in points], "trial", objectives[0]
-    on = set(front)
-    fx = [x for x, t in zip(xs, ids) if t in on]
-    fy = [y for y, t in zip(ys, ids) if t in on]
+        pairs = [(-1, 0)]
+        axis = lambda t, j: t if j < 0 else value[t][j]  # noqa: E731
+        names = {-1: "trial", 0: objectives[0]}
+
     fig = go.Figure()
-    fig.add_scatter(
-        x=xs, y=ys, mode="markers", name="candidates", text=[f"trial {t}" for t in ids], marker={"color": "lightgray"}
-    )
-    fig.add_scatter(
-        x=fx,
-        y=fy,
-        mode="markers",
-        name="Pareto front",
-        text=[f"trial {t}" for t in ids if t in on],
-        marker={"color": "crimson", "size": 10},
-    )
-    fig.update_layout(xaxis_title=xl, yaxis_title=yl, title="evomerge: candidates and Pareto front")
+    for label, members, _, color in groups:
+        if not members:
+            continue
+        marker = {"color": color, "size": 10 if label != "candidates" else 6}
+        if label == "hand baseline":
+            marker["symbol"] = "x"
+        text = [f"trial {t}" for t in members]
+        if len(pairs) == 1:
+            x, y = pairs[0]
+            xs, ys = [axis(t, x) for t in members], [axis(t, y) for t in members]
+            fig.add_scatter(x=xs, y=ys, mode="markers", name=label, text=text, marker=marker)
+        else:
+            dims = [{"label": objectives[j], "values": [value[t][j] for t in members]} for j in shown]
+            fig.add_trace(go.Splom(dimensions=dims, name=label, text=text, marker=marker, diagonal_visible=False))
+    if len(pairs) == 1:
+        fig.update_layout(xaxis_title=names[pairs[0][0]], yaxis_title=names[pairs[0][1]])
+    fig.update_layout(title="evomerge: candidates and Pareto front")
     html = fig.to_html(include_plotlyjs=True, full_html=True)
-    f, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    ax.scatter(xs, ys, c="lightgray", s=14, label="candidates")
-    ax.scatter(fx, fy, c="crimson", s=30, label="Pareto front")
-    ax.set_xlabel(xl)
-    ax.set_ylabel(yl)
-    ax.legend()
-    f.tight_layout()
+
+    cols = min(len(pairs), 3)
+    rows = -(-len(pairs) // cols)
+    f, axes = plt.subplots(
+        rows, cols, figsize=(6 if cols == 1 else 3.6 * cols, 4.5 if rows == 1 else 3.2 * rows), dpi=100
+    )
+    axes = np.atleast_1d(axes).ravel()
+    for ax, (x, y) in zip(axes, pairs):
+        for label, members, style, _ in groups:
+            if members:
+                ax.scatter([axis(t, x) for t in members], [axis(t, y) for t in members], label=label, **style)
+        ax.set_xlabel(names[x])
+        ax.set_ylabel(names[y])
+    for ax in axes[len(pairs) :]:
+        ax.axis("off")
+    if len(pairs) == 1:
+        axes[0].legend()
+        f.tight_layout()
+    else:
+        handles, labels = axes[0].get_legend_handles_labels()
+        f.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+        f.suptitle(f"every pair of {len(shown)} objectives; the front is non-dominated over all {len(objectives)}")
+        f.tight_layout(rect=(0, 0.05, 1, 1))
     buf = io.BytesIO()
     f.savefig(buf, format="png")
     plt.close(f)
