@@ -156,15 +156,23 @@ def test_pool_scores_candidates_and_survives_a_killed_worker(zoo, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "share, reason",
+    "share, damage, reason",
     [
-        (True, r"cannot read the models: model directory not found: .*missing"),  # before Ray starts
-        (False, r"worker 0 failed to start: .*model directory not found: .*missing"),
+        (True, "missing", r"cannot read the models: model directory not found: .*missing"),  # before Ray starts
+        (False, "missing", r"worker 0 failed to start: .*model directory not found: .*missing"),
+        # the header reads, the weights do not: the store fails while the worker starts beside it
+        (True, "truncated", r"^cannot share the models: "),
     ],
 )
-def test_models_that_cannot_load_fail_the_start_with_the_reason(zoo, tmp_path, share, reason):
+def test_models_that_cannot_load_fail_the_start_with_the_reason(zoo, tmp_path, share, damage, reason):
     bad = spec(zoo, memory={"share": share})
-    bad.models["expert-sort"] = str(tmp_path / "missing")
+    bad.models["expert-sort"] = str(tmp_path / damage)
+    if damage == "truncated":
+        shutil.copytree(zoo / "expert-sort", tmp_path / damage)
+        weights = tmp_path / damage / "model.safetensors"
+        header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+        with weights.open("r+b") as f:
+            f.truncate(header + 1000)
     pool = WorkerPool(bad, workers=1, temp_dir=tmp_path / "ray", start_timeout_s=120)
     with pytest.raises(PoolError, match=reason):
         pool.start()

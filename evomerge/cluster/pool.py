@@ -211,9 +211,10 @@ class WorkerPool:
         actor_cls = ray.remote(ScoringWorker)
         threads = self.spec.threads or max(1, int(self.cpus))
         spec = {**self.spec.to_dict(), "threads": threads}
+        publishing = None
         if share:
             try:
-                spec["shared"] = self._publish(shared_bytes)
+                spec["shared"], publishing = self._publish(shared_bytes)
             except BaseException:
                 self.shutdown()
                 raise
@@ -221,7 +222,18 @@ class WorkerPool:
         self._make = lambda: actor_cls.options(
             num_cpus=self.cpus, num_gpus=self.gpus, resources=self.resources, max_restarts=-1, max_task_retries=0
         ).remote(spec)
+        # the workers start (imports, evaluator, tasks) while the store reads the models; they ask it
+        # for the refs once they need them, which it answers when it has published (one task at a time)
         self.slots = [_Slot(i, self._make()) for i in range(self.n)]
+        try:
+            if publishing is not None:
+                try:
+                    ray.get(publishing)
+                except Exception as e:
+                    raise PoolError(f"cannot share the models: {_cause(e)}") from None
+        except BaseException:
+            self.shutdown()
+            raise
         refs = {s.actor.ready.remote(): s for s in self.slots}
         deadline = time.monotonic() + self.start_timeout_s
         try:
@@ -284,8 +296,9 @@ class WorkerPool:
             raise PoolError(f"cannot read the models: {reason}") from None
 
     def _publish(self, nbytes: int):
-        """Put one copy of the base and the task vectors in Ray's object store (one per node that
-        runs workers), after checking that every node's store can hold them."""
+        """Start putting one copy of the base and the task vectors in Ray's object store (one per
+        node that runs workers), after checking that every node's store can hold them. Returns the
+        store's name and the ref of its publishing, to wait for."""
         import ray
 
         from evomerge.cluster.store import SharedStore
@@ -308,11 +321,8 @@ class WorkerPool:
         name = f"shared-store-{os.getpid()}-{time.monotonic_ns()}"
         store = ray.remote(SharedStore).options(num_cpus=0, max_restarts=0, name=name).remote()
         self._store = store  # it owns the objects: they live while it does, as long as the pool
-        try:
-            ray.get(store.publish.remote(asdict(self.spec.shared_inputs())))
-        except Exception as e:
-            raise PoolError(f"cannot share the models: {_cause(e)}") from None
-        return name  # the workers ask the store for the refs
+        # the workers ask the store for the refs by its name; the caller waits for the publishing
+        return name, store.publish.remote(asdict(self.spec.shared_inputs()))
 
     def _private_temp_dir(self) -> str:
         """Ray's temp dir: inside the campaign directory when its path is short enough for Ray's unix

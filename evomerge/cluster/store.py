@@ -35,9 +35,12 @@ class SharedStore:
         return len(detail)
 
     def refs(self) -> bytes:
-        """The published refs, pickled (``evomerge.merge.shared.fetch`` takes them unpickled)."""
+        """The published refs, pickled (``evomerge.merge.shared.fetch`` takes them unpickled). A call
+        made while ``publish`` runs is answered after it (the actor runs one task at a time)."""
         import ray
 
+        if self.published is None:
+            raise RuntimeError("the shared copy could not be made (see the pool's error)")
         return ray.cloudpickle.dumps(self.published)
 
 
