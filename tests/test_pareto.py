@@ -72,6 +72,68 @@ def test_hypervolume_3d_against_monte_carlo():
     assert exact == pytest.approx(hits / n, abs=0.005)
 
 
+def inclusion_exclusion(points, ref):
+    """Hypervolume (minimization) by inclusion-exclusion over every subset: the union of the boxes
+    [p, ref] is the alternating sum of the volumes of their intersections [max of the subset, ref]."""
+    from itertools import combinations
+
+    pts = [p for p in points if all(x < r for x, r in zip(p, ref))]
+    total = 0.0
+    for k in range(1, len(pts) + 1):
+        for subset in combinations(pts, k):
+            corner = [max(c) for c in zip(*subset)]
+            total += (-1) ** (k + 1) * math.prod(r - c for r, c in zip(ref, corner))
+    return total
+
+
+def slicing(points, ref):
+    """Hypervolume (minimization) by slicing the last objective, recursively (the earlier exact
+    algorithm: slow, O(n^(d-1)), obviously right)."""
+    pts = sorted((p for p in points if all(x < r for x, r in zip(p, ref))), key=lambda p: p[-1])
+    if not pts:
+        return 0.0
+    if len(ref) == 1:
+        return ref[0] - pts[0][0]
+    total = 0.0
+    for k, p in enumerate(pts):
+        upper = pts[k + 1][-1] if k + 1 < len(pts) else ref[-1]
+        if upper > p[-1]:
+            total += slicing([q[:-1] for q in pts[: k + 1]], ref[:-1]) * (upper - p[-1])
+    return total
+
+
+@pytest.mark.parametrize("d", [2, 3, 4, 5])
+def test_hypervolume_equals_inclusion_exclusion(d):
+    """Small random sets with dominated points, duplicates, ties on one objective and points outside
+    the reference box, some objectives maximized."""
+    rng = random.Random(d)
+    directions = ["maximize" if j % 2 else "minimize" for j in range(d)]
+    signs = [-1 if x == "maximize" else 1 for x in directions]
+    for _ in range(40):
+        pts = [[round(rng.uniform(0, 1.1), 1) for _ in range(d)] for _ in range(rng.randint(1, 9))]
+        pts.append(list(pts[0]))  # a duplicate
+        ref = [1.0] * d
+        natural = [[s * x for s, x in zip(signs, p)] for p in pts]
+        expected = inclusion_exclusion(pts, ref)
+        assert hypervolume(natural, directions, [s * r for s, r in zip(signs, ref)]) == pytest.approx(
+            expected, abs=1e-12
+        )
+
+
+@pytest.mark.parametrize("d, n", [(3, 120), (4, 60), (5, 30)])
+def test_hypervolume_equals_slicing_on_whole_fronts(d, n):
+    """Every point on the front (a sphere's positive orthant) and as many again behind it."""
+    rng = random.Random(n)
+    pts = []
+    for _ in range(n):
+        v = [abs(rng.gauss(0, 1)) for _ in range(d)]
+        norm = math.sqrt(sum(x * x for x in v))
+        pts.append([1 - x / norm for x in v])
+        pts.append([min(1.0, 1 - x / norm + rng.uniform(0, 0.2)) for x in v])
+    ref = [1.0] * d
+    assert hypervolume(pts, ["minimize"] * d, ref) == pytest.approx(slicing(pts, ref), rel=1e-12)
+
+
 def test_crowding_by_hand():
     pts = [(0.0, 1.0), (0.25, 0.7), (0.5, 0.5), (1.0, 0.0)]
     d = crowding_distances(pts, MAXMAX)

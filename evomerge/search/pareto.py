@@ -78,25 +78,83 @@ def hypervolume(
 ) -> float:
     """Volume dominated by the finite points and bounded by ``reference`` (given in the objectives'
     natural signs: the worst acceptable value of each). Points not strictly better than the reference
-    in every objective add nothing. Exact, by recursive slicing (fine for a few objectives)."""
+    in every objective add nothing. Exact: a sweep for two and three objectives, WFG (While,
+    Bradstreet and Barone, IEEE TEC 2012) for more; on the non-dominated points only. 400 points on a
+    four-objective front take well under a second (``benchmarks/pareto.py``)."""
     ref = _as_min([reference], directions)[0]
     pts = [p for p in _as_min(points, directions) if _finite(p) and all(x < r for x, r in zip(p, ref))]
-    return _hv(pts, ref)
-
-
-def _hv(pts: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
     if not pts:
         return 0.0
+    import numpy as np
+
+    front, r = _nondominated(np.asarray(pts, dtype=float)), np.asarray(ref, dtype=float)
     if len(ref) == 1:
-        return ref[0] - min(p[0] for p in pts)
-    # Sweep the last objective: between consecutive distinct values, the (d-1)-volume of the points
-    # at or below that value times the slab's thickness.
-    pts = sorted(pts, key=lambda p: p[-1])
+        return float(r[0] - front[0, 0])
+    return {2: _hv2, 3: _hv3}.get(len(ref), _wfg)(front, r)
+
+
+def _nondominated(pts):
+    """The distinct non-dominated rows of ``pts`` (minimization): in lexicographic order a row can only
+    be weakly dominated by an earlier one, so one pass against the rows kept so far decides."""
+    import numpy as np
+
+    if len(pts) <= 1:
+        return pts
+    pts = pts[np.lexsort(pts.T[::-1])]
+    kept = np.empty_like(pts)
+    k = 0
+    for row in pts:
+        if k and (kept[:k] <= row).all(axis=1).any():
+            continue
+        kept[k] = row
+        k += 1
+    return kept[:k]
+
+
+def _hv2(front, ref) -> float:
+    """Two objectives, non-dominated ``front``: sorted by the first, the second falls; a sum of strips."""
+    import numpy as np
+
+    front = front[np.argsort(front[:, 0], kind="stable")]
+    right = np.append(front[1:, 0], ref[0])
+    return float(((right - front[:, 0]) * (ref[1] - front[:, 1])).sum())
+
+
+def _hv3(front, ref) -> float:
+    """Three objectives: sweep the third; between consecutive values the slab's area is the
+    two-objective volume of the points below it, updated only when a point enters that front."""
+    import numpy as np
+
+    front = front[np.argsort(front[:, 2], kind="stable")]
+    total, area, plane = 0.0, 0.0, np.empty((0, 2))
+    for k, p in enumerate(front):
+        q = p[:2]
+        if not (plane <= q).all(axis=1).any():
+            plane = np.vstack([plane[~(q <= plane).all(axis=1)], q])
+            area = _hv2(plane, ref[:2])
+        upper = front[k + 1, 2] if k + 1 < len(front) else ref[2]
+        total += area * (upper - p[2])
+    return total
+
+
+def _wfg(front, ref) -> float:
+    """WFG: the sum of each point's exclusive volume, its box less the volume of the later points
+    limited to that box (their non-dominated part, recursively). Points go worst-first on the last
+    objective, which keeps the limited sets small."""
+    import numpy as np
+
+    n, d = front.shape
+    if n == 1:
+        return float(np.prod(ref - front[0]))
+    if d == 2:
+        return _hv2(front, ref)
+    front = front[np.argsort(-front[:, -1], kind="stable")]
     total = 0.0
-    for k, p in enumerate(pts):
-        upper = pts[k + 1][-1] if k + 1 < len(pts) else ref[-1]
-        if upper > p[-1]:
-            total += _hv([q[:-1] for q in pts[: k + 1]], ref[:-1]) * (upper - p[-1])
+    for i in range(n):
+        box = float(np.prod(ref - front[i]))
+        if i + 1 < n:
+            box -= _wfg(_nondominated(np.maximum(front[i + 1 :], front[i])), ref)
+        total += box
     return total
 
 
