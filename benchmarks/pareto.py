@@ -27,20 +27,8 @@ import numpy as np  # noqa: E402
 
 from evomerge.search.pareto import hypervolume  # noqa: E402
 
-
-def slicing(points, ref):
-    """The earlier algorithm (minimization): slice the last objective, recurse on the rest."""
-    pts = sorted((p for p in points if all(x < r for x, r in zip(p, ref))), key=lambda p: p[-1])
-    if not pts:
-        return 0.0
-    if len(ref) == 1:
-        return ref[0] - pts[0][0]
-    total = 0.0
-    for k, p in enumerate(pts):
-        upper = pts[k + 1][-1] if k + 1 < len(pts) else ref[-1]
-        if upper > p[-1]:
-            total += slicing([q[:-1] for q in pts[: k + 1]], ref[:-1]) * (upper - p[-1])
-    return total
+sys.path.insert(0, str(REPO / "tests"))
+from test_pareto import slicing  # noqa: E402  (the earlier algorithm, the tests' reference)
 
 
 def points(d: int, n: int, rng: random.Random) -> list[list[float]]:
