@@ -1,6 +1,7 @@
 """Does the search beat the recipes a user writes by hand, and does multi-fidelity pay?
 
     .venv/bin/python benchmarks/quality.py [--problem three|select] [--seeds 5] [--budget 60] [--zoo .cache/zoo ...]
+        [--optimizers random,nsga2,cma] [--rungs 11,33] [--promote 0.33] [--tell-stopped rung|failed] [--threads N]
 
 RESULTS.md's run used two zoos: the default one and one of another architecture and seed, built
 first with ``.venv/bin/python -m evomerge zoo build --out .cache/zoo-qwen2-s1 --architecture qwen2
@@ -25,6 +26,10 @@ hypervolume on the search split, documents scored until 95% of the run's own fin
 for multi-fidelity the documents until it reached the median final hypervolume of the same optimizer
 with full evaluations. One candidate at a time, in-process (the campaign's Search and CandidateScorer,
 no Ray or MLflow: the figures count documents, not seconds).
+
+``--tell-stopped failed`` (a what-if, not an option of the product): with multi-fidelity, a candidate
+stopped at a lower rung is told to the optimizer as a failure instead of its rung result.
+``--threads 1`` lets two runs (e.g. different ``--optimizers``) share two cores.
 
 ``--problem select``: the default demo's problem, which experts to merge. The zoo's five experts (add,
 rev, sort, sub, mul), objectives add, rev, sort and sub (400 documents per full evaluation; the
@@ -102,6 +107,28 @@ PROBLEMS = {
     ),
 }
 PROBLEM = PROBLEMS["three"]
+TELL_STOPPED = "rung"
+
+
+class StoppedToldAsFailed(Search):
+    """What-if (``--tell-stopped failed``, not an option of the product): a candidate stopped at a
+    lower rung is told to the optimizer as a failure (CMA-ES: worse than anything seen; Optuna: a
+    failed trial) instead of its rung's noisy result; the journal and the front are unchanged."""
+
+    def _apply_tell(self, trial_id, values, info):
+        trial = self.trials[trial_id]
+        stopped = values is not None and trial.rung is not None and trial.rung < self.fidelity.top
+        if not stopped or trial.unit is None:
+            return super()._apply_tell(trial_id, values, info)
+        unit, trial.unit = trial.unit, None  # told below instead
+        try:
+            out = super()._apply_tell(trial_id, values, info)
+        finally:
+            trial.unit = unit
+        self.optimizer.tell(unit, None)
+        return out
+
+
 FIDELITY = Fidelity((11, 33), 1 / 3)
 KEY = "best_report_mean"
 OPTIMIZERS = {
@@ -141,7 +168,8 @@ def search_run(zoo: Zoo, optimizer: str, multi: bool, seed: int, budget_docs: in
     objectives = [Objective(name=n) for n in PROBLEM.names]
     m, k = len(PROBLEM.names), len(PROBLEM.experts)
     with tempfile.TemporaryDirectory() as tmp:
-        search = Search(genome, name, objectives, seed, tmp, options, fidelity=FIDELITY if multi else None)
+        kind = StoppedToldAsFailed if multi and TELL_STOPPED == "failed" else Search
+        search = kind(genome, name, objectives, seed, tmp, options, fidelity=FIDELITY if multi else None)
         for point in [genome.uniform_average(), *(genome.expert_alone(e) for e in PROBLEM.experts)]:
             search.enqueue(point)
         curve = []  # (documents scored, hypervolume of the full-fidelity front)
@@ -179,16 +207,27 @@ def main() -> None:
     parser.add_argument("--promote", type=float, default=1 / 3)
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--problem", choices=PROBLEMS, default="three")
+    parser.add_argument(
+        "--tell-stopped",
+        choices=["rung", "failed"],
+        default="rung",
+        help="multi-fidelity: tell the optimizer a stopped candidate's rung result (the product) or a failure",
+    )
+    parser.add_argument("--threads", type=int, help="torch threads (default torch's; 1 to run several at once)")
     args = parser.parse_args()
-    global FIDELITY, PROBLEM
-    PROBLEM = PROBLEMS[args.problem]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    global FIDELITY, PROBLEM, TELL_STOPPED
+    PROBLEM, TELL_STOPPED = PROBLEMS[args.problem], args.tell_stopped
     FIDELITY = Fidelity(tuple(int(r) for r in args.rungs.split(",")), args.promote)
     chosen = args.optimizers.split(",")
     budget_docs = args.budget * PROBLEM.full_documents
     print(
         f"machine: {platform.machine()}; problem {args.problem} ({', '.join(PROBLEM.experts)}; {PROBLEM.space}); "
         f"seeds 0-{args.seeds - 1}; budget {budget_docs} documents per run; "
-        f"rungs {FIDELITY.rungs}, promote {FIDELITY.promote:.2f}"
+        f"rungs {FIDELITY.rungs}, promote {FIDELITY.promote:.2f}, stopped candidates told as {TELL_STOPPED}"
     )
     for path in args.zoo:
         started = time.perf_counter()
