@@ -866,6 +866,7 @@ def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
     for t in search.trials:
         tags, metrics = children[t.id].data.tags, children[t.id].data.metrics
         assert tags.get("baseline") == ("true" if t.baseline else None)
+        assert tags["mlflow.runName"] == f"trial-{t.id:05d}" + (f" ({t.baseline})" if t.baseline else "")
         assert tags["rung"] == str(t.rung) and tags["full_fidelity"] == str(t.rung == 2).lower()
         assert metrics["documents"] == t.documents
         if tags["pareto"] == "true":

@@ -285,7 +285,8 @@ class Tracker:
         tags = {
             CAMPAIGN_TAG: self.parent,
             ROLE_TAG: "candidate",
-            "mlflow.runName": f"trial-{trial.id:05d}",
+            # a hand baseline says which in its name, so the runs table shows it without a tag column
+            "mlflow.runName": f"trial-{trial.id:05d}" + (f" ({trial.baseline})" if trial.baseline else ""),
             TRIAL_TAG: str(trial.id),
             "status": trial.status,
             "pareto": "false",
