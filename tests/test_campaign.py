@@ -568,7 +568,16 @@ def test_pareto_and_export(resumed):
     assert (directory / "front.png").read_bytes()[:4] == b"\x89PNG" and (directory / "front.html").exists()
     search = campaign.open_campaign(directory, check=False).search()
     front = search.front()
-    assert {int(line.split()[0]) for line in pareto.stdout.splitlines()[1:-1]} == {t.id for t in front}
+    lines = pareto.stdout.splitlines()
+    assert {int(line.split()[0]) for line in lines[1:-2]} == {t.id for t in front}
+    # then the best mean of a searched candidate and of a seed (no hand baselines here), then the plot
+    mean = lambda t: (t.values[0] + t.values[1]) / 2  # noqa: E731
+    top = [max((t for t in search.finished if t.seeded == seeded), key=lambda t: (mean(t), -t.id)) for seeded in (0, 1)]
+    assert lines[-2] == (
+        f"best mean over the 2 objectives: searched {mean(top[0]):.4g} (trial {top[0].id}), "
+        f"seed {mean(top[1]):.4g} (trial {top[1].id})"
+    )
+    assert lines[-1].startswith("plot: ")
 
     best_add = max(front, key=lambda t: (t.values[0], -t.id))
     out = tmp / "export-add"
