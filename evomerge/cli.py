@@ -335,6 +335,11 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _kind(trial) -> str:
+    """A trial that is not a hand baseline: a seed (an expert alone, their average) or searched."""
+    return "seed" if trial.seeded else "searched"
+
+
 def _best_means(search, objectives) -> str | None:
     """One line: the best mean over the objectives of the searched candidates, the seeds (experts
     alone, their average) and the hand baselines, each with its trial; None when the objectives do
@@ -345,7 +350,7 @@ def _best_means(search, objectives) -> str | None:
     sign = 1.0 if directions == {"maximize"} else -1.0
     kinds = {"searched": [], "seed": [], "hand baseline": []}
     for t in search.finished:
-        kinds["hand baseline" if t.baseline else "seed" if t.seeded else "searched"].append(t)
+        kinds["hand baseline" if t.baseline else _kind(t)].append(t)
     parts = []
     for kind, trials in kinds.items():
         if trials:
@@ -370,7 +375,7 @@ def cmd_pareto(args) -> int:
             f"{r['trial']:>5}  "
             + "".join(f"{r[n]:>14.5g}" for n in names)
             + f"{r['crowding']:>10.3g}  "
-            + (f"baseline: {t.baseline}" if t.baseline else "seed" if t.seeded else "searched")
+            + (f"baseline: {t.baseline}" if t.baseline else _kind(t))
         )
     done = search.finished
     baselines = [t for t in search.trials if t.baseline]

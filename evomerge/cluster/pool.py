@@ -225,15 +225,14 @@ class WorkerPool:
         # the workers start (imports, evaluator, tasks) while the store reads the models; they ask it
         # for the refs once they need them, which it answers when it has published (one task at a time)
         self.slots = [_Slot(i, self._make()) for i in range(self.n)]
-        try:
-            if publishing is not None:
-                try:
-                    ray.get(publishing)
-                except Exception as e:
+        if publishing is not None:
+            try:
+                ray.get(publishing)
+            except BaseException as e:
+                self.shutdown()
+                if isinstance(e, Exception):
                     raise PoolError(f"cannot share the models: {_cause(e)}") from None
-        except BaseException:
-            self.shutdown()
-            raise
+                raise
         refs = {s.actor.ready.remote(): s for s in self.slots}
         deadline = time.monotonic() + self.start_timeout_s
         try:
