@@ -459,14 +459,14 @@ def worker_pool(loaded: Loaded):
     )
 
 
-def open_tracker(loaded: Loaded, search):
-    """The campaign's MLflow run (created, or reopened on resume), with every candidate told
-    before an interruption but never logged queued for logging."""
+def make_tracker(loaded: Loaded):
+    """The campaign's tracker, its store reached (MLflow imported, a new local store created):
+    seconds of work that nothing of the workers' start waits for, so ``run`` does it meanwhile."""
     from evomerge.tracking.mlflow_tracker import Tracker
 
     exp = loaded.experiment
     uri, artifacts = loaded.tracking()
-    tracker = Tracker(
+    return Tracker(
         uri,
         exp.tracking.experiment or exp.name,
         [o.name for o in loaded.objectives],
@@ -474,6 +474,33 @@ def open_tracker(loaded: Loaded, search):
         artifacts,
         exp.tracking.refresh_s,
     )
+
+
+class Stages:
+    """When each stage of a session ended, in seconds since this process was created (so that its
+    imports and the experiment's checks count too); kept in ``campaign.json`` under ``sessions``."""
+
+    def __init__(self):
+        try:
+            import psutil
+
+            self.origin = psutil.Process().create_time()
+        except Exception:  # no process table: count from now
+            self.origin = time.time()
+        self.at: dict[str, float] = {}
+
+    def mark(self, stage: str, when: float | None = None) -> None:
+        self.at.setdefault(stage, round((time.time() if when is None else when) - self.origin, 3))
+
+
+#: Sessions (a run or a resume each) whose stages ``campaign.json`` keeps, the latest last.
+SESSIONS_KEPT = 20
+
+
+def open_tracker(loaded: Loaded, search, tracker):
+    """The campaign's MLflow run (created, or reopened on resume) on ``tracker`` (``make_tracker``),
+    with every candidate told before an interruption but never logged queued for logging."""
+    exp = loaded.experiment
     params = flatten({"experiment": exp.model_dump(exclude={"output_dir"})})
     params.update({f"versions.{k}": v for k, v in loaded.state["versions"].items()})
     parent = tracker.open(
@@ -516,8 +543,9 @@ def log_kinship(loaded: Loaded, pool, tracker, display: Display) -> None:
 def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
     """Run (or continue) the campaign until its budget is met, it is interrupted or halted; returns a
     summary (``status``: FINISHED | KILLED | FAILED, ``stopped``: why it stopped early)."""
-    from evomerge.cluster.pool import PoolError
+    from evomerge.cluster.pool import Background, PoolError
 
+    stages = Stages()
     exp = loaded.experiment
     display = display or Display()
     search = loaded.search()
@@ -542,27 +570,34 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
         return summary(loaded, search, None, "FINISHED")
     halt = exp.budget.halt_after_failures
     fail_fast = FailFast(exp.workers.count + 2 if halt is None else halt)
-    pool, tracker = worker_pool(loaded), None
+    pool, tracker, preparing = worker_pool(loaded), None, None
     status: RunStatus = "FAILED"
     stopped, exit_code = None, 0
+    stages.mark("checked")
     with restored_signals():
         try:
             with stop_signals() as received:
                 display.update(f"starting {exp.workers.count} worker(s) ...", force=True)
-                try:
-                    workers = pool.start()
+                preparing = Background(lambda: make_tracker(loaded), "tracker-start")  # started by the pool
+                try:  # MLflow's import and store start while the workers load (the process only waits then)
+                    workers = pool.start(meanwhile=preparing.start)
                 except PoolError as e:
                     raise CampaignError(str(e)) from None
+                finally:
+                    for stage, when in pool.stages.items():
+                        stages.mark(stage, when)
                 loaded.state["workers"] = [  # where this run's workers were placed
                     {k: w.get(k) for k in ("node_id", "node_address", "node_resources", "pid", "device")}
                     for w in workers
                 ]
                 nodes = len({w["node_id"] for w in workers})
                 display.update(f"{len(workers)} worker(s) ready on {nodes} Ray node(s)", force=True)
-                tracker = open_tracker(loaded, search)
+                tracker = open_tracker(loaded, search, preparing.result())
+                stages.mark("tracking")
                 log_kinship(loaded, pool, tracker, display)
+                stages.mark("kinship")
                 budget.restart_clock()
-                _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_seeds, on_result)
+                _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_seeds, on_result, stages)
                 status = "FINISHED"
         except KeyboardInterrupt as e:
             stop = e if isinstance(e, Interrupted) else Interrupted(received[-1] if received else signal.SIGINT)
@@ -572,11 +607,15 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
         except CampaignError:
             if loaded.new and tracker is None and not told():  # never ran: leave no campaign behind
                 pool.shutdown()
+                if preparing is not None:  # it may be writing the local store into the directory
+                    preparing.wait()
                 loaded.release()
                 _remove_new(loaded.directory, keep_dir=False)
             raise
         finally:
             loaded.state["elapsed_s"] = budget.elapsed()
+            if tracker is not None:  # the tracking thread ends the run while the workers stop
+                tracker.finish(status, search.snapshot(loaded.reference_point))
             pool.shutdown()
             display.end()
             if loaded.directory.exists():
@@ -584,13 +623,27 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
                 loaded.save_state()
             if tracker is not None:
                 try:
-                    tracker.close(status, search.snapshot(loaded.reference_point))
+                    tracker.join()
                 except Exception as e:
                     display.update(f"warning: {e}", force=True)
+            elif preparing is not None:
+                preparing.wait()
+            stages.mark("shutdown")
+            if loaded.directory.exists():
+                sessions = loaded.state.setdefault("sessions", [])
+                sessions.append(
+                    {
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(stages.origin)),
+                        "status": status,
+                        "stages": stages.at,
+                    }
+                )
+                del sessions[:-SESSIONS_KEPT]
+                loaded.save_state()
     return summary(loaded, search, stopped, status, exit_code)
 
 
-def _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_seeds, on_result) -> None:
+def _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_seeds, on_result, stages) -> None:
     """Keep every worker busy until the budget is met and nothing is in flight."""
     exp = loaded.experiment
     names = [o.name for o in loaded.objectives]
@@ -619,6 +672,8 @@ def _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_se
                 if trial is None:  # promoted to the next rung: handed out again before new candidates
                     continue
                 told += 1
+                stages.mark("first_result")
+                stages.at["last_result"] = round(time.time() - stages.origin, 3)
                 tracker.candidate(trial, genes, samples=score.samples)
                 if reference is None and len(search.finished) >= max(1, n_seeds):
                     reference = loaded.state["reference_point"] = worst(search, search.directions)

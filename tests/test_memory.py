@@ -209,8 +209,15 @@ def test_cached_uncached_host_and_disk_agree_bit_for_bit(method, zoo, states, sm
 #: Relative L2 change of the merged task vector, bf16 task vectors against float32, on the zoo
 #: (measured: 1.5e-3 for the linear ones, 1.7e-2 to 4.5e-2 where a mask or a sign election flips
 #: for entries that bf16 rounding moves across a threshold or into a tie; 6.3e-2 for consensus_ties,
-#: where TIES's trim and the TALL masks are two thresholds in a row).
-BF16_CHANGE = {"linear": 3e-3, "task_arithmetic": 3e-3, "dare_linear": 3e-3, "consensus_ties": 8e-2}
+#: where TIES's trim and the TALL masks are two thresholds in a row, and 6.2e-2 for consensus_ta on
+#: a zoo trained on another CPU kind: the zoo's weights, so which entries sit at a threshold, vary).
+BF16_CHANGE = {
+    "linear": 3e-3,
+    "task_arithmetic": 3e-3,
+    "dare_linear": 3e-3,
+    "consensus_ta": 8e-2,
+    "consensus_ties": 8e-2,
+}
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -28,7 +28,9 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -146,12 +148,18 @@ class WorkerPool:
         self._reaper = None
         self._node_id = None
         self._store = None
+        self._inputs = None  # the shared copy's inputs, parameter names included
         self._next_node_check = 0.0
         self.lost: str | None = None  # why the Ray node is gone, once it is
+        #: when start() passed each stage (time.time()): ray (up or joined), shared (the shared copy
+        #: is in the object store), workers (every worker ready)
+        self.stages: dict[str, float] = {}
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> list[dict]:
-        """Start (or join) Ray and the workers; wait until every worker has loaded its models."""
+    def start(self, meanwhile: Callable[[], None] | None = None) -> list[dict]:
+        """Start (or join) Ray and the workers; wait until every worker has loaded its models.
+        ``meanwhile``: called once the workers are starting, before the wait (work of this process
+        that would otherwise take the interpreter from Ray's own start-up)."""
         from evomerge import environment
 
         environment.configure()
@@ -166,7 +174,9 @@ class WorkerPool:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode(self.address)
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "namespace": "evomerge"}
         share = MemoryPolicy(**self.spec.memory).share and not self.spec.path  # a path holds no task vectors
-        shared_bytes = self._shared_bytes() if share else 0
+        # the shared copy's exact size needs the parameter names (transformers, seconds to import): they
+        # are read while Ray starts, which is sized from the safetensors headers (at least that size)
+        naming, shared_bytes = self._read_models() if share else (None, 0)
         if self.address in (None, "local"):
             cpus = max(1, int(round(self.n * self.cpus)))
             gpus = int(-(-self.n * self.gpus // 1)) if self.gpus else 0
@@ -196,6 +206,13 @@ class WorkerPool:
                 for sig, handler in handlers.items():
                     if handler is not None:
                         signal.signal(sig, handler)
+        self.stages["ray"] = time.time()
+        if naming is not None:
+            try:
+                shared_bytes = self._shared_bytes(naming)
+            except BaseException:
+                self.shutdown()
+                raise
         self.lost, self._next_node_check = None, time.monotonic() + NODE_CHECK_EVERY
         self._node_id = ray.NodeID.from_hex(ray.get_runtime_context().get_node_id())
         if self.started_ray:  # ends this Ray's leftovers should the controller be killed
@@ -225,9 +242,12 @@ class WorkerPool:
         # the workers start (imports, evaluator, tasks) while the store reads the models; they ask it
         # for the refs once they need them, which it answers when it has published (one task at a time)
         self.slots = [_Slot(i, self._make()) for i in range(self.n)]
+        if meanwhile is not None:
+            meanwhile()
         if publishing is not None:
             try:
                 ray.get(publishing)
+                self.stages["shared"] = time.time()
             except BaseException as e:
                 self.shutdown()
                 if isinstance(e, Exception):
@@ -257,6 +277,7 @@ class WorkerPool:
         except BaseException:
             self.shutdown()
             raise
+        self.stages["workers"] = time.time()
         self._placement()
         return [s.info for s in self.slots]
 
@@ -285,14 +306,28 @@ class WorkerPool:
                 k: v for k, v in node.get("Resources", {}).items() if k not in standard and not k.startswith("node:")
             }
 
-    def _shared_bytes(self) -> int:
+    def _read_models(self) -> tuple[Background, int]:
+        """Start reading the parameter names (a thread) and return it with the shared copy's size
+        over the tensors the files hold (headers only; pickled checkpoints: the exact size, now)."""
+        from evomerge.merge.shared import plan_bytes, stored_names, with_names
+
+        inputs = self.spec.shared_inputs()
+        with _models_error():
+            stored = stored_names(inputs)
+            if stored is None:
+                inputs = with_names(inputs)
+            estimate = sum(plan_bytes(replace(inputs, names=inputs.names or stored)).values())
+        naming = Background(lambda: with_names(inputs), "parameter-names")
+        naming.start()
+        return naming, estimate
+
+    def _shared_bytes(self, naming: Background) -> int:
+        """The shared copy's exact size, once ``naming`` has read the parameter names."""
         from evomerge.merge.shared import plan_bytes
 
-        try:
-            return sum(plan_bytes(self.spec.shared_inputs()).values())
-        except Exception as e:
-            reason = str(e) if isinstance(e, MergeError) else first_line(e, with_type=True)
-            raise PoolError(f"cannot read the models: {reason}") from None
+        with _models_error():
+            self._inputs = naming.result()  # sent to the producer, which then needs no transformers
+            return sum(plan_bytes(self._inputs).values())
 
     def _publish(self, nbytes: int):
         """Start putting one copy of the base and the task vectors in Ray's object store (one per
@@ -321,7 +356,7 @@ class WorkerPool:
         store = ray.remote(SharedStore).options(num_cpus=0, max_restarts=0, name=name).remote()
         self._store = store  # it owns the objects: they live while it does, as long as the pool
         # the workers ask the store for the refs by its name; the caller waits for the publishing
-        return name, store.publish.remote(asdict(self.spec.shared_inputs()))
+        return name, store.publish.remote(asdict(self._inputs))
 
     def _private_temp_dir(self) -> str:
         """Ray's temp dir: inside the campaign directory when its path is short enough for Ray's unix
@@ -546,6 +581,48 @@ class WorkerPool:
         if not alive:
             self.lost = f"the Ray node died: the cluster marked this driver's node {self._node_id.hex()[:8]} dead"
         return self.lost
+
+
+@contextmanager
+def _models_error():
+    """Errors reading the models, as the PoolError a campaign reports in one line."""
+    try:
+        yield
+    except Exception as e:
+        reason = str(e) if isinstance(e, MergeError) else first_line(e, with_type=True)
+        raise PoolError(f"cannot read the models: {reason}") from None
+
+
+class Background:
+    """``fn()`` on a thread of its own from ``start()``; ``result()`` (starting it if need be) waits for
+    it and returns its value or raises what it raised; ``wait()`` only waits for a started one (for a
+    clean-up that must not race it)."""
+
+    def __init__(self, fn, name: str):
+        self._box: dict = {}
+
+        def target():
+            try:
+                self._box["value"] = fn()
+            except BaseException as e:  # handed to whoever asks for the result
+                self._box["error"] = e
+
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
+
+    def start(self) -> None:
+        if self._thread.ident is None:
+            self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread.ident is not None:
+            self._thread.join()
+
+    def result(self):
+        self.start()
+        self.wait()
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["value"]
 
 
 def _exit_status(code: int) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -87,6 +87,9 @@ class Inputs:
     memory: dict
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    #: the base's parameter names (``parameter_names``), once known: the producer then needs no
+    #: transformers (an import of seconds in a process that lives for one task)
+    names: tuple[str, ...] | None = None
 
     @property
     def experts(self) -> list[str]:
@@ -95,12 +98,39 @@ class Inputs:
     def open(self) -> tuple[list[str], torch.dtype | None, dict[str, ModelSource]]:
         """(parameter names, the model's dtype guess, name -> ModelSource); close the sources."""
         base_dir = resolve_model_dir(self.models[self.base], allow_pickle=self.allow_pickle)
-        names = parameter_names(base_dir, self.trust_remote_code)
+        names = list(self.names) if self.names is not None else parameter_names(base_dir, self.trust_remote_code)
         sources = {
             n: ModelSource(resolve_model_dir(r, allow_pickle=self.allow_pickle), self.allow_pickle)
             for n, r in self.models.items()
         }
         return names, model_dtype_guess(base_dir, self.dtype), sources
+
+
+def with_names(inputs: Inputs) -> Inputs:
+    """``inputs`` with the base's parameter names filled in (read from its config, no weights)."""
+    if inputs.names is not None:
+        return inputs
+    base_dir = resolve_model_dir(inputs.models[inputs.base], allow_pickle=inputs.allow_pickle)
+    return replace(inputs, names=tuple(parameter_names(base_dir, inputs.trust_remote_code)))
+
+
+def stored_names(inputs: Inputs) -> tuple[str, ...] | None:
+    """The tensors every model's safetensors files hold, in the base's order, from the headers alone
+    (no transformers): the parameters and any buffer saved beside them, so that ``plan_bytes`` over
+    them is at least the shared copy's size (tied weights are saved once). None for pickled
+    checkpoints, which cannot be listed without loading them."""
+    from evomerge.models.loading import weight_files
+
+    dirs = {n: resolve_model_dir(r, allow_pickle=inputs.allow_pickle) for n, r in inputs.models.items()}
+    if not all(weight_files(d)[0] for d in dirs.values()):  # pickled (or none: ModelSource says which)
+        return None
+    sources = {n: ModelSource(d, inputs.allow_pickle) for n, d in dirs.items()}
+    try:
+        held = [set(s.names()) for s in sources.values()]
+        return tuple(n for n in sources[inputs.base].names() if all(n in h for h in held))
+    finally:
+        for s in sources.values():
+            s.close()
 
 
 def plan_bytes(inputs: Inputs) -> dict[str, int]:

@@ -108,6 +108,7 @@ class Tracker:
         self._ranks: dict[int, int | None] = {}  # trial id -> the pareto_rank tag it carries
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._closing = False  # the end is queued (finish)
         self._error: BaseException | None = None
         self._published = time.monotonic()
         self._snapshot: FrontSnapshot | None = None
@@ -244,11 +245,23 @@ class Tracker:
 
     def close(self, status: RunStatus = "FINISHED", snapshot: Callable[[], FrontSnapshot] | None = None) -> None:
         """Log everything queued, publish ``snapshot`` (the final front), end the parent run with ``status``."""
-        if self._thread is None:
+        self.finish(status, snapshot)
+        self.join()
+
+    def finish(self, status: RunStatus = "FINISHED", snapshot: Callable[[], FrontSnapshot] | None = None) -> None:
+        """Queue the end (``close`` without the wait): the tracking thread logs what is queued, the
+        final front and the status while the caller does other work (stops its workers); then ``join``."""
+        if self._thread is None or self._closing:
             return
         if snapshot is not None:
             self._queue.put(("front", snapshot, None))
         self._queue.put(("close", status, None))
+        self._closing = True
+
+    def join(self) -> None:
+        """Wait for the tracking thread to end after ``finish``; raises what it failed with."""
+        if self._thread is None:
+            return
         self._thread.join()
         self._thread = None
         self._check()
