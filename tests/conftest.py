@@ -72,9 +72,15 @@ def no_network():
 
 @pytest.fixture(scope="session")
 def zoo() -> Path:
-    """The default zoo (170k-parameter models), built once and cached by its spec fingerprint."""
+    """The default zoo (170k-parameter models), built once and cached by its spec fingerprint; one
+    builder at a time (the suite runs in several processes, and a build sweeps stale staging)."""
+    import fcntl
+
     from evomerge.zoo.build import build_zoo
     from evomerge.zoo.spec import PRESETS
 
-    build_zoo(ZOO_DIR, PRESETS["default"])
+    ZOO_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with open(ZOO_DIR.parent / f".{ZOO_DIR.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build_zoo(ZOO_DIR, PRESETS["default"])
     return ZOO_DIR

@@ -353,7 +353,9 @@ class WorkerPool:
         # named: the workers look it up by name (a handle among their constructor arguments would
         # count as an object-store dependency, which Ray warns about for restartable actors)
         name = f"shared-store-{os.getpid()}-{time.monotonic_ns()}"
-        store = ray.remote(SharedStore).options(num_cpus=0, max_restarts=0, name=name).remote()
+        store = (
+            ray.remote(SharedStore).options(num_cpus=0, max_restarts=0, name=name, max_concurrency=self.n + 1).remote()
+        )
         self._store = store  # it owns the objects: they live while it does, as long as the pool
         # the workers ask the store for the refs by its name; the caller waits for the publishing
         return name, store.publish.remote(asdict(self._inputs))

@@ -13,32 +13,43 @@ from __future__ import annotations
 
 
 class SharedStore:
+    """Run with ``max_concurrency`` above the workers: each ``refs`` waits for ``publish`` in a thread, since
+    Ray does not order calls from different callers (a worker that starts quickly, or a store that
+    starts slowly, would otherwise ask before the controller's ``publish`` arrived)."""
+
     def __init__(self):
+        import threading
+
         self.published = None
+        self._settled = threading.Event()  # publish ended, well or not
 
     def publish(self, inputs: dict) -> int:
         """Make the shared copy of ``evomerge.merge.shared.Inputs(**inputs)``; returns its number of
         tensors. Raises RuntimeError with the reason when the models cannot be read."""
         import ray
 
-        task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_produce)
-        stream = task.remote(inputs)
-        refs = list(stream)
-        ray.get(stream.completed())  # raises if the task's process died
-        status, detail = ray.get(refs[-1])  # small: returned inline
-        if status != "ok":
-            raise RuntimeError(detail)
-        if len(detail) != len(refs) - 1:
-            raise RuntimeError(f"the shared copy holds {len(refs) - 1} tensors, the model has {len(detail)}")
-        experts = [n for n in inputs["models"] if n != inputs["base"]]
-        self.published = {"experts": experts, "refs": dict(zip(detail, refs))}
-        return len(detail)
+        try:
+            task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_produce)
+            stream = task.remote(inputs)
+            refs = list(stream)
+            ray.get(stream.completed())  # raises if the task's process died
+            status, detail = ray.get(refs[-1])  # small: returned inline
+            if status != "ok":
+                raise RuntimeError(detail)
+            if len(detail) != len(refs) - 1:
+                raise RuntimeError(f"the shared copy holds {len(refs) - 1} tensors, the model has {len(detail)}")
+            experts = [n for n in inputs["models"] if n != inputs["base"]]
+            self.published = {"experts": experts, "refs": dict(zip(detail, refs))}
+            return len(detail)
+        finally:
+            self._settled.set()
 
     def refs(self) -> bytes:
-        """The published refs, pickled (``evomerge.merge.shared.fetch`` takes them unpickled). A call
-        made while ``publish`` runs is answered after it (the actor runs one task at a time)."""
+        """The published refs, pickled (``evomerge.merge.shared.fetch`` takes them unpickled), once
+        ``publish`` has ended, however early the call comes."""
         import ray
 
+        self._settled.wait()
         if self.published is None:
             raise RuntimeError("the shared copy could not be made (see the pool's error)")
         return ray.cloudpickle.dumps(self.published)
