@@ -331,8 +331,27 @@ def cmd_status(args) -> int:
         front = search.front()
         ref = loaded.reference_point
         print(f"front {len(front)} candidates" + (f", hypervolume {search.hypervolume(ref):.4g}" if ref else ""))
+    if loaded.state.get("sessions"):
+        print(_session_line(loaded.state["sessions"][-1]))
     _print_mlflow(loaded.tracking()[0], loaded.state.get("experiment_id"), loaded.state.get("parent_run_id"))
     return 0
+
+
+#: A session's stages (``campaign.Stages``) as `status` names them.
+STAGE_NAMES = {"checked": "checks", "ray": "Ray", "shared": "shared copy", "workers": "workers", "tracking": "MLflow"}
+
+
+def _session_line(session: dict) -> str:
+    """The last session's time line: when each start-up stage was reached (seconds since the process
+    started), the search loop, the stop."""
+    at = session.get("stages", {})
+    reached = [f"{name} {at[key]:.1f}" for key, name in STAGE_NAMES.items() if key in at]
+    line = f"last session ({session.get('status', '?').lower()}): start-up " + ", ".join(reached) + " s"
+    if "first_result" in at and "last_result" in at:
+        line += f"; results from {at['first_result']:.1f} to {at['last_result']:.1f} s"
+    if "shutdown" in at:
+        line += f"; stopped at {at['shutdown']:.1f} s"
+    return line
 
 
 def _kind(trial) -> str:

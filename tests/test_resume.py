@@ -119,6 +119,20 @@ def test_ctrl_c_sigterm_and_sigkill_then_resume_finish_the_exact_budget(resumed)
     assert status.returncode == 0 and "evaluations 16/16" in status.stdout and "finished" in status.stdout
     exp_id, run_id = loaded.state["experiment_id"], loaded.state["parent_run_id"]
     assert f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}/artifactPath/front.png" in status.stdout
+    # every session that ended by itself recorded its stages, in order; the SIGKILLed one could not
+    sessions = loaded.state["sessions"]
+    assert [s["status"] for s in sessions] == ["KILLED", "KILLED", "FINISHED"]
+    order = ["checked", "ray", "shared", "workers", "tracking", "kinship", "first_result", "last_result", "shutdown"]
+    for session in sessions:  # each was stopped after its first results
+        assert list(session["stages"]) == order
+        at = list(session["stages"].values())
+        assert at == sorted(at) and 0 < at[0]
+    last = sessions[-1]["stages"]
+    assert (
+        f"last session (finished): start-up checks {last['checked']:.1f}, Ray {last['ray']:.1f}, shared copy "
+        f"{last['shared']:.1f}, workers {last['workers']:.1f}, MLflow {last['tracking']:.1f} s; results from "
+        f"{last['first_result']:.1f} to {last['last_result']:.1f} s; stopped at {last['shutdown']:.1f} s\n"
+    ) in status.stdout
 
 
 def test_a_campaign_is_run_by_one_process_at_a_time(resumed):

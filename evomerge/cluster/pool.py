@@ -397,6 +397,8 @@ class WorkerPool:
                 except Exception:
                     pass
             self._store = None
+            if self.started_ray:
+                _stop_monitor()
             ray.shutdown()
         self.slots = []
         if self._reaper is not None:  # Ray is down: the watchdog has nothing left to guard
@@ -583,6 +585,22 @@ class WorkerPool:
         if not alive:
             self.lost = f"the Ray node died: the cluster marked this driver's node {self._node_id.hex()[:8]} dead"
         return self.lost
+
+
+def _stop_monitor() -> None:
+    """End a private Ray's autoscaler monitor at once: it outlasts the second ``ray.shutdown`` gives
+    it after SIGTERM, so the shutdown would wait that second for nothing (a single node scales no
+    further, and nothing talks to the monitor at the end)."""
+    import ray
+
+    node = ray._private.worker._global_node
+    for info in node.all_processes.get("monitor", []) if node is not None else []:
+        if info.process.poll() is None:
+            info.process.kill()
+            try:
+                info.process.wait(timeout=5)
+            except Exception:  # not reaped yet: ray.shutdown deals with it as with any other
+                pass
 
 
 @contextmanager
