@@ -476,17 +476,30 @@ def make_tracker(loaded: Loaded):
     )
 
 
+def process_started() -> float:
+    """When this process started, as ``time.time()``: from /proc to the clock tick (psutil's
+    create_time counts from a boot time rounded to the second); elsewhere psutil's, else now."""
+    try:
+        with open("/proc/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: starttime
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil
+
+            return psutil.Process().create_time()
+        except Exception:
+            return time.time()
+
+
 class Stages:
     """When each stage of a session ended, in seconds since this process was created (so that its
     imports and the experiment's checks count too); kept in ``campaign.json`` under ``sessions``."""
 
     def __init__(self):
-        try:
-            import psutil
-
-            self.origin = psutil.Process().create_time()
-        except Exception:  # no process table: count from now
-            self.origin = time.time()
+        self.origin = process_started()
         self.at: dict[str, float] = {}
 
     def mark(self, stage: str, when: float | None = None) -> None:
