@@ -1,0 +1,138 @@
+"""The pieces of a campaign's start and stop that run in the controller: the clock its stages are
+counted on, work on a thread of its own, the shared copy's size from the safetensors headers, the
+store that answers only once it has published, the tracker that ends its run while the caller
+works, and the line `evomerge status` prints for a session."""
+
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from evomerge.campaign import Stages, process_started
+from evomerge.cli import _session_line
+from evomerge.cluster.pool import Background
+from evomerge.cluster.store import SharedStore
+from evomerge.merge.shared import Inputs, plan_bytes, stored_names, with_names
+
+
+def test_the_stage_clock_starts_with_the_process():
+    started = process_started()
+    # psutil's create_time counts from the boot time rounded to the second; /proc is to the tick
+    assert abs(started - psutil.Process().create_time()) <= 1.01
+    assert started <= time.time()
+    stages = Stages()
+    assert stages.origin == pytest.approx(started, abs=0.02)
+    stages.mark("ray", when=stages.origin + 1.23456)
+    stages.mark("ray", when=stages.origin + 9.0)  # a stage is reached once: the first mark stays
+    assert stages.at == {"ray": 1.235}
+
+
+def test_background_hands_over_its_value_or_its_error():
+    done = threading.Event()
+    job = Background(lambda: done.set() or 42, "answer")
+    job.wait()  # not started: nothing to wait for
+    assert not done.is_set()
+    assert job.result() == 42 and done.is_set()  # result() starts it when nobody did
+    failing = Background(lambda: 1 / 0, "failing")
+    failing.start()
+    failing.start()  # once only
+    with pytest.raises(ZeroDivisionError):
+        failing.result()
+
+
+def inputs(zoo, **kw):
+    return Inputs({n: str(zoo / n) for n in ("base", "expert-add", "expert-sort")}, "base", None, {}, **kw)
+
+
+def test_the_shared_copys_size_from_the_headers_is_the_exact_size_on_the_zoo(zoo, tmp_path):
+    exact = with_names(inputs(zoo))
+    stored = stored_names(inputs(zoo))
+    assert set(stored) == set(exact.names) and len(stored) == len(exact.names)
+    estimate = plan_bytes(inputs(zoo, names=stored))
+    assert estimate == plan_bytes(exact)
+    base = sum(t.numel() * t.element_size() for t in _state(zoo / "base").values())
+    assert estimate["base"] == base and estimate["experts"] == 2 * base  # two float32 task vectors
+    # a pickled checkpoint cannot be listed without loading it: no estimate
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((zoo / "base" / "config.json").read_text())
+    torch.save(_state(zoo / "base"), pickled / "pytorch_model.bin")
+    both = Inputs({"base": str(pickled), "expert-add": str(zoo / "expert-add")}, "base", None, {}, allow_pickle=True)
+    assert stored_names(both) is None
+
+
+def _state(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_the_store_answers_refs_only_once_publish_has_ended():
+    import ray
+
+    class Watched(threading.Event):
+        """The store's settled flag, saying when someone waits on it."""
+
+        waiting = threading.Event()
+
+        def wait(self, timeout=None):
+            self.waiting.set()
+            return super().wait(timeout)
+
+    store = SharedStore()
+    store._settled = Watched()
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(store.refs()))
+    asking.start()
+    assert Watched.waiting.wait(timeout=60)  # the question came before publish ended: it waits
+    assert not answers
+    store.published = {"experts": ["a"], "refs": {}}
+    store._settled.set()
+    asking.join(timeout=60)
+    assert ray.cloudpickle.loads(answers[0]) == {"experts": ["a"], "refs": {}}
+    failed = SharedStore()
+    failed._settled.set()  # publish ended without a copy
+    with pytest.raises(RuntimeError, match="could not be made"):
+        failed.refs()
+
+
+def test_the_tracker_ends_its_run_while_the_caller_works(tmp_path):
+    from mlflow import MlflowClient
+
+    from evomerge.tracking.mlflow_tracker import Tracker, local_store
+
+    uri, artifacts = local_store(tmp_path)
+    tracker = Tracker(uri, "t-finish", ["a"], ["maximize"], artifacts)
+    parent = tracker.open(None, {}, {}, None)
+    tracker.finish("KILLED")
+    tracker.finish("FINISHED")  # the end is queued once: the first status stands
+    tracker.join()
+    tracker.join()  # nothing left to wait for
+    assert MlflowClient(tracking_uri=uri).get_run(parent).info.status == "KILLED"
+
+
+def test_the_status_line_of_a_session():
+    session = {
+        "status": "FINISHED",
+        "stages": {
+            "checked": 2.04,
+            "ray": 6.18,
+            "shared": 9.62,
+            "workers": 12.76,
+            "tracking": 12.81,
+            "kinship": 12.84,
+            "first_result": 13.03,
+            "last_result": 17.54,
+            "shutdown": 18.2,
+        },
+    }
+    assert _session_line(session) == (
+        "last session (finished): start-up checks 2.0, Ray 6.2, shared copy 9.6, workers 12.8, MLflow 12.8 s; "
+        "results from 13.0 to 17.5 s; stopped at 18.2 s"
+    )
+    # stopped before its workers were ready (a path space has no shared copy): what it reached
+    assert _session_line({"status": "KILLED", "stages": {"checked": 1.0, "ray": 4.0, "shutdown": 4.5}}) == (
+        "last session (killed): start-up checks 1.0, Ray 4.0 s; stopped at 4.5 s"
+    )
