@@ -29,6 +29,27 @@ def test_the_stage_clock_starts_with_the_process():
     assert stages.at == {"ray": 1.235}
 
 
+def test_without_proc_the_stage_clock_falls_back_to_psutil_then_to_now(monkeypatch):
+    import builtins
+
+    real_open, created = builtins.open, psutil.Process().create_time()
+
+    def no_proc_self(path, *args, **kwargs):  # psutil reads /proc/<pid>/ itself, and keeps working
+        if str(path) in ("/proc/self/stat", "/proc/uptime"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc_self)
+    assert process_started() == created
+
+    def no_process_table(*args, **kwargs):
+        raise psutil.AccessDenied()
+
+    monkeypatch.setattr(psutil, "Process", no_process_table)
+    before = time.time()
+    assert before <= process_started() <= time.time()
+
+
 def test_background_hands_over_its_value_or_its_error():
     done = threading.Event()
     job = Background(lambda: done.set() or 42, "answer")
@@ -61,6 +82,26 @@ def test_the_shared_copys_size_from_the_headers_is_the_exact_size_on_the_zoo(zoo
     torch.save(_state(zoo / "base"), pickled / "pytorch_model.bin")
     both = Inputs({"base": str(pickled), "expert-add": str(zoo / "expert-add")}, "base", None, {}, allow_pickle=True)
     assert stored_names(both) is None
+
+
+def test_a_pool_sizes_pickled_checkpoints_exactly_before_ray_starts(zoo, tmp_path):
+    """No header to read: the names come first, and the size Ray is started with is the exact one."""
+    from evomerge.cluster.pool import WorkerPool
+    from evomerge.cluster.worker import WorkerSpec
+
+    models = {}
+    for name in ("base", "expert-add"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text((zoo / name / "config.json").read_text())
+        torch.save(_state(zoo / name), d / "pytorch_model.bin")
+        models[name] = str(d)
+    spec = WorkerSpec(models=models, base="base", evaluator={}, allow_pickle=True)
+    pool = WorkerPool(spec)
+    naming, estimate = pool._read_models()
+    exact = with_names(Inputs(models, "base", None, {}, allow_pickle=True))
+    assert estimate == sum(plan_bytes(exact).values()) == pool._shared_bytes(naming)
+    assert pool._inputs.names == exact.names
 
 
 def _state(model_dir):
