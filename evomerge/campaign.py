@@ -477,15 +477,15 @@ def make_tracker(loaded: Loaded):
 
 
 def process_started() -> float:
-    """When this process started, as ``time.time()``: from /proc to the clock tick (psutil's
-    create_time counts from a boot time rounded to the second); elsewhere psutil's, else now."""
+    """When this process started, as ``time.time()``: its start in clock ticks since boot (/proc),
+    against the clock since boot (psutil's create_time counts from a boot time rounded to the
+    second); elsewhere psutil's, else now."""
     try:
         with open("/proc/self/stat") as f:
             after_name = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return time.time() - (uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: starttime
-    except (OSError, ValueError, IndexError):
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return time.time() - (since_boot - int(after_name[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: starttime
+    except (OSError, ValueError, IndexError, AttributeError):
         try:
             import psutil
 
@@ -629,31 +629,38 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
             loaded.state["elapsed_s"] = budget.elapsed()
             if tracker is not None:  # the tracking thread ends the run while the workers stop
                 tracker.finish(status, search.snapshot(loaded.reference_point))
-            pool.shutdown()
-            display.end()
-            if loaded.directory.exists():
-                loaded.state["finished"] = status == "FINISHED"
-                loaded.save_state()
-            if tracker is not None:
-                try:
-                    tracker.join()
-                except Exception as e:
-                    display.update(f"warning: {e}", force=True)
-            elif preparing is not None:
-                preparing.wait()
+            try:
+                pool.shutdown()
+                display.end()
+                if loaded.directory.exists():
+                    loaded.state["finished"] = status == "FINISHED"
+                    loaded.save_state()
+            finally:  # whatever the stop raised, the tracking thread is not left half-way
+                if tracker is not None:
+                    try:
+                        tracker.join()
+                    except Exception as e:
+                        display.update(f"warning: {e}", force=True)
+                elif preparing is not None:
+                    preparing.wait()
             stages.mark("shutdown")
-            if loaded.directory.exists():
-                sessions = loaded.state.setdefault("sessions", [])
-                sessions.append(
-                    {
-                        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(stages.origin)),
-                        "status": status,
-                        "stages": stages.at,
-                    }
-                )
-                del sessions[:-SESSIONS_KEPT]
-                loaded.save_state()
+            record_session(loaded, stages, status, display)
     return summary(loaded, search, stopped, status, exit_code)
+
+
+def record_session(loaded: Loaded, stages: Stages, status: RunStatus, display: Display) -> None:
+    """Add the session's stages to campaign.json (the last SESSIONS_KEPT); a failure only warns: the
+    campaign's own state was saved before."""
+    if not loaded.directory.exists():
+        return
+    sessions = loaded.state.setdefault("sessions", [])
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(stages.origin))
+    sessions.append({"started": started, "status": status, "stages": stages.at})
+    del sessions[:-SESSIONS_KEPT]
+    try:
+        loaded.save_state()
+    except (OSError, CampaignError) as e:
+        display.update(f"warning: the session's stages not recorded: {first_line(e)}", force=True)
 
 
 def _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_seeds, on_result, stages) -> None:

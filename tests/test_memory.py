@@ -295,13 +295,13 @@ def test_one_shared_copy_maps_zero_copy_and_merges_bit_for_bit(zoo, states, loca
 
     import ray
 
-    from evomerge.cluster.store import SharedStore
+    from evomerge.cluster.store import SharedStoreActor
     from evomerge.merge.shared import Inputs, fetch, plan_bytes
 
     models = {"base": str(zoo / "base"), **{e: str(zoo / e) for e in EXPERTS}}
     policy = MemoryPolicy(task_vector_dtype="bfloat16", cache="none")
     inputs = Inputs(models, "base", None, policy.model_dump())
-    store = ray.remote(SharedStore).options(num_cpus=0).remote()
+    store = SharedStoreActor.options(num_cpus=0).remote()
     n = sum(t.numel() for t in resident(zoo, states).params.values())
     assert ray.get(store.publish.remote(asdict(inputs))) == len(resident(zoo, states).params)
     published = ray.cloudpickle.loads(ray.get(store.refs.remote()))
@@ -361,3 +361,23 @@ def test_a_gpu_that_cannot_hold_the_models_is_refused_with_the_sizes():
     assert fit_device(MemoryPolicy(experts_on="host", reserve_bytes=0), sizes, 15 * gib, "cuda:0").base_on is None
     with pytest.raises(ValueError, match=r"^the models do not fit cuda:1: model 15.0 GiB, reserve for activations 4.0"):
         fit_device(MemoryPolicy(experts_on="host"), sizes, 18 * gib, "cuda:1")
+
+
+def test_more_early_askers_than_the_stores_threads_are_all_answered_once_it_publishes(zoo, local_ray):
+    """Workers (restarted ones too) may ask for the refs before the controller's publish arrives, more
+    of them than the store has threads: publish has a thread of its own, so every asker is answered."""
+    from dataclasses import asdict
+
+    import ray
+
+    from evomerge.cluster.store import SharedStoreActor
+    from evomerge.merge.shared import Inputs
+
+    models = {"base": str(zoo / "base"), **{e: str(zoo / e) for e in EXPERTS}}
+    store = SharedStoreActor.options(num_cpus=0, max_concurrency=1).remote()
+    asked = [store.refs.remote() for _ in range(3)]  # one thread: the first waits, two queue behind it
+    assert ray.wait(asked, num_returns=1, timeout=0)[0] == []  # nothing to answer before publish
+    # were publish queued behind the waiting askers, it would never run: this get would time out
+    count = ray.get(store.publish.remote(asdict(Inputs(models, "base", None, {}))), timeout=120)
+    answers = [ray.cloudpickle.loads(a) for a in ray.get(asked, timeout=120)]
+    assert len(answers) == 3 and all(len(a["refs"]) == count and a["experts"] == list(EXPERTS) for a in answers)

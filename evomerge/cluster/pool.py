@@ -312,11 +312,18 @@ class WorkerPool:
         from evomerge.merge.shared import plan_bytes, stored_names, with_names
 
         inputs = self.spec.shared_inputs()
-        with _models_error():
-            stored = stored_names(inputs)
+        estimate = 0  # a joined cluster's object store is its own
+        if self.address in (None, "local"):
+            try:
+                stored = stored_names(inputs)
+                if stored is not None:
+                    estimate = sum(plan_bytes(replace(inputs, names=stored)).values())
+            except Exception:  # a header it cannot size (an odd buffer): the exact size, first
+                stored = None
             if stored is None:
-                inputs = with_names(inputs)
-            estimate = sum(plan_bytes(replace(inputs, names=inputs.names or stored)).values())
+                with _models_error():
+                    inputs = with_names(inputs)
+                    estimate = sum(plan_bytes(inputs).values())
         naming = Background(lambda: with_names(inputs), "parameter-names")
         naming.start()
         return naming, estimate
@@ -335,7 +342,7 @@ class WorkerPool:
         store's name and the ref of its publishing, to wait for."""
         import ray
 
-        from evomerge.cluster.store import SharedStore
+        from evomerge.cluster.store import SharedStoreActor
 
         stores = {
             n["NodeManagerAddress"]: n["Resources"].get("object_store_memory", 0)
@@ -353,9 +360,7 @@ class WorkerPool:
         # named: the workers look it up by name (a handle among their constructor arguments would
         # count as an object-store dependency, which Ray warns about for restartable actors)
         name = f"shared-store-{os.getpid()}-{time.monotonic_ns()}"
-        store = (
-            ray.remote(SharedStore).options(num_cpus=0, max_restarts=0, name=name, max_concurrency=self.n + 1).remote()
-        )
+        store = SharedStoreActor.options(num_cpus=0, max_restarts=0, name=name, max_concurrency=self.n).remote()
         self._store = store  # it owns the objects: they live while it does, as long as the pool
         # the workers ask the store for the refs by its name; the caller waits for the publishing
         return name, store.publish.remote(asdict(self._inputs))
@@ -593,14 +598,14 @@ def _stop_monitor() -> None:
     further, and nothing talks to the monitor at the end)."""
     import ray
 
-    node = ray._private.worker._global_node
-    for info in node.all_processes.get("monitor", []) if node is not None else []:
-        if info.process.poll() is None:
-            info.process.kill()
-            try:
+    try:  # Ray's internals: should they change, ray.shutdown ends the monitor as before
+        node = ray._private.worker._global_node
+        for info in node.all_processes.get("monitor", []) if node is not None else []:
+            if info.process.poll() is None:
+                info.process.kill()
                 info.process.wait(timeout=5)
-            except Exception:  # not reaped yet: ray.shutdown deals with it as with any other
-                pass
+    except Exception:
+        pass
 
 
 @contextmanager

@@ -11,11 +11,15 @@ the campaign cleanly), and the workers' constructor arguments stay small.
 
 from __future__ import annotations
 
+import ray
+
 
 class SharedStore:
-    """Run with ``max_concurrency`` above the workers: each ``refs`` waits for ``publish`` in a thread, since
-    Ray does not order calls from different callers (a worker that starts quickly, or a store that
-    starts slowly, would otherwise ask before the controller's ``publish`` arrived)."""
+    """A threaded actor: ``publish`` runs in a concurrency group of its own ("publish", one thread),
+    each ``refs`` waits for it in a thread of the default group (``max_concurrency``: the workers),
+    since Ray does not order calls from different callers (a worker that starts quickly, or a store
+    that starts slowly, would otherwise ask before the controller's ``publish`` arrived), and however
+    many callers wait (restarted workers included), ``publish`` still has its thread."""
 
     def __init__(self):
         import threading
@@ -23,11 +27,10 @@ class SharedStore:
         self.published = None
         self._settled = threading.Event()  # publish ended, well or not
 
+    @ray.method(concurrency_group="publish")
     def publish(self, inputs: dict) -> int:
         """Make the shared copy of ``evomerge.merge.shared.Inputs(**inputs)``; returns its number of
         tensors. Raises RuntimeError with the reason when the models cannot be read."""
-        import ray
-
         try:
             task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_produce)
             stream = task.remote(inputs)
@@ -47,8 +50,6 @@ class SharedStore:
     def refs(self) -> bytes:
         """The published refs, pickled (``evomerge.merge.shared.fetch`` takes them unpickled), once
         ``publish`` has ended, however early the call comes."""
-        import ray
-
         self._settled.wait()
         if self.published is None:
             raise RuntimeError("the shared copy could not be made (see the pool's error)")
@@ -59,3 +60,7 @@ def _produce(inputs: dict):
     from evomerge.merge.shared import produce_stream
 
     yield from produce_stream(inputs)
+
+
+#: The store as Ray runs it (``.options(...)`` adds the name, CPUs and ``max_concurrency``).
+SharedStoreActor = ray.remote(concurrency_groups={"publish": 1})(SharedStore)
