@@ -600,10 +600,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def entry() -> None:
     """The `evomerge` program: ``main``, then the exit without the interpreter's own finalization.
 
@@ -621,3 +617,7 @@ def entry() -> None:
         except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
             pass
     os._exit(code if isinstance(code, int) else 1)
+
+
+if __name__ == "__main__":
+    entry()

@@ -240,7 +240,7 @@ class WorkerPool:
             num_cpus=self.cpus, num_gpus=self.gpus, resources=self.resources, max_restarts=-1, max_task_retries=0
         ).remote(spec)
         # the workers start (imports, evaluator, tasks) while the store reads the models; they ask it
-        # for the refs once they need them, which it answers when it has published (one task at a time)
+        # for the refs once they need them, which it answers once its publish has ended
         self.slots = [_Slot(i, self._make()) for i in range(self.n)]
         if meanwhile is not None:
             meanwhile()
@@ -312,18 +312,15 @@ class WorkerPool:
         from evomerge.merge.shared import plan_bytes, stored_names, with_names
 
         inputs = self.spec.shared_inputs()
-        estimate = 0  # a joined cluster's object store is its own
-        if self.address in (None, "local"):
-            try:
-                stored = stored_names(inputs)
-                if stored is not None:
-                    estimate = sum(plan_bytes(replace(inputs, names=stored)).values())
-            except Exception:  # a header it cannot size (an odd buffer): the exact size, first
-                stored = None
-            if stored is None:
-                with _models_error():
-                    inputs = with_names(inputs)
-                    estimate = sum(plan_bytes(inputs).values())
+        try:  # headers only: cheap, and a model that cannot be read is reported before Ray starts
+            stored = stored_names(inputs)
+            estimate = sum(plan_bytes(replace(inputs, names=stored)).values()) if stored is not None else None
+        except Exception:  # a header it cannot size (an odd buffer), or the model's own fault: the exact way
+            estimate = None
+        if estimate is None:
+            with _models_error():
+                inputs = with_names(inputs)
+                estimate = sum(plan_bytes(inputs).values())
         naming = Background(lambda: with_names(inputs), "parameter-names")
         naming.start()
         return naming, estimate
