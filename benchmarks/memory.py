@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from random_llama import random_llama  # noqa: E402  (beside this script)
 
-import evomerge.merge.methods as methods  # noqa: E402
+import evomerge.merge.kernel as kernel  # noqa: E402
+import evomerge.merge.stats as stats  # noqa: E402
 from evomerge.merge.apply import ResidentMerge  # noqa: E402
 from evomerge.merge.memory import DEFAULT_CACHE_BYTES, MemoryPolicy  # noqa: E402
 from evomerge.recipe import parse_recipe  # noqa: E402
@@ -159,7 +160,7 @@ def main() -> None:
                 change = f"{(diff / size) ** 0.5:.1e} rel L2"
             per = n * args.experts
             tv = held["task_vectors"] / per
-            cached = sum(held[k] for k in methods.CACHE_KINDS) / per
+            cached = sum(held[k] for k in stats.CACHE_KINDS) / per
             measured[(tv_dtype, cache, method)] = (tv, cached)
             rows.append(
                 (
@@ -193,7 +194,7 @@ def main() -> None:
             f"| {mode} | {method} | {tv:.2f} | {cached:.2f} | {counted:.2f} | {rss:.2f} | {first:.2f} | "
             f"{per_candidate:.3f} | {ratio:.2f} | {change} |"
         )
-    fits(measured, len(methods._SCRATCH._bufs), start_rss)
+    fits(measured, len(kernel.SCRATCH._bufs), start_rss)
 
 
 def fits(measured: dict, scratch_buffers: int, overhead_gib: float) -> None:
@@ -202,7 +203,7 @@ def fits(measured: dict, scratch_buffers: int, overhead_gib: float) -> None:
     assert all(measured[("bfloat16", "none", m)] == (tv, 0.0) for m in METHODS)  # any method, cache none
     cache = DEFAULT_CACHE_BYTES / GIB
     # on the GPU: reused chunk buffers, plus a block's temporaries in a statistic's pass (~24 B/element)
-    working = (scratch_buffers * 4 + 24) * methods.CHUNK_CUDA / GIB
+    working = (scratch_buffers * 4 + 24) * kernel.CHUNK_CUDA / GIB
     print(
         f"\nWhat fits, default policy: bf16 task vectors ({tv:.2f} B/param/expert measured, any chunked method), "
         f"cache auto (at most {cache:.0f} GiB more, where the task vectors live); model and base bf16 (2 B/param). "

@@ -30,7 +30,7 @@ from random_llama import random_llama  # noqa: E402  (beside this script)
 
 from evomerge.merge.apply import ResidentMerge  # noqa: E402
 from evomerge.merge.memory import MemoryPolicy  # noqa: E402
-from evomerge.merge.methods import METHODS as METHODS_BY_NAME  # noqa: E402
+from evomerge.merge.registry import METHODS as METHODS_BY_NAME  # noqa: E402
 from evomerge.recipe import parse_recipe  # noqa: E402
 
 METHODS = [

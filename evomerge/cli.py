@@ -88,8 +88,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from evomerge.merge.methods import MergeError
     from evomerge.merge.ondisk import merge_to_disk, parse_size
+    from evomerge.merge.registry import MergeError
     from evomerge.recipe import RecipeError, load_recipe
 
     try:
@@ -114,7 +114,7 @@ def _kinship_models(args) -> tuple[list[str], str, list[str], bool]:
     from an experiment file (its ``allow_pickle``) or directories (``--allow-pickle``)."""
     from evomerge.experiment import ExperimentError, load_experiment
     from evomerge.merge.io import resolve_model_dir
-    from evomerge.merge.methods import MergeError
+    from evomerge.merge.registry import MergeError
     from evomerge.search.space import SpaceError, load_space
 
     sources = args.sources
@@ -156,7 +156,7 @@ def _kinship_models(args) -> tuple[list[str], str, list[str], bool]:
 def cmd_kinship(args) -> int:
     import json
 
-    from evomerge.merge.methods import MergeError
+    from evomerge.merge.registry import MergeError
     from evomerge.models.kinship import FlagRule, kinship_of, stream_models
 
     rule = FlagRule(args.opposed_below, args.conflict_above, args.orthogonal_below, args.redundant_above)

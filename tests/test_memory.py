@@ -8,7 +8,8 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import evomerge.merge.methods as methods
+import evomerge.merge.kernel as kernel
+import evomerge.merge.stats as stats
 from evomerge.merge.apply import ResidentMerge, compute_tensor
 from evomerge.merge.memory import DEFAULT_CACHE_BYTES, MemoryPolicy
 from evomerge.recipe import parse_recipe
@@ -39,8 +40,8 @@ def states(zoo):
 def small_chunks(monkeypatch):
     """Chunks and blocks far smaller than the zoo's tensors and not multiples of their rows, so every
     chunked path (redrawn fields, rows ranked in blocks, mask bits) crosses boundaries."""
-    monkeypatch.setattr(methods, "CHUNK", 1000)
-    monkeypatch.setattr(methods, "BLOCK", 1504)
+    monkeypatch.setattr(kernel, "CHUNK", 1000)
+    monkeypatch.setattr(kernel, "BLOCK", 1504)
 
 
 def resident(zoo, states, dtype=torch.float32, **policy) -> ResidentMerge:
@@ -80,7 +81,7 @@ def merged(r: ResidentMerge, rec) -> dict[str, torch.Tensor]:
 
 
 def cached(r: ResidentMerge) -> dict[str, int]:
-    return {k: v for k, v in r.resident_bytes().items() if k in methods.CACHE_KINDS}
+    return {k: v for k, v in r.resident_bytes().items() if k in stats.CACHE_KINDS}
 
 
 def test_policy_defaults_dtype_rule_and_validation():
@@ -114,7 +115,7 @@ def test_resident_bytes_equal_hand_counts(zoo, states):
     assert (held["model"], held["base"], held["task_vectors"]) == (4 * n, 4 * n, 2 * n * 3)  # bf16: 2 B/param/expert
     for method in ("ties", "dare_ties", "della"):
         r.materialize(recipe(method))
-    assert cached(r) == dict.fromkeys(methods.CACHE_KINDS, 0)  # cache none keeps nothing
+    assert cached(r) == dict.fromkeys(stats.CACHE_KINDS, 0)  # cache none keeps nothing
 
     r = resident(zoo, states, task_vector_dtype="float32", cache="all")  # what every merge kept before
     assert r.resident_bytes()["task_vectors"] == 4 * n * 3
@@ -151,7 +152,7 @@ def test_resident_bytes_equal_hand_counts(zoo, states):
     assert r.budget.used == 0 and sum(cached(r).values()) == 0
     # PCB: sorted magnitudes 4 B (its outlier clip), the balance 4 B + its sorted copy 4 B, per input set
     r.materialize(recipe("pcb"))
-    assert cached(r) == dict.fromkeys(methods.CACHE_KINDS, 0) | {"sorted": 4 * n * 3, "pcb_balance": 8 * n * 3}
+    assert cached(r) == dict.fromkeys(stats.CACHE_KINDS, 0) | {"sorted": 4 * n * 3, "pcb_balance": 8 * n * 3}
     two = parse_recipe(
         {
             "merge_method": "pcb",

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from evomerge.merge.apply import compute_tensor
-from evomerge.merge.methods import METHODS, MergeError
 from evomerge.merge.plan import RecipePlan
+from evomerge.merge.registry import METHODS, MergeError
 from evomerge.recipe import parse_recipe
 
 mergekit_api = pytest.importorskip("mergekit.merge_methods.api")
@@ -137,7 +137,8 @@ def test_slerp_parallel_inputs_fall_back_to_linear_and_hand_values():
     assert torch.allclose(ours[NAMES[0]], torch.full(SHAPES[0], 1.5))  # 0.75*1 + 0.25*3
     # Orthogonal unit vectors: slerp at t=0.5 is (a + b) / sqrt(2).
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    from evomerge.merge.methods import DeltaStats, merge_tensor
+    from evomerge.merge.kernel import merge_tensor
+    from evomerge.merge.stats import DeltaStats
 
     slerped = merge_tensor(METHODS["slerp"], a, [DeltaStats(b - a, 0)], {"t": 0.5}, [{}])
     assert torch.allclose(slerped, torch.tensor([1.0, 1.0]) / 2**0.5)
@@ -239,9 +240,9 @@ def test_selection_without_a_sort_is_exact(dtype, monkeypatch):
     """The k-th largest magnitude by bit-pattern histograms (any device) and by numpy's introselect
     (CPU float32) equal a full sort's, with zeros, ties and signs; a 16-bit row rank by numpy's radix
     sort equals torch's stable sort."""
-    import evomerge.merge.methods as methods
+    from evomerge.merge import kernel, stats
 
-    monkeypatch.setattr(methods, "BLOCK", 1000)  # several blocks
+    monkeypatch.setattr(kernel, "BLOCK", 1000)  # several blocks
     g = torch.Generator().manual_seed(0)
     t = (torch.randn(5003, generator=g) * 0.01).to(dtype)
     t[:50] = 0
@@ -249,12 +250,12 @@ def test_selection_without_a_sort_is_exact(dtype, monkeypatch):
     t[200] = -t[201]
     desc = t.float().abs().sort(descending=True).values
     for k in (1, 2, 50, 149, 2500, 4953, 4954, 5003):
-        assert methods.kth_largest_magnitude(t, k) == float(desc[k - 1]), k
-        assert methods.DeltaStats(t, 0).kth_largest(k) == float(desc[k - 1]), k
+        assert stats.kth_largest_magnitude(t, k) == float(desc[k - 1]), k
+        assert stats.DeltaStats(t, 0).kth_largest(k) == float(desc[k - 1]), k
     rows = t[:5000].reshape(50, 100)
     order = rows.abs().argsort(dim=1, stable=True)
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(100).expand_as(order)).float() / 99
-    assert torch.equal(methods._della_rank(rows), ranks)
+    assert torch.equal(stats.della_rank(rows), ranks)
 
 
 def test_lines_scales_the_merged_delta_linearly_with_depth():

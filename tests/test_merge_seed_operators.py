@@ -5,9 +5,13 @@ import pytest
 import torch
 import yaml
 
-import evomerge.merge.methods as methods
-from evomerge.merge.methods import METHODS, DeltaStats, MergeError, merge_tensor
+import evomerge.merge.kernel as kernel
+import evomerge.merge.methods.pcb as pcb
+import evomerge.merge.stats as merge_stats
+from evomerge.merge.kernel import merge_tensor
 from evomerge.merge.plan import RecipePlan
+from evomerge.merge.registry import METHODS, MergeError
+from evomerge.merge.stats import DeltaStats
 from evomerge.recipe import parse_recipe
 
 
@@ -17,15 +21,15 @@ def merge(method, deltas, shared=None, per_model=None, base=None, seed=0):
     per_model = per_model or [{} for _ in deltas]
     per_model = [{p.name: p.default for p in m.model_params} | q for q in per_model]
     base = torch.zeros_like(deltas[0]) if base is None else base
-    stats = [DeltaStats(d.clone(), methods.field_seed(seed, "t", i)) for i, d in enumerate(deltas)]
+    stats = [DeltaStats(d.clone(), merge_stats.field_seed(seed, "t", i)) for i, d in enumerate(deltas)]
     return merge_tensor(m, base, stats, shared, per_model)
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Chunks and selection blocks much smaller than the tensors: every chunked path crosses boundaries."""
-    monkeypatch.setattr(methods, "CHUNK", 96)
-    monkeypatch.setattr(methods, "BLOCK", 200)
+    monkeypatch.setattr(kernel, "CHUNK", 96)
+    monkeypatch.setattr(kernel, "BLOCK", 200)
 
 
 # --- PCB ----------------------------------------------------------------------------------------
@@ -93,7 +97,7 @@ def test_pcb_leaves_out_an_input_whose_balance_cannot_be_normalized():
 
 
 def test_signed_selection_without_a_sort_is_exact(monkeypatch):
-    monkeypatch.setattr(methods, "BLOCK", 700)
+    monkeypatch.setattr(kernel, "BLOCK", 700)
     g = torch.Generator().manual_seed(1)
     v = torch.randn(3001, generator=g)
     v[:40] = 0.0
@@ -104,9 +108,7 @@ def test_signed_selection_without_a_sort_is_exact(monkeypatch):
     fields = [v, -v, v * 1e-20]
     ks = [1, 2, 1500, 3001, 41, 2960]
     for k in ks:
-        got, maxima = methods._kth_largest_values(
-            lambda a, b: [f[a:b] for f in fields], 3001, [k] * 3, torch.device("cpu")
-        )
+        got, maxima = pcb._kth_largest_values(lambda a, b: [f[a:b] for f in fields], 3001, [k] * 3, torch.device("cpu"))
         assert got == [float(f.sort(descending=True).values[k - 1]) for f in fields], k
         assert maxima == [float(f.max()) for f in fields]
 

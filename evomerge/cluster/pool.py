@@ -40,7 +40,7 @@ from evomerge.cluster.worker import ScoringWorker, WorkerSpec
 from evomerge.errors import first_line
 from evomerge.evaluate.candidate import Score
 from evomerge.merge.memory import MemoryPolicy
-from evomerge.merge.methods import MergeError
+from evomerge.merge.registry import MergeError
 
 #: Unix socket paths are limited to 107 bytes; Ray puts ~70 characters of its own under its temp dir.
 MAX_TEMP_DIR = 36

@@ -17,17 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from evomerge.merge.kernel import merge_tensor, scratch_bytes, sum64
 from evomerge.merge.memory import MemoryPolicy, place
-from evomerge.merge.methods import (
-    CACHE_KINDS,
-    DeltaStats,
-    MergeError,
-    field_seed,
-    merge_tensor,
-    scratch_bytes,
-    sum64,
-)
 from evomerge.merge.plan import RecipePlan
+from evomerge.merge.registry import MergeError
+from evomerge.merge.stats import CACHE_KINDS, DeltaStats, field_seed
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:

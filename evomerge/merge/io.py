@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import first_line
-from evomerge.merge.methods import MergeError
+from evomerge.merge.registry import MergeError
 from evomerge.models.loading import ModelLoadError, checked_weight_files, is_local_model
 
 _DTYPES = {

@@ -27,8 +27,9 @@ from evomerge.merge.io import (
     iter_with_progress,
     resolve_model_dir,
 )
-from evomerge.merge.methods import MergeError, all_finite
+from evomerge.merge.kernel import all_finite
 from evomerge.merge.plan import RecipePlan
+from evomerge.merge.registry import MergeError
 from evomerge.recipe import Recipe
 
 RECIPE_FILE = "mergekit_config.yml"
@@ -78,7 +79,7 @@ def _check_compatible(base_ref: str, base: ModelSource, others: dict[str, ModelS
 
 
 def model_card(recipe: Recipe, scores: dict[str, float] | None = None) -> str:
-    from evomerge.merge.methods import get_method
+    from evomerge.merge.registry import get_method
 
     if recipe.is_path:  # the card shows what mergekit reproduces: the scales folded into the weights
         from evomerge.merge.path import fold_scales
@@ -108,7 +109,7 @@ def _scores_and_recipe(recipe: Recipe, scores: dict[str, float] | None) -> list[
     if scores:
         lines += ["## Scores", "", "| task | score |", "|---|---|", *[f"| {k} | {v:.4f} |" for k, v in scores.items()]]
         lines.append("")
-    from evomerge.merge.methods import METHODS
+    from evomerge.merge.registry import METHODS
 
     method = METHODS.get(recipe.merge_method)
     if method is not None and not method.in_mergekit:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from evomerge.merge.methods import MergeError
+from evomerge.merge.registry import MergeError
 from evomerge.recipe import PASSTHROUGH, FilterValue, Recipe, parse_recipe
 
 #: model_type values whose module layout and RMSNorm the path model and its export rely on.

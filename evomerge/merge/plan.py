@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge.merge.methods import REQUIRED, MergeError, Method, get_method, round_count
+from evomerge.merge.registry import REQUIRED, MergeError, Method, get_method, round_count
 from evomerge.recipe import Recipe, Settings, resolve_setting
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")

@@ -28,7 +28,7 @@ import torch
 
 from evomerge.merge.io import ModelSource, resolve_model_dir
 from evomerge.merge.memory import MemoryPolicy, trim_heap
-from evomerge.merge.methods import MergeError
+from evomerge.merge.registry import MergeError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 

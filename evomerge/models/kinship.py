@@ -234,7 +234,7 @@ def stream_models(
     dtype (task vectors are taken a chunk at a time by ``Kinship.add``)."""
 
     from evomerge.merge.io import ModelSource
-    from evomerge.merge.methods import MergeError
+    from evomerge.merge.registry import MergeError
 
     def source(d) -> ModelSource:
         try:

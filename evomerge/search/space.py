@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.configfile import describe, read_yaml
-from evomerge.merge.methods import METHODS, get_method, round_count
+from evomerge.merge.registry import METHODS, get_method, round_count
 from evomerge.recipe import FilterValue, Recipe, RecipeError, parse_recipe, resolve_setting
 
 
