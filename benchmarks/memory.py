@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from random_llama import random_llama  # noqa: E402  (beside this script)
 
-import evomerge.merge.kernel as kernel  # noqa: E402
+import evomerge.merge.chunks as chunks  # noqa: E402
 import evomerge.merge.stats as stats  # noqa: E402
 from evomerge.merge.apply import ResidentMerge  # noqa: E402
 from evomerge.merge.memory import DEFAULT_CACHE_BYTES, MemoryPolicy  # noqa: E402
@@ -194,7 +194,7 @@ def main() -> None:
             f"| {mode} | {method} | {tv:.2f} | {cached:.2f} | {counted:.2f} | {rss:.2f} | {first:.2f} | "
             f"{per_candidate:.3f} | {ratio:.2f} | {change} |"
         )
-    fits(measured, len(kernel.SCRATCH._bufs), start_rss)
+    fits(measured, len(chunks.SCRATCH._bufs), start_rss)
 
 
 def fits(measured: dict, scratch_buffers: int, overhead_gib: float) -> None:
@@ -203,7 +203,7 @@ def fits(measured: dict, scratch_buffers: int, overhead_gib: float) -> None:
     assert all(measured[("bfloat16", "none", m)] == (tv, 0.0) for m in METHODS)  # any method, cache none
     cache = DEFAULT_CACHE_BYTES / GIB
     # on the GPU: reused chunk buffers, plus a block's temporaries in a statistic's pass (~24 B/element)
-    working = (scratch_buffers * 4 + 24) * kernel.CHUNK_CUDA / GIB
+    working = (scratch_buffers * 4 + 24) * chunks.CHUNK_CUDA / GIB
     print(
         f"\nWhat fits, default policy: bf16 task vectors ({tv:.2f} B/param/expert measured, any chunked method), "
         f"cache auto (at most {cache:.0f} GiB more, where the task vectors live); model and base bf16 (2 B/param). "

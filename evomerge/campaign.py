@@ -30,7 +30,7 @@ import yaml
 
 from evomerge import __version__
 from evomerge.errors import first_line
-from evomerge.experiment import Experiment, check_experiment, load_experiment
+from evomerge.experiment import CheckedExperiment, Experiment, check_experiment, load_experiment
 
 STATE = "campaign.json"
 EXPERIMENT_COPY = "experiment.yaml"
@@ -126,15 +126,15 @@ class Loaded:
     directory: Path
     experiment: Experiment
     state: dict
-    parts: dict  # space, evaluator, num_layers
+    checked: CheckedExperiment
     lock: CampaignLock | None = None
     #: Made by this process (``prepare``): removed again if its workers cannot start.
     new: bool = False
 
     @property
     def objective_specs(self):
-        wanted = self.experiment.objectives or [o.name for o in self.parts["evaluator"].objectives]
-        by_name = {o.name: o for o in self.parts["evaluator"].objectives}
+        wanted = self.experiment.objectives or [o.name for o in self.checked.evaluator.objectives]
+        by_name = {o.name: o for o in self.checked.evaluator.objectives}
         return [by_name[n] for n in wanted]
 
     @property
@@ -146,11 +146,8 @@ class Loaded:
     def search(self):
         """The search replayed from the journal; writable only while this process holds the lock."""
         from evomerge.search.journal import Fidelity, Search
-        from evomerge.search.space import make_genome
 
-        space = self.parts["space"]
-        layers = self.parts["layer_counts"] if space.is_path else self.parts["num_layers"]
-        genome = make_genome(space, layers, seed=self.experiment.seed)
+        genome = self.checked.genome()
         f = self.experiment.fidelity
         return Search(
             genome,
@@ -189,7 +186,7 @@ def prepare(experiment_file: str | Path, out: str | Path | None = None) -> Loade
     """Validate an experiment file (exit-2 errors before anything is written), then create its
     campaign directory and take its lock."""
     exp = load_experiment(experiment_file)
-    parts = check_experiment(exp, experiment_file)
+    checked = check_experiment(exp, experiment_file)
     directory = Path(out or exp.output_dir).resolve()
     if (directory / STATE).exists():
         raise CampaignError(
@@ -223,7 +220,7 @@ def prepare(experiment_file: str | Path, out: str | Path | None = None) -> Loade
             "reference_point": None,
             "finished": False,
         }
-        loaded = Loaded(directory, exp, state, parts, lock=lock, new=True)
+        loaded = Loaded(directory, exp, state, checked, lock=lock, new=True)
         loaded.save_state()
     except BaseException:
         lock.release()
@@ -262,12 +259,12 @@ def open_campaign(directory: str | Path, check: bool = True, lock: bool = False)
         except OSError as e:
             raise CampaignError(f"{directory / STATE}: cannot read ({e.strerror})") from None
         exp = load_experiment(directory / EXPERIMENT_COPY)
-        parts = check_experiment(exp, directory / EXPERIMENT_COPY, check_tracking=check, check_tasks=check)
+        checked = check_experiment(exp, directory / EXPERIMENT_COPY, check_tracking=check, check_tasks=check)
     except BaseException:
         if held is not None:
             held.release()
         raise
-    return Loaded(directory, exp, state, parts, lock=held)
+    return Loaded(directory, exp, state, checked, lock=held)
 
 
 class Display:
@@ -430,15 +427,15 @@ def worker_pool(loaded: Loaded):
     from evomerge.environment import OFFLINE, QUIET_DEFAULTS, SAFETY
 
     exp, w = loaded.experiment, loaded.experiment.workers
-    space = loaded.parts["space"]
+    space = loaded.checked.space
     spec = WorkerSpec(
         # a path's workers hold its models whole; a merge's, the base and the experts' task vectors
-        models={m: exp.models[m] for m in space.models} if space.is_path else exp.models,
-        base=space.models[0] if space.is_path else space.base,
-        path=space.is_path,
-        evaluator=loaded.parts["evaluator"].model_dump(),
+        models=space.resident_models(exp.models),
+        base=space.resident_base,
+        path=space.kind == "path",
+        evaluator=loaded.checked.evaluator.model_dump(),
         evaluator_source=exp.evaluator,
-        split=loaded.parts["evaluator"].split,
+        split=loaded.checked.evaluator.split,
         device=w.device,
         dtype=w.dtype,
         trust_remote_code=exp.trust_remote_code,
@@ -565,7 +562,7 @@ def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
     seeds = seed_points(loaded, search)
     baselines = []
     if exp.seeds.baselines:
-        space = loaded.parts["space"]
+        space = loaded.checked.space
         baselines = baseline_recipes(space.base, list(space.models), exp.seed)
     if not search.trials:
         for point in seeds:

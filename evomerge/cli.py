@@ -127,9 +127,9 @@ def _kinship_models(args) -> tuple[list[str], str, list[str], bool]:
             space = load_space(exp.search_space)
         except (ExperimentError, SpaceError) as e:
             raise UserError(str(e)) from None
-        if space.is_path:
+        if space.base is None:
             raise UserError(f"{first}: search_space: a layer-path space has no base to take task vectors against")
-        missing = [m for m in [space.base, *space.models] if m not in exp.models]
+        missing = [m for m in space.used_models if m not in exp.models]
         if missing:
             raise UserError(
                 f"{first}: models: the search space uses model '{missing[0]}', which the experiment does not give"
@@ -196,27 +196,10 @@ def cmd_space_show(args) -> int:
             layers = args.layers
         if layers < 1:
             raise UserError(f"a model has at least one layer, got {layers}")
-        genome = make_genome(space, {m: layers for m in space.models} if space.is_path else layers)
+        genome = make_genome(space, layers)
     except SpaceError as e:
         raise UserError(str(e)) from None
-    if space.is_path:
-        lay = space.layers
-        scale = f"[{lay.scale.low:g}, {lay.scale.high:g}]" if lay.scale.searched else f"fixed {lay.scale.fixed:g}"
-        print(
-            f"{args.file}: {genome.dimension} genes for {len(space.models)} models of {layers} layers; layer path "
-            f"over {len(genome.slots)} slots ({' + '.join(space.models)}, x{lay.repeats}); "
-            f"{'transition matrix W' if lay.transitions else 'input scale per slot'} {scale}; "
-            f"fixed ends: {'yes' if lay.fix_ends else 'no'}; at most {genome.longest} layers"
-        )
-    else:
-        selection = ""
-        if space.select is not None:
-            most = space.select.max or len(space.models)
-            selection = f"; merges {space.fewest_experts} to {most} of {len(space.models)} experts"
-        print(
-            f"{args.file}: {genome.dimension} genes for a {layers}-layer model; method "
-            f"{' | '.join(space.methods)}; granularity {space.layers.granularity}{selection}"
-        )
+    print(f"{args.file}: {space.summary(genome)}")
     for g in genome.genes:
         kind = " included at >= 0.5 (Optuna: a choice of 2)" if g.param == "include" and g.choices else ""
         print(f"  {g.name:<40} [{g.low:g}, {g.high:g}]{kind}")

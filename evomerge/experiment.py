@@ -10,8 +10,10 @@ answers. Each problem is one ``ExperimentError`` line naming the file and field.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -19,6 +21,10 @@ from evomerge.configfile import describe, read_yaml
 from evomerge.errors import first_line
 from evomerge.merge.memory import MemoryPolicy
 from evomerge.models.loading import is_local_model
+
+if TYPE_CHECKING:
+    from evomerge.evaluate.config import EvaluatorConfig
+    from evomerge.search.genes import Space
 
 
 class ExperimentError(ValueError):
@@ -193,31 +199,78 @@ def resolve_paths(exp: Experiment, folder: Path) -> Experiment:
     )
 
 
+@dataclass(frozen=True)
+class CheckedExperiment:
+    """An experiment checked before compute, with what the checks loaded; trusted inside."""
+
+    experiment: Experiment
+    space: Space
+    evaluator: EvaluatorConfig
+    #: Each model's layer count (name -> layers): every model's for a parameter space, the path's
+    #: models' for a layer-path space.
+    layer_counts: Mapping[str, int]
+
+    @property
+    def num_layers(self) -> int | None:
+        """The base's layer count (None for a layer-path space, which has no base)."""
+        return None if self.space.base is None else self.layer_counts[self.space.base]
+
+    def genome(self):
+        """The search's genome, as the campaign builds it."""
+        return self.space.genome(self.layer_counts, self.experiment.seed)
+
+
 def check_experiment(
     exp: Experiment, source: str | Path, check_tracking: bool = True, check_tasks: bool = True
-) -> dict:
-    """Everything that can be checked before compute; returns the parts it loaded
-    (``space``, ``evaluator``, ``num_layers``). Raises ExperimentError naming file and field.
+) -> CheckedExperiment:
+    """Everything that can be checked before compute; returns it checked, with the space and the
+    evaluator it loaded. Raises ExperimentError naming file and field.
 
     Reads configs and safetensors headers, never weights; ``check_tasks`` loads the evaluator's
     tasks (seconds) to check that each reports its objective's metric."""
-    from evomerge.evaluate.config import EvaluatorError, load_evaluator
-    from evomerge.search.optimizers import OPTIMIZERS, check_options
-    from evomerge.search.space import SpaceError, load_space
 
     def fail(field: str, msg: str):
         raise ExperimentError(f"{source}: {field}: {msg}")
 
+    space, evaluator = _load_space(exp, fail), _load_evaluator(exp, fail)
+    _check_search(exp, evaluator, fail)
+    for model in space.used_models:
+        if model not in exp.models:
+            fail("models", f"the search space uses model '{model}', which the experiment does not give")
+    configs = {}
+    for name, ref in exp.models.items():
+        configs[name] = _model_config(ref, exp.allow_pickle, lambda msg, n=name: fail(f"models.{n}", msg))
+    check_models = {"merge": _check_merge_models, "path": _check_path_models}[space.kind]
+    counts = check_models(exp, space, configs, fail)
+    _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking, exp.models[space.resident_base])
+    return CheckedExperiment(exp, space, evaluator, counts)
+
+
+def _load_space(exp: Experiment, fail):
+    from evomerge.search.space import SpaceError, load_space
+
     try:
-        space = load_space(exp.search_space)
+        return load_space(exp.search_space)
     except SpaceError as e:
         fail("search_space", str(e))
+
+
+def _load_evaluator(exp: Experiment, fail):
+    from evomerge.evaluate.config import EvaluatorError, load_evaluator
+
     try:
         evaluator = load_evaluator(exp.evaluator)
         for split in {evaluator.split, "report"}:  # searched, and scored at export
             evaluator.check_files(split)
     except EvaluatorError as e:
         fail("evaluator", str(e))
+    return evaluator
+
+
+def _check_search(exp: Experiment, evaluator, fail) -> None:
+    """The objectives, the optimizer and its options' names, the reference point, multi-fidelity."""
+    from evomerge.search.optimizers import OPTIMIZERS, check_options
+
     names = [o.name for o in evaluator.objectives]
     for i, name in enumerate(exp.objectives or []):
         if name not in names:
@@ -234,15 +287,11 @@ def check_experiment(
             fail("reference_point", f"give one value for each objective: {', '.join(wanted)}")
     if exp.fidelity is not None:
         _check_fidelity(exp.fidelity, evaluator, fail)
-    used = space.models if space.is_path else [space.base, *space.models]
-    for model in used:
-        if model not in exp.models:
-            fail("models", f"the search space uses model '{model}', which the experiment does not give")
-    configs = {}
-    for name, ref in exp.models.items():
-        configs[name] = _model_config(ref, exp.allow_pickle, lambda msg, n=name: fail(f"models.{n}", msg))
-    if space.is_path:
-        return _check_path_experiment(exp, space, evaluator, configs, fail, check_tasks, check_tracking)
+
+
+def _check_merge_models(exp: Experiment, space, configs: dict, fail) -> dict[str, int]:
+    """A parameter space's models: one architecture, the base's tensors in every expert, the workers
+    fit, the genome and options build, the seed recipes exist; returns every model's layer count."""
     base = configs[space.base]
     for name, config in configs.items():
         for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
@@ -255,23 +304,22 @@ def check_experiment(
     specs = _check_tensors(exp.models, space.base, fail)
     if exp.workers.address is None and not exp.workers.gpus_per_worker:  # a private CPU pool: this host
         _check_fits_host(exp, specs, space.base, fail)
-    num_layers = int(base["num_hidden_layers"])
-    _check_genome(exp, space, num_layers, fail)
+    counts = {name: int(c.get("num_hidden_layers", 0)) for name, c in configs.items()}
+    counts[space.base] = int(base["num_hidden_layers"])
+    _check_genome(exp, space, counts, fail)
     for i, recipe in enumerate(exp.seeds.recipes):
         if not Path(recipe).is_file():
             fail(f"seeds.recipes[{i}]", f"file not found: {recipe}")
-    _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking, exp.models[space.base])
-    counts = {name: int(c.get("num_hidden_layers", 0)) for name, c in configs.items()}
-    return {"space": space, "evaluator": evaluator, "num_layers": num_layers, "layer_counts": counts}
+    return counts
 
 
-def _check_genome(exp: Experiment, space, layers, fail):
+def _check_genome(exp: Experiment, space, layers: dict[str, int], fail):
     """The genome and optimizer as the campaign will build them: options' values, the dimension."""
     from evomerge.search.optimizers import make_optimizer
-    from evomerge.search.space import SpaceError, make_genome
+    from evomerge.search.space import SpaceError
 
     try:
-        genome = make_genome(space, layers, exp.seed)
+        genome = space.genome(layers, exp.seed)
         make_optimizer(exp.optimizer.name, genome.dimension, [], exp.seed, **exp.optimizer.options)
     except SpaceError as e:
         fail("search_space", str(e))
@@ -308,9 +356,9 @@ def _check_tasks_and_tracking(
             fail("tracking.uri", f"tracking server {exp.tracking.uri} unreachable: {problem}")
 
 
-def _check_path_experiment(exp: Experiment, space, evaluator, configs: dict, fail, check_tasks, check_tracking):
-    """``check_experiment`` for a layer-path (data-flow) space: the path's models can share a hidden
-    state, their headers read, the seeds are paths within the models, the workers fit."""
+def _check_path_models(exp: Experiment, space, configs: dict, fail) -> dict[str, int]:
+    """A layer-path (data-flow) space's models: they can share a hidden state, their headers read,
+    the seeds are paths within the models, the workers fit; returns the path's models' layer counts."""
     from evomerge.merge.path import PathError, check_path, check_path_configs
     from evomerge.models.tensors import TensorHeaderError, tensor_specs
     from evomerge.recipe import RecipeError, load_recipe
@@ -341,8 +389,7 @@ def _check_path_experiment(exp: Experiment, space, evaluator, configs: dict, fai
             fail(f"seeds.recipes[{i}]", first_line(e))
     if exp.workers.address is None and not exp.workers.gpus_per_worker:
         _check_path_fits_host(exp, specs, fail)
-    _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking, exp.models[space.models[0]])
-    return {"space": space, "evaluator": evaluator, "num_layers": None, "layer_counts": counts}
+    return counts
 
 
 def _check_path_fits_host(exp: Experiment, specs: dict, fail) -> None:

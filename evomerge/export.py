@@ -53,7 +53,7 @@ def score_model_dir(path: Path, loaded: Loaded, split: str = "report") -> dict[s
     scorer = CandidateScorer(
         {"model": str(path)},
         "model",
-        loaded.parts["evaluator"],
+        loaded.checked.evaluator,
         split=split,
         trust_remote_code=loaded.experiment.trust_remote_code,
     )
@@ -105,7 +105,7 @@ def export(
 ) -> dict:
     """Export ``trial`` to ``out`` atomically (see the module docstring); returns what
     ``evomerge.json`` records, plus ``path`` (and ``registered`` with ``register``)."""
-    from evomerge.merge.ondisk import model_card
+    from evomerge.merge.checkpoint import model_card
     from evomerge.staging import staging_dir, swap_into_place
 
     exp = loaded.experiment

@@ -275,3 +275,52 @@ def resolve_setting(setting: Setting | FilterValue, tensor_name: str, t: float) 
     i1 = min(len(setting) - 1, i0 + 1)
     frac = scaled - i0
     return (1 - frac) * setting[i0] + frac * setting[i1]
+
+
+def path_recipe(path: list[tuple[str, int, float]], seed: int = 0) -> Recipe:
+    """The passthrough recipe of ``path``: runs of consecutive layers of one model become one slice."""
+    if not path:
+        raise RecipeError("a layer path needs at least one layer")
+    slices: list[dict] = []
+    for model, layer, _ in path:
+        last = slices[-1]["sources"][0] if slices else None
+        if last and last["model"] == model and last["layer_range"][1] == layer:
+            last["layer_range"][1] += 1
+        else:
+            slices.append({"sources": [{"model": model, "layer_range": [layer, layer + 1]}]})
+    ext: dict = {"seed": seed}
+    scales = [float(s) for _, _, s in path]
+    if any(s != 1.0 for s in scales):
+        ext["scales"] = scales
+    return parse_recipe({"merge_method": PASSTHROUGH, "slices": slices, "evomerge": ext}, "<layer path>")
+
+
+def fold_scales(recipe: Recipe) -> Recipe:
+    """The same model with the input scales folded into the weights: ``evomerge.scales`` become
+    mergekit ``scale`` parameters on each layer's ``o_proj``/``down_proj`` (1 / running product),
+    so ``mergekit-yaml`` and ``write_path`` both produce it. A recipe without scales is returned as is."""
+    if not recipe.is_path or recipe.evomerge.scales is None:
+        return recipe
+    slices, product = [], 1.0
+    for model, layer, scale in recipe.path():
+        product *= scale
+        factor = 1.0 / product
+        last = slices[-1]["sources"][0] if slices else None
+        if last and last["model"] == model and last["layer_range"][1] == layer and last["factor"] == factor:
+            last["layer_range"][1] += 1
+        else:
+            slices.append({"sources": [{"model": model, "layer_range": [layer, layer + 1], "factor": factor}]})
+    for sl in slices:
+        factor = sl["sources"][0].pop("factor")
+        if factor != 1.0:
+            sl["sources"][0]["parameters"] = {
+                "scale": [
+                    {"filter": "o_proj", "value": factor},
+                    {"filter": "down_proj", "value": factor},
+                    {"value": 1.0},
+                ]
+            }
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    data["slices"] = slices
+    data["evomerge"].pop("scales")
+    return parse_recipe(data, "<folded layer path>")

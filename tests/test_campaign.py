@@ -450,12 +450,12 @@ def test_shipped_experiments_are_valid(zoo):
         if path.name == "ps_dfs_zoo.yaml":  # step 2 of a chain: its PS merge is `make demo`'s export
             assert exp.models["ps-merge"] == str(REPO / "runs" / "demo" / "export")
             exp = exp.model_copy(update={"models": {**exp.models, "ps-merge": str(zoo / "expert-add")}})
-        parts = check_experiment(exp, path, check_tracking=False)
+        checked = check_experiment(exp, path, check_tracking=False)
         assert exp.budget.max_evaluations
-        if parts["space"].is_path:
-            assert set(parts["layer_counts"].values()) == {4}
+        if checked.space.kind == "path":
+            assert set(checked.layer_counts.values()) == {4}
         else:
-            assert parts["num_layers"] == 4
+            assert checked.num_layers == 4
 
 
 def test_a_child_run_cut_off_mid_write_is_replaced_on_resume(tmp_path):

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import evomerge.merge.kernel as kernel
+import evomerge.merge.chunks as chunks
 import evomerge.merge.stats as stats
 from evomerge.merge.apply import ResidentMerge, compute_tensor
 from evomerge.merge.memory import DEFAULT_CACHE_BYTES, MemoryPolicy
@@ -40,8 +40,8 @@ def states(zoo):
 def small_chunks(monkeypatch):
     """Chunks and blocks far smaller than the zoo's tensors and not multiples of their rows, so every
     chunked path (redrawn fields, rows ranked in blocks, mask bits) crosses boundaries."""
-    monkeypatch.setattr(kernel, "CHUNK", 1000)
-    monkeypatch.setattr(kernel, "BLOCK", 1504)
+    monkeypatch.setattr(chunks, "CHUNK", 1000)
+    monkeypatch.setattr(chunks, "BLOCK", 1504)
 
 
 def resident(zoo, states, dtype=torch.float32, **policy) -> ResidentMerge:

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from evomerge.merge.apply import ResidentMerge
-from evomerge.merge.ondisk import RECIPE_FILE, merge_to_disk
+from evomerge.merge.checkpoint import RECIPE_FILE
+from evomerge.merge.ondisk import merge_to_disk
 from evomerge.merge.registry import MergeError
 from evomerge.recipe import parse_recipe
 

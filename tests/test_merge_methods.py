@@ -240,9 +240,9 @@ def test_selection_without_a_sort_is_exact(dtype, monkeypatch):
     """The k-th largest magnitude by bit-pattern histograms (any device) and by numpy's introselect
     (CPU float32) equal a full sort's, with zeros, ties and signs; a 16-bit row rank by numpy's radix
     sort equals torch's stable sort."""
-    from evomerge.merge import kernel, stats
+    from evomerge.merge import chunks, stats
 
-    monkeypatch.setattr(kernel, "BLOCK", 1000)  # several blocks
+    monkeypatch.setattr(chunks, "BLOCK", 1000)  # several blocks
     g = torch.Generator().manual_seed(0)
     t = (torch.randn(5003, generator=g) * 0.01).to(dtype)
     t[:50] = 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-import evomerge.merge.kernel as kernel
+import evomerge.merge.chunks as chunks
 import evomerge.merge.methods.pcb as pcb
 import evomerge.merge.stats as merge_stats
 from evomerge.merge.kernel import merge_tensor
@@ -28,8 +28,8 @@ def merge(method, deltas, shared=None, per_model=None, base=None, seed=0):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Chunks and selection blocks much smaller than the tensors: every chunked path crosses boundaries."""
-    monkeypatch.setattr(kernel, "CHUNK", 96)
-    monkeypatch.setattr(kernel, "BLOCK", 200)
+    monkeypatch.setattr(chunks, "CHUNK", 96)
+    monkeypatch.setattr(chunks, "BLOCK", 200)
 
 
 # --- PCB ----------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def test_pcb_leaves_out_an_input_whose_balance_cannot_be_normalized():
 
 
 def test_signed_selection_without_a_sort_is_exact(monkeypatch):
-    monkeypatch.setattr(kernel, "BLOCK", 700)
+    monkeypatch.setattr(chunks, "BLOCK", 700)
     g = torch.Generator().manual_seed(1)
     v = torch.randn(3001, generator=g)
     v[:40] = 0.0

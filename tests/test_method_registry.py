@@ -4,13 +4,13 @@ without torch, and it merges on disk and in memory like the built-in methods."""
 import subprocess
 import sys
 
+import median_merge  # noqa: F401  (registers median_tv)
 import pytest
 import torch
 from conftest import REPO
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import median_merge  # noqa: F401  (registers median_tv)
 from evomerge.merge.apply import ResidentMerge
 from evomerge.merge.ondisk import merge_to_disk
 from evomerge.merge.registry import METHODS, MergeError, Method, register

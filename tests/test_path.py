@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 from test_campaign import cli
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from evomerge.merge.ondisk import RECIPE_FILE, merge_to_disk
-from evomerge.merge.path import ResidentPath, fold_scales, path_recipe, write_path
+from evomerge.merge.checkpoint import RECIPE_FILE
+from evomerge.merge.ondisk import merge_to_disk
+from evomerge.merge.path import ResidentPath, write_path
 from evomerge.merge.registry import MergeError
-from evomerge.recipe import RecipeError, parse_recipe
+from evomerge.recipe import RecipeError, fold_scales, parse_recipe, path_recipe
 from evomerge.search.paths import PathGenome, PathSpace
 from evomerge.search.space import SpaceError
 

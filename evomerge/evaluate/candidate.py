@@ -106,8 +106,8 @@ class CandidateScorer:
         from evomerge.merge.apply import ResidentMerge
         from evomerge.merge.io import ModelSource, resolve_model_dir
         from evomerge.merge.memory import trim_heap
-        from evomerge.merge.path import path_recipe
         from evomerge.models.loading import load_causal_lm
+        from evomerge.recipe import path_recipe
 
         started = time.perf_counter()
         self.split = split or evaluator.split

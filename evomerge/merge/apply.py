@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from evomerge.merge.kernel import merge_tensor, scratch_bytes, sum64
+from evomerge.merge.chunks import scratch_bytes, sum64
+from evomerge.merge.kernel import merge_tensor
 from evomerge.merge.memory import MemoryPolicy, place
 from evomerge.merge.plan import RecipePlan
 from evomerge.merge.registry import MergeError

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.kernel import block_for, blocks, f32
+from evomerge.merge.chunks import block_for, blocks, f32
 from evomerge.merge.registry import MergeError, Sparsifier
 from evomerge.merge.stats import DeltaStats, della_rank
 

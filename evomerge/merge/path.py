@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from evomerge.merge.checkpoint import DEFAULT_SHARD_BYTES, write_model_files
 from evomerge.merge.registry import MergeError
-from evomerge.recipe import PASSTHROUGH, FilterValue, Recipe, parse_recipe
+from evomerge.recipe import PASSTHROUGH, FilterValue, Recipe, fold_scales
 
 #: model_type values whose module layout and RMSNorm the path model and its export rely on.
 PATH_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -121,55 +122,6 @@ def check_path(recipe: Recipe, layer_counts: dict[str, int]) -> list[tuple[str, 
                 f"({layer_counts[src.model]} layers)"
             )
     return path
-
-
-def path_recipe(path: list[tuple[str, int, float]], seed: int = 0) -> Recipe:
-    """The passthrough recipe of ``path``: runs of consecutive layers of one model become one slice."""
-    if not path:
-        raise PathError("a layer path needs at least one layer")
-    slices: list[dict] = []
-    for model, layer, _ in path:
-        last = slices[-1]["sources"][0] if slices else None
-        if last and last["model"] == model and last["layer_range"][1] == layer:
-            last["layer_range"][1] += 1
-        else:
-            slices.append({"sources": [{"model": model, "layer_range": [layer, layer + 1]}]})
-    ext: dict = {"seed": seed}
-    scales = [float(s) for _, _, s in path]
-    if any(s != 1.0 for s in scales):
-        ext["scales"] = scales
-    return parse_recipe({"merge_method": PASSTHROUGH, "slices": slices, "evomerge": ext}, "<layer path>")
-
-
-def fold_scales(recipe: Recipe) -> Recipe:
-    """The same model with the input scales folded into the weights: ``evomerge.scales`` become
-    mergekit ``scale`` parameters on each layer's ``o_proj``/``down_proj`` (1 / running product),
-    so ``mergekit-yaml`` and ``write_path`` both produce it. A recipe without scales is returned as is."""
-    if not recipe.is_path or recipe.evomerge.scales is None:
-        return recipe
-    slices, product = [], 1.0
-    for model, layer, scale in recipe.path():
-        product *= scale
-        factor = 1.0 / product
-        last = slices[-1]["sources"][0] if slices else None
-        if last and last["model"] == model and last["layer_range"][1] == layer and last["factor"] == factor:
-            last["layer_range"][1] += 1
-        else:
-            slices.append({"sources": [{"model": model, "layer_range": [layer, layer + 1], "factor": factor}]})
-    for sl in slices:
-        factor = sl["sources"][0].pop("factor")
-        if factor != 1.0:
-            sl["sources"][0]["parameters"] = {
-                "scale": [
-                    {"filter": "o_proj", "value": factor},
-                    {"filter": "down_proj", "value": factor},
-                    {"value": 1.0},
-                ]
-            }
-    data = recipe.model_dump(mode="json", exclude_none=True)
-    data["slices"] = slices
-    data["evomerge"].pop("scales")
-    return parse_recipe(data, "<folded layer path>")
 
 
 def _tensor_scale(setting, name: str) -> float:
@@ -292,7 +244,6 @@ def write_path(
         iter_with_progress,
         resolve_model_dir,
     )
-    from evomerge.merge.ondisk import DEFAULT_SHARD_BYTES, write_model_files
 
     folded = fold_scales(recipe)
     refs = folded.model_names()

@@ -15,13 +15,7 @@ import math
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Union
-
-if TYPE_CHECKING:
-    import torch
-
-    from evomerge.merge.kernel import Chunks
-    from evomerge.merge.stats import DeltaStats
+from typing import Any, Literal
 
 REQUIRED = object()
 
@@ -76,10 +70,8 @@ Sparsifier = Literal["magnitude", "random", "outliers", "della"]
 #: weights, one flat chunk at a time). ``evomerge.merge.kernel.merge_tensor`` does the rest once:
 #: chunking, the output buffer, adding the base, the LiNeS step. ``base``: 16- or 32-bit float;
 #: ``stats[i]``: input i's task vector; ``shared``/``per_model[i]``: the resolved parameters.
-Kernel = Callable[
-    ["Method", "torch.Tensor", "list[DeltaStats]", "dict[str, Any]", "list[dict[str, Any]]"],
-    Union["torch.Tensor", "Chunks"],
-]
+#: (This module names no torch type: it is imported without torch.)
+Kernel = Callable[..., Any]
 
 
 @dataclass(frozen=True)

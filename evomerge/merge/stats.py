@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.kernel import block_for, blocks
+from evomerge.merge.chunks import block_for, blocks
 from evomerge.merge.memory import CacheBudget, place
 
 

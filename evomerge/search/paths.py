@@ -25,13 +25,14 @@ A space file::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.recipe import Recipe
-from evomerge.search.space import Gene, GeneBox, Range, SpaceError
+from evomerge.search.genes import Gene, GeneBox, Range, SpaceError
 
 #: Bounds of an inclusion gene; included when > 0.
 INCLUDE = (-1.0, 1.0)
@@ -80,7 +81,35 @@ class PathSpace(BaseModel):
 
     #: The parameter-space spaces' interface, where it has a meaning here.
     methods: ClassVar[list[str]] = ["passthrough"]
-    is_path: ClassVar[bool] = True
+    kind: ClassVar[Literal["merge", "path"]] = "path"
+    #: No task vectors: a path stacks the models' own layers.
+    base: ClassVar[None] = None
+
+    @property
+    def used_models(self) -> list[str]:
+        return list(self.models)
+
+    @property
+    def resident_base(self) -> str:
+        return self.models[0]
+
+    def resident_models(self, models: Mapping[str, str]) -> dict[str, str]:
+        return {m: models[m] for m in self.models}  # held whole, nothing else
+
+    def genome(self, layer_counts: Mapping[str, int], seed: int = 0) -> PathGenome:
+        return PathGenome(self, dict(layer_counts), seed)
+
+    def summary(self, genome: PathGenome) -> str:
+        lay = self.layers
+        scale = f"[{lay.scale.low:g}, {lay.scale.high:g}]" if lay.scale.searched else f"fixed {lay.scale.fixed:g}"
+        counts = [genome.layer_counts[m] for m in self.models]
+        layers = str(counts[0]) if len(set(counts)) == 1 else " / ".join(map(str, counts))
+        return (
+            f"{genome.dimension} genes for {len(self.models)} models of {layers} layers; layer path "
+            f"over {len(genome.slots)} slots ({' + '.join(self.models)}, x{lay.repeats}); "
+            f"{'transition matrix W' if lay.transitions else 'input scale per slot'} {scale}; "
+            f"fixed ends: {'yes' if lay.fix_ends else 'no'}; at most {genome.longest} layers"
+        )
 
 
 @dataclass(frozen=True)
@@ -165,7 +194,7 @@ class PathGenome(GeneBox):
         return out
 
     def decode(self, vector) -> Recipe:
-        from evomerge.merge.path import path_recipe
+        from evomerge.recipe import path_recipe
 
         return path_recipe(self.path(vector), seed=self.seed)
 
@@ -209,7 +238,7 @@ class PathGenome(GeneBox):
 
     def expert_alone(self, model: str) -> list[float]:
         """``model``'s own layers, in order, at scale 1 (plus the fixed ends, when they are fixed)."""
-        from evomerge.merge.path import path_recipe
+        from evomerge.recipe import path_recipe
 
         if model not in self.space.models:
             raise SpaceError(f"'{model}' is not a model of the space")

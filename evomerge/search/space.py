@@ -23,7 +23,7 @@ for continuous genes (a categorical gene encodes to the middle of its cell).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -32,32 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from evomerge.configfile import describe, read_yaml
 from evomerge.merge.registry import METHODS, get_method, round_count
 from evomerge.recipe import FilterValue, Recipe, RecipeError, parse_recipe, resolve_setting
-
-
-class SpaceError(ValueError):
-    """A search space that cannot be used; the message names the file and the field."""
-
-
-class Range(BaseModel):
-    """A searched parameter (``low``/``high``) or a fixed one (``fixed``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    low: float | None = None
-    high: float | None = None
-    fixed: float | bool | None = None
-
-    @model_validator(mode="after")
-    def _one_kind(self):
-        searched = self.low is not None or self.high is not None
-        if searched == (self.fixed is not None):
-            raise ValueError("give either low and high, or fixed")
-        if searched and (self.low is None or self.high is None or not self.low < self.high):
-            raise ValueError("low and high are both needed, with low < high")
-        return self
-
-    @property
-    def searched(self) -> bool:
-        return self.fixed is None
+from evomerge.search.genes import Gene, GeneBox, Range, SpaceError
+from evomerge.search.paths import PathSpace
 
 
 class Layers(BaseModel):
@@ -93,8 +69,10 @@ class Select(BaseModel):
 
 
 class SearchSpace(BaseModel):
+    """A parameter space: a merge method's per-layer parameters over the base's task vectors."""
+
     model_config = ConfigDict(extra="forbid")
-    is_path: ClassVar[bool] = False
+    kind: ClassVar[Literal["merge", "path"]] = "merge"
     base: str
     models: list[str] = Field(min_length=1)
     method: str | list[str]
@@ -190,6 +168,30 @@ class SearchSpace(BaseModel):
     def methods(self) -> list[str]:
         return [self.method] if isinstance(self.method, str) else list(self.method)
 
+    @property
+    def used_models(self) -> list[str]:
+        return [self.base, *self.models]
+
+    @property
+    def resident_base(self) -> str:
+        return self.base
+
+    def resident_models(self, models: Mapping[str, str]) -> dict[str, str]:
+        return dict(models)  # the base, the experts, and any model a seed recipe names
+
+    def genome(self, layer_counts: Mapping[str, int], seed: int = 0) -> Genome:
+        return Genome(self, layer_counts[self.base], seed)
+
+    def summary(self, genome: Genome) -> str:
+        selection = ""
+        if self.select is not None:
+            most = self.select.max or len(self.models)
+            selection = f"; merges {self.fewest_experts} to {most} of {len(self.models)} experts"
+        return (
+            f"{genome.dimension} genes for a {genome.num_layers}-layer model; method "
+            f"{' | '.join(self.methods)}; granularity {self.layers.granularity}{selection}"
+        )
+
 
 def load_space(path: str | Path):
     """A ``SearchSpace``, or a ``PathSpace`` (``evomerge.search.paths``) for ``layers.granularity: path``."""
@@ -197,8 +199,6 @@ def load_space(path: str | Path):
     cls = SearchSpace
     layers = data.get("layers") if isinstance(data, dict) else None
     if isinstance(layers, dict) and layers.get("granularity") == "path":
-        from evomerge.search.paths import PathSpace
-
         mixed = [k for k in ("base", "method", "parameters", "tied", "lines") if k in data]
         if mixed:
             raise SpaceError(
@@ -213,42 +213,10 @@ def load_space(path: str | Path):
 
 
 def make_genome(space, layers: int | dict[str, int], seed: int = 0):
-    """The genome of ``space``: ``layers`` is the base's layer count for a parameter space, each
-    model's layer count (name -> layers) for a path space."""
-    if getattr(space, "is_path", False):
-        from evomerge.search.paths import PathGenome
-
-        return PathGenome(space, layers, seed)
-    return Genome(space, layers if isinstance(layers, int) else layers[space.base], seed)
-
-
-@dataclass(frozen=True)
-class Gene:
-    """One coordinate of the genome: what it sets, and its bounds."""
-
-    name: str  # e.g. "weight[expert-add].mlp@2", "method", "lines.alpha"
-    low: float
-    high: float
-    param: str | None = None
-    model: str | None = None  # None: shared (global or tied)
-    part: str | None = None  # split filter, "*" for the rest, None without split
-    position: int = 0
-    #: A categorical gene's number of choices (0: continuous); Optuna samples it as categorical.
-    choices: int = 0
-
-
-class GeneBox:
-    """The box a genome's genes span (``genes``: a list of ``Gene``)."""
-
-    genes: list[Gene]
-
-    @property
-    def dimension(self) -> int:
-        return len(self.genes)
-
-    @property
-    def bounds(self) -> tuple[list[float], list[float]]:
-        return [g.low for g in self.genes], [g.high for g in self.genes]
+    """The genome of ``space``: ``layers`` is every model's layer count (name -> layers), or one count
+    for all of them."""
+    counts = layers if isinstance(layers, dict) else {m: layers for m in space.used_models}
+    return space.genome(counts, seed)
 
 
 class Genome(GeneBox):

@@ -19,7 +19,8 @@ def linear(method, base, stats, shared, per_model):
     """
     import torch  # here, not at import: the declaration above is read without torch
 
-    from evomerge.merge.kernel import Chunks, f32, scratch
+    from evomerge.merge.chunks import f32, scratch
+    from evomerge.merge.kernel import Chunks
 
     weights = [float(p["weight"]) for p in per_model]
     total, normalize = sum(weights), shared.get("normalize", True)

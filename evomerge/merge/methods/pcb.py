@@ -78,7 +78,7 @@ def _mix(stats, scores, cached, bounds, weights, kept, lam: float, dev, a: int, 
     """The balance-weighted mean of the kept entries on flat range [a, b), scaled by lambda."""
     import torch
 
-    from evomerge.merge.kernel import f32, scratch
+    from evomerge.merge.chunks import f32, scratch
 
     L = b - a
     if cached:
@@ -109,7 +109,7 @@ def _clip_bounds(s, n: int) -> tuple[float, float]:
 
 def _balance(stats, bounds, dev, a: int, b: int):
     """(every input's balance on flat range [a, b), every input's delta there as float32)."""
-    from evomerge.merge.kernel import f32, scratch
+    from evomerge.merge.chunks import f32, scratch
 
     L, n_models = b - a, len(stats)
     ds = [f32(s.delta, a, b, scratch(f"pcbd{i}", L, dev)) for i, s in enumerate(stats)]
@@ -128,7 +128,7 @@ def _cached_balances(stats, scores, n: int, dev) -> list:
     one set is kept per task vector."""
     import torch
 
-    from evomerge.merge.kernel import block_for, blocks
+    from evomerge.merge.chunks import block_for, blocks
 
     budget = stats[0].budget
     if budget is None or any(s.budget is not budget for s in stats):
@@ -181,7 +181,7 @@ def _kth_largest_values(
     nothing of size n is held."""
     import torch
 
-    from evomerge.merge.kernel import block_for, blocks
+    from evomerge.merge.chunks import block_for, blocks
     from evomerge.merge.stats import from_top
 
     m, size = len(ks), block_for(device)

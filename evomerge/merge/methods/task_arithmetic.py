@@ -58,7 +58,7 @@ def _mix(variant: Variant, stats, masks, weights, per_model, shared, k: int, lam
     """The mixed task vector on flat range [a, b), scaled by lambda."""
     import torch
 
-    from evomerge.merge.kernel import scratch
+    from evomerge.merge.chunks import scratch
     from evomerge.merge.masks import masked
 
     normalize, L = bool(shared["normalize"]), b - a
@@ -105,7 +105,7 @@ def _consensus_mask(merged, stats, per_model, k: int, a: int, b: int, x, tmp) ->
     vector outweighs the rest of the merge there. ``x`` and ``tmp``: chunk-sized scratch."""
     import torch
 
-    from evomerge.merge.kernel import f32, scratch
+    from evomerge.merge.chunks import f32, scratch
 
     count = scratch("count", b - a, merged.device).zero_()
     for s, p in zip(stats, per_model):
