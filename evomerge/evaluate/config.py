@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from evomerge.configfile import describe, read_yaml
+from evomerge.objectives import Objective
 
 SPLITS = ("search", "report")
 
@@ -26,10 +27,9 @@ class EvaluatorError(ValueError):
     """An evaluator file that cannot be used; the message names the file and the field."""
 
 
-class ObjectiveSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    #: The objective's name in results, MLflow metrics and the front.
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+class ObjectiveSpec(Objective):
+    """An objective as an evaluator file gives it: the shared fields and what it is computed from."""
+
     #: lm-eval task: a YAML path (relative to the evaluator file) or a built-in task name.
     task: str | None = None
     #: Metric read from the task's results (default: exact_match, acc, acc_norm, ... whichever it reports).
@@ -38,7 +38,6 @@ class ObjectiveSpec(BaseModel):
     perplexity: str | None = None
     #: Default: maximize for a task, minimize for perplexity.
     direction: Literal["maximize", "minimize"] | None = None
-    weight: float = 1.0
     num_fewshot: int | None = Field(default=None, ge=0)
     #: Perplexity units: ``block`` (running text cut into block_size tokens) or ``line`` (each line
     #: its own sequence, for models trained on short lines like the zoo's).
