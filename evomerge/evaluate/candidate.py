@@ -1,9 +1,10 @@
 """Score merge candidates in memory: one resident model, rewritten per recipe, scored on the objectives.
 
 A ``CandidateScorer`` loads the base once, keeps the experts' task vectors and the merge engine's
-statistics resident (``ResidentMerge``), builds the lm-eval task dict and the ``HFLM`` wrapper once
-around the one model object, and tokenizes the perplexity texts once. Per candidate it only
-rewrites the weights in place and runs the forward passes. Whatever goes wrong with one candidate
+statistics resident (``ResidentMerge``), and has each kind of objective build its state once around
+the one model object (``evomerge.evaluate.kinds``: the lm-eval task dict and ``HFLM`` wrapper, the
+tokenized perplexity texts). Per candidate it only rewrites the weights in place and runs the
+forward passes. Whatever goes wrong with one candidate
 (non-finite weights or logits, an evaluation that raises, a NaN objective) gives a failed
 ``Score`` with the reason; it never raises.
 """
@@ -15,12 +16,13 @@ import time
 import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from evomerge.errors import first_line
 from evomerge.evaluate.config import EvaluatorConfig
+from evomerge.evaluate.kinds import by_kind
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -101,8 +103,6 @@ class CandidateScorer:
         shared: Fetched | None = None,
         path: bool = False,
     ):
-        from evomerge.evaluate.lmeval import TaskSuite, resolve_task, wrap_model
-        from evomerge.evaluate.perplexity import PerplexityScorer
         from evomerge.merge.apply import ResidentMerge
         from evomerge.merge.io import ModelSource, resolve_model_dir
         from evomerge.merge.memory import trim_heap
@@ -153,58 +153,10 @@ class CandidateScorer:
             self.resident = ResidentMerge(self.model, base_state, experts, base_name=base, memory=memory, shared=shared)
             trim_heap()  # the experts' tensors read while the task vectors were made
 
-        # objectives: lm-eval tasks (deduplicated: two objectives may read two metrics of one task)
-        self.task_of: dict[str, str] = {}
-        refs, shots = [], {}
-        for o in evaluator.objectives:
-            if o.task is None:
-                continue
-            ref = evaluator.resolve(o.task, self.split)
-            task = resolve_task(ref).name
-            self.task_of[o.name] = task
-            if ref not in refs:
-                refs.append(ref)
-            if o.num_fewshot is not None:
-                shots[task] = o.num_fewshot
-        options = evaluator.lm_eval
-        self.suite = (
-            TaskSuite(
-                refs,
-                limit=evaluator.limit,
-                subset_seed=evaluator.seed,
-                num_fewshot=shots,
-                fewshot_seed=evaluator.seed,
-                gen_kwargs=options.gen_kwargs,
-                evaluate_kwargs=options.evaluate_kwargs(),
-            )
-            if refs
-            else None
-        )
-        max_length = getattr(self.model.config, "max_position_embeddings", None)
-        self.lm = (
-            wrap_model(
-                self.model,
-                self.tokenizer,
-                batch_size=evaluator.hflm_batch_size,
-                max_length=options.max_length,
-                max_batch_size=options.max_batch_size,
-            )
-            if refs
-            else None
-        )
-        self.perplexity = {
-            o.name: PerplexityScorer(
-                evaluator.resolve(o.perplexity, self.split),
-                self.tokenizer,
-                block_size=evaluator.block_size,
-                limit=evaluator.limit,
-                seed=evaluator.seed,
-                batch_size=evaluator.batch_size,
-                max_length=max_length,
-                unit=o.unit,
-            )
-            for o in evaluator.objectives
-            if o.perplexity is not None
+        # each kind of objective builds its resident state once (task loading, tokenized texts)
+        self.kinds = {
+            kind.name: kind([o for _, o in members], evaluator, self.split, self.model, self.tokenizer)
+            for kind, members in by_kind(evaluator.objectives)
         }
         # time spent inside the model's forward passes (generation calls forward per token)
         self._forward = [0.0, 0.0]  # [seconds, started-at]
@@ -215,6 +167,16 @@ class CandidateScorer:
         vocab = int(self.model.config.vocab_size)
         self._probe = torch.arange(min(16, vocab)).unsqueeze(0).to(device)
         self.load_seconds = time.perf_counter() - started
+
+    @property
+    def suite(self):
+        """The lm-eval task suite of the task objectives (None without any)."""
+        return self.kinds["task"].suite if "task" in self.kinds else None
+
+    @property
+    def lm(self):
+        """The lm-eval model wrapper around the resident model (None without task objectives)."""
+        return self.kinds["task"].lm if "task" in self.kinds else None
 
     @torch.no_grad()
     def _logits_finite(self) -> bool:
@@ -254,19 +216,11 @@ class CandidateScorer:
                 return failed("non-finite logits")
             values: dict[str, float] = {}
             samples = None
-            if self.suite is not None:
-                from evomerge.evaluate.lmeval import pick_metric
-
-                out = self.suite.evaluate(self.lm, log_samples=log_samples, documents=documents)
-                timings["documents"] = sum(len(v) for v in self.suite.subset(documents).values())
-                for o in self.evaluator.objectives:
-                    if o.name in self.task_of:
-                        task = self.task_of[o.name]
-                        values[o.name] = pick_metric(out["results"][task], o.metric, task)
-                if log_samples:
-                    samples = {t: [_compact(r) for r in recs] for t, recs in out.get("samples", {}).items()}
-            for name, scorer in self.perplexity.items():
-                values[name] = scorer.score(self.model)
+            for kind in self.kinds.values():
+                scored = kind.score(self.model, timings, documents=documents, log_samples=log_samples)
+                values.update(scored.values)
+                if scored.samples is not None:
+                    samples = {**(samples or {}), **scored.samples}
         except Exception as e:
             timings["evaluate"] = time.perf_counter() - evaluate_started
             detail = traceback.extract_tb(e.__traceback__)[-1]
@@ -280,28 +234,3 @@ class CandidateScorer:
         ordered = {o.name: values[o.name] for o in self.evaluator.objectives}
         finish()
         return Score("done", values=ordered, timings=timings, samples=samples)
-
-
-def _compact(record: dict) -> dict[str, Any]:
-    """A per-sample record reduced to what a reader needs: the document id, target, the model's
-    (filtered) answer and the per-sample metric values."""
-    keep = {
-        "doc_id": record.get("doc_id"),
-        "target": _plain(record.get("target")),
-        "response": _plain(record.get("filtered_resps")),
-    }
-    for key in record.get("metrics", []):
-        if key in record:
-            keep[key] = _plain(record[key])
-    return keep
-
-
-def _plain(value):
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
