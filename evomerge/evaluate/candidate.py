@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -103,70 +103,48 @@ class CandidateScorer:
         shared: Fetched | None = None,
         path: bool = False,
     ):
-        from evomerge.merge.apply import ResidentMerge
-        from evomerge.merge.io import ModelSource, resolve_model_dir
-        from evomerge.merge.memory import trim_heap
-        from evomerge.merge.path import path_recipe
+        from evomerge.merge.io import resolve_model_dir
         from evomerge.models.loading import load_causal_lm
 
         started = time.perf_counter()
         self.split = split or evaluator.split
         self.evaluator = evaluator
         torch_dtype = getattr(torch, dtype) if dtype else None
-        if path:  # layer paths: every model resident whole; each candidate a shell over their layers
-            from evomerge.merge.path import ResidentPath
 
-            loaded = {}
-            for name, ref in models.items():
-                loaded[name], tokenizer = load_causal_lm(
-                    resolve_model_dir(ref, allow_pickle=allow_pickle),
-                    trust_remote_code=trust_remote_code,
-                    allow_pickle=allow_pickle,
-                    dtype=torch_dtype,
-                    device=device,
-                )
-                if name == base:
-                    self.tokenizer = tokenizer
-            self.resident = ResidentPath(loaded)
-            self.model = self.resident.model
-            # a first path, so that the wrappers below see a complete model: the first model alone
-            first = next(iter(loaded))
-            self.resident.materialize(path_recipe([(first, i, 1.0) for i in range(self.resident.layer_counts[first])]))
-        else:
-            base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
-            self.model, self.tokenizer = load_causal_lm(
-                base_dir,
+        def load(ref: str):
+            """The model ``ref`` resident on ``device``, and its tokenizer."""
+            return load_causal_lm(
+                resolve_model_dir(ref, allow_pickle=allow_pickle),
                 trust_remote_code=trust_remote_code,
                 allow_pickle=allow_pickle,
                 dtype=torch_dtype,
                 device=device,
             )
-            params = dict(self.model.named_parameters())
-            base_state = {n: p.detach() for n, p in params.items()}  # ResidentMerge copies what it keeps
-            experts = {}
-            for name, ref in models.items():
-                if name == base:
-                    continue
-                source = ModelSource(resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
-                have = set(source.names())
-                experts[name] = _Tensors(source, [n for n in params if n in have])  # read one tensor at a time
-            self.resident = ResidentMerge(self.model, base_state, experts, base_name=base, memory=memory, shared=shared)
-            trim_heap()  # the experts' tensors read while the task vectors were made
 
+        if path:  # layer paths: every model resident whole; each candidate a shell over their layers
+            self.resident, self.model, self.tokenizer = _resident_paths(models, base, load)
+        else:
+            self.resident, self.model, self.tokenizer = _resident_merge(
+                models, base, load, allow_pickle=allow_pickle, memory=memory, shared=shared
+            )
         # each kind of objective builds its resident state once (task loading, tokenized texts)
         self.kinds = {
             kind.name: kind([o for _, o in members], evaluator, self.split, self.model, self.tokenizer)
             for kind, members in by_kind(evaluator.objectives)
         }
-        # time spent inside the model's forward passes (generation calls forward per token)
+        self._count_forward_seconds()
+        vocab = int(self.model.config.vocab_size)
+        self._probe = torch.arange(min(16, vocab)).unsqueeze(0).to(device)
+        self.load_seconds = time.perf_counter() - started
+
+    def _count_forward_seconds(self) -> None:
+        """Hooks adding the time spent inside the model's forward passes to ``self._forward[0]``
+        (seconds; generation calls forward once per token)."""
         self._forward = [0.0, 0.0]  # [seconds, started-at]
         self.model.register_forward_pre_hook(lambda *_: self._forward.__setitem__(1, time.perf_counter()))
         self.model.register_forward_hook(
             lambda *_: self._forward.__setitem__(0, self._forward[0] + time.perf_counter() - self._forward[1])
         )
-        vocab = int(self.model.config.vocab_size)
-        self._probe = torch.arange(min(16, vocab)).unsqueeze(0).to(device)
-        self.load_seconds = time.perf_counter() - started
 
     @property
     def suite(self):
@@ -234,3 +212,49 @@ class CandidateScorer:
         ordered = {o.name: values[o.name] for o in self.evaluator.objectives}
         finish()
         return Score("done", values=ordered, timings=timings, samples=samples)
+
+
+def _resident_paths(models: dict[str, str], base: str, load: Callable[[str], tuple]):
+    """Every model of ``models`` held whole for layer paths: (ResidentPath, its model, the tokenizer
+    of ``base``), the model holding a first path (the first model alone) so that wrappers built
+    around it see a complete model."""
+    from evomerge.merge.path import ResidentPath, path_recipe
+
+    loaded, tokenizer = {}, None
+    for name, ref in models.items():
+        loaded[name], tokenizer_of = load(ref)
+        if name == base:
+            tokenizer = tokenizer_of
+    resident = ResidentPath(loaded)
+    first = next(iter(loaded))
+    resident.materialize(path_recipe([(first, i, 1.0) for i in range(resident.layer_counts[first])]))
+    return resident, resident.model, tokenizer
+
+
+def _resident_merge(
+    models: dict[str, str],
+    base: str,
+    load: Callable[[str], tuple],
+    allow_pickle: bool,
+    memory: MemoryPolicy | None,
+    shared: Fetched | None,
+):
+    """The base loaded and the other models' task vectors made over it: (ResidentMerge, the base
+    model whose weights each candidate rewrites, its tokenizer)."""
+    from evomerge.merge.apply import ResidentMerge
+    from evomerge.merge.io import ModelSource, resolve_model_dir
+    from evomerge.merge.memory import trim_heap
+
+    model, tokenizer = load(models[base])
+    params = dict(model.named_parameters())
+    base_state = {n: p.detach() for n, p in params.items()}  # ResidentMerge copies what it keeps
+    experts = {}
+    for name, ref in models.items():
+        if name == base:
+            continue
+        source = ModelSource(resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+        have = set(source.names())
+        experts[name] = _Tensors(source, [n for n in params if n in have])  # read one tensor at a time
+    resident = ResidentMerge(model, base_state, experts, base_name=base, memory=memory, shared=shared)
+    trim_heap()  # the experts' tensors read while the task vectors were made
+    return resident, model, tokenizer
