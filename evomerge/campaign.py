@@ -139,7 +139,7 @@ class Loaded:
 
     @property
     def objectives(self):
-        from evomerge.search.optimizers import Objective
+        from evomerge.objectives import Objective
 
         return [Objective(name=o.name, direction=o.direction, weight=o.weight) for o in self.objective_specs]
 

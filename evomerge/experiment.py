@@ -347,7 +347,7 @@ def _check_tasks_and_tracking(
     if check_tasks:
         try:
             for split in dict.fromkeys([evaluator.split, "report"]):
-                evaluator.check_tasks(split)
+                evaluator.check_sources(split)
         except EvaluatorError as e:
             fail("evaluator", str(e))
     if check_tracking and exp.tracking.uri and exp.tracking.uri.startswith(("http://", "https://")):
@@ -444,12 +444,15 @@ def _check_fidelity(fidelity: FidelityConfig, evaluator, fail) -> None:
             f"every rung must score fewer documents than the evaluator's limit ({evaluator.limit}); "
             f"got {fidelity.rungs[-1]}",
         )
-    ppl = [o.name for o in evaluator.objectives if o.task is None]
-    if ppl:
+    from evomerge.evaluate.kinds import kind_of
+
+    whole = [(o.name, kind_of(o)) for o in evaluator.objectives if not kind_of(o).subsets_documents]
+    if whole:
+        name, kind = whole[0]
         fail(
             "fidelity",
-            f"objective '{ppl[0]}' is a perplexity: multi-fidelity subsets lm-eval documents only; "
-            "remove fidelity or the perplexity objective",
+            f"objective '{name}' is a {kind.noun}: multi-fidelity subsets lm-eval documents only; "
+            f"remove fidelity or the {kind.noun} objective",
         )
 
 

@@ -5,8 +5,9 @@ from collections import defaultdict
 import pytest
 from conftest import REPO
 
+from evomerge.objectives import Objective
 from evomerge.search.journal import JOURNAL, OPTUNA_VIEW, STUDY, JournalError, Search
-from evomerge.search.optimizers import OPTIMIZERS, Objective, make_optimizer
+from evomerge.search.optimizers import OPTIMIZERS, make_optimizer
 from evomerge.search.space import Genome, load_space
 
 TWO = [Objective(name="a"), Objective(name="b")]

@@ -1,9 +1,10 @@
 """Score merge candidates in memory: one resident model, rewritten per recipe, scored on the objectives.
 
 A ``CandidateScorer`` loads the base once, keeps the experts' task vectors and the merge engine's
-statistics resident (``ResidentMerge``), builds the lm-eval task dict and the ``HFLM`` wrapper once
-around the one model object, and tokenizes the perplexity texts once. Per candidate it only
-rewrites the weights in place and runs the forward passes. Whatever goes wrong with one candidate
+statistics resident (``ResidentMerge``), and has each kind of objective build its state once around
+the one model object (``evomerge.evaluate.kinds``: the lm-eval task dict and ``HFLM`` wrapper, the
+tokenized perplexity texts). Per candidate it only rewrites the weights in place and runs the
+forward passes. Whatever goes wrong with one candidate
 (non-finite weights or logits, an evaluation that raises, a NaN objective) gives a failed
 ``Score`` with the reason; it never raises.
 """
@@ -13,14 +14,15 @@ from __future__ import annotations
 import math
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from evomerge.errors import first_line
 from evomerge.evaluate.config import EvaluatorConfig
+from evomerge.evaluate.kinds import by_kind
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -101,120 +103,58 @@ class CandidateScorer:
         shared: Fetched | None = None,
         path: bool = False,
     ):
-        from evomerge.evaluate.lmeval import TaskSuite, resolve_task, wrap_model
-        from evomerge.evaluate.perplexity import PerplexityScorer
-        from evomerge.merge.apply import ResidentMerge
-        from evomerge.merge.io import ModelSource, resolve_model_dir
-        from evomerge.merge.memory import trim_heap
+        from evomerge.merge.io import resolve_model_dir
         from evomerge.models.loading import load_causal_lm
-        from evomerge.recipe import path_recipe
 
         started = time.perf_counter()
         self.split = split or evaluator.split
         self.evaluator = evaluator
         torch_dtype = getattr(torch, dtype) if dtype else None
-        if path:  # layer paths: every model resident whole; each candidate a shell over their layers
-            from evomerge.merge.path import ResidentPath
 
-            loaded = {}
-            for name, ref in models.items():
-                loaded[name], tokenizer = load_causal_lm(
-                    resolve_model_dir(ref, allow_pickle=allow_pickle),
-                    trust_remote_code=trust_remote_code,
-                    allow_pickle=allow_pickle,
-                    dtype=torch_dtype,
-                    device=device,
-                )
-                if name == base:
-                    self.tokenizer = tokenizer
-            self.resident = ResidentPath(loaded)
-            self.model = self.resident.model
-            # a first path, so that the wrappers below see a complete model: the first model alone
-            first = next(iter(loaded))
-            self.resident.materialize(path_recipe([(first, i, 1.0) for i in range(self.resident.layer_counts[first])]))
-        else:
-            base_dir = resolve_model_dir(models[base], allow_pickle=allow_pickle)
-            self.model, self.tokenizer = load_causal_lm(
-                base_dir,
+        def load(ref: str):
+            """The model ``ref`` resident on ``device``, and its tokenizer."""
+            return load_causal_lm(
+                resolve_model_dir(ref, allow_pickle=allow_pickle),
                 trust_remote_code=trust_remote_code,
                 allow_pickle=allow_pickle,
                 dtype=torch_dtype,
                 device=device,
             )
-            params = dict(self.model.named_parameters())
-            base_state = {n: p.detach() for n, p in params.items()}  # ResidentMerge copies what it keeps
-            experts = {}
-            for name, ref in models.items():
-                if name == base:
-                    continue
-                source = ModelSource(resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
-                have = set(source.names())
-                experts[name] = _Tensors(source, [n for n in params if n in have])  # read one tensor at a time
-            self.resident = ResidentMerge(self.model, base_state, experts, base_name=base, memory=memory, shared=shared)
-            trim_heap()  # the experts' tensors read while the task vectors were made
 
-        # objectives: lm-eval tasks (deduplicated: two objectives may read two metrics of one task)
-        self.task_of: dict[str, str] = {}
-        refs, shots = [], {}
-        for o in evaluator.objectives:
-            if o.task is None:
-                continue
-            ref = evaluator.resolve(o.task, self.split)
-            task = resolve_task(ref).name
-            self.task_of[o.name] = task
-            if ref not in refs:
-                refs.append(ref)
-            if o.num_fewshot is not None:
-                shots[task] = o.num_fewshot
-        options = evaluator.lm_eval
-        self.suite = (
-            TaskSuite(
-                refs,
-                limit=evaluator.limit,
-                subset_seed=evaluator.seed,
-                num_fewshot=shots,
-                fewshot_seed=evaluator.seed,
-                gen_kwargs=options.gen_kwargs,
-                evaluate_kwargs=options.evaluate_kwargs(),
+        if path:  # layer paths: every model resident whole; each candidate a shell over their layers
+            self.resident, self.model, self.tokenizer = _resident_paths(models, base, load)
+        else:
+            self.resident, self.model, self.tokenizer = _resident_merge(
+                models, base, load, allow_pickle=allow_pickle, memory=memory, shared=shared
             )
-            if refs
-            else None
-        )
-        max_length = getattr(self.model.config, "max_position_embeddings", None)
-        self.lm = (
-            wrap_model(
-                self.model,
-                self.tokenizer,
-                batch_size=evaluator.hflm_batch_size,
-                max_length=options.max_length,
-                max_batch_size=options.max_batch_size,
-            )
-            if refs
-            else None
-        )
-        self.perplexity = {
-            o.name: PerplexityScorer(
-                evaluator.resolve(o.perplexity, self.split),
-                self.tokenizer,
-                block_size=evaluator.block_size,
-                limit=evaluator.limit,
-                seed=evaluator.seed,
-                batch_size=evaluator.batch_size,
-                max_length=max_length,
-                unit=o.unit,
-            )
-            for o in evaluator.objectives
-            if o.perplexity is not None
+        # each kind of objective builds its resident state once (task loading, tokenized texts)
+        self.kinds = {
+            kind.name: kind([o for _, o in members], evaluator, self.split, self.model, self.tokenizer)
+            for kind, members in by_kind(evaluator.objectives)
         }
-        # time spent inside the model's forward passes (generation calls forward per token)
+        self._count_forward_seconds()
+        vocab = int(self.model.config.vocab_size)
+        self._probe = torch.arange(min(16, vocab)).unsqueeze(0).to(device)
+        self.load_seconds = time.perf_counter() - started
+
+    def _count_forward_seconds(self) -> None:
+        """Hooks adding the time spent inside the model's forward passes to ``self._forward[0]``
+        (seconds; generation calls forward once per token)."""
         self._forward = [0.0, 0.0]  # [seconds, started-at]
         self.model.register_forward_pre_hook(lambda *_: self._forward.__setitem__(1, time.perf_counter()))
         self.model.register_forward_hook(
             lambda *_: self._forward.__setitem__(0, self._forward[0] + time.perf_counter() - self._forward[1])
         )
-        vocab = int(self.model.config.vocab_size)
-        self._probe = torch.arange(min(16, vocab)).unsqueeze(0).to(device)
-        self.load_seconds = time.perf_counter() - started
+
+    @property
+    def suite(self):
+        """The lm-eval task suite of the task objectives (None without any)."""
+        return self.kinds["task"].suite if "task" in self.kinds else None
+
+    @property
+    def lm(self):
+        """The lm-eval model wrapper around the resident model (None without task objectives)."""
+        return self.kinds["task"].lm if "task" in self.kinds else None
 
     @torch.no_grad()
     def _logits_finite(self) -> bool:
@@ -254,19 +194,11 @@ class CandidateScorer:
                 return failed("non-finite logits")
             values: dict[str, float] = {}
             samples = None
-            if self.suite is not None:
-                from evomerge.evaluate.lmeval import pick_metric
-
-                out = self.suite.evaluate(self.lm, log_samples=log_samples, documents=documents)
-                timings["documents"] = sum(len(v) for v in self.suite.subset(documents).values())
-                for o in self.evaluator.objectives:
-                    if o.name in self.task_of:
-                        task = self.task_of[o.name]
-                        values[o.name] = pick_metric(out["results"][task], o.metric, task)
-                if log_samples:
-                    samples = {t: [_compact(r) for r in recs] for t, recs in out.get("samples", {}).items()}
-            for name, scorer in self.perplexity.items():
-                values[name] = scorer.score(self.model)
+            for kind in self.kinds.values():
+                scored = kind.score(self.model, timings, documents=documents, log_samples=log_samples)
+                values.update(scored.values)
+                if scored.samples is not None:
+                    samples = {**(samples or {}), **scored.samples}
         except Exception as e:
             timings["evaluate"] = time.perf_counter() - evaluate_started
             detail = traceback.extract_tb(e.__traceback__)[-1]
@@ -282,26 +214,48 @@ class CandidateScorer:
         return Score("done", values=ordered, timings=timings, samples=samples)
 
 
-def _compact(record: dict) -> dict[str, Any]:
-    """A per-sample record reduced to what a reader needs: the document id, target, the model's
-    (filtered) answer and the per-sample metric values."""
-    keep = {
-        "doc_id": record.get("doc_id"),
-        "target": _plain(record.get("target")),
-        "response": _plain(record.get("filtered_resps")),
-    }
-    for key in record.get("metrics", []):
-        if key in record:
-            keep[key] = _plain(record[key])
-    return keep
+def _resident_paths(models: dict[str, str], base: str, load: Callable[[str], tuple]):
+    """Every model of ``models`` held whole for layer paths: (ResidentPath, its model, the tokenizer
+    of ``base``), the model holding a first path (the first model alone) so that wrappers built
+    around it see a complete model."""
+    from evomerge.merge.path import ResidentPath
+    from evomerge.recipe import path_recipe
+
+    loaded, tokenizer = {}, None
+    for name, ref in models.items():
+        loaded[name], tokenizer_of = load(ref)
+        if name == base:
+            tokenizer = tokenizer_of
+    resident = ResidentPath(loaded)
+    first = next(iter(loaded))
+    resident.materialize(path_recipe([(first, i, 1.0) for i in range(resident.layer_counts[first])]))
+    return resident, resident.model, tokenizer
 
 
-def _plain(value):
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
+def _resident_merge(
+    models: dict[str, str],
+    base: str,
+    load: Callable[[str], tuple],
+    allow_pickle: bool,
+    memory: MemoryPolicy | None,
+    shared: Fetched | None,
+):
+    """The base loaded and the other models' task vectors made over it: (ResidentMerge, the base
+    model whose weights each candidate rewrites, its tokenizer)."""
+    from evomerge.merge.apply import ResidentMerge
+    from evomerge.merge.io import ModelSource, resolve_model_dir
+    from evomerge.merge.memory import trim_heap
+
+    model, tokenizer = load(models[base])
+    params = dict(model.named_parameters())
+    base_state = {n: p.detach() for n, p in params.items()}  # ResidentMerge copies what it keeps
+    experts = {}
+    for name, ref in models.items():
+        if name == base:
+            continue
+        source = ModelSource(resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+        have = set(source.names())
+        experts[name] = _Tensors(source, [n for n in params if n in have])  # read one tensor at a time
+    resident = ResidentMerge(model, base_state, experts, base_name=base, memory=memory, shared=shared)
+    trim_heap()  # the experts' tensors read while the task vectors were made
+    return resident, model, tokenizer

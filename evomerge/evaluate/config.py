@@ -1,13 +1,14 @@
 """Evaluator files (``evaluators/*.yaml``): what a candidate is scored on.
 
-An evaluator names its objectives. Each is either an lm-eval task with the metric read from it, or
-the perplexity of a local text file, with a direction, a weight (for single-objective optimizers)
-and, for tasks, a number of few-shot examples. ``{split}`` in a task or text path is replaced by
-the split being scored: ``search`` during a campaign, ``report`` (held out) when a winner is
-exported. ``limit`` documents per task are scored, a subset drawn once from ``seed``, the same for
-every candidate so fitness is comparable (``limit`` below 1 is a fraction of each task's documents).
-Paths are relative to the evaluator file; a task that is not a ``.yaml`` path is a built-in lm-eval
-task name. ``lm_eval`` passes lm-eval's own model and prompt options through (``LmEvalOptions``).
+An evaluator names its objectives. Each is of one kind (``evomerge.evaluate.kinds``): an lm-eval
+task with the metric read from it, or the perplexity of a local text file, with a direction, a
+weight (for single-objective optimizers) and, for tasks, a number of few-shot examples.
+``{split}`` in a task or text path is replaced by the split being scored: ``search`` during a
+campaign, ``report`` (held out) when a winner is exported. ``limit`` documents per task are scored,
+a subset drawn once from ``seed``, the same for every candidate so fitness is comparable (``limit``
+below 1 is a fraction of each task's documents). Paths are relative to the evaluator file; a task
+that is not a ``.yaml`` path is a built-in lm-eval task name. ``lm_eval`` passes lm-eval's own
+model and prompt options through (``LmEvalOptions``).
 """
 
 from __future__ import annotations
@@ -18,41 +19,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from evomerge.configfile import describe, read_yaml
+from evomerge.evaluate.kinds import ObjectiveSpec, by_kind, kind_of
 
 SPLITS = ("search", "report")
 
 
 class EvaluatorError(ValueError):
     """An evaluator file that cannot be used; the message names the file and the field."""
-
-
-class ObjectiveSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    #: The objective's name in results, MLflow metrics and the front.
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
-    #: lm-eval task: a YAML path (relative to the evaluator file) or a built-in task name.
-    task: str | None = None
-    #: Metric read from the task's results (default: exact_match, acc, acc_norm, ... whichever it reports).
-    metric: str | None = None
-    #: Perplexity (per token) of the model on this local text file, instead of a task.
-    perplexity: str | None = None
-    #: Default: maximize for a task, minimize for perplexity.
-    direction: Literal["maximize", "minimize"] | None = None
-    weight: float = 1.0
-    num_fewshot: int | None = Field(default=None, ge=0)
-    #: Perplexity units: ``block`` (running text cut into block_size tokens) or ``line`` (each line
-    #: its own sequence, for models trained on short lines like the zoo's).
-    unit: Literal["block", "line"] = "block"
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.task is None) == (self.perplexity is None):
-            raise ValueError("give exactly one of 'task' or 'perplexity'")
-        if self.perplexity is not None and (self.metric or self.num_fewshot is not None):
-            raise ValueError("'metric' and 'num_fewshot' apply to tasks, not to perplexity")
-        if self.direction is None:
-            self.direction = "minimize" if self.perplexity is not None else "maximize"
-        return self
 
 
 class LmEvalOptions(BaseModel):
@@ -117,6 +90,7 @@ class LmEvalOptions(BaseModel):
 
 class EvaluatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    #: Each of one kind (``evomerge.evaluate.kinds``), named by its key: ``task:``, ``perplexity:``.
     objectives: list[ObjectiveSpec] = Field(min_length=1)
     #: Split scored during the search; export scores the held-out ``report`` split.
     split: Literal["search", "report"] = "search"
@@ -165,59 +139,18 @@ class EvaluatorConfig(BaseModel):
         return ref
 
     def check_files(self, split: str) -> None:
-        """Every local task and text file of ``split`` exists (before any compute starts)."""
+        """Every local file of ``split`` an objective reads exists (before any compute starts)."""
         for i, o in enumerate(self.objectives):
-            for key in ("task", "perplexity"):
-                ref = getattr(o, key)
-                if ref is None:
-                    continue
-                path = self.resolve(ref, split)
-                if (key == "perplexity" or path.endswith((".yaml", ".yml"))) and not Path(path).is_file():
+            for key, path in kind_of(o).files(o, self, split):
+                if not Path(path).is_file():
                     where = f"{self._source}: " if self._source else ""
                     raise EvaluatorError(f"{where}objectives[{i}].{key}: file not found: {path}")
 
-    def check_tasks(self, split: str) -> None:
-        """Every task of ``split`` loads (local file or built-in name, with its data) and reports the
-        metric its objective reads; costs a task load (seconds), no model."""
-        import contextlib
-        import io
-
-        from evomerge.errors import first_line
-        from evomerge.evaluate.lmeval import PREFERRED_METRICS, TaskError, TaskSuite, resolve_task
-
-        where = f"{self._source}: " if self._source else ""
-        tasks = [(i, o, self.resolve(o.task, split)) for i, o in enumerate(self.objectives) if o.task is not None]
-        if not tasks:
-            return
-        refs = list(dict.fromkeys(ref for _, _, ref in tasks))
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):  # datasets' progress bars
-                suite = TaskSuite(refs)
-                reported = suite.metrics()
-        except TaskError as e:
-            raise EvaluatorError(f"{where}objectives: {e}") from None
-        except Exception as e:  # lm-eval and datasets raise many types for a task that cannot load
-            raise EvaluatorError(
-                f"{where}objectives: a task of the {split} split cannot be loaded: {first_line(e, with_type=True)}"
-            ) from None
-        if self.lm_eval.gen_kwargs and "generate_until" not in suite.output_types().values():
-            raise EvaluatorError(
-                f"{where}lm_eval.gen_kwargs: no task of the {split} split generates text "
-                "(they are scored by likelihood, without generation settings)"
-            )
-        for i, o, ref in tasks:
-            name = resolve_task(ref).name
-            have = reported[name]
-            if o.metric is not None and o.metric not in have:
-                raise EvaluatorError(
-                    f"{where}objectives[{i}].metric: task {name} does not report "
-                    f"'{o.metric}'; it reports: {', '.join(sorted(have)) or 'nothing'}"
-                )
-            if o.metric is None and not any(m in have for m in PREFERRED_METRICS):
-                raise EvaluatorError(
-                    f"{where}objectives[{i}].metric: task {name} reports none of "
-                    f"{', '.join(PREFERRED_METRICS)}; name one of: {', '.join(sorted(have))}"
-                )
+    def check_sources(self, split: str) -> None:
+        """Each kind's checks before compute, on its objectives of ``split``: every task loads and
+        reports the metric its objective reads (a task load, seconds; no model)."""
+        for kind, objectives in by_kind(self.objectives):
+            kind.check(objectives, self, split)
 
 
 def parse_evaluator(data, source: str | Path | None = None) -> EvaluatorConfig:

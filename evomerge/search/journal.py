@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from evomerge.objectives import Objective
 from evomerge.recipe import Recipe
-from evomerge.search.optimizers import Objective, make_optimizer
+from evomerge.search.optimizers import make_optimizer
 from evomerge.search.pareto import front_indices, hypervolume, pareto_ranks
 from evomerge.search.space import Genome
 

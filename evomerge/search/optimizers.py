@@ -31,14 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-
-class Objective(BaseModel):
-    """A named objective read from an evaluation's scores."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    direction: Literal["maximize", "minimize"] = "maximize"
-    weight: float = 1.0
+from evomerge.objectives import Objective
 
 
 def scalarize(values: Sequence[float], objectives: Sequence[Objective]) -> float:
