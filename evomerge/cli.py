@@ -74,7 +74,8 @@ def cmd_zoo_eval(args) -> int:
 def cmd_eval(args) -> int:
 
     from evomerge.evaluate.lmeval import TaskError, TaskSuite, wrap_model
-    from evomerge.models.loading import ModelLoadError, load_causal_lm
+    from evomerge.models.loading import load_causal_lm
+    from evomerge.models.source import ModelLoadError
 
     try:
         suite = TaskSuite(args.task, limit=args.limit)
@@ -156,8 +157,8 @@ def _kinship_models(args) -> tuple[list[str], str, list[str], bool]:
 def cmd_kinship(args) -> int:
     import json
 
-    from evomerge.merge.methods import MergeError
     from evomerge.models.kinship import FlagRule, kinship_of, stream_models
+    from evomerge.models.source import ModelLoadError
 
     rule = FlagRule(args.opposed_below, args.conflict_above, args.orthogonal_below, args.redundant_above)
     if args.group_size is not None and args.group_size < 1:
@@ -170,7 +171,7 @@ def cmd_kinship(args) -> int:
     try:
         layers, tensors = stream_models(base_dir, dirs, allow_pickle=allow_pickle)
         table = kinship_of(names, layers, ((n, ts, b) for n, ts, b in tensors), rule, args.group_size)
-    except MergeError as e:
+    except ModelLoadError as e:
         raise UserError(str(e)) from None
     print(table.format())
     if args.json is not None:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from evomerge.configfile import describe, read_yaml
 from evomerge.errors import first_line
 from evomerge.merge.memory import MemoryPolicy
-from evomerge.models.loading import is_local_model
+from evomerge.models.source import is_local_model
 
 
 class ExperimentError(ValueError):
@@ -473,7 +473,7 @@ def _check_fits_host(exp: Experiment, specs: dict, base: str, fail) -> None:
 
 
 def _model_config(ref: str, allow_pickle: bool, fail) -> dict:
-    from evomerge.models.loading import ModelLoadError, checked_weight_files
+    from evomerge.models.source import ModelLoadError, checked_weight_files
 
     path = Path(ref)
     if path.is_absolute():
@@ -488,7 +488,7 @@ def _model_config(ref: str, allow_pickle: bool, fail) -> dict:
         return json.loads((path / "config.json").read_text())
     from huggingface_hub.constants import is_offline_mode
 
-    from evomerge.models.tensors import cached_snapshot, hub_cache
+    from evomerge.models.source import cached_snapshot, hub_cache
 
     if is_offline_mode():
         snapshot = cached_snapshot(ref)
