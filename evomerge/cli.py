@@ -184,6 +184,8 @@ def cmd_kinship(args) -> int:
 def cmd_space_show(args) -> int:
     import json
 
+    from evomerge.models.layout import num_layers
+    from evomerge.models.source import ModelLoadError
     from evomerge.search.space import SpaceError, load_space, make_genome
 
     try:
@@ -192,7 +194,10 @@ def cmd_space_show(args) -> int:
             config = Path(args.model) / "config.json"
             if not config.is_file():
                 raise UserError(f"{args.model}: not a model directory (no config.json)")
-            layers = int(json.loads(config.read_text()).get("num_hidden_layers", 0))
+            try:
+                layers = num_layers(json.loads(config.read_text()))
+            except ModelLoadError as e:
+                raise UserError(f"{args.model}: {e}") from None
         else:
             layers = args.layers
         if layers < 1:

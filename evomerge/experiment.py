@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from evomerge.configfile import describe, read_yaml
 from evomerge.errors import first_line
 from evomerge.merge.memory import MemoryPolicy
-from evomerge.models.source import is_local_model
+from evomerge.models.layout import num_layers
+from evomerge.models.source import ModelLoadError, is_local_model
 
 
 class ExperimentError(ValueError):
@@ -255,14 +256,21 @@ def check_experiment(
     specs = _check_tensors(exp.models, space.base, fail)
     if exp.workers.address is None and not exp.workers.gpus_per_worker:  # a private CPU pool: this host
         _check_fits_host(exp, specs, space.base, fail)
-    num_layers = int(base["num_hidden_layers"])
-    _check_genome(exp, space, num_layers, fail)
+    layers = _layer_count(space.base, base, fail)
+    _check_genome(exp, space, layers, fail)
     for i, recipe in enumerate(exp.seeds.recipes):
         if not Path(recipe).is_file():
             fail(f"seeds.recipes[{i}]", f"file not found: {recipe}")
     _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking, exp.models[space.base])
-    counts = {name: int(c.get("num_hidden_layers", 0)) for name, c in configs.items()}
-    return {"space": space, "evaluator": evaluator, "num_layers": num_layers, "layer_counts": counts}
+    counts = {name: _layer_count(name, c, fail) for name, c in configs.items()}
+    return {"space": space, "evaluator": evaluator, "num_layers": layers, "layer_counts": counts}
+
+
+def _layer_count(name: str, config: dict, fail) -> int:
+    try:
+        return num_layers(config)
+    except ModelLoadError as e:
+        fail(f"models.{name}", str(e))
 
 
 def _check_genome(exp: Experiment, space, layers, fail):
@@ -328,7 +336,7 @@ def _check_path_experiment(exp: Experiment, space, evaluator, configs: dict, fai
             specs[m] = tensor_specs(exp.models[m], Path(exp.models[m]).is_absolute())
         except TensorHeaderError as e:
             fail(f"models.{m}", str(e))
-    counts = {m: int(configs[m].get("num_hidden_layers", 0)) for m in space.models}
+    counts = {m: _layer_count(m, configs[m], fail) for m in space.models}
     genome = _check_genome(exp, space, counts, fail)
     for i, file in enumerate(exp.seeds.recipes):
         if not Path(file).is_file():

@@ -28,6 +28,7 @@ from evomerge.merge.methods import (
     sum64,
 )
 from evomerge.merge.plan import RecipePlan
+from evomerge.models import layout
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ class ResidentMerge:
         self.model = model
         self.base_name = base_name
         self.memory = memory or MemoryPolicy()
-        self.num_layers = num_layers or int(model.config.num_hidden_layers)
+        self.num_layers = num_layers or layout.num_layers(model.config.to_dict())
         self.device = next(model.parameters()).device
         self.params = dict(model.named_parameters())
         missing = [n for n in self.params if n not in base]

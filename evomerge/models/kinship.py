@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge.models.layout import is_pre_layer, layer_index
+from evomerge.models.layout import is_pre_layer, layer_index, num_layers
 from evomerge.models.source import ModelLoadError
 from evomerge.models.weights import ModelSource
 
@@ -249,7 +249,7 @@ def stream_models(
         missing = [n for n in base.names() if n not in src.names()]
         if missing:
             raise ModelLoadError(f"{d}: has no tensor '{missing[0]}' of the base")
-    layers = int(base.config.get("num_hidden_layers") or base.config.get("n_layer") or 1)
+    layers = num_layers(base.config)
 
     def tensors() -> Iterator[tuple[str, list[torch.Tensor], torch.Tensor]]:
         try:
