@@ -437,20 +437,19 @@ def resident_estimate(exp: Experiment, specs: dict, base: str) -> dict[str, int]
     cache budget."""
     from math import prod
 
+    from evomerge.merge.memory import DEFAULT_CACHE_BYTES
+    from evomerge.models.tensors import TORCH_NAMES
+
     tensors = specs[base]
     numel = sum(prod(shape) for shape, _ in tensors.values())
     saved = sum(prod(shape) * DTYPE_BYTES.get(dtype, 4) for shape, dtype in tensors.values())
     model_size = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}.get(exp.workers.dtype or "")
     model = numel * model_size if model_size else saved
     memory = exp.workers.memory
-    sixteen = {"F16", "BF16"}
-    expert_dtypes = {d for name, t in specs.items() if name != base for _, d in t.values()}
-    if memory.task_vector_dtype != "auto":
-        tv_size = 4 if memory.task_vector_dtype == "float32" else 2
-    else:  # as MemoryPolicy.task_vector_dtype_for decides it
-        tv_size = 2 if (expert_dtypes and expert_dtypes <= sixteen) or model_size == 2 else 4
-    from evomerge.merge.memory import DEFAULT_CACHE_BYTES
-
+    expert_dtypes = {TORCH_NAMES.get(d, d) for name, t in specs.items() if name != base for _, d in t.values()}
+    # the experts' dtypes unknown (pickled checkpoints have no headers): float32, the larger
+    tv_dtype = memory.task_vector_dtype_name(expert_dtypes or {"float32"}, exp.workers.dtype)
+    tv_size = 4 if tv_dtype == "float32" else 2
     budget = DEFAULT_CACHE_BYTES if memory.cache_bytes is None else memory.cache_bytes
     # every statistic of every method is at most 40 B/param/expert (evomerge.merge.memory)
     cache = 0 if memory.cache != "auto" else min(budget, 40 * numel * (len(specs) - 1))
