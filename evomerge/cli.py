@@ -74,7 +74,8 @@ def cmd_zoo_eval(args) -> int:
 def cmd_eval(args) -> int:
 
     from evomerge.evaluate.lmeval import TaskError, TaskSuite, wrap_model
-    from evomerge.models.loading import ModelLoadError, load_causal_lm
+    from evomerge.models.loading import load_causal_lm
+    from evomerge.models.source import ModelLoadError
 
     try:
         suite = TaskSuite(args.task, limit=args.limit)
@@ -156,8 +157,8 @@ def _kinship_models(args) -> tuple[list[str], str, list[str], bool]:
 def cmd_kinship(args) -> int:
     import json
 
-    from evomerge.merge.registry import MergeError
     from evomerge.models.kinship import FlagRule, kinship_of, stream_models
+    from evomerge.models.source import ModelLoadError
 
     rule = FlagRule(args.opposed_below, args.conflict_above, args.orthogonal_below, args.redundant_above)
     if args.group_size is not None and args.group_size < 1:
@@ -170,7 +171,7 @@ def cmd_kinship(args) -> int:
     try:
         layers, tensors = stream_models(base_dir, dirs, allow_pickle=allow_pickle)
         table = kinship_of(names, layers, ((n, ts, b) for n, ts, b in tensors), rule, args.group_size)
-    except MergeError as e:
+    except ModelLoadError as e:
         raise UserError(str(e)) from None
     print(table.format())
     if args.json is not None:
@@ -183,6 +184,8 @@ def cmd_kinship(args) -> int:
 def cmd_space_show(args) -> int:
     import json
 
+    from evomerge.models.layout import num_layers
+    from evomerge.models.source import ModelLoadError
     from evomerge.search.space import SpaceError, load_space, make_genome
 
     try:
@@ -191,7 +194,10 @@ def cmd_space_show(args) -> int:
             config = Path(args.model) / "config.json"
             if not config.is_file():
                 raise UserError(f"{args.model}: not a model directory (no config.json)")
-            layers = int(json.loads(config.read_text()).get("num_hidden_layers", 0))
+            try:
+                layers = num_layers(json.loads(config.read_text()))
+            except ModelLoadError as e:
+                raise UserError(f"{args.model}: {e}") from None
         else:
             layers = args.layers
         if layers < 1:

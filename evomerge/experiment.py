@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from evomerge.configfile import describe, read_yaml
 from evomerge.errors import first_line
 from evomerge.merge.memory import MemoryPolicy
-from evomerge.models.loading import is_local_model
+from evomerge.models.layout import num_layers
+from evomerge.models.source import ModelLoadError, is_local_model
 
 if TYPE_CHECKING:
     from evomerge.evaluate.config import EvaluatorConfig
@@ -304,13 +305,19 @@ def _check_merge_models(exp: Experiment, space, configs: dict, fail) -> dict[str
     specs = _check_tensors(exp.models, space.base, fail)
     if exp.workers.address is None and not exp.workers.gpus_per_worker:  # a private CPU pool: this host
         _check_fits_host(exp, specs, space.base, fail)
-    counts = {name: int(c.get("num_hidden_layers", 0)) for name, c in configs.items()}
-    counts[space.base] = int(base["num_hidden_layers"])
+    counts = {name: _layer_count(name, c, fail) for name, c in configs.items()}
     _check_genome(exp, space, counts, fail)
     for i, recipe in enumerate(exp.seeds.recipes):
         if not Path(recipe).is_file():
             fail(f"seeds.recipes[{i}]", f"file not found: {recipe}")
     return counts
+
+
+def _layer_count(name: str, config: dict, fail) -> int:
+    try:
+        return num_layers(config)
+    except ModelLoadError as e:
+        fail(f"models.{name}", str(e))
 
 
 def _check_genome(exp: Experiment, space, layers: dict[str, int], fail):
@@ -376,7 +383,7 @@ def _check_path_models(exp: Experiment, space, configs: dict, fail) -> dict[str,
             specs[m] = tensor_specs(exp.models[m], Path(exp.models[m]).is_absolute())
         except TensorHeaderError as e:
             fail(f"models.{m}", str(e))
-    counts = {m: int(configs[m].get("num_hidden_layers", 0)) for m in space.models}
+    counts = {m: _layer_count(m, configs[m], fail) for m in space.models}
     genome = _check_genome(exp, space, counts, fail)
     for i, file in enumerate(exp.seeds.recipes):
         if not Path(file).is_file():
@@ -479,20 +486,19 @@ def resident_estimate(exp: Experiment, specs: dict, base: str) -> dict[str, int]
     cache budget."""
     from math import prod
 
+    from evomerge.merge.memory import DEFAULT_CACHE_BYTES
+    from evomerge.models.tensors import TORCH_NAMES
+
     tensors = specs[base]
     numel = sum(prod(shape) for shape, _ in tensors.values())
     saved = sum(prod(shape) * DTYPE_BYTES.get(dtype, 4) for shape, dtype in tensors.values())
     model_size = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}.get(exp.workers.dtype or "")
     model = numel * model_size if model_size else saved
     memory = exp.workers.memory
-    sixteen = {"F16", "BF16"}
-    expert_dtypes = {d for name, t in specs.items() if name != base for _, d in t.values()}
-    if memory.task_vector_dtype != "auto":
-        tv_size = 4 if memory.task_vector_dtype == "float32" else 2
-    else:  # as MemoryPolicy.task_vector_dtype_for decides it
-        tv_size = 2 if (expert_dtypes and expert_dtypes <= sixteen) or model_size == 2 else 4
-    from evomerge.merge.memory import DEFAULT_CACHE_BYTES
-
+    expert_dtypes = {TORCH_NAMES.get(d, d) for name, t in specs.items() if name != base for _, d in t.values()}
+    # the experts' dtypes unknown (pickled checkpoints have no headers): float32, the larger
+    tv_dtype = memory.task_vector_dtype_name(expert_dtypes or {"float32"}, exp.workers.dtype)
+    tv_size = 4 if tv_dtype == "float32" else 2
     budget = DEFAULT_CACHE_BYTES if memory.cache_bytes is None else memory.cache_bytes
     # every statistic of every method is at most 40 B/param/expert (evomerge.merge.memory)
     cache = 0 if memory.cache != "auto" else min(budget, 40 * numel * (len(specs) - 1))
@@ -523,7 +529,7 @@ def _check_fits_host(exp: Experiment, specs: dict, base: str, fail) -> None:
 
 
 def _model_config(ref: str, allow_pickle: bool, fail) -> dict:
-    from evomerge.models.loading import ModelLoadError, checked_weight_files
+    from evomerge.models.source import ModelLoadError, checked_weight_files
 
     path = Path(ref)
     if path.is_absolute():
@@ -538,7 +544,7 @@ def _model_config(ref: str, allow_pickle: bool, fail) -> dict:
         return json.loads((path / "config.json").read_text())
     from huggingface_hub.constants import is_offline_mode
 
-    from evomerge.models.tensors import cached_snapshot, hub_cache
+    from evomerge.models.source import cached_snapshot, hub_cache
 
     if is_offline_mode():
         snapshot = cached_snapshot(ref)

@@ -1,6 +1,7 @@
 import pytest
 
-from evomerge.merge.plan import RecipePlan, layer_index
+from evomerge.merge.plan import RecipePlan
+from evomerge.models.layout import layer_index
 from evomerge.recipe import FilterValue, RecipeError, load_recipe, parse_recipe, resolve_setting
 
 BASIC = {

@@ -23,6 +23,7 @@ from evomerge.merge.memory import MemoryPolicy, place
 from evomerge.merge.plan import RecipePlan
 from evomerge.merge.registry import MergeError
 from evomerge.merge.stats import CACHE_KINDS, DeltaStats, field_seed
+from evomerge.models import layout
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class ResidentMerge:
         self.model = model
         self.base_name = base_name
         self.memory = memory or MemoryPolicy()
-        self.num_layers = num_layers or int(model.config.num_hidden_layers)
+        self.num_layers = num_layers or layout.num_layers(model.config.to_dict())
         self.device = next(model.parameters()).device
         self.params = dict(model.named_parameters())
         missing = [n for n in self.params if n not in base]

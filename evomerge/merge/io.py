@@ -1,4 +1,5 @@
-"""On-disk merges: stream tensors from memory-mapped safetensors shards into sharded safetensors.
+"""Model files as merges read and write them: the models (read through ``evomerge.models``, their
+errors reported as MergeError), and sharded safetensors written as a merge streams its tensors.
 
 Peak memory is a few tensors times the number of inputs: inputs are memory-mapped and read one
 tensor at a time, and the writer computes every shard's header up front (shapes and dtypes are
@@ -15,28 +16,16 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from evomerge.errors import first_line
 from evomerge.merge.registry import MergeError
-from evomerge.models.loading import ModelLoadError, checked_weight_files, is_local_model
+from evomerge.models import source, weights
+from evomerge.models.source import ModelLoadError
+from evomerge.models.weights import SAFETENSORS_NAMES, TensorInfo
 
-_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_NAMES = {v: k for k, v in _DTYPES.items()}
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -50,124 +39,31 @@ TOKENIZER_FILES = (
 )
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+@contextmanager
+def as_merge_error():
+    """A model that cannot be read (``ModelLoadError``) reported as the MergeError a merge's callers catch."""
+    try:
+        yield
+    except ModelLoadError as e:
+        raise MergeError(str(e)) from None
 
 
-class SafetensorsFile:
-    """One safetensors file read tensor by tensor with plain reads (no memory map), so a streamed
-    merge holds only the tensors in flight, not the pages of every input it has touched."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd = os.open(path, os.O_RDONLY)
-        try:
-            (size,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
-            header = json.loads(os.pread(self._fd, size, 8))
-        except (struct.error, ValueError) as e:
-            os.close(self._fd)
-            raise MergeError(f"{path}: not a safetensors file ({e})") from None
-        header.pop("__metadata__", None)
-        self._start = 8 + size
-        self.entries = header
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def info(self, name: str) -> TensorInfo:
-        e = self.entries[name]
-        return TensorInfo(name, tuple(e["shape"]), _NAMES[e["dtype"]])
-
-    def tensor(self, name: str) -> torch.Tensor:
-        e = self.entries[name]
-        begin, end = e["data_offsets"]
-        buf = bytearray(end - begin)
-        view = memoryview(buf)
-        got = 0
-        while got < len(buf):  # pread may return short reads on large ranges
-            n = os.preadv(self._fd, [view[got:]], self._start + begin + got)
-            if n <= 0:
-                raise MergeError(f"{self.path}: truncated tensor '{name}'")
-            got += n
-        dtype = _NAMES[e["dtype"]]
-        if not buf:
-            return torch.empty(e["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(e["shape"])
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-class ModelSource:
-    """A model directory's weights, read lazily tensor by tensor (safetensors shards).
-
-    Pickled checkpoints (``*.bin`` ...) are refused unless ``allow_pickle``; when allowed they are
-    loaded whole (``torch.load(weights_only=True)``), since that format cannot be streamed.
-    """
+class ModelSource(weights.ModelSource):
+    """``evomerge.models.weights.ModelSource`` for merges: its errors are MergeError."""
 
     def __init__(self, path: str | Path, allow_pickle: bool = False):
-        self.path = Path(path)
-        if not (self.path / "config.json").is_file():
-            raise MergeError(f"{self.path}: not a model directory (no config.json)")
-        self.config = json.loads((self.path / "config.json").read_text())
-        try:
-            files = checked_weight_files(self.path, allow_pickle)
-        except ModelLoadError as e:  # merges report MergeError
-            raise MergeError(str(e)) from None
-        self._handles = {}
-        self._where: dict[str, str] = {}
-        self._pickled: dict[str, torch.Tensor] | None = None
-        if files[0].suffix != ".safetensors":  # pickled, allowed: loaded whole, it cannot be streamed
-            self._pickled = {}
-            for p in files:
-                self._pickled.update(torch.load(p, map_location="cpu", weights_only=True))
-            return
-        for f in files:
-            handle = SafetensorsFile(f)
-            self._handles[f.name] = handle
-            for key in handle.keys():
-                self._where[key] = f.name
-
-    def names(self) -> list[str]:
-        return list(self._pickled) if self._pickled is not None else list(self._where)
-
-    def info(self, name: str) -> TensorInfo:
-        if self._pickled is not None:
-            t = self._pickled[name]
-            return TensorInfo(name, tuple(t.shape), t.dtype)
-        return self._handles[self._where[name]].info(name)
+        with as_merge_error():
+            super().__init__(path, allow_pickle)
 
     def tensor(self, name: str) -> torch.Tensor:
-        if self._pickled is not None:
-            return self._pickled[name]
-        return self._handles[self._where[name]].tensor(name)
-
-    def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles = {}
+        with as_merge_error():
+            return super().tensor(name)
 
 
 def resolve_model_dir(ref: str, allow_pickle: bool = False) -> Path:
-    """A local model directory for ``ref``: an existing path, or a hub id fetched (weights and
-    tokenizer files only; safetensors unless pickle is allowed) into the local hub cache."""
-    path = Path(ref).expanduser()
-    if is_local_model(ref):
-        if not path.is_dir():
-            raise MergeError(f"model directory not found: {ref}")
-        return path
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
-    if allow_pickle:
-        patterns.append("*.bin")
-    try:
-        return Path(snapshot_download(ref, allow_patterns=patterns))
-    except Exception as e:  # the hub client raises many types; all mean "cannot get it"
-        raise MergeError(f"{ref}: not a local directory and cannot be fetched from the hub: {first_line(e)}") from None
+    """``evomerge.models.source.resolve_model_dir`` for merges: its errors are MergeError."""
+    with as_merge_error():
+        return source.resolve_model_dir(ref, allow_pickle)
 
 
 # --- the streaming writer ------------------------------------------------------------------------
@@ -219,7 +115,7 @@ class ShardedWriter:
         for info in self.shards[shard]:
             nbytes = _nbytes(info)
             header[info.name] = {
-                "dtype": _DTYPES[info.dtype],
+                "dtype": SAFETENSORS_NAMES[info.dtype],
                 "shape": list(info.shape),
                 "data_offsets": [offset, offset + nbytes],
             }

@@ -58,18 +58,25 @@ class MemoryPolicy(BaseModel):
             raise ValueError(f"cache_bytes applies to cache: auto, not cache: {self.cache}")
         return self
 
-    def task_vector_dtype_for(self, expert_dtypes: set[torch.dtype], model_dtype: torch.dtype) -> torch.dtype:
-        """The dtype one tensor's task vectors are stored in, given the experts' dtypes for it."""
-        import torch
-
+    def task_vector_dtype_name(self, expert_dtypes: set[str], model_dtype: str | None) -> str:
+        """The dtype one tensor's task vectors are stored in, given the experts' dtypes for it and the
+        model's (torch's names: ``bfloat16``, ``float32``...; torch-free, for the checks before a
+        campaign too)."""
         if self.task_vector_dtype != "auto":
-            return getattr(torch, self.task_vector_dtype)
-        sixteen_bit = {torch.bfloat16, torch.float16}
+            return self.task_vector_dtype
+        sixteen_bit = {"bfloat16", "float16"}
         if len(expert_dtypes) == 1 and next(iter(expert_dtypes)) in sixteen_bit:
             return next(iter(expert_dtypes))
         if model_dtype in sixteen_bit:
             return model_dtype
-        return torch.bfloat16 if expert_dtypes <= sixteen_bit else torch.float32
+        return "bfloat16" if expert_dtypes <= sixteen_bit else "float32"
+
+    def task_vector_dtype_for(self, expert_dtypes: set[torch.dtype], model_dtype: torch.dtype) -> torch.dtype:
+        """``task_vector_dtype_name`` for torch dtypes."""
+        import torch
+
+        name = lambda dtype: str(dtype).removeprefix("torch.")
+        return getattr(torch, self.task_vector_dtype_name({name(d) for d in expert_dtypes}, name(model_dtype)))
 
     def budget(self) -> CacheBudget | None:
         """The cache budget of one worker; None keeps nothing."""

@@ -28,6 +28,8 @@ from evomerge.merge.io import (
 )
 from evomerge.merge.plan import RecipePlan
 from evomerge.merge.registry import MergeError
+from evomerge.models.layout import num_layers
+from evomerge.models.source import ModelLoadError
 from evomerge.recipe import Recipe
 
 
@@ -44,10 +46,11 @@ def parse_size(text: str) -> int:
 
 
 def num_layers_of(config: dict) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if key in config:
-            return int(config[key])
-    raise MergeError("the base config names no layer count (num_hidden_layers)")
+    """The base's layer count (``models.layout.num_layers``), as a merge error when it names none."""
+    try:
+        return num_layers(config)
+    except ModelLoadError:
+        raise MergeError("the base config names no layer count (num_hidden_layers)") from None
 
 
 def _check_compatible(base_ref: str, base: ModelSource, others: dict[str, ModelSource]) -> list[TensorInfo]:

@@ -36,6 +36,7 @@ import torch
 
 from evomerge.merge.checkpoint import DEFAULT_SHARD_BYTES, write_model_files
 from evomerge.merge.registry import MergeError
+from evomerge.models.layout import LAYER_COUNT_KEYS, num_layers
 from evomerge.recipe import PASSTHROUGH, FilterValue, Recipe, fold_scales
 
 #: model_type values whose module layout and RMSNorm the path model and its export rely on.
@@ -89,7 +90,7 @@ def check_path_configs(configs: dict[str, dict]) -> None:
                     f"{name}: {key} is {config.get(key)!r}, '{names[0]}' has {first.get(key)!r}"
                     + (why if key == "hidden_size" else "")
                 )
-        n = int(config.get("num_hidden_layers", 0))
+        n = num_layers(config) if any(k in config for k in LAYER_COUNT_KEYS) else 0
         for key, value in config.items():
             if isinstance(value, list) and len(value) == n and n > 1 and key not in PER_LAYER_KEYS:
                 raise PathError(f"{name}: config key '{key}' holds one value per layer, which a path cannot rebuild")
@@ -252,7 +253,7 @@ def write_path(
     configs = {ref: s.config for ref, s in sources.items()}
     try:
         check_path_configs(configs)
-        path = check_path(folded, {r: int(c["num_hidden_layers"]) for r, c in configs.items()})
+        path = check_path(folded, {r: num_layers(c) for r, c in configs.items()})
     except PathError as e:
         raise MergeError(str(e)) from None
     params = [sl.sources[0].parameters or {} for sl in folded.slices for _ in range(*sl.sources[0].layer_range)]

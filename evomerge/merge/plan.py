@@ -10,25 +10,12 @@ yields a value wins, else the method's default.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from evomerge.merge.registry import REQUIRED, MergeError, Method, get_method, round_count
+from evomerge.models.layout import is_pre_layer, layer_index
 from evomerge.recipe import Recipe, Settings, resolve_setting
-
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
-_PRE = ("embed", "wte", "wpe", "word_embeddings")
-
-
-def layer_index(tensor_name: str) -> int | None:
-    """The transformer layer a tensor belongs to (``model.layers.7.mlp...`` -> 7), or None."""
-    m = _LAYER.search(tensor_name)
-    return int(m.group(1)) if m else None
-
-
-def is_pre_layer(tensor_name: str) -> bool:
-    return any(key in tensor_name for key in _PRE)
 
 
 @dataclass(frozen=True)

@@ -19,18 +19,17 @@ shared host tensors are not pinned (pinning would copy them), so host-to-device 
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from evomerge.merge.io import ModelSource, resolve_model_dir
+from evomerge.merge.io import DTYPE_NAMES, ModelSource, as_merge_error, resolve_model_dir
 from evomerge.merge.memory import MemoryPolicy, trim_heap
 from evomerge.merge.registry import MergeError
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+from evomerge.models import weights
+from evomerge.models.config import parameter_names, read_config, saved_dtype
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -50,29 +49,11 @@ def _tensor(raw, dtype: str, shape: list[int]) -> torch.Tensor:
     return flat.view(getattr(torch, dtype)).view(shape)
 
 
-def parameter_names(base_dir: Path, trust_remote_code: bool = False) -> list[str]:
-    """The model's parameter names (tied weights once), from its config on the meta device: no weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from evomerge.errors import first_line
-
-    try:
-        config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as e:  # transformers raises many types for a config it cannot build
-        reason = first_line(e, with_type=True)
-        raise MergeError(f"{base_dir}: cannot build the model of its config.json: {reason}") from None
-    return [n for n, _ in model.named_parameters()]
-
-
 def model_dtype_guess(base_dir: Path, dtype: str | None) -> torch.dtype | None:
     """The dtype a worker's model will have: ``workers.dtype``, else the config's; None: as saved."""
     if dtype:
-        return _DTYPES[dtype]
-    config = json.loads((base_dir / "config.json").read_text())
-    saved = config.get("dtype") or config.get("torch_dtype")
-    return _DTYPES.get(saved) if isinstance(saved, str) else None
+        return DTYPE_NAMES[dtype]
+    return DTYPE_NAMES.get(saved_dtype(read_config(base_dir)))
 
 
 @dataclass(frozen=True)
@@ -98,7 +79,11 @@ class Inputs:
     def open(self) -> tuple[list[str], torch.dtype | None, dict[str, ModelSource]]:
         """(parameter names, the model's dtype guess, name -> ModelSource); close the sources."""
         base_dir = resolve_model_dir(self.models[self.base], allow_pickle=self.allow_pickle)
-        names = list(self.names) if self.names is not None else parameter_names(base_dir, self.trust_remote_code)
+        if self.names is not None:
+            names = list(self.names)
+        else:
+            with as_merge_error():
+                names = parameter_names(base_dir, self.trust_remote_code)
         sources = {
             n: ModelSource(resolve_model_dir(r, allow_pickle=self.allow_pickle), self.allow_pickle)
             for n, r in self.models.items()
@@ -111,26 +96,18 @@ def with_names(inputs: Inputs) -> Inputs:
     if inputs.names is not None:
         return inputs
     base_dir = resolve_model_dir(inputs.models[inputs.base], allow_pickle=inputs.allow_pickle)
-    return replace(inputs, names=tuple(parameter_names(base_dir, inputs.trust_remote_code)))
+    with as_merge_error():
+        return replace(inputs, names=tuple(parameter_names(base_dir, inputs.trust_remote_code)))
 
 
 def stored_names(inputs: Inputs) -> tuple[str, ...] | None:
     """The tensors every model's safetensors files hold, in the base's order, from the headers alone
-    (no transformers): the parameters and any buffer saved beside them, so that ``plan_bytes`` over
-    them is at least the shared copy's size (tied weights are saved once). None for pickled
-    checkpoints, which cannot be listed without loading them."""
-    from evomerge.models.loading import weight_files
-
+    (``evomerge.models.weights.stored_names``): the parameters and any buffer saved beside them, so
+    that ``plan_bytes`` over them is at least the shared copy's size (tied weights are saved once).
+    None for pickled checkpoints, which cannot be listed without loading them."""
     dirs = {n: resolve_model_dir(r, allow_pickle=inputs.allow_pickle) for n, r in inputs.models.items()}
-    if not all(weight_files(d)[0] for d in dirs.values()):  # pickled (or none: ModelSource says which)
-        return None
-    sources = {n: ModelSource(d, inputs.allow_pickle) for n, d in dirs.items()}
-    try:
-        held = [set(s.names()) for s in sources.values()]
-        return tuple(n for n in sources[inputs.base].names() if all(n in h for h in held))
-    finally:
-        for s in sources.values():
-            s.close()
+    with as_merge_error():
+        return weights.stored_names(dirs, inputs.base, inputs.allow_pickle)
 
 
 def plan_bytes(inputs: Inputs) -> dict[str, int]:

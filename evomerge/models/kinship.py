@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-from evomerge.merge.plan import is_pre_layer, layer_index
+from evomerge.models.layout import is_pre_layer, layer_index, num_layers
+from evomerge.models.source import ModelLoadError
+from evomerge.models.weights import ModelSource
 
 #: Elements per chunk of the accumulation.
 CHUNK = 1 << 20
@@ -231,26 +233,23 @@ def stream_models(
 ) -> tuple[int, Iterator[tuple[str, list[torch.Tensor], torch.Tensor]]]:
     """(the base's layer count, an iterator of (tensor name, the experts' tensors, the base's)) read
     from the models' safetensors one tensor at a time: one tensor of each model is held, in its own
-    dtype (task vectors are taken a chunk at a time by ``Kinship.add``)."""
-
-    from evomerge.merge.io import ModelSource
-    from evomerge.merge.registry import MergeError
+    dtype (task vectors are taken a chunk at a time by ``Kinship.add``). Raises ModelLoadError."""
 
     def source(d) -> ModelSource:
         try:
             return ModelSource(d, allow_pickle)
         except ValueError as e:  # an unreadable config.json
-            if isinstance(e, MergeError):
+            if isinstance(e, ModelLoadError):
                 raise
-            raise MergeError(f"{d}: config.json is not valid JSON ({e})") from None
+            raise ModelLoadError(f"{d}: config.json is not valid JSON ({e})") from None
 
     base = source(base_dir)
     experts = [source(d) for d in expert_dirs]
     for src, d in zip(experts, expert_dirs):
         missing = [n for n in base.names() if n not in src.names()]
         if missing:
-            raise MergeError(f"{d}: has no tensor '{missing[0]}' of the base")
-    layers = int(base.config.get("num_hidden_layers") or base.config.get("n_layer") or 1)
+            raise ModelLoadError(f"{d}: has no tensor '{missing[0]}' of the base")
+    layers = num_layers(base.config)
 
     def tensors() -> Iterator[tuple[str, list[torch.Tensor], torch.Tensor]]:
         try:
@@ -262,7 +261,9 @@ def stream_models(
                 for src, d in zip(experts, expert_dirs):
                     t = src.tensor(name)
                     if tuple(t.shape) != tuple(b.shape):
-                        raise MergeError(f"{d}: tensor '{name}' has shape {tuple(t.shape)}, base has {tuple(b.shape)}")
+                        raise ModelLoadError(
+                            f"{d}: tensor '{name}' has shape {tuple(t.shape)}, base has {tuple(b.shape)}"
+                        )
                     row.append(t)
                 yield name, row, b
         finally:

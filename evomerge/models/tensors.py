@@ -10,8 +10,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evomerge.models.source import cached_snapshot, hub_cache
+
 #: safetensors dtype names that hold floating-point weights (merged); others are copied as they are.
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+#: torch's names of safetensors dtype names (torch-free: the checks before a campaign use them).
+TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 class TensorHeaderError(ValueError):
@@ -48,24 +64,6 @@ def tensor_specs(ref: str, local: bool) -> dict[str, tuple[tuple[int, ...], str]
         for file in meta.files_metadata.values()
         for name, info in file.tensors.items()
     }
-
-
-def hub_cache() -> str:
-    """Where huggingface_hub keeps downloaded models (``HF_HUB_CACHE``, else ``HF_HOME``/hub)."""
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
-def cached_snapshot(ref: str) -> Path | None:
-    """The folder of the snapshot of hub id ``ref`` that its ``main`` ref points to in the local hub
-    cache, or None; never contacts the hub."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(ref, local_files_only=True))
-    except Exception:  # not cached (huggingface_hub raises a few types for it)
-        return None
 
 
 def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
