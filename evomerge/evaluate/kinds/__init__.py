@@ -19,15 +19,16 @@ import importlib
 import pkgutil
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import PlainValidator, SerializeAsAny
 from pydantic_core import PydanticKnownError
 
 from evomerge.objectives import Objective
 
-if TYPE_CHECKING:
-    from evomerge.evaluate.config import EvaluatorConfig
+#: The evaluator a kind is read, checked and built with: ``evomerge.evaluate.config.EvaluatorConfig``
+#: (not imported here: the evaluator reads its objectives through this module).
+Evaluator = Any
 
 #: The package's kinds imported first, in this order: the order messages list kinds in and a
 #: candidate's objectives are scored in (lm-eval first, as before kinds were modules).
@@ -58,17 +59,17 @@ class ObjectiveKind:
     subsets_documents: ClassVar[bool] = False
 
     @classmethod
-    def files(cls, objective: Objective, evaluator: EvaluatorConfig, split: str) -> list[tuple[str, str]]:
+    def files(cls, objective: Objective, evaluator: Evaluator, split: str) -> list[tuple[str, str]]:
         """(field, path) of each local file ``objective`` reads for ``split``: checked to exist
         before any compute starts."""
         return []
 
     @classmethod
-    def check(cls, objectives: Sequence[tuple[int, Objective]], evaluator: EvaluatorConfig, split: str) -> None:
+    def check(cls, objectives: Sequence[tuple[int, Objective]], evaluator: Evaluator, split: str) -> None:
         """Checks before compute that load something (seconds, no model), of this kind's
         ``objectives`` (index in the evaluator, objective); raises EvaluatorError naming the field."""
 
-    def __init__(self, objectives: Sequence[Objective], evaluator: EvaluatorConfig, split: str, model, tokenizer):
+    def __init__(self, objectives: Sequence[Objective], evaluator: Evaluator, split: str, model, tokenizer):
         """Build what scores ``objectives`` on ``split`` with the resident ``model`` (rewritten in
         place per candidate) and its ``tokenizer``: once per worker."""
         self.objectives = list(objectives)
