@@ -9,6 +9,7 @@ nothing is written at the target unless the whole merge succeeds.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -76,6 +77,69 @@ def _check_compatible(base_ref: str, base: ModelSource, others: dict[str, ModelS
     return infos
 
 
+@dataclass
+class _MergeInputs:
+    """A recipe's merge checked before any compute: its models, tensors, plan and output dtypes."""
+
+    recipe: Recipe
+    dirs: dict[str, Path]
+    sources: dict[str, ModelSource]
+    base_ref: str
+    tok_ref: str
+    infos: list[TensorInfo]
+    out_infos: list[TensorInfo]
+    plan: RecipePlan
+    out_dtype: torch.dtype | None
+
+    @property
+    def base(self) -> ModelSource:
+        return self.sources[self.base_ref]
+
+
+def _check_merge(recipe: Recipe, allow_pickle: bool) -> _MergeInputs:
+    """Models resolve and share the base's tensors, the output dtype is known, and every tensor's
+    parameters resolve and lie in range."""
+    refs = recipe.model_names()
+    base_ref = recipe.base_model or refs[0]
+    dirs = {ref: resolve_model_dir(ref, allow_pickle) for ref in refs}
+    sources = {ref: ModelSource(d, allow_pickle) for ref, d in dirs.items()}
+    base = sources[base_ref]
+    infos = _check_compatible(base_ref, base, {r: s for r, s in sources.items() if r != base_ref})
+    plan = RecipePlan(recipe, num_layers_of(base.config))
+    out_dtype = DTYPE_NAMES.get(recipe.out_dtype or recipe.dtype or "")
+    if (recipe.out_dtype or recipe.dtype) and out_dtype is None:
+        raise MergeError(f"dtype '{recipe.out_dtype or recipe.dtype}' is not one of {', '.join(DTYPE_NAMES)}")
+    out_infos = [
+        TensorInfo(i.name, i.shape, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype) for i in infos
+    ]
+    for info in infos:  # every parameter resolves and is in range before any compute
+        if info.dtype.is_floating_point:
+            plan.resolve(info.name)
+    tok_ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base") else base_ref
+    if tok_ref not in dirs:
+        dirs[tok_ref] = resolve_model_dir(tok_ref, allow_pickle)
+    return _MergeInputs(recipe, dirs, sources, base_ref, tok_ref, infos, out_infos, plan, out_dtype)
+
+
+def _write_merged(m: _MergeInputs, writer: ShardedWriter, device: str, progress: bool) -> None:
+    """Merge tensor by tensor (each input read once, in float32 on ``device``) into ``writer``."""
+    for info, out_info in zip(iter_with_progress(m.infos, "merging", progress), m.out_infos):
+        base_t = m.base.tensor(info.name)
+        if not info.dtype.is_floating_point:
+            writer.write(info.name, base_t)
+            continue
+        base_f = base_t.to(device=device, dtype=torch.float32)
+        tensors = [
+            base_f if r == m.base_ref else m.sources[r].tensor(info.name).to(device=device, dtype=torch.float32)
+            for r in m.plan.inputs
+        ]
+        merged = compute_tensor(m.plan, info.name, base_f, inputs=tensors)
+        if not all_finite(merged):
+            raise MergeError(f"merged tensor '{info.name}' contains NaN or inf; nothing was written")
+        writer.write(info.name, merged.to(out_info.dtype).cpu())
+        del base_f, tensors, merged
+
+
 def merge_to_disk(
     recipe: Recipe,
     out: str | Path,
@@ -92,57 +156,19 @@ def merge_to_disk(
         from evomerge.merge.path import write_path
 
         return write_path(recipe, out, allow_pickle=allow_pickle, overwrite=overwrite, progress=progress, scores=scores)
-    refs = recipe.model_names()
-    base_ref = recipe.base_model or refs[0]
-    dirs = {ref: resolve_model_dir(ref, allow_pickle) for ref in refs}
-    sources = {ref: ModelSource(d, allow_pickle) for ref, d in dirs.items()}
-    base = sources[base_ref]
-    infos = _check_compatible(base_ref, base, {r: s for r, s in sources.items() if r != base_ref})
-    plan = RecipePlan(recipe, num_layers_of(base.config))
-    inputs = plan.inputs
-    out_dtype = DTYPE_NAMES.get(recipe.out_dtype or recipe.dtype or "")
-    if (recipe.out_dtype or recipe.dtype) and out_dtype is None:
-        raise MergeError(f"dtype '{recipe.out_dtype or recipe.dtype}' is not one of {', '.join(DTYPE_NAMES)}")
-    out_infos = [
-        TensorInfo(i.name, i.shape, out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype) for i in infos
-    ]
-    for info in infos:  # every parameter resolves and is in range before any compute
-        if info.dtype.is_floating_point:
-            plan.resolve(info.name)
-    tok_ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base") else base_ref
-    if tok_ref not in dirs:
-        dirs[tok_ref] = resolve_model_dir(tok_ref, allow_pickle)
-
+    m = _check_merge(recipe, allow_pickle)
     staged = StagedDirectory(out, overwrite=overwrite)
     try:
-        writer = ShardedWriter(
-            staged.path,
-            out_infos,
-            shard_bytes,
-            metadata={"evomerge_version": __version__, "merge_method": recipe.merge_method},
-        )
+        metadata = {"evomerge_version": __version__, "merge_method": recipe.merge_method}
+        writer = ShardedWriter(staged.path, m.out_infos, shard_bytes, metadata=metadata)
         started = time.perf_counter()
-        for info, out_info in zip(iter_with_progress(infos, "merging", progress), out_infos):
-            base_t = base.tensor(info.name)
-            if not info.dtype.is_floating_point:
-                writer.write(info.name, base_t)
-                continue
-            base_f = base_t.to(device=device, dtype=torch.float32)
-            tensors = [
-                base_f if m == base_ref else sources[m].tensor(info.name).to(device=device, dtype=torch.float32)
-                for m in inputs
-            ]
-            merged = compute_tensor(plan, info.name, base_f, inputs=tensors)
-            if not all_finite(merged):
-                raise MergeError(f"merged tensor '{info.name}' contains NaN or inf; nothing was written")
-            writer.write(info.name, merged.to(out_info.dtype).cpu())
-            del base_f, tensors, merged
+        _write_merged(m, writer, device, progress)
         writer.close()
-        config = dict(base.config)
-        if out_dtype is not None:
-            name = next(k for k, v in DTYPE_NAMES.items() if v == out_dtype)
+        config = dict(m.base.config)
+        if m.out_dtype is not None:
+            name = next(k for k, v in DTYPE_NAMES.items() if v == m.out_dtype)
             config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
-        write_model_files(staged.path, config, dirs[base_ref], dirs[tok_ref], recipe, scores, dirs, started)
+        write_model_files(staged.path, config, m.dirs[m.base_ref], m.dirs[m.tok_ref], recipe, scores, m.dirs, started)
         return staged.commit()
     except BaseException:
         staged.discard()

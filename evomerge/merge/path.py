@@ -224,6 +224,26 @@ class ResidentPath:
 # --- on disk -----------------------------------------------------------------------------------
 
 
+def _tensor_plan(folded: Recipe, path, sources: dict, tied: bool) -> list[tuple[str, str, str, object]]:
+    """(output name, model, its tensor name, scale setting) of every tensor of the path's model: the
+    first model's embedding, each slot's layer renumbered, the last model's norm and head."""
+    params = [sl.sources[0].parameters or {} for sl in folded.slices for _ in range(*sl.sources[0].layer_range)]
+    first, last = path[0][0], path[-1][0]
+    plan: list[tuple[str, str, str, object]] = []
+    for name in sources[first].names():
+        if not name.startswith(LAYERS) and "embed_tokens" in name:
+            plan.append((name, first, name, params[0].get("scale")))
+    for k, (model, i, _) in enumerate(path):
+        prefix = f"{LAYERS}{i}."
+        for name in sources[model].names():
+            if name.startswith(prefix):
+                plan.append((f"{LAYERS}{k}.{name[len(prefix) :]}", model, name, params[k].get("scale")))
+    for name in sources[last].names():
+        if not name.startswith(LAYERS) and "embed_tokens" not in name and not (tied and name.startswith("lm_head")):
+            plan.append((name, last, name, params[-1].get("scale")))
+    return plan
+
+
 def write_path(
     recipe: Recipe,
     out,
@@ -247,8 +267,7 @@ def write_path(
     )
 
     folded = fold_scales(recipe)
-    refs = folded.model_names()
-    dirs = {ref: resolve_model_dir(ref, allow_pickle) for ref in refs}
+    dirs = {ref: resolve_model_dir(ref, allow_pickle) for ref in folded.model_names()}
     sources = {ref: ModelSource(d, allow_pickle) for ref, d in dirs.items()}
     configs = {ref: s.config for ref, s in sources.items()}
     try:
@@ -256,35 +275,15 @@ def write_path(
         path = check_path(folded, {r: num_layers(c) for r, c in configs.items()})
     except PathError as e:
         raise MergeError(str(e)) from None
-    params = [sl.sources[0].parameters or {} for sl in folded.slices for _ in range(*sl.sources[0].layer_range)]
-    first, last = path[0][0], path[-1][0]
-    tied = bool(configs[first].get("tie_word_embeddings"))
-    plan: list[tuple[str, str, str, object]] = []  # (output name, model, its tensor name, scale setting)
-    for name in sources[first].names():
-        if not name.startswith(LAYERS) and "embed_tokens" in name:
-            plan.append((name, first, name, params[0].get("scale")))
-    for k, (model, i, _) in enumerate(path):
-        prefix = f"{LAYERS}{i}."
-        for name in sources[model].names():
-            if name.startswith(prefix):
-                plan.append((f"{LAYERS}{k}.{name[len(prefix) :]}", model, name, params[k].get("scale")))
-    for name in sources[last].names():
-        if not name.startswith(LAYERS) and "embed_tokens" not in name and not (tied and name.startswith("lm_head")):
-            plan.append((name, last, name, params[-1].get("scale")))
-    infos = []
-    for out_name, model, name, _ in plan:
-        info = sources[model].info(name)
-        infos.append(TensorInfo(out_name, info.shape, info.dtype))
-
+    first = path[0][0]
+    plan = _tensor_plan(folded, path, sources, tied=bool(configs[first].get("tie_word_embeddings")))
+    held = [sources[model].info(name) for _, model, name, _ in plan]
+    infos = [TensorInfo(out_name, info.shape, info.dtype) for (out_name, *_), info in zip(plan, held)]
     staged = StagedDirectory(out, overwrite=overwrite)
     try:
         started = time.perf_counter()
-        writer = ShardedWriter(
-            staged.path,
-            infos,
-            DEFAULT_SHARD_BYTES,
-            metadata={"evomerge_version": __version__, "merge_method": PASSTHROUGH},
-        )
+        metadata = {"evomerge_version": __version__, "merge_method": PASSTHROUGH}
+        writer = ShardedWriter(staged.path, infos, DEFAULT_SHARD_BYTES, metadata=metadata)
         for (out_name, model, name, setting), info in zip(iter_with_progress(plan, "writing", progress), infos):
             tensor = sources[model].tensor(name)
             factor = _tensor_scale(setting, name)
@@ -292,8 +291,8 @@ def write_path(
                 tensor = (tensor.to(torch.float32) * factor).to(info.dtype)
             writer.write(out_name, tensor)
         writer.close()
-        config = path_config(configs, path)
         layer_path = [[m, i, s] for m, i, s in recipe.path()]
+        config = path_config(configs, path)
         write_model_files(
             staged.path, config, dirs[first], dirs[first], folded, scores, dirs, started, layer_path=layer_path
         )
