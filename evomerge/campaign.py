@@ -556,7 +556,8 @@ def log_kinship(loaded: Loaded, pool, tracker, display: Display) -> None:
 def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
     """Run (or continue) the campaign until its budget is met, it is interrupted or halted; returns a
     summary (``status``: FINISHED | KILLED | FAILED, ``stopped``: why it stopped early)."""
-    from evomerge.cluster.pool import Background, PoolError
+    from evomerge.background import Background
+    from evomerge.cluster.pool import PoolError
 
     stages = Stages()
     exp = loaded.experiment
