@@ -145,8 +145,9 @@ class Loaded:
 
     def search(self):
         """The search replayed from the journal; writable only while this process holds the lock."""
-        from evomerge.search.journal import Fidelity, Search
+        from evomerge.search.fidelity import Fidelity
         from evomerge.search.space import make_genome
+        from evomerge.search.study import Search
 
         space = self.parts["space"]
         layers = self.parts["layer_counts"] if space.is_path else self.parts["num_layers"]

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
-from evomerge.search.journal import FrontSnapshot
+from evomerge.search.study import FrontSnapshot
 
 RunStatus = Literal["FINISHED", "KILLED", "FAILED"]
 PARENT_TAG = "mlflow.parentRunId"  # how candidates pointed at the campaign run before they were flat
