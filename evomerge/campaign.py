@@ -495,6 +495,19 @@ def process_started() -> float:
             return time.time()
 
 
+#: The start-up stages of a session in the order they are reached, with the words `evomerge status`
+#: reports them in.
+STARTUP_STAGES = {
+    "checked": "checks",
+    "ray": "Ray",
+    "shared": "shared copy",
+    "workers": "workers",
+    "tracking": "MLflow",
+}
+#: Every stage ``Stages`` marks in a session, in order: the start-up, the kinship table, the search loop, the stop.
+STAGES = (*STARTUP_STAGES, "kinship", "first_result", "last_result", "shutdown")
+
+
 class Stages:
     """When each stage of a session ended, in seconds since this process was created (so that its
     imports and the experiment's checks count too); kept in ``campaign.json`` under ``sessions``."""
