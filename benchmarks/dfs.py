@@ -46,9 +46,9 @@ from evomerge.export import located_recipe  # noqa: E402
 from evomerge.merge.ondisk import merge_to_disk  # noqa: E402
 from evomerge.objectives import Objective  # noqa: E402
 from evomerge.recipe import parse_recipe  # noqa: E402
-from evomerge.search.journal import Search  # noqa: E402
 from evomerge.search.paths import PathSpace  # noqa: E402
 from evomerge.search.space import Genome, load_space, make_genome  # noqa: E402
+from evomerge.search.study import Search  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from quality import EVALUATOR, EXPERTS, NAMES  # noqa: E402  (the same problem as the quality benchmark)

@@ -61,9 +61,10 @@ from evomerge.evaluate.candidate import CandidateScorer  # noqa: E402
 from evomerge.evaluate.config import parse_evaluator  # noqa: E402
 from evomerge.objectives import Objective  # noqa: E402
 from evomerge.recipe import parse_recipe  # noqa: E402
-from evomerge.search.journal import Fidelity, Search  # noqa: E402
+from evomerge.search.fidelity import Fidelity  # noqa: E402
 from evomerge.search.pareto import hypervolume  # noqa: E402
 from evomerge.search.space import Genome, load_space  # noqa: E402
+from evomerge.search.study import Search  # noqa: E402
 
 LIMIT = 100
 

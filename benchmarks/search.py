@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from evomerge.objectives import Objective  # noqa: E402
-from evomerge.search.journal import Search  # noqa: E402
 from evomerge.search.pareto import hypervolume  # noqa: E402
 from evomerge.search.space import Genome, SearchSpace, load_space  # noqa: E402
+from evomerge.search.study import Search  # noqa: E402
 
 BOWL_BUDGET = 800
 FRONT_BUDGET = 150

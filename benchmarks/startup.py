@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("checked", "ray", "shared", "workers", "tracking", "kinship", "first_result", "last_result", "shutdown")
+sys.path.insert(0, str(REPO))
+
+from evomerge.campaign import STAGES  # noqa: E402
 
 
 def experiment(tmp: Path, zoo: Path, candidates: int, workers: int) -> Path:

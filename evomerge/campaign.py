@@ -145,7 +145,8 @@ class Loaded:
 
     def search(self):
         """The search replayed from the journal; writable only while this process holds the lock."""
-        from evomerge.search.journal import Fidelity, Search
+        from evomerge.search.fidelity import Fidelity
+        from evomerge.search.study import Search
 
         genome = self.checked.genome()
         f = self.experiment.fidelity
@@ -491,6 +492,19 @@ def process_started() -> float:
             return time.time()
 
 
+#: The start-up stages of a session in the order they are reached, with the words `evomerge status`
+#: reports them in.
+STARTUP_STAGES = {
+    "checked": "checks",
+    "ray": "Ray",
+    "shared": "shared copy",
+    "workers": "workers",
+    "tracking": "MLflow",
+}
+#: Every stage ``Stages`` marks in a session, in order: the start-up, the kinship table, the search loop, the stop.
+STAGES = (*STARTUP_STAGES, "kinship", "first_result", "last_result", "shutdown")
+
+
 class Stages:
     """When each stage of a session ended, in seconds since this process was created (so that its
     imports and the experiment's checks count too); kept in ``campaign.json`` under ``sessions``."""
@@ -553,7 +567,8 @@ def log_kinship(loaded: Loaded, pool, tracker, display: Display) -> None:
 def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
     """Run (or continue) the campaign until its budget is met, it is interrupted or halted; returns a
     summary (``status``: FINISHED | KILLED | FAILED, ``stopped``: why it stopped early)."""
-    from evomerge.cluster.pool import Background, PoolError
+    from evomerge.background import Background
+    from evomerge.cluster.pool import PoolError
 
     stages = Stages()
     exp = loaded.experiment

@@ -326,15 +326,13 @@ def cmd_status(args) -> int:
     return 0
 
 
-#: A session's stages (``campaign.Stages``) as `status` names them.
-STAGE_NAMES = {"checked": "checks", "ray": "Ray", "shared": "shared copy", "workers": "workers", "tracking": "MLflow"}
-
-
 def _session_line(session: dict) -> str:
     """The last session's time line: when each start-up stage was reached (seconds since the process
     started), the search loop, the stop."""
+    from evomerge.campaign import STARTUP_STAGES
+
     at = session.get("stages", {})
-    reached = [f"{name} {at[key]:.1f}" for key, name in STAGE_NAMES.items() if key in at]
+    reached = [f"{name} {at[key]:.1f}" for key, name in STARTUP_STAGES.items() if key in at]
     line = f"last session ({session.get('status', '?').lower()}): start-up " + ", ".join(reached) + " s"
     if "first_result" in at and "last_result" in at:
         line += f"; results from {at['first_result']:.1f} to {at['last_result']:.1f} s"

@@ -15,7 +15,8 @@ import psutil
 import pytest
 from conftest import REPO
 
-from evomerge.cluster.pool import GCS_TIMEOUT, NODE_CHECK_EVERY, PoolError, WorkerPool
+from evomerge.cluster.pool import PoolError, WorkerPool
+from evomerge.cluster.runtime import GCS_TIMEOUT, NODE_CHECK_EVERY
 from evomerge.cluster.worker import WorkerSpec
 from evomerge.evaluate.candidate import CandidateScorer
 from evomerge.evaluate.config import parse_evaluator

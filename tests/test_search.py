@@ -6,9 +6,11 @@ import pytest
 from conftest import REPO
 
 from evomerge.objectives import Objective
-from evomerge.search.journal import JOURNAL, OPTUNA_VIEW, STUDY, JournalError, Search
+from evomerge.search.journal import JOURNAL, JournalError
 from evomerge.search.optimizers import OPTIMIZERS, make_optimizer
+from evomerge.search.optuna_view import OPTUNA_VIEW, STUDY
 from evomerge.search.space import Genome, load_space
+from evomerge.search.study import Search
 
 TWO = [Objective(name="a"), Objective(name="b")]
 ONE = [Objective(name="a")]
@@ -268,7 +270,7 @@ def run_mf(search, n, crash_at=None):
 
 
 def test_a_rung_promotes_what_ranks_within_its_fraction_so_far(tmp_path):
-    from evomerge.search.journal import Fidelity
+    from evomerge.search.fidelity import Fidelity
 
     s = Search(genome(), "random", ONE, 1, tmp_path, fidelity=Fidelity((5,), 0.5))
     trials = [s.ask() for _ in range(4)]
@@ -289,7 +291,7 @@ def test_a_rung_promotes_what_ranks_within_its_fraction_so_far(tmp_path):
 
 
 def test_multi_fidelity_search_fronts_full_results_and_resumes_exactly(tmp_path):
-    from evomerge.search.journal import Fidelity
+    from evomerge.search.fidelity import Fidelity
 
     fidelity = Fidelity(RUNG_DOCS[:2], 1 / 3)
     make = lambda d: Search(

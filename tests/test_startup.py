@@ -10,9 +10,9 @@ import psutil
 import pytest
 import torch
 
+from evomerge.background import Background
 from evomerge.campaign import Stages, process_started
 from evomerge.cli import _session_line
-from evomerge.cluster.pool import Background
 from evomerge.cluster.store import SharedStore
 from evomerge.merge.shared import Inputs, plan_bytes, stored_names, with_names
 

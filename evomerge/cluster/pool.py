@@ -1,31 +1,23 @@
 """A pool of scoring workers on Ray: dispatch as soon as a worker is free, survive worker deaths.
 
-By default the pool starts a private local Ray (``address="local"``: never an existing cluster found
-on the machine), bound to loopback, with its temporary files under the campaign directory, and shuts
-exactly that Ray down at the end (never ``ray stop``, which would kill every Ray on the machine).
-Given an address it joins that cluster instead and leaves it running.
+The pool runs on a ``RayRuntime`` (``evomerge.cluster.runtime``): a private local Ray it starts and
+shuts down, or a cluster it joins and leaves running.
 
 Fault tolerance: workers are actors that Ray restarts when their process dies. A candidate whose
 worker died (or overran ``timeout_s``: the worker is killed and restarted) is retried up to
 ``max_retries`` times, then reported failed with the reason once its worker is back (so a node that
 died is never taken for the candidate's failure). Results already returned are never affected.
 
-Node loss: the pool checks on every poll that the Ray node is still there, and raises ``PoolError``
-("the Ray node died: ...", "lost the connection to the Ray cluster: ...") instead of waiting forever
-on workers that will never come back. A private Ray's raylet or GCS process exiting is seen within
-``PROBE_EVERY`` seconds; besides, every ``NODE_CHECK_EVERY`` seconds the GCS is asked whether this
-driver's node is alive, which bounds the detection on a joined cluster at about 25 s (the GCS marks a
-node dead after ~15 s of missed health checks) and a GCS that stops answering at
-``NODE_CHECK_EVERY + GCS_TIMEOUT`` seconds. Candidates returned before are never affected; those in
-flight stay unreturned (``in_flight`` still counts them).
+Node loss: the pool asks its runtime on every poll whether the Ray node is still there, and raises
+``PoolError`` ("the Ray node died: ...", "lost the connection to the Ray cluster: ...") instead of
+waiting forever on workers that will never come back; a private Ray's raylet or GCS exiting is seen
+within ``PROBE_EVERY`` seconds. Candidates returned before are never affected; those in flight stay
+unreturned (``in_flight`` still counts them).
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,47 +26,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import psutil
-
+from evomerge.background import Background
+from evomerge.cluster.runtime import RayRuntime
 from evomerge.cluster.worker import ScoringWorker, WorkerSpec
 from evomerge.errors import first_line
 from evomerge.evaluate.candidate import Score
 from evomerge.merge.memory import MemoryPolicy
 from evomerge.merge.registry import MergeError
 
-#: Unix socket paths are limited to 107 bytes; Ray puts ~70 characters of its own under its temp dir.
-MAX_TEMP_DIR = 36
 #: Seconds between readiness probes of a worker that is being restarted.
 PROBE_EVERY = 0.5
-#: Seconds between asking the GCS whether this driver's node is alive.
-NODE_CHECK_EVERY = 5.0
-#: Seconds the GCS may take to answer before the connection counts as lost (well under the 60 s
-#: after which Ray aborts a driver that cannot reach its GCS).
-GCS_TIMEOUT = 5.0
 #: Seconds to fetch a finished candidate's result (it may live on another node that just died).
 RESULT_TIMEOUT = 60.0
 
 SlotState = Literal["starting", "idle", "busy", "restarting"]
-
-
-def cluster_mode(address: str | None) -> bool:
-    """Whether this driver joins ``address`` as a node of a multi-node cluster, so that Ray must find
-    this node's own address (as ``ray start`` does by default), rather than a loopback-only Ray: a
-    private one, or one whose address is the literal loopback (127.0.0.1, localhost), which Ray would
-    otherwise rewrite to the machine's external address and miss."""
-    if address in (None, "local"):
-        return False
-    if address.startswith("ray://"):
-        return True
-    if address == "auto":  # the cluster `ray start` made on this node, or RAY_ADDRESS
-        try:
-            from ray._private.services import get_ray_address_from_environment
-
-            address = get_ray_address_from_environment("auto", None) or ""
-        except Exception:
-            return False
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host not in ("", "127.0.0.1", "localhost", "::1")
 
 
 class PoolError(RuntimeError):
@@ -136,21 +101,14 @@ class WorkerPool:
             raise ValueError("workers must be >= 1")
         self.spec, self.n = spec, workers
         self.cpus, self.gpus = cpus_per_worker, gpus_per_worker
-        self.address, self.temp_dir = address, Path(temp_dir) if temp_dir else None
         self.max_retries, self.timeout_s, self.start_timeout_s = max_retries, timeout_s, start_timeout_s
         self.resources = dict(resources or {})
+        self.runtime = RayRuntime(address, temp_dir)
         self.slots: list[_Slot] = []
         self.queue: deque[_Job] = deque()
-        self.started_ray = False
         self.restarts = 0
-        self._ray_dir: Path | None = None
-        self._ray_temp: str | None = None  # the private Ray's temp dir, as Ray was given it
-        self._reaper = None
-        self._node_id = None
         self._store = None
         self._inputs = None  # the shared copy's inputs, parameter names included
-        self._next_node_check = 0.0
-        self.lost: str | None = None  # why the Ray node is gone, once it is
         #: when start() passed each stage (time.time()): ray (up or joined), shared (the shared copy
         #: is in the object store), workers (every worker ready)
         self.stages: dict[str, float] = {}
@@ -167,71 +125,40 @@ class WorkerPool:
 
         if ray.is_initialized():
             raise PoolError("Ray is already initialized in this process; one pool per process")
-        from ray._private import ray_constants
-
-        # evomerge's environment keeps Ray on loopback (SAFETY), which a private Ray needs; a driver that
-        # joins a multi-node cluster must see this node's address as the cluster's nodes do (read per call)
-        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode(self.address)
-        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "namespace": "evomerge"}
         share = MemoryPolicy(**self.spec.memory).share and not self.spec.path  # a path holds no task vectors
         # the shared copy's exact size needs the parameter names (transformers, seconds to import): they
         # are read while Ray starts, which is sized from the safetensors headers (at least that size)
         naming, shared_bytes = self._read_models() if share else (None, 0)
-        if self.address in (None, "local"):
-            cpus = max(1, int(round(self.n * self.cpus)))
-            gpus = int(-(-self.n * self.gpus // 1)) if self.gpus else 0
-            self._ray_temp = self._private_temp_dir()
-            kwargs.update(
-                address="local",
-                num_cpus=cpus,
-                num_gpus=gpus,
-                _node_ip_address="127.0.0.1",
-                _temp_dir=self._ray_temp,
-                include_dashboard=False,
-            )
-            if shared_bytes:  # room for the shared models beside Ray's own objects, when its default is less
-                default = int(0.3 * psutil.virtual_memory().available)
-                kwargs["object_store_memory"] = max(default, int(shared_bytes * 1.1) + (256 << 20))
-            self.started_ray = True
-        else:
-            kwargs["address"] = self.address
-        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            ray.init(**kwargs)
+            self.runtime.start(self.n * self.cpus, self.n * self.gpus, shared_bytes)
         except Exception as e:
-            self.started_ray = False
             raise PoolError(f"cannot start Ray: {first_line(e, with_type=True)}") from None
-        finally:  # ray.init installs its own SIGTERM handlers (C and Python): the caller's must win
-            if threading.current_thread() is threading.main_thread():
-                for sig, handler in handlers.items():
-                    if handler is not None:
-                        signal.signal(sig, handler)
         self.stages["ray"] = time.time()
-        if naming is not None:
-            try:
-                shared_bytes = self._shared_bytes(naming)
-            except BaseException:
-                self.shutdown()
-                raise
-        self.lost, self._next_node_check = None, time.monotonic() + NODE_CHECK_EVERY
-        self._node_id = ray.NodeID.from_hex(ray.get_runtime_context().get_node_id())
-        if self.started_ray:  # ends this Ray's leftovers should the controller be killed
-            import subprocess
-            import sys
+        publishing = self._define_workers(naming)
+        # the workers start (imports, evaluator, tasks) while the store reads the models; they ask it
+        # for the refs once they need them, which it answers once its publish has ended
+        self.slots = [_Slot(i, self._make()) for i in range(self.n)]
+        if meanwhile is not None:
+            meanwhile()
+        if publishing is not None:
+            self._await_shared(publishing)
+        self._await_workers()
+        self.stages["workers"] = time.time()
+        self._placement()
+        return [s.info for s in self.slots]
 
-            self._reaper = subprocess.Popen(
-                [sys.executable, "-m", "evomerge.cluster.reaper", str(os.getpid()), self._ray_temp],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+    def _define_workers(self, naming: Background | None):
+        """Set how a worker is made (``_make``); with ``naming`` (the shared copy's parameter names
+        being read), first start publishing the shared copy and return the ref to wait for."""
+        import ray
+
         actor_cls = ray.remote(ScoringWorker)
         threads = self.spec.threads or max(1, int(self.cpus))
         spec = {**self.spec.to_dict(), "threads": threads}
         publishing = None
-        if share:
+        if naming is not None:
             try:
-                spec["shared"], publishing = self._publish(shared_bytes)
+                spec["shared"], publishing = self._publish(self._shared_bytes(naming))
             except BaseException:
                 self.shutdown()
                 raise
@@ -239,26 +166,32 @@ class WorkerPool:
         self._make = lambda: actor_cls.options(
             num_cpus=self.cpus, num_gpus=self.gpus, resources=self.resources, max_restarts=-1, max_task_retries=0
         ).remote(spec)
-        # the workers start (imports, evaluator, tasks) while the store reads the models; they ask it
-        # for the refs once they need them, which it answers once its publish has ended
-        self.slots = [_Slot(i, self._make()) for i in range(self.n)]
-        if meanwhile is not None:
-            meanwhile()
-        if publishing is not None:
-            try:
-                ray.get(publishing)
-                self.stages["shared"] = time.time()
-            except BaseException as e:
-                self.shutdown()
-                if isinstance(e, Exception):
-                    raise PoolError(f"cannot share the models: {_cause(e)}") from None
-                raise
+        return publishing
+
+    def _await_shared(self, publishing) -> None:
+        """Wait until the shared copy is in the object store (the pool is shut down if it cannot be)."""
+        import ray
+
+        try:
+            ray.get(publishing)
+            self.stages["shared"] = time.time()
+        except BaseException as e:
+            self.shutdown()
+            if isinstance(e, Exception):
+                raise PoolError(f"cannot share the models: {_cause(e)}") from None
+            raise
+
+    def _await_workers(self) -> None:
+        """Wait until every worker has loaded its models, at most ``start_timeout_s`` seconds (the
+        pool is shut down if one cannot, or the Ray node is lost meanwhile)."""
+        import ray
+
         refs = {s.actor.ready.remote(): s for s in self.slots}
         deadline = time.monotonic() + self.start_timeout_s
         try:
             while refs:
-                if self._node_lost():
-                    raise PoolError(self.lost)
+                if lost := self.runtime.node_lost():
+                    raise PoolError(lost)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PoolError(
@@ -277,9 +210,6 @@ class WorkerPool:
         except BaseException:
             self.shutdown()
             raise
-        self.stages["workers"] = time.time()
-        self._placement()
-        return [s.info for s in self.slots]
 
     def kinship(self) -> dict | None:
         """The experts' kinship table, computed by an idle worker from its resident task vectors
@@ -362,54 +292,26 @@ class WorkerPool:
         # the workers ask the store for the refs by its name; the caller waits for the publishing
         return name, store.publish.remote(asdict(self._inputs))
 
-    def _private_temp_dir(self) -> str:
-        """Ray's temp dir: inside the campaign directory when its path is short enough for Ray's unix
-        sockets, else a short directory in the system temp dir linked from the campaign directory."""
-        if self.temp_dir is None:
-            self._ray_dir = Path(tempfile.mkdtemp(prefix="evomerge-ray-"))
-            return str(self._ray_dir)
-        self.temp_dir.parent.mkdir(parents=True, exist_ok=True)
-        if len(str(self.temp_dir.resolve())) <= MAX_TEMP_DIR:
-            self.temp_dir.mkdir(exist_ok=True)
-            return str(self.temp_dir.resolve())
-        short = Path(tempfile.mkdtemp(prefix="emray-"))
-        if self.temp_dir.is_symlink():  # an earlier run's link
-            self.temp_dir.unlink()
-        if not self.temp_dir.exists():
-            self.temp_dir.symlink_to(short, target_is_directory=True)
-        self._ray_dir = short
-        return str(short)
-
     def shutdown(self) -> None:
         """Stop the workers and, if this pool started Ray, that Ray (and only it); a joined cluster
         is left running, this process disconnected from it."""
         import ray
 
-        from evomerge.cluster.reaper import reap
-
+        lost = self.runtime.lost
         if ray.is_initialized():
-            for slot in self.slots if not self.lost else ():  # ray.kill blocks while the GCS is gone
+            for slot in self.slots if not lost else ():  # ray.kill blocks while the GCS is gone
                 try:
                     ray.kill(slot.actor, no_restart=True)
                 except Exception:
                     pass
-            if self._store is not None and not self.lost:
+            if self._store is not None and not lost:
                 try:
                     ray.kill(self._store)
                 except Exception:
                     pass
             self._store = None
-            if self.started_ray:
-                _stop_monitor()
-            ray.shutdown()
+        self.runtime.stop()
         self.slots = []
-        if self._reaper is not None:  # Ray is down: the watchdog has nothing left to guard
-            self._reaper.kill()
-            self._reaper.wait()
-            self._reaper = None
-        if self.started_ray and self.lost:  # a dead node's orphans (agents, workers) outlive ray.shutdown
-            reap(os.path.realpath(self._ray_temp))
-        self.started_ray = False
 
     def __enter__(self) -> WorkerPool:
         self.start()
@@ -454,10 +356,10 @@ class WorkerPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         out: list[Outcome] = []
         while True:
-            if self._node_lost():
+            if lost := self.runtime.node_lost():
                 if out:  # hand over what finished; the next call raises
                     return out
-                raise PoolError(self.lost)
+                raise PoolError(lost)
             self._probe_restarting()
             self._kill_overdue()
             self._dispatch()
@@ -563,47 +465,6 @@ class WorkerPool:
     def worker_pids(self) -> list[int | None]:
         return [s.info.get("pid") for s in self.slots]
 
-    def _node_lost(self) -> str | None:
-        """Why the Ray node is gone (sticky once set), or None while it is there."""
-        import ray
-
-        if self.lost:
-            return self.lost
-        if self.started_ray:  # our own Ray: its core processes are this process's children
-            for kind in ("raylet", "gcs_server"):
-                for info in ray._private.worker._global_node.all_processes.get(kind, []):
-                    if (code := info.process.poll()) is not None:
-                        self.lost = f"the Ray node died: its {kind} exited ({_exit_status(code)})"
-                        return self.lost
-        now = time.monotonic()
-        if now < self._next_node_check:
-            return None
-        self._next_node_check = now + NODE_CHECK_EVERY
-        try:
-            (alive,) = ray._private.worker.global_worker.gcs_client.check_alive([self._node_id], timeout=GCS_TIMEOUT)
-        except Exception as e:
-            self.lost = f"lost the connection to the Ray cluster: {first_line(e, with_type=True)}"
-            return self.lost
-        if not alive:
-            self.lost = f"the Ray node died: the cluster marked this driver's node {self._node_id.hex()[:8]} dead"
-        return self.lost
-
-
-def _stop_monitor() -> None:
-    """End a private Ray's autoscaler monitor at once: it outlasts the second ``ray.shutdown`` gives
-    it after SIGTERM, so the shutdown would wait that second for nothing (a single node scales no
-    further, and nothing talks to the monitor at the end)."""
-    import ray
-
-    try:  # Ray's internals: should they change, ray.shutdown ends the monitor as before
-        node = ray._private.worker._global_node
-        for info in node.all_processes.get("monitor", []) if node is not None else []:
-            if info.process.poll() is None:
-                info.process.kill()
-                info.process.wait(timeout=5)
-    except Exception:
-        pass
-
 
 @contextmanager
 def _models_error():
@@ -613,45 +474,6 @@ def _models_error():
     except Exception as e:
         reason = str(e) if isinstance(e, MergeError) else first_line(e, with_type=True)
         raise PoolError(f"cannot read the models: {reason}") from None
-
-
-class Background:
-    """``fn()`` on a thread of its own from ``start()``; ``result()`` (starting it if need be) waits for
-    it and returns its value or raises what it raised; ``wait()`` only waits for a started one (for a
-    clean-up that must not race it)."""
-
-    def __init__(self, fn, name: str):
-        self._box: dict = {}
-
-        def target():
-            try:
-                self._box["value"] = fn()
-            except BaseException as e:  # handed to whoever asks for the result
-                self._box["error"] = e
-
-        self._thread = threading.Thread(target=target, name=name, daemon=True)
-
-    def start(self) -> None:
-        if self._thread.ident is None:
-            self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread.ident is not None:
-            self._thread.join()
-
-    def result(self):
-        self.start()
-        self.wait()
-        if "error" in self._box:
-            raise self._box["error"]
-        return self._box["value"]
-
-
-def _exit_status(code: int) -> str:
-    """A Popen return code in words: ``killed by SIGKILL``, ``exit code 1``."""
-    if code >= 0:
-        return f"exit code {code}"
-    return "killed by " + next((s.name for s in signal.Signals if s == -code), f"signal {-code}")
 
 
 def _cause(e: BaseException) -> str:

@@ -1,231 +1,45 @@
-"""A search that survives interruption: trials asked and told through a journal on disk.
+"""A search's event log on disk: ``journal.jsonl``, one JSON event a line, the header first.
 
-Every ask and tell is appended to ``journal.jsonl`` (flushed and fsync'd) before it takes effect
-for the caller. Resuming rebuilds the optimizer from its seed and replays the journal's events in
-their recorded order, which reproduces its state exactly (every optimizer is deterministic given
-its seed and the order of calls); trials that were asked but never told are handed out again first.
-So an interrupted-then-resumed search evaluates exactly the candidates an uninterrupted one would,
-none twice.
-
-Beside the journal, every told trial is also written to an Optuna journal storage,
-``optuna.journal`` (study ``evomerge``, one float parameter per gene), whatever the optimizer, so the
-campaign opens in optuna-dashboard or ``optuna.load_study``. It is a view, not the state: Optuna's
-storage does not hold a sampler's random state, so resuming from it alone would not be exact. It is
-rebuilt from the journal when it is missing or behind.
+Every event is appended (flushed and fsync'd) before it takes effect for the caller, so an
+interruption loses at most the line being written; reading gives the events back in their recorded
+order, for the search to replay (``evomerge.search.study``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from evomerge.objectives import Objective
-from evomerge.recipe import Recipe
-from evomerge.search.optimizers import make_optimizer
-from evomerge.search.pareto import front_indices, hypervolume, pareto_ranks
-from evomerge.search.space import Genome
 
 JOURNAL = "journal.jsonl"
-OPTUNA_VIEW = "optuna.journal"
-STUDY = "evomerge"
 
 
 class JournalError(ValueError):
     pass
 
 
-TrialStatus = Literal["running", "done", "failed"]
+class Journal:
+    """The event log at ``path``: ``append`` one event, ``read`` them all back, ``mend`` a torn end."""
 
-
-@dataclass
-class Trial:
-    id: int
-    unit: list[float] | None  # the optimizer's point in [0, 1]^d (None: a baseline, outside the optimizer)
-    genome: list[float] | None  # the same point in the genome's box
-    recipe: Recipe
-    status: TrialStatus = "running"
-    replicate: int = 0  # k > 0: the k-th re-evaluation of the same genes, with merge seed + k
-    values: list[float] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    #: Multi-fidelity: the rung evaluated next while running, the rung of ``values`` once told
-    #: (``Fidelity.top`` = the full evaluation; None without multi-fidelity).
-    rung: int | None = None
-    top: int | None = None  # the full evaluation's rung (None without multi-fidelity)
-    documents: int = 0  # documents scored for this trial, over all its rungs
-    baseline: str | None = None  # a hand baseline's label
-    seeded: bool = False  # a known point enqueued before the search (uniform average, expert alone, recipe)
+    def __init__(self, path: Path):
+        self.path = path
+        self._whole = 0  # bytes of the whole lines ``read`` found
 
     @property
-    def full(self) -> bool:
-        """Whether ``values`` come from the full evaluation (what the front, hypervolume and export use)."""
-        return self.rung is None or self.rung >= self.top
+    def written(self) -> bool:
+        """Whether the file holds anything (a header at least)."""
+        return self.path.exists() and self.path.stat().st_size > 0
 
-
-@dataclass(frozen=True)
-class Fidelity:
-    """Multi-fidelity evaluation (asynchronous successive halving, stopping rule at each rung).
-
-    ``rungs``: documents per task scored at each rung before the full evaluation (ascending, each
-    below the evaluator's ``limit``); rung ``top`` = ``len(rungs)`` is the full evaluation.
-    ``promote``: a result at a rung goes on to the next one when it ranks within this fraction of the
-    results at that rung so far (non-domination rank, ties broken by mean rank per objective);
-    otherwise the optimizer is told that result as the candidate's final one."""
-
-    rungs: tuple[int, ...]
-    promote: float
-
-    @property
-    def top(self) -> int:
-        return len(self.rungs)
-
-
-@dataclass(frozen=True)
-class FrontSnapshot:
-    """The search's Pareto state at one moment, as published to tracking.
-
-    ``ranks``: finished trial id -> non-domination rank, 1 = the front; ``front``: those of rank 1;
-    ``told``/``failed``: results so far; ``hypervolume``: None until a reference point exists."""
-
-    ranks: dict[int, int]
-    front: list[int]
-    told: int
-    failed: int
-    hypervolume: float | None
-
-
-class Search:
-    """A genome, an optimizer and a journal in ``directory``.
-
-    ``writable=False`` opens an existing journal to read (status, pareto, export): nothing is
-    written, not even the Optuna view, so it works on a read-only campaign directory."""
-
-    def __init__(
-        self,
-        genome: Genome,
-        optimizer: str,
-        objectives: Sequence[Objective],
-        seed: int,
-        directory: str | Path,
-        options: dict | None = None,
-        writable: bool = True,
-        fidelity: Fidelity | None = None,
-    ):
-        self.genome, self.objectives = genome, list(objectives)
-        self.fidelity = fidelity
-        self.directory = Path(directory)
-        self.writable = writable
-        if writable:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / JOURNAL
-        self.header = {
-            "event": "header",
-            "optimizer": optimizer,
-            "seed": seed,
-            "options": options or {},
-            "genes": [g.name for g in genome.genes],
-            "objectives": [o.model_dump() for o in self.objectives],
-        }
-        if fidelity is not None:
-            self.header["fidelity"] = {"rungs": list(fidelity.rungs), "promote": fidelity.promote}
-        self.optimizer = make_optimizer(
-            optimizer,
-            genome.dimension,
-            self.objectives,
-            seed,
-            categories=[g.choices for g in genome.genes],
-            **(options or {}),
-        )
-        lo, hi = genome.bounds
-        self._lo, self._span = lo, [b - a for a, b in zip(lo, hi)]
-        self.trials: list[Trial] = []
-        self._pending: list[int] = []
-        self._seeds_left = 0  # enqueued points not asked yet: evaluated in full, never on a rung
-        self._rungs: list[list[tuple[int, list[float]]]] = [[] for _ in (fidelity.rungs if fidelity else ())]
-        if self.path.exists() and self.path.stat().st_size:
-            self._replay()
-        elif writable:
-            self._append(self.header)
-        self._study = self._open_view() if writable else None
-
-    # -- Optuna view ------------------------------------------------------------------------------
-    def _open_view(self):
-        import optuna
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        optuna.logging.set_verbosity(optuna.logging.ERROR)
-        path = self.directory / OPTUNA_VIEW
-        told = [t for t in self.trials if t.status != "running" and t.unit is not None]
-        if path.exists():
-            try:
-                study = optuna.load_study(study_name=STUDY, storage=JournalStorage(JournalFileBackend(str(path))))
-                if len(study.trials) == len(told):
-                    if study.metric_names is None:  # written by an earlier version
-                        self._name_metrics(study)
-                    return study
-            except Exception:  # unreadable or another study: rebuilt below
-                pass
-        staged = path.with_name(path.name + ".staged")
-        staged.unlink(missing_ok=True)
-        study = optuna.create_study(
-            study_name=STUDY, directions=self.directions, storage=JournalStorage(JournalFileBackend(str(staged)))
-        )
-        self._name_metrics(study)
-        for trial in told:
-            self._add_to_view(study, trial)
-        os.replace(staged, path)
-        return optuna.load_study(study_name=STUDY, storage=JournalStorage(JournalFileBackend(str(path))))
-
-    def _name_metrics(self, study) -> None:
-        """Name the study's objectives: what optuna-dashboard labels its axes and columns with."""
-        import warnings
-
-        with warnings.catch_warnings():  # optuna marks set_metric_names experimental
-            warnings.simplefilter("ignore")
-            study.set_metric_names([o.name for o in self.objectives])
-
-    def _add_to_view(self, study, trial: Trial) -> None:
-        import optuna
-
-        if trial.unit is None:  # a baseline: not a point of the optimizer's
-            return
-        lo, hi = self.genome.bounds
-        params = {g.name: min(max(v, a), b) for g, v, a, b in zip(self.genome.genes, trial.genome, lo, hi)}
-        if not hasattr(self, "_view_dists"):  # the same for every trial: built once
-            self._view_dists = {
-                g.name: optuna.distributions.FloatDistribution(a, max(b, a + 1e-12))
-                for g, a, b in zip(self.genome.genes, lo, hi)
-            }
-        dists = self._view_dists
-        attrs = {
-            "evomerge_trial": trial.id,
-            "replicate": trial.replicate,
-            **{k: v for k, v in trial.info.items() if isinstance(v, (int, float, str, bool))},
-        }
-        if trial.status == "done":
-            study.add_trial(
-                optuna.trial.create_trial(params=params, distributions=dists, values=trial.values, user_attrs=attrs)
-            )
-        else:
-            study.add_trial(
-                optuna.trial.create_trial(
-                    params=params, distributions=dists, user_attrs=attrs, state=optuna.trial.TrialState.FAIL
-                )
-            )
-
-    # -- journal ----------------------------------------------------------------------------------
-    def _append(self, event: dict) -> None:
+    def append(self, event: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
-    def _replay(self) -> None:
+    def read(self, header: dict) -> list[dict]:
+        """The events after ``header``, in their recorded order. A last line cut short by an
+        interruption is left out; raises ``JournalError`` for a corrupt line before it, or a first
+        event other than ``header`` (a different search wrote the journal)."""
         lines = self.path.read_text().splitlines()
         events = []
         for n, line in enumerate(lines, 1):
@@ -235,202 +49,19 @@ class Search:
                 if n == len(lines):  # a write cut short by the interruption: drop it
                     break
                 raise JournalError(f"{self.path}:{n}: corrupt journal line") from None
-        if not events or events[0] != self.header:
+        if not events or events[0] != header:
             raise JournalError(
                 f"{self.path}: written by a different search (optimizer, seed, genes or "
                 "objectives differ); use a new campaign directory"
             )
-        for event in events[1:]:
-            if event["event"] == "enqueue":
-                self.optimizer.enqueue(event["unit"])
-                self._seeds_left += 1
-            elif event["event"] == "ask":
-                unit, replicate = self.optimizer.ask_replicate()
-                if unit != event["unit"] or replicate != event.get("replicate", 0):
-                    raise JournalError(
-                        f"{self.path}: trial {event['id']} does not replay (the optimizer's library version changed?)"
-                    )
-                self._new_trial(unit, replicate)
-            elif event["event"] == "baseline":
-                self._new_baseline(event["recipe"], event["label"])
-            elif event["event"] == "promote":
-                self._apply_promote(event["id"], event["values"], event.get("documents", 0))
-            elif event["event"] == "tell":
-                self._apply_tell(event["id"], event["values"], event.get("info", {}))
-        keep = sum(len(line) + 1 for line in lines[: len(events)])  # JSON lines are ASCII
-        if self.writable and keep != self.path.stat().st_size:
+        self._whole = sum(len(line) + 1 for line in lines[: len(events)])  # JSON lines are ASCII
+        return events[1:]
+
+    def mend(self) -> None:
+        """After ``read``: make the file end with its last whole event, so that appends follow it."""
+        keep = self._whole
+        if keep != self.path.stat().st_size:
             with open(self.path, "r+") as f:  # drop a torn last line, or end a whole one cut before its newline
                 f.truncate(min(keep, self.path.stat().st_size))
                 if keep > f.seek(0, os.SEEK_END):
                     f.write("\n")
-        # promoted trials first (as they are handed out before new ones), then in the order asked
-        running = [t for t in self.trials if t.status == "running"]
-        self._pending = [t.id for t in sorted(running, key=lambda t: -(t.rung or 0))]
-
-    # -- ask / tell -------------------------------------------------------------------------------
-    def _new_trial(self, unit: list[float], replicate: int = 0) -> Trial:
-        genome = [a + u * s for a, u, s in zip(self._lo, unit, self._span)]
-        recipe = self.genome.decode(genome)
-        if replicate:
-            recipe.evomerge.seed += replicate
-        trial = Trial(len(self.trials), unit, genome, recipe, replicate=replicate)
-        trial.seeded = self._seeds_left > 0
-        if self.fidelity is not None:
-            trial.rung, trial.top = (self.fidelity.top if trial.seeded else 0), self.fidelity.top
-        self._seeds_left = max(0, self._seeds_left - 1)
-        self.trials.append(trial)
-        return trial
-
-    def _new_baseline(self, recipe: dict, label: str) -> Trial:
-        from evomerge.recipe import parse_recipe
-
-        trial = Trial(len(self.trials), None, None, parse_recipe(recipe, f"baseline {label}"), baseline=label)
-        if self.fidelity is not None:
-            trial.rung = trial.top = self.fidelity.top
-        self.trials.append(trial)
-        return trial
-
-    def add_baseline(self, recipe: Recipe, label: str) -> Trial:
-        """A hand recipe evaluated in full as a trial of its own (``baseline``), ahead of new candidates;
-        the optimizer is not told it (it may lie outside the space)."""
-        data = recipe.model_dump(mode="json", exclude_none=True)
-        self._append({"event": "baseline", "id": len(self.trials), "recipe": data, "label": label})
-        trial = self._new_baseline(data, label)
-        self._pending.append(trial.id)
-        return trial
-
-    def enqueue(self, genome_vector: Sequence[float]) -> None:
-        """Evaluate a known point next (the uniform average, an expert alone, a hand recipe)."""
-        unit = [min(max((v - a) / s, 0.0), 1.0) if s else 0.0 for v, a, s in zip(genome_vector, self._lo, self._span)]
-        self._append({"event": "enqueue", "unit": unit})
-        self.optimizer.enqueue(unit)
-        self._seeds_left += 1
-
-    def ask(self) -> Trial:
-        """The next candidate: one left running by an interruption first, else a new one."""
-        if self._pending:
-            return self.trials[self._pending.pop(0)]
-        unit, replicate = self.optimizer.ask_replicate()
-        event = {"event": "ask", "id": len(self.trials), "unit": unit}
-        if replicate:
-            event["replicate"] = replicate
-        self._append(event)
-        return self._new_trial(unit, replicate)
-
-    def tell(self, trial_id: int, values: Sequence[float] | None, info: dict | None = None) -> Trial:
-        """Record a result (``None`` for a failure: crash, NaN); failed trials never enter the front."""
-        if values is not None:
-            values = [float(v) for v in values]
-        self._append({"event": "tell", "id": trial_id, "values": values, "info": info or {}})
-        trial = self._apply_tell(trial_id, values, info or {})
-        self._add_to_view(self._study, trial)
-        return trial
-
-    def documents_for(self, trial: Trial) -> int | None:
-        """Documents per task for ``trial``'s next evaluation: its rung's, or None (the full ``limit``)."""
-        if self.fidelity is None or trial.rung is None or trial.rung >= self.fidelity.top:
-            return None
-        return self.fidelity.rungs[trial.rung]
-
-    def report(self, trial_id: int, values: Sequence[float] | None, info: dict | None = None) -> Trial | None:
-        """A result of ``trial_id`` at its current rung: promoted to the next rung (None: the trial is
-        handed out again by ``ask`` before new ones), or told as its final result (the Trial)."""
-        trial = self.trials[trial_id]
-        info = dict(info or {})
-        if values is not None:
-            values = [float(v) for v in values]
-        ok = values is not None and all(v == v and abs(v) != float("inf") for v in values)
-        if self.fidelity is not None and trial.rung is not None and trial.rung < self.fidelity.top and ok:
-            if self._promotes(trial.rung, values):
-                documents = int(info.get("documents", 0))
-                self._append({"event": "promote", "id": trial_id, "values": values, "documents": documents})
-                self._apply_promote(trial_id, values, documents)
-                self._pending.insert(0, trial_id)
-                return None
-        return self.tell(trial_id, values, info)
-
-    def _promotes(self, rung: int, values: list[float]) -> bool:
-        """Whether ``values`` rank within the promoted fraction of rung ``rung``'s results with them."""
-        table = [v for _, v in self._rungs[rung]] + [values]
-        ranks = pareto_ranks(table, self.directions)
-        per_objective = []
-        for j, d in enumerate(self.directions):  # 0 = best, per objective
-            order = sorted(range(len(table)), key=lambda i: table[i][j], reverse=d == "maximize")
-            position = [0] * len(table)
-            for p, i in enumerate(order):
-                position[i] = p
-            per_objective.append(position)
-        key = [(ranks[i], sum(p[i] for p in per_objective)) for i in range(len(table))]
-        me = key[-1]
-        better = sum(k < me for k in key[:-1])
-        return better < max(1, math.ceil(self.fidelity.promote * len(table)))
-
-    def _apply_promote(self, trial_id: int, values: list[float], documents: int) -> None:
-        trial = self.trials[trial_id]
-        if trial.status != "running" or trial.rung is None or trial.rung >= self.fidelity.top:
-            raise JournalError(f"trial {trial_id} cannot be promoted")
-        self._rungs[trial.rung].append((trial_id, values))
-        trial.rung += 1
-        trial.documents += documents
-
-    def _apply_tell(self, trial_id, values, info) -> Trial:
-        trial = self.trials[trial_id]
-        if trial.status != "running":
-            raise JournalError(f"trial {trial_id} was already told")
-        failed = values is None or any(v != v or v in (float("inf"), float("-inf")) for v in values)
-        trial.status, trial.values, trial.info = ("failed" if failed else "done"), values, info
-        trial.documents += int(info.get("documents", 0))
-        if self.fidelity is not None and not failed and trial.rung < self.fidelity.top:
-            self._rungs[trial.rung].append((trial_id, values))
-        if trial.unit is not None:
-            self.optimizer.tell(trial.unit, None if failed else values)
-        return trial
-
-    # -- results ----------------------------------------------------------------------------------
-    @property
-    def finished(self) -> list[Trial]:
-        """Trials done with a full evaluation: the front, hypervolume and export use these only."""
-        return [t for t in self.trials if t.status == "done" and t.full]
-
-    @property
-    def stopped_early(self) -> list[Trial]:
-        """Trials done whose final result is from a lower rung (multi-fidelity)."""
-        return [t for t in self.trials if t.status == "done" and not t.full]
-
-    @property
-    def documents(self) -> int:
-        """Documents scored so far over every trial and rung (results told or promoted)."""
-        return sum(t.documents for t in self.trials)
-
-    @property
-    def directions(self) -> list[str]:
-        return [o.direction for o in self.objectives]
-
-    def front(self) -> list[Trial]:
-        done = self.finished
-        return [done[i] for i in front_indices([t.values for t in done], self.directions)]
-
-    def hypervolume(self, reference: Sequence[float]) -> float:
-        return hypervolume([t.values for t in self.finished], self.directions, reference)
-
-    def snapshot(self, reference: Sequence[float] | None) -> Callable[[], FrontSnapshot]:
-        """The ranks, front and hypervolume of everything finished so far (the one Pareto source), to
-        compute later: it copies the values now and sorts them when called (O(M N^2), so a caller
-        may run it off the search loop's thread)."""
-        done = [(t.id, list(t.values)) for t in self.finished]
-        told = sum(t.status != "running" for t in self.trials)
-        directions, reference = self.directions, list(reference) if reference else None
-
-        def compute() -> FrontSnapshot:
-            points = [v for _, v in done]
-            ranks = pareto_ranks(points, directions)
-            by_id = {i: r + 1 for (i, _), r in zip(done, ranks) if r is not None}
-            return FrontSnapshot(
-                ranks=by_id,
-                front=sorted(i for i, r in by_id.items() if r == 1),
-                told=told,
-                failed=told - len(done),
-                hypervolume=hypervolume(points, directions, reference) if reference and done else None,
-            )
-
-        return compute

@@ -3,7 +3,7 @@
 The search maps the unit box onto a genome's bounds; optimizers never see parameter names. Every
 optimizer is deterministic given its seed and the order of ask/tell calls, and draws from its own
 random generator (lm-eval reseeds the global ones), which is what makes journal replay an exact
-resume (see ``evomerge.search.journal``).
+resume (see ``evomerge.search.study``).
 
 - ``random``: uniform sampling, the baseline.
 - ``cma``: pycma CMA-ES with box bounds, population size, sigma0, and IPOP/BIPOP restarts. Asks do not

@@ -37,10 +37,11 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from evomerge.search.journal import FrontSnapshot
+from evomerge.search.study import FrontSnapshot
 
 RunStatus = Literal["FINISHED", "KILLED", "FAILED"]
 PARENT_TAG = "mlflow.parentRunId"  # how candidates pointed at the campaign run before they were flat
@@ -411,34 +412,52 @@ def front_plots(ids, points, front, objectives, directions, baselines=()):
     scatter; three or more: a grid of every pair of the first ``PLOT_OBJECTIVES`` (a front member may
     look dominated in one pair: it is non-dominated over all of them). Returns (interactive HTML with
     plotly.js embedded, so it opens offline; PNG as a numpy image)."""
-    import itertools
+    layout = _FrontLayout.of(ids, points, front, objectives, baselines)
+    html = _front_html(layout, objectives)
+    return html, _front_png(layout, objectives)
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+@dataclass(frozen=True)
+class _FrontLayout:
+    """What both plots of the front show: ``groups`` of trials (label, trial ids, matplotlib style,
+    plotly marker colour), the ``pairs`` of objective indices plotted (-1: the trial number), each
+    axis's name, and the objectives of the grid (``shown``)."""
+
+    groups: tuple
+    value: dict
+    pairs: list
+    names: dict | list
+    shown: list
+
+    @classmethod
+    def of(cls, ids, points, front, objectives, baselines) -> _FrontLayout:
+        import itertools
+
+        on, marked = set(front), set(baselines)
+        rest = [t for t in ids if t not in on and t not in marked]
+        groups = (  # label, trial ids, matplotlib style, plotly marker
+            ("candidates", rest, {"c": "lightgray", "s": 14}, "lightgray"),
+            ("Pareto front", [t for t in ids if t in on and t not in marked], {"c": "crimson", "s": 30}, "crimson"),
+            ("hand baseline", [t for t in ids if t in marked], {"c": "black", "s": 40, "marker": "x"}, "black"),
+        )
+        value = dict(zip(ids, points))
+        if len(objectives) >= 2:
+            shown = list(range(min(len(objectives), PLOT_OBJECTIVES)))
+            return cls(groups, value, list(itertools.combinations(shown, 2)), list(objectives), shown)
+        return cls(groups, value, [(-1, 0)], {-1: "trial", 0: objectives[0]}, [0])
+
+    def axis(self, t, j):
+        """Trial ``t``'s coordinate on axis ``j``: its ``j``-th objective, or its number for -1."""
+        return t if j < 0 else self.value[t][j]
+
+
+def _front_html(layout: _FrontLayout, objectives) -> str:
+    """The interactive plot: one scatter for a single pair, else a scatter matrix of ``shown``."""
     import plotly.graph_objects as go
 
-    on, marked = set(front), set(baselines)
-    groups = (  # label, trial ids, matplotlib style, plotly marker
-        ("candidates", [t for t in ids if t not in on and t not in marked], {"c": "lightgray", "s": 14}, "lightgray"),
-        ("Pareto front", [t for t in ids if t in on and t not in marked], {"c": "crimson", "s": 30}, "crimson"),
-        ("hand baseline", [t for t in ids if t in marked], {"c": "black", "s": 40, "marker": "x"}, "black"),
-    )
-    value = dict(zip(ids, points))
-    if len(objectives) >= 2:
-        shown = list(range(min(len(objectives), PLOT_OBJECTIVES)))
-        pairs = list(itertools.combinations(shown, 2))
-        axis = lambda t, j: value[t][j]  # noqa: E731
-        names = list(objectives)
-    else:
-        pairs = [(-1, 0)]
-        axis = lambda t, j: t if j < 0 else value[t][j]  # noqa: E731
-        names = {-1: "trial", 0: objectives[0]}
-
+    pairs = layout.pairs
     fig = go.Figure()
-    for label, members, _, color in groups:
+    for label, members, _, color in layout.groups:
         if not members:
             continue
         marker = {"color": color, "size": 10 if label != "candidates" else 6}
@@ -447,16 +466,26 @@ def front_plots(ids, points, front, objectives, directions, baselines=()):
         text = [f"trial {t}" for t in members]
         if len(pairs) == 1:
             x, y = pairs[0]
-            xs, ys = [axis(t, x) for t in members], [axis(t, y) for t in members]
+            xs, ys = [layout.axis(t, x) for t in members], [layout.axis(t, y) for t in members]
             fig.add_scatter(x=xs, y=ys, mode="markers", name=label, text=text, marker=marker)
         else:
-            dims = [{"label": objectives[j], "values": [value[t][j] for t in members]} for j in shown]
+            dims = [{"label": objectives[j], "values": [layout.value[t][j] for t in members]} for j in layout.shown]
             fig.add_trace(go.Splom(dimensions=dims, name=label, text=text, marker=marker, diagonal_visible=False))
     if len(pairs) == 1:
-        fig.update_layout(xaxis_title=names[pairs[0][0]], yaxis_title=names[pairs[0][1]])
+        fig.update_layout(xaxis_title=layout.names[pairs[0][0]], yaxis_title=layout.names[pairs[0][1]])
     fig.update_layout(title="evomerge: candidates and Pareto front")
-    html = fig.to_html(include_plotlyjs=True, full_html=True)
+    return fig.to_html(include_plotlyjs=True, full_html=True)
 
+
+def _front_png(layout: _FrontLayout, objectives):
+    """The still plot, one panel per pair (at most 3 a row), as an RGBA uint8 image (None if unreadable)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pairs = layout.pairs
     cols = min(len(pairs), 3)
     rows = -(-len(pairs) // cols)
     f, axes = plt.subplots(
@@ -464,11 +493,12 @@ def front_plots(ids, points, front, objectives, directions, baselines=()):
     )
     axes = np.atleast_1d(axes).ravel()
     for ax, (x, y) in zip(axes, pairs):
-        for label, members, style, _ in groups:
+        for label, members, style, _ in layout.groups:
             if members:
-                ax.scatter([axis(t, x) for t in members], [axis(t, y) for t in members], label=label, **style)
-        ax.set_xlabel(names[x])
-        ax.set_ylabel(names[y])
+                xs, ys = [layout.axis(t, x) for t in members], [layout.axis(t, y) for t in members]
+                ax.scatter(xs, ys, label=label, **style)
+        ax.set_xlabel(layout.names[x])
+        ax.set_ylabel(layout.names[y])
     for ax in axes[len(pairs) :]:
         ax.axis("off")
     if len(pairs) == 1:
@@ -477,11 +507,13 @@ def front_plots(ids, points, front, objectives, directions, baselines=()):
     else:
         handles, labels = axes[0].get_legend_handles_labels()
         f.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
-        f.suptitle(f"every pair of {len(shown)} objectives; the front is non-dominated over all {len(objectives)}")
+        f.suptitle(
+            f"every pair of {len(layout.shown)} objectives; the front is non-dominated over all {len(objectives)}"
+        )
         f.tight_layout(rect=(0, 0.05, 1, 1))
     buf = io.BytesIO()
     f.savefig(buf, format="png")
     plt.close(f)
     buf.seek(0)
     png = plt.imread(buf, format="png")
-    return html, (np.asarray(png * 255, dtype=np.uint8) if png is not None else None)
+    return np.asarray(png * 255, dtype=np.uint8) if png is not None else None

@@ -162,12 +162,17 @@ def build_zoo(out: str | os.PathLike, spec: ZooSpec, progress: Progress = lambda
 
 
 def _build_into(root: Path, spec: ZooSpec, progress: Progress) -> dict:
-    import transformers
-
-    from evomerge import __version__
-
+    """Train the base and the experts into ``root``; returns the manifest (the build time left out)."""
     torch.manual_seed(spec.seed)
-    rng = random.Random(spec.seed)
+    rng = random.Random(spec.seed)  # every seed is drawn from it, in this order: the zoo is reproducible
+    model, tokenizer, vocab, n_params, base = _build_base(root, spec, rng, progress)
+    entries = [base, *_build_experts(root, spec, rng, model, tokenizer, vocab, progress)]
+    return _manifest(root, spec, entries, n_params)
+
+
+def _build_base(root: Path, spec: ZooSpec, rng: random.Random, progress: Progress):
+    """The tokenizer and the base model, trained and saved under ``root / "base"``. Returns the model,
+    the tokenizer, its vocabulary, the number of parameters and the base's manifest entry."""
     corpus = skills.training_examples(rng, spec.base_mixture(), TOKENIZER_CORPUS_SIZE)
     tokenizer = train_tokenizer([e.text for e in corpus], chat_template=spec.chat_template)
     vocab = tokenizer.get_vocab()
@@ -188,17 +193,22 @@ def _build_into(root: Path, spec: ZooSpec, progress: Progress) -> dict:
         progress,
     )
     _save(model, tokenizer, root / "base")
+    entry = {
+        "name": "base",
+        "role": "base",
+        "skill": None,
+        "path": "base",
+        "seed": base_seed,
+        "final_loss": round(base_loss, 4),
+    }
+    return model, tokenizer, vocab, n_params, entry
+
+
+def _build_experts(root: Path, spec: ZooSpec, rng: random.Random, model, tokenizer, vocab, progress: Progress):
+    """Each expert fine-tuned from the trained base ``model`` (left holding the last expert) and saved
+    under ``root / "expert-<skill>"``; returns their manifest entries."""
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    entries = [
-        {
-            "name": "base",
-            "role": "base",
-            "skill": None,
-            "path": "base",
-            "seed": base_seed,
-            "final_loss": round(base_loss, 4),
-        }
-    ]
+    entries = []
     for skill in spec.experts:
         seed = rng.randrange(2**31)
         model.load_state_dict(base_state)
@@ -225,6 +235,15 @@ def _build_into(root: Path, spec: ZooSpec, progress: Progress) -> dict:
                 "final_loss": round(loss, 4),
             }
         )
+    return entries
+
+
+def _manifest(root: Path, spec: ZooSpec, entries: list[dict], n_params: int) -> dict:
+    """The zoo's manifest: each model's entry completed with its size and file hash, the content hash
+    over all of them, and the versions the zoo was built with."""
+    import transformers
+
+    from evomerge import __version__
 
     content = hashlib.sha256()
     content.update(_file_sha256(root / "base" / "tokenizer.json").encode())

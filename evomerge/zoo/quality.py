@@ -57,8 +57,6 @@ def evaluate_zoo(
     batch_size: int = 64,
 ) -> ZooReport:
     """Score base, experts and every expert pair's task-arithmetic merge on ``split``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     zoo_dir, tasks_dir = Path(zoo_dir), Path(tasks_dir)
     manifest = load_manifest(zoo_dir)
     if manifest is None:
@@ -66,6 +64,24 @@ def evaluate_zoo(
     experts = {m["skill"]: m for m in manifest["models"] if m["role"] == "expert"}
     skill_names = list(experts)
     suite = TaskSuite([tasks_dir / f"{task_name(s, split)}.yaml" for s in skill_names], limit=limit)
+    model, lm, states = _load_zoo(zoo_dir, experts, batch_size)
+    report = ZooReport(skills=skill_names)
+
+    def score(name: str) -> None:
+        by_task = suite.scores(lm)
+        report.scores[name] = {s: by_task[task_name(s, split)] for s in skill_names}
+
+    _score_models(model, states, skill_names, merge_weight, score)
+    _judge(report)
+    return report
+
+
+def _load_zoo(zoo_dir: Path, experts: dict[str, dict], batch_size: int):
+    """The base model (eval mode), lm-eval's wrapper around it (``batch_size`` requests a batch), and
+    the state dicts to score: ``"base"`` (a copy of the model's) and each expert's by skill
+    (``experts``: skill -> manifest entry)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_path = zoo_dir / "base"
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -73,16 +89,13 @@ def evaluate_zoo(
     lm = wrap_model(model, tokenizer, batch_size=batch_size)
     states = {"base": {k: v.clone() for k, v in model.state_dict().items()}}
     for skill, entry in experts.items():
-        from safetensors.torch import load_file
-
         states[skill] = load_file(zoo_dir / entry["path"] / "model.safetensors")
+    return model, lm, states
 
-    report = ZooReport(skills=skill_names)
 
-    def score(name: str) -> None:
-        by_task = suite.scores(lm)
-        report.scores[name] = {s: by_task[task_name(s, split)] for s in skill_names}
-
+def _score_models(model, states: dict, skill_names: list[str], merge_weight: float, score) -> None:
+    """``score(name)`` with ``model`` holding the base, each expert, then each pair's task-arithmetic
+    merge (``merge_weight`` per expert); the model holds the base again at the end."""
     model.load_state_dict(states["base"])
     score("base")
     for skill in skill_names:
@@ -102,6 +115,11 @@ def evaluate_zoo(
         score(f"merge({a}+{b})")
     resident.restore_base()
 
+
+def _judge(report: ZooReport) -> None:
+    """Record in ``report`` the experts that do not beat the base by ``MARGIN`` on their skill, the
+    pairs whose merge beats both experts on the mean of their skills, and a failure if none does."""
+    skill_names = report.skills
     base_row = report.scores["base"]
     for skill in skill_names:
         gain = report.scores[f"expert-{skill}"][skill] - base_row[skill]
@@ -113,4 +131,3 @@ def evaluate_zoo(
             report.winning_pairs.append((a, b))
     if len(skill_names) > 1 and not report.winning_pairs:
         report.failures.append("no pair of experts merges into a model that beats both on their mean")
-    return report
