@@ -54,9 +54,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from quality import EVALUATOR, EXPERTS, NAMES  # noqa: E402  (the same problem as the quality benchmark)
 
 
-def scorers(models: dict[str, str], base: str, path: bool) -> dict[str, CandidateScorer]:
+def scorers(models: dict[str, str], base: str, resident: str) -> dict[str, CandidateScorer]:
     evaluator = parse_evaluator(EVALUATOR, REPO / "evaluators" / "inline.yaml")
-    return {s: CandidateScorer(models, base, evaluator, split=s, path=path) for s in ("search", "report")}
+    return {s: CandidateScorer(models, base, evaluator, split=s, resident=resident) for s in ("search", "report")}
 
 
 def values(scorer: CandidateScorer, recipe) -> list[float] | None:
@@ -94,8 +94,8 @@ def main() -> None:
     started = time.perf_counter()
     zoo = args.zoo
     print(f"machine: {platform.machine()}; zoo {zoo.name}; seeds 0-{args.seeds - 1}; {args.budget} evaluations per run")
-    ps_scorer = scorers({"base": str(zoo / "base"), **{e: str(zoo / e) for e in EXPERTS}}, "base", path=False)
-    path_scorer = scorers({e: str(zoo / e) for e in EXPERTS}, EXPERTS[0], path=True)
+    ps_scorer = scorers({"base": str(zoo / "base"), **{e: str(zoo / e) for e in EXPERTS}}, "base", resident="merge")
+    path_scorer = scorers({e: str(zoo / e) for e in EXPERTS}, EXPERTS[0], resident="path")
     layers = int(ps_scorer["search"].model.config.num_hidden_layers)
     ps_genome = lambda seed: Genome(  # noqa: E731
         load_space(REPO / "search_spaces" / "three_experts_ties_groups.yaml"), layers, seed=seed
@@ -137,10 +137,10 @@ def main() -> None:
             ps_alone = parse_recipe(
                 {"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": 1.0}}]}
             )
-            ps_values = values(scorers({"base": str(merged)}, "base", path=False)["search"], ps_alone)
+            ps_values = values(scorers({"base": str(merged)}, "base", resident="merge")["search"], ps_alone)
             weakest = EXPERTS[min(range(3), key=lambda i: ps_values[i])]
             pair = {"ps-merge": str(merged), weakest: str(zoo / weakest)}
-            scorer = scorers(pair, "ps-merge", path=True)
+            scorer = scorers(pair, "ps-merge", resident="path")
             for start in starts:
                 g = dfs_genome(list(pair), seed)
                 recipe, report = run(g, [g.expert_alone(m) for m in pair], scorer, args.budget - half, seed, start)

@@ -433,16 +433,15 @@ def worker_pool(loaded: Loaded):
         # a path's workers hold its models whole; a merge's, the base and the experts' task vectors
         models=space.resident_models(exp.models),
         base=space.resident_base,
-        path=space.kind == "path",
-        evaluator=loaded.checked.evaluator.model_dump(),
-        evaluator_source=exp.evaluator,
+        resident=space.kind,
+        evaluator=loaded.checked.evaluator,
         split=loaded.checked.evaluator.split,
         device=w.device,
         dtype=w.dtype,
         trust_remote_code=exp.trust_remote_code,
         allow_pickle=exp.allow_pickle,
         env={k: os.environ[k] for k in (*QUIET_DEFAULTS, *SAFETY, *OFFLINE) if k in os.environ},
-        memory=w.memory.model_dump(),
+        memory=w.memory,
     )
     return WorkerPool(
         spec,
@@ -567,97 +566,169 @@ def log_kinship(loaded: Loaded, pool, tracker, display: Display) -> None:
 def run(loaded: Loaded, display: Display | None = None, on_result=None) -> dict:
     """Run (or continue) the campaign until its budget is met, it is interrupted or halted; returns a
     summary (``status``: FINISHED | KILLED | FAILED, ``stopped``: why it stopped early)."""
-    from evomerge.background import Background
-    from evomerge.cluster.pool import PoolError
+    return CampaignRun(loaded, display or Display(), on_result).execute()
 
-    stages = Stages()
-    exp = loaded.experiment
-    display = display or Display()
-    search = loaded.search()
-    seeds = seed_points(loaded, search)
-    baselines = []
-    if exp.seeds.baselines:
-        space = loaded.checked.space
-        baselines = baseline_recipes(space.base, list(space.models), exp.seed)
-    if not search.trials:
-        for point in seeds:
-            search.enqueue(point)
-        for label, recipe in baselines:
-            search.add_baseline(recipe, label)
-    n_seeds = len(seeds) + len(baselines)
-    budget = Budget(
-        exp.budget.max_evaluations,
-        exp.budget.max_minutes * 60 if exp.budget.max_minutes else None,
-        float(loaded.state.get("elapsed_s", 0.0)),
-    )
-    told = lambda: sum(t.status != "running" for t in search.trials)  # noqa: E731
-    if budget.met(told()):  # nothing left to do: no workers to start
-        return summary(loaded, search, None, "FINISHED")
-    halt = exp.budget.halt_after_failures
-    fail_fast = FailFast(exp.workers.count + 2 if halt is None else halt)
-    pool, tracker, preparing = worker_pool(loaded), None, None
-    status: RunStatus = "FAILED"
-    stopped, exit_code = None, 0
-    stages.mark("checked")
-    with restored_signals():
-        try:
-            with stop_signals() as received:
-                display.update(f"starting {exp.workers.count} worker(s) ...", force=True)
-                preparing = Background(lambda: make_tracker(loaded), "tracker-start")  # started by the pool
-                try:  # MLflow's import and store start while the workers load (the process only waits then)
-                    workers = pool.start(meanwhile=preparing.start)
-                except PoolError as e:
-                    raise CampaignError(str(e)) from None
-                finally:
-                    for stage, when in pool.stages.items():
-                        stages.mark(stage, when)
-                loaded.state["workers"] = [  # where this run's workers were placed
-                    {k: w.get(k) for k in ("node_id", "node_address", "node_resources", "pid", "device")}
-                    for w in workers
-                ]
-                nodes = len({w["node_id"] for w in workers})
-                display.update(f"{len(workers)} worker(s) ready on {nodes} Ray node(s)", force=True)
-                tracker = open_tracker(loaded, search, preparing.result())
-                stages.mark("tracking")
-                log_kinship(loaded, pool, tracker, display)
-                stages.mark("kinship")
-                budget.restart_clock()
-                _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_seeds, on_result, stages)
-                status = "FINISHED"
-        except KeyboardInterrupt as e:
-            stop = e if isinstance(e, Interrupted) else Interrupted(received[-1] if received else signal.SIGINT)
-            status, stopped, exit_code = "KILLED", stop.why, 128 + stop.signum
-        except (Halted, PoolError) as e:
-            stopped, exit_code = f"halted: {e}", EXIT_HALTED
-        except CampaignError:
-            if loaded.new and tracker is None and not told():  # never ran: leave no campaign behind
-                pool.shutdown()
-                if preparing is not None:  # it may be writing the local store into the directory
-                    preparing.wait()
-                loaded.release()
-                _remove_new(loaded.directory, keep_dir=False)
-            raise
-        finally:
-            loaded.state["elapsed_s"] = budget.elapsed()
-            if tracker is not None:  # the tracking thread ends the run while the workers stop
-                tracker.finish(status, search.snapshot(loaded.reference_point))
+
+class CampaignRun:
+    """One session of a campaign: its search, workers and tracker, from start to a clean stop."""
+
+    def __init__(self, loaded: Loaded, display: Display, on_result=None):
+        exp = loaded.experiment
+        self.loaded, self.display, self.on_result = loaded, display, on_result
+        self.stages = Stages()
+        self.search = search = loaded.search()
+        seeds = seed_points(loaded, search)
+        baselines = []
+        if exp.seeds.baselines:
+            space = loaded.checked.space
+            baselines = baseline_recipes(space.base, list(space.models), exp.seed)
+        if not search.trials:
+            for point in seeds:
+                search.enqueue(point)
+            for label, recipe in baselines:
+                search.add_baseline(recipe, label)
+        self.n_seeds = len(seeds) + len(baselines)
+        b = exp.budget
+        self.budget = Budget(
+            b.max_evaluations, b.max_minutes * 60 if b.max_minutes else None, float(loaded.state.get("elapsed_s", 0.0))
+        )
+        halt = b.halt_after_failures
+        self.fail_fast = FailFast(exp.workers.count + 2 if halt is None else halt)
+        self.pool = self.tracker = self.preparing = None
+        self.status: RunStatus = "FAILED"
+        self.stopped, self.exit_code = None, 0
+
+    def told(self) -> int:
+        return sum(t.status != "running" for t in self.search.trials)
+
+    def execute(self) -> dict:
+        from evomerge.cluster.pool import PoolError
+
+        loaded, search = self.loaded, self.search
+        if self.budget.met(self.told()):  # nothing left to do: no workers to start
+            return summary(loaded, search, None, "FINISHED")
+        self.pool = worker_pool(loaded)
+        self.stages.mark("checked")
+        with restored_signals():
             try:
-                pool.shutdown()
-                display.end()
-                if loaded.directory.exists():
-                    loaded.state["finished"] = status == "FINISHED"
-                    loaded.save_state()
-            finally:  # whatever the stop raised, the tracking thread is not left half-way
-                if tracker is not None:
-                    try:
-                        tracker.join()
-                    except Exception as e:
-                        display.update(f"warning: {e}", force=True)
-                elif preparing is not None:
-                    preparing.wait()
-            stages.mark("shutdown")
-            record_session(loaded, stages, status, display)
-    return summary(loaded, search, stopped, status, exit_code)
+                with stop_signals() as received:
+                    self._start()
+                    self.budget.restart_clock()
+                    self._loop()
+                    self.status = "FINISHED"
+            except KeyboardInterrupt as e:
+                stop = e if isinstance(e, Interrupted) else Interrupted(received[-1] if received else signal.SIGINT)
+                self.status, self.stopped, self.exit_code = "KILLED", stop.why, 128 + stop.signum
+            except (Halted, PoolError) as e:
+                self.stopped, self.exit_code = f"halted: {e}", EXIT_HALTED
+            except CampaignError:
+                if loaded.new and self.tracker is None and not self.told():  # never ran: leave no campaign behind
+                    self._abandon()
+                raise
+            finally:
+                self._stop()
+        return summary(loaded, search, self.stopped, self.status, self.exit_code)
+
+    def _start(self) -> None:
+        """The workers, and meanwhile the tracker; then the campaign run and the kinship table."""
+        from evomerge.background import Background
+        from evomerge.cluster.pool import PoolError
+
+        loaded, pool, stages = self.loaded, self.pool, self.stages
+        self.display.update(f"starting {loaded.experiment.workers.count} worker(s) ...", force=True)
+        self.preparing = Background(lambda: make_tracker(loaded), "tracker-start")  # started by the pool
+        try:  # MLflow's import and store start while the workers load (the process only waits then)
+            workers = pool.start(meanwhile=self.preparing.start)
+        except PoolError as e:
+            raise CampaignError(str(e)) from None
+        finally:
+            for stage, when in pool.stages.items():
+                stages.mark(stage, when)
+        loaded.state["workers"] = [  # where this run's workers were placed
+            {k: w.get(k) for k in ("node_id", "node_address", "node_resources", "pid", "device")} for w in workers
+        ]
+        nodes = len({w["node_id"] for w in workers})
+        self.display.update(f"{len(workers)} worker(s) ready on {nodes} Ray node(s)", force=True)
+        self.tracker = open_tracker(loaded, self.search, self.preparing.result())
+        stages.mark("tracking")
+        log_kinship(loaded, pool, self.tracker, self.display)
+        stages.mark("kinship")
+
+    def _abandon(self) -> None:
+        """A new campaign that never ran: its workers stopped, its directory removed."""
+        self.pool.shutdown()
+        if self.preparing is not None:  # it may be writing the local store into the directory
+            self.preparing.wait()
+        self.loaded.release()
+        _remove_new(self.loaded.directory, keep_dir=False)
+
+    def _stop(self) -> None:
+        """Save the state, end the campaign run while the workers stop, record the session."""
+        loaded, tracker, display = self.loaded, self.tracker, self.display
+        loaded.state["elapsed_s"] = self.budget.elapsed()
+        if tracker is not None:  # the tracking thread ends the run while the workers stop
+            tracker.finish(self.status, self.search.snapshot(loaded.reference_point))
+        try:
+            self.pool.shutdown()
+            display.end()
+            if loaded.directory.exists():
+                loaded.state["finished"] = self.status == "FINISHED"
+                loaded.save_state()
+        finally:  # whatever the stop raised, the tracking thread is not left half-way
+            if tracker is not None:
+                try:
+                    tracker.join()
+                except Exception as e:
+                    display.update(f"warning: {e}", force=True)
+            elif self.preparing is not None:
+                self.preparing.wait()
+        self.stages.mark("shutdown")
+        record_session(loaded, self.stages, self.status, display)
+
+    def _loop(self) -> None:
+        """Keep every worker busy until the budget is met and nothing is in flight."""
+        search, pool, budget, tracker = self.search, self.pool, self.budget, self.tracker
+        log_samples = self.loaded.experiment.tracking.log_samples
+        told = self.told()
+        self.session0, self.reference = told, self.loaded.reference_point
+        while not (budget.met(told) and not pool.in_flight):
+            for _ in range(min(pool.free, budget.room(told, pool.in_flight))):
+                trial = search.ask()
+                recipe = trial.recipe.model_dump(exclude_none=True)
+                pool.submit(trial.id, recipe, log_samples=log_samples, documents=search.documents_for(trial))
+            for outcome in pool.poll(timeout=1.0):
+                for result in self.fail_fast.admit(outcome):
+                    told += self._record(result)
+                self.display.update(lambda: progress_line(search, budget, self.session0, tracker.latest))
+            if tracker.due():
+                tracker.publish(search.snapshot(self.reference))
+
+    def _record(self, result) -> int:
+        """One worker's result told to the search and the tracker; 1 if it ended a trial, 0 if the
+        trial goes on to its next rung."""
+        search, loaded, score = self.search, self.loaded, result.score
+        info = {
+            "timings": score.timings,
+            "attempts": result.attempts,
+            "wall_s": result.seconds,
+            "worker": result.worker,
+            "documents": int(score.timings.get("documents", 0)),
+            **({"reason": score.reason} if score.reason else {}),
+        }
+        names = [o.name for o in loaded.objectives]
+        values = [score.values[k] for k in names] if score.status == "done" else None
+        trial = search.report(result.key, values, info)
+        if trial is None:  # promoted to the next rung: handed out again before new candidates
+            return 0
+        self.stages.mark("first_result")
+        self.stages.at["last_result"] = round(time.time() - self.stages.origin, 3)
+        self.tracker.candidate(trial, [g.name for g in search.genome.genes], samples=score.samples)
+        if self.reference is None and len(search.finished) >= max(1, self.n_seeds):
+            self.reference = loaded.state["reference_point"] = worst(search, search.directions)
+            loaded.save_state()
+        if self.on_result:
+            self.on_result(trial)
+        return 1
 
 
 def record_session(loaded: Loaded, stages: Stages, status: RunStatus, display: Display) -> None:
@@ -673,48 +744,6 @@ def record_session(loaded: Loaded, stages: Stages, status: RunStatus, display: D
         loaded.save_state()
     except (OSError, CampaignError) as e:
         display.update(f"warning: the session's stages not recorded: {first_line(e)}", force=True)
-
-
-def _search_loop(loaded, search, pool, tracker, budget, fail_fast, display, n_seeds, on_result, stages) -> None:
-    """Keep every worker busy until the budget is met and nothing is in flight."""
-    exp = loaded.experiment
-    names = [o.name for o in loaded.objectives]
-    genes = [g.name for g in search.genome.genes]
-    told = sum(t.status != "running" for t in search.trials)
-    session0, reference = told, loaded.reference_point
-    while not (budget.met(told) and not pool.in_flight):
-        for _ in range(min(pool.free, budget.room(told, pool.in_flight))):
-            trial = search.ask()
-            recipe = trial.recipe.model_dump(exclude_none=True)
-            pool.submit(trial.id, recipe, log_samples=exp.tracking.log_samples, documents=search.documents_for(trial))
-        for outcome in pool.poll(timeout=1.0):
-            for result in fail_fast.admit(outcome):
-                score = result.score
-                info = {
-                    "timings": score.timings,
-                    "attempts": result.attempts,
-                    "wall_s": result.seconds,
-                    "worker": result.worker,
-                    "documents": int(score.timings.get("documents", 0)),
-                    **({"reason": score.reason} if score.reason else {}),
-                }
-                trial = search.report(
-                    result.key, [score.values[k] for k in names] if score.status == "done" else None, info
-                )
-                if trial is None:  # promoted to the next rung: handed out again before new candidates
-                    continue
-                told += 1
-                stages.mark("first_result")
-                stages.at["last_result"] = round(time.time() - stages.origin, 3)
-                tracker.candidate(trial, genes, samples=score.samples)
-                if reference is None and len(search.finished) >= max(1, n_seeds):
-                    reference = loaded.state["reference_point"] = worst(search, search.directions)
-                    loaded.save_state()
-                if on_result:
-                    on_result(trial)
-            display.update(lambda: progress_line(search, budget, session0, tracker.latest))
-        if tracker.due():
-            tracker.publish(search.snapshot(reference))
 
 
 def worst(search, directions) -> list[float]:

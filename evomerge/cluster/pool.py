@@ -31,7 +31,6 @@ from evomerge.cluster.runtime import RayRuntime
 from evomerge.cluster.worker import ScoringWorker, WorkerSpec
 from evomerge.errors import first_line
 from evomerge.evaluate.candidate import Score
-from evomerge.merge.memory import MemoryPolicy
 from evomerge.merge.registry import MergeError
 
 #: Seconds between readiness probes of a worker that is being restarted.
@@ -125,7 +124,7 @@ class WorkerPool:
 
         if ray.is_initialized():
             raise PoolError("Ray is already initialized in this process; one pool per process")
-        share = MemoryPolicy(**self.spec.memory).share and not self.spec.path  # a path holds no task vectors
+        share = self.spec.memory.share and self.spec.resident == "merge"  # a path holds no task vectors
         # the shared copy's exact size needs the parameter names (transformers, seconds to import): they
         # are read while Ray starts, which is sized from the safetensors headers (at least that size)
         naming, shared_bytes = self._read_models() if share else (None, 0)
@@ -154,11 +153,12 @@ class WorkerPool:
 
         actor_cls = ray.remote(ScoringWorker)
         threads = self.spec.threads or max(1, int(self.cpus))
-        spec = {**self.spec.to_dict(), "threads": threads}
+        spec = replace(self.spec, threads=threads)
         publishing = None
         if naming is not None:
             try:
-                spec["shared"], publishing = self._publish(self._shared_bytes(naming))
+                shared, publishing = self._publish(self._shared_bytes(naming))
+                spec = replace(spec, shared=shared)
             except BaseException:
                 self.shutdown()
                 raise

@@ -10,16 +10,22 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from evomerge.evaluate.config import EvaluatorConfig, parse_evaluator
+from evomerge.merge.memory import MemoryPolicy
 
 
 @dataclass
 class WorkerSpec:
-    """Everything a worker needs to build its resident state; plain data, sent to every worker."""
+    """Everything a worker needs to build its resident state, sent to every worker as it is (Ray
+    pickles it, the checked models within)."""
 
     models: dict[str, str]  # name -> local directory or hub id
     base: str
-    evaluator: dict  # an EvaluatorConfig's fields ...
-    evaluator_source: str | None = None  # ... and the file they came from (relative paths)
+    #: The checked evaluator, or an evaluator file's fields read relative to ``evaluator_source``.
+    evaluator: EvaluatorConfig | dict
+    evaluator_source: str | None = None
     split: str | None = None
     device: str = "auto"  # auto: cuda when the worker has a GPU, else cpu
     dtype: str | None = None  # torch dtype name for the resident model (default: as saved)
@@ -28,9 +34,20 @@ class WorkerSpec:
     allow_pickle: bool = False
     env: dict[str, str] = field(default_factory=dict)
     started_dir: str | None = None  # opt-in: score() touches <started_dir>/<pid> as it starts a candidate
-    memory: dict = field(default_factory=dict)  # a MemoryPolicy's fields
+    memory: MemoryPolicy = field(default_factory=MemoryPolicy)  # (its fields are read too)
     shared: str | None = None  # the name of the SharedStore actor that holds the base and task vectors
-    path: bool = False  # score layer paths over ``models`` (held whole) instead of merges over ``base``
+    #: What the worker holds (the search space's kind): ``merge``, the base and the experts' task
+    #: vectors over ``base``; ``path``, every model of ``models`` whole, candidates stacking their layers.
+    resident: Literal["merge", "path"] = "merge"
+
+    def __post_init__(self):
+        if isinstance(self.memory, dict):
+            self.memory = MemoryPolicy(**self.memory)
+
+    def checked_evaluator(self) -> EvaluatorConfig:
+        if isinstance(self.evaluator, EvaluatorConfig):
+            return self.evaluator
+        return parse_evaluator(self.evaluator, self.evaluator_source)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,14 +60,11 @@ class WorkerSpec:
 
 
 class ScoringWorker:
-    def __init__(self, spec: dict):
-        spec = WorkerSpec(**spec)
+    def __init__(self, spec: WorkerSpec):
         os.environ.update(spec.env)
         import torch
 
         from evomerge.evaluate.candidate import CandidateScorer
-        from evomerge.evaluate.config import parse_evaluator
-        from evomerge.merge.memory import MemoryPolicy
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
@@ -58,8 +72,10 @@ class ScoringWorker:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        policy = MemoryPolicy(**spec.memory)
-        if device.startswith("cuda") and not spec.path:  # refuse before loading anything when the models cannot fit
+        policy = spec.memory
+        if (
+            device.startswith("cuda") and spec.resident == "merge"
+        ):  # refuse before loading anything when the models cannot fit
             from evomerge.merge.memory import fit_device
             from evomerge.merge.shared import plan_bytes
 
@@ -67,7 +83,7 @@ class ScoringWorker:
             policy = fit_device(policy, sizes, torch.cuda.mem_get_info(torch.device(device))[0], device)
         self.policy = policy
         self.started_dir = spec.started_dir
-        evaluator = parse_evaluator(spec.evaluator, spec.evaluator_source)
+        evaluator = spec.checked_evaluator()
         shared = None
         if spec.shared is not None:
             import ray
@@ -87,7 +103,7 @@ class ScoringWorker:
             allow_pickle=spec.allow_pickle,
             memory=policy,
             shared=shared,
-            path=spec.path,
+            resident=spec.resident,
         )
 
     def ready(self) -> dict:

@@ -101,7 +101,7 @@ class CandidateScorer:
         allow_pickle: bool = False,
         memory: MemoryPolicy | None = None,
         shared: Fetched | None = None,
-        path: bool = False,
+        resident: Literal["merge", "path"] = "merge",
     ):
         from evomerge.merge.io import resolve_model_dir
         from evomerge.models.loading import load_causal_lm
@@ -121,7 +121,8 @@ class CandidateScorer:
                 device=device,
             )
 
-        if path:  # layer paths: every model resident whole; each candidate a shell over their layers
+        # the one place the worker's resident model is chosen (the search space's kind)
+        if resident == "path":  # every model resident whole; each candidate a shell over their layers
             self.resident, self.model, self.tokenizer = _resident_paths(models, base, load)
         else:
             self.resident, self.model, self.tokenizer = _resident_merge(

@@ -65,12 +65,16 @@ class Inputs:
     models: dict[str, str]
     base: str
     dtype: str | None
-    memory: dict
+    memory: MemoryPolicy  # (or its fields)
     trust_remote_code: bool = False
     allow_pickle: bool = False
     #: the base's parameter names (``parameter_names``), once known: the producer then needs no
     #: transformers (an import of seconds in a process that lives for one task)
     names: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.memory, dict):
+            self.memory = MemoryPolicy(**self.memory)
 
     @property
     def experts(self) -> list[str]:
@@ -115,7 +119,7 @@ def plan_bytes(inputs: Inputs) -> dict[str, int]:
     task vectors, from the config and safetensors headers only: what ``produce`` makes, and what a
     worker holds."""
     names, model_dtype, sources = inputs.open()
-    policy = MemoryPolicy(**inputs.memory)
+    policy = inputs.memory
     sizes = {"base": 0, "experts": 0}
     try:
         for name in names:
@@ -140,7 +144,7 @@ def produce(inputs: Inputs):
     ``(shape, base dtype, base bytes, task-vector dtype, [one task vector's bytes per expert])``,
     computed from one tensor of each model at a time. Raises MergeError."""
     names, model_dtype, sources = inputs.open()
-    policy, base, experts = MemoryPolicy(**inputs.memory), inputs.base, inputs.experts
+    policy, base, experts = inputs.memory, inputs.base, inputs.experts
     have = {n: set(s.names()) for n, s in sources.items()}
     try:
         for name in names:
