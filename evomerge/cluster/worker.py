@@ -50,7 +50,12 @@ class WorkerSpec:
         return parse_evaluator(self.evaluator, self.evaluator_source)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The spec as JSON-able data (``WorkerSpec(**d)`` reads it back)."""
+        data = {**asdict(self), "memory": self.memory.model_dump()}
+        if isinstance(self.evaluator, EvaluatorConfig):
+            data["evaluator"] = self.evaluator.model_dump(mode="json")
+            data["evaluator_source"] = str(self.evaluator.source) if self.evaluator.source else None
+        return data
 
     def shared_inputs(self):
         """What the machine's shared copy of base and task vectors is made of (``merge.shared.Inputs``)."""

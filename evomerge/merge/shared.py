@@ -74,7 +74,7 @@ class Inputs:
 
     def __post_init__(self):
         if isinstance(self.memory, dict):
-            self.memory = MemoryPolicy(**self.memory)
+            object.__setattr__(self, "memory", MemoryPolicy(**self.memory))  # frozen: set once, here
 
     @property
     def experts(self) -> list[str]:
