@@ -70,3 +70,24 @@ def test_a_registered_kind_is_read_and_scored_by_the_candidate_scorer(zoo, param
 
 def test_the_package_kinds_come_first_and_the_toy_kind_is_gone_after_its_test():
     assert list(kinds.registered())[:2] == ["task", "perplexity"] and "parameter_mean" not in kinds.registered()
+
+
+@pytest.mark.parametrize(
+    "objective, kind, direction",
+    [
+        ({"name": "a", "task": "x", "unit": "line"}, "TaskObjective", "maximize"),  # unit: ignored on a task
+        ({"name": "a", "task": "x", "direction": None}, "TaskObjective", "maximize"),  # null: the default
+        ({"name": "a", "perplexity": "p.txt", "direction": None}, "PerplexityObjective", "minimize"),
+        ({"name": "a", "perplexity": "p.txt", "metric": ""}, "PerplexityObjective", "minimize"),
+        ({"name": "a", "perplexity": "p.txt", "num_fewshot": None}, "PerplexityObjective", "minimize"),
+    ],
+)
+def test_evaluator_files_read_as_before_kinds_were_modules(objective, kind, direction):
+    read = parse_evaluator({"objectives": [objective]}).objectives[0]
+    assert (type(read).__name__, read.direction) == (kind, direction)
+
+
+@pytest.mark.parametrize("extra", [{"metric": "acc"}, {"num_fewshot": 0}])
+def test_a_task_key_on_a_perplexity_objective_is_refused(extra):
+    with pytest.raises(EvaluatorError, match="'metric' and 'num_fewshot' apply to tasks, not to perplexity"):
+        parse_evaluator({"objectives": [{"name": "a", "perplexity": "p.txt", **extra}]})

@@ -93,7 +93,9 @@ class ResidentMerge:
         self.model = model
         self.base_name = base_name
         self.memory = memory or MemoryPolicy()
-        self.num_layers = num_layers or layout.num_layers(model.config.to_dict())
+        # a config's attribute map names the count for families that store it under another key
+        declared = getattr(model.config, "num_hidden_layers", None)
+        self.num_layers = num_layers or declared or layout.num_layers(model.config.to_dict())
         self.device = next(model.parameters()).device
         self.params = dict(model.named_parameters())
         missing = [n for n in self.params if n not in base]

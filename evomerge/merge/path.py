@@ -37,6 +37,7 @@ import torch
 from evomerge.merge.checkpoint import DEFAULT_SHARD_BYTES, write_model_files
 from evomerge.merge.registry import MergeError
 from evomerge.models.layout import LAYER_COUNT_KEYS, num_layers
+from evomerge.models.source import ModelLoadError
 from evomerge.recipe import PASSTHROUGH, FilterValue, Recipe, fold_scales
 
 #: model_type values whose module layout and RMSNorm the path model and its export rely on.
@@ -273,7 +274,7 @@ def write_path(
     try:
         check_path_configs(configs)
         path = check_path(folded, {r: num_layers(c) for r, c in configs.items()})
-    except PathError as e:
+    except (PathError, ModelLoadError) as e:
         raise MergeError(str(e)) from None
     first = path[0][0]
     plan = _tensor_plan(folded, path, sources, tied=bool(configs[first].get("tie_word_embeddings")))

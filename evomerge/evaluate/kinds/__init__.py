@@ -57,6 +57,8 @@ class ObjectiveKind:
     nouns: ClassVar[str]
     #: Whether a multi-fidelity rung may score a subset of its documents (``documents`` in ``score``).
     subsets_documents: ClassVar[bool] = False
+    #: Its own keys that an objective of another kind may not give (None: all of them).
+    exclusive: ClassVar[tuple[str, ...] | None] = None
 
     @classmethod
     def files(cls, objective: Objective, evaluator: Evaluator, split: str) -> list[tuple[str, str]]:
@@ -134,7 +136,8 @@ def _listing(words: Sequence[str], last: str) -> str:
 def parse_objective(data: Any) -> Objective:
     """An evaluator file's objective, validated by the config of the kind whose key it gives.
 
-    Another kind's keys are refused, unless empty (``null``: not given)."""
+    Another kind's exclusive keys are refused unless empty (``null`` or ``""``: not given); its other
+    keys are ignored. ``direction: null`` is the kind's default."""
     if isinstance(data, Objective) and any(type(data) is k.Config for k in registered().values()):
         return data
     if not isinstance(data, dict):
@@ -144,11 +147,16 @@ def parse_objective(data: Any) -> Objective:
     if len(given) != 1:
         raise ValueError(f"give exactly one of {_listing([repr(k.name) for k in kinds], 'or')}")
     kind, fields = given[0], dict(data)
+    if "direction" in fields and fields["direction"] is None:
+        del fields["direction"]
     own = kind.Config.model_fields
     for other in kinds:
         foreign = [key for key in other.Config.model_fields if key not in own and key in fields]
-        if any(fields[key] is not None for key in foreign):
-            options = [repr(key) for key in other.Config.model_fields if key not in own and key != other.name]
+        exclusive = other.exclusive if other.exclusive is not None else tuple(other.Config.model_fields)
+        if any(fields[key] not in (None, "") for key in foreign if key in exclusive):
+            options = [
+                repr(k) for k in other.Config.model_fields if k not in own and k != other.name and k in exclusive
+            ]
             verb = "apply" if len(options) > 1 else "applies"
             raise ValueError(f"{_listing(options, 'and')} {verb} to {other.nouns}, not to {kind.nouns}")
         for key in foreign:

@@ -28,6 +28,8 @@ class PerplexityKind(ObjectiveKind):
     name = "perplexity"
     Config = PerplexityObjective
     noun = nouns = "perplexity"
+    #: ``unit`` on a task objective is ignored, as evaluator files have always been read
+    exclusive = ()
 
     @classmethod
     def files(cls, objective, evaluator, split):
