@@ -74,18 +74,32 @@ def cmd_zoo_eval(args) -> int:
 def cmd_eval(args) -> int:
 
     from evomerge.evaluate.lmeval import TaskError, TaskSuite, wrap_model
-    from evomerge.models.loading import load_causal_lm
+    from evomerge.models.loading import load_causal_lm, scoring_device
     from evomerge.models.source import ModelLoadError
 
+    try:  # the device first: nothing is loaded for a machine that does not have it
+        device = scoring_device(args.device)
+    except ModelLoadError as e:
+        raise UserError(f"--device: {e}") from None
     try:
         suite = TaskSuite(args.task, limit=args.limit)
-        model, tokenizer = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+        model, tokenizer = load_causal_lm(
+            args.model, trust_remote_code=args.trust_remote_code, dtype=_torch_dtype(args.dtype), device=device
+        )
     except (TaskError, ModelLoadError) as e:
         raise UserError(str(e)) from None
+    held = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"scoring {args.model} on {device} in {held}", file=sys.stderr)
     scores = suite.scores(wrap_model(model, tokenizer, batch_size=args.batch_size))
     for name, value in scores.items():
         print(f"{name}\t{value:.4f}")
     return 0
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    return getattr(torch, name) if name else None
 
 
 def cmd_merge(args) -> int:
@@ -431,6 +445,13 @@ def cmd_export(args) -> int:
             weights = {k.strip(): float(v) for k, v in (item.split("=", 1) for item in args.weights.split(","))}
         except ValueError:
             raise UserError(f"--weights {args.weights!r}: expected objective=weight,... (numbers)") from None
+    from evomerge.models.loading import scoring_device
+    from evomerge.models.source import ModelLoadError
+
+    try:  # before anything is written
+        device = scoring_device(args.device) if not args.no_eval else "cpu"
+    except ModelLoadError as e:
+        raise UserError(f"--device: {e}") from None
     loaded, search = _open_for_reading(args.campaign)
     try:
         trial = campaign.pick(loaded, search, trial=args.trial, weights=weights)
@@ -442,6 +463,8 @@ def cmd_export(args) -> int:
             evaluate=not args.no_eval,
             register=args.register,
             progress=not args.quiet,
+            device=device,
+            dtype=args.dtype,
         )
     except _campaign_errors() as e:
         raise UserError(str(e)) from None
@@ -456,6 +479,15 @@ def cmd_export(args) -> int:
         print(f"registered in MLflow: {record['registered']}")
     print(f"exported to {record['path']}")
     return 0
+
+
+def _scoring_options(p: argparse.ArgumentParser) -> None:
+    from evomerge.models.loading import SCORING_DTYPES
+
+    p.add_argument("--device", default="auto", help="where to score: auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--dtype", choices=SCORING_DTYPES, help="load the model for scoring in this dtype (default: as saved)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -548,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-eval", action="store_true", help="skip scoring on the report split")
     p.add_argument("--register", metavar="NAME", help="also register the model in MLflow's model registry")
+    _scoring_options(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -557,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--trust-remote-code", action="store_true")
+    _scoring_options(p)
     p.set_defaults(func=cmd_eval)
     return parser
 

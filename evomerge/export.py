@@ -46,8 +46,11 @@ def located_recipe(recipe, models: dict[str, str]):
     return parse_recipe(data, "<export>")
 
 
-def score_model_dir(path: Path, loaded: Loaded, split: str = "report") -> dict[str, float]:
-    """Objectives of the exported model on ``split``, loaded from disk (what is shipped is what is scored)."""
+def score_model_dir(
+    path: Path, loaded: Loaded, split: str = "report", device: str = "cpu", dtype: str | None = None
+) -> dict[str, float]:
+    """Objectives of the exported model on ``split``, loaded from disk (what is shipped is what is
+    scored) onto ``device`` in ``dtype`` (a torch dtype name; None: as saved)."""
     from evomerge.evaluate.candidate import CandidateScorer
 
     scorer = CandidateScorer(
@@ -55,6 +58,8 @@ def score_model_dir(path: Path, loaded: Loaded, split: str = "report") -> dict[s
         "model",
         loaded.checked.evaluator,
         split=split,
+        device=device,
+        dtype=dtype,
         trust_remote_code=loaded.experiment.trust_remote_code,
     )
     from evomerge.recipe import parse_recipe
@@ -102,9 +107,12 @@ def export(
     evaluate: bool = True,
     register: str | None = None,
     progress: bool = True,
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> dict:
     """Export ``trial`` to ``out`` atomically (see the module docstring); returns what
-    ``evomerge.json`` records, plus ``path`` (and ``registered`` with ``register``)."""
+    ``evomerge.json`` records, plus ``path`` (and ``registered`` with ``register``). The report
+    split is scored on ``device`` in ``dtype`` (None: as saved)."""
     from evomerge.merge.checkpoint import model_card
     from evomerge.staging import staging_dir, swap_into_place
 
@@ -121,8 +129,9 @@ def export(
             "seed": exp.seed,
         }
         if evaluate:
-            scores = score_model_dir(staging, loaded)
+            scores = score_model_dir(staging, loaded, device=device, dtype=dtype)
             record["report_scores"] = scores
+            record["report_scored_on"] = {"device": device, "dtype": dtype or "as saved"}
             card = model_card(recipe, {f"{k} (report split)": v for k, v in scores.items()})
             card += (
                 "\n## Search\n\nCampaign `"

@@ -44,6 +44,39 @@ def test_eval_reports_missing_model_and_missing_task(tmp_path, zoo):
     )
 
 
+def test_eval_refuses_a_device_this_machine_does_not_have(zoo):
+    import torch
+
+    wanted = f"cuda:{torch.cuda.device_count()}"  # one past the last (cuda:0 where there is none)
+    _one_line_error(
+        run_cli(
+            "--offline", "eval", str(zoo / "base"), "--task", str(TASKS_DIR / "zoo_add_search.yaml"), "--device", wanted
+        ),
+        f"--device: device '{wanted}'",
+    )
+    _one_line_error(
+        run_cli(
+            "--offline", "eval", str(zoo / "base"), "--task", str(TASKS_DIR / "zoo_add_search.yaml"), "--device", "tpu"
+        ),
+        "unknown device 'tpu'",
+    )
+
+
+def test_eval_scores_in_the_dtype_asked_for(zoo):
+    task = str(TASKS_DIR / "zoo_sort_search.yaml")
+    runs = {
+        dtype: run_cli("--offline", "eval", str(zoo / "expert-sort"), "--task", task, "--limit", "20", *flag)
+        for dtype, flag in (("float32", []), ("bfloat16", ["--dtype", "bfloat16", "--device", "cpu"]))
+    }
+    scores = {}
+    for dtype, result in runs.items():
+        assert result.returncode == 0, result.stderr
+        assert f"on cpu in {dtype}" in result.stderr  # the loaded model's own dtype
+        name, value = result.stdout.strip().splitlines()[-1].split("\t")
+        scores[dtype] = float(value)
+    assert 0.0 <= scores["bfloat16"] <= 1.0 and abs(scores["bfloat16"] - scores["float32"]) <= 0.2
+
+
 def test_eval_refuses_pickled_checkpoints(tmp_path, zoo):
     import shutil
 

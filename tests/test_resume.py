@@ -190,6 +190,7 @@ def test_pareto_and_export(resumed):
         "sort": best_add.values[1],
     }
     assert set(meta["report_scores"]) == {"add", "sort"} and "registered in MLflow: t-model version 1" in result.stdout
+    assert meta["report_scored_on"] == {"device": "cpu", "dtype": "as saved"}  # auto: no CUDA here
     recipe = load_recipe(out / "mergekit_config.yml")
     assert recipe.base_model.endswith("/base") and all(m.model.startswith("/") for m in recipe.models)
     assert "(report split)" in (out / "README.md").read_text()
@@ -201,6 +202,7 @@ def test_pareto_and_export(resumed):
     for args, message in (
         (["--weights", "speed=1"], "unknown objective(s) speed"),
         (["--trial", "99"], "the campaign has trials 0..15"),
+        (["--trial", "1", "--device", "cuda:7"], "--device: device 'cuda:7'"),  # no such device here
     ):
         bad = cli("export", directory, *args, "--out", tmp / "never", cwd=tmp)
         assert bad.returncode == 2 and message in bad.stderr and not (tmp / "never").exists()

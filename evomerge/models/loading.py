@@ -36,3 +36,29 @@ def load_causal_lm(
     if device:
         model.to(device)
     return model.eval(), tokenizer
+
+
+#: torch dtypes a model may be loaded in for scoring (``--dtype``); None: as saved.
+SCORING_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def scoring_device(requested: str | None = None) -> str:
+    """Where to score a model: ``requested`` (``cpu``, ``cuda``, ``cuda:1``) checked against this
+    machine, or, for None and ``auto``, CUDA when present, else the CPU. ModelLoadError (one line,
+    naming what was asked) when the device does not exist here."""
+    import torch
+
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(f"unknown device '{requested}' (cpu, cuda, cuda:N, auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device '{requested}': CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device '{requested}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ModelLoadError(f"device '{requested}': only cpu and cuda are supported")
+    return str(device)
