@@ -6,6 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+TESTSTAMP := $(VENV)/.installed-test
 ZOO    := .cache/zoo
 DEMO   ?= runs/demo
 EVOMERGE := $(VENV)/bin/evomerge --offline
@@ -16,10 +17,16 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# `make install`: the package alone (what `make demo` needs); the tests' extras (pytest, mergekit as
+# the merge operators' reference, ruff, selenium) only for `make test` and `make lint`.
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q -c constraints.txt torch
-	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q -c constraints.txt -e .
 	@touch $(STAMP)
+
+$(TESTSTAMP): $(STAMP)
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	@touch $(TESTSTAMP)
 
 install: $(STAMP)
 
@@ -31,7 +38,7 @@ test: lint
 	$(EVOMERGE) zoo build --out $(ZOO)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=25
 
-lint: $(STAMP)
+lint: $(TESTSTAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
