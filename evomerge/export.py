@@ -132,7 +132,9 @@ def export(
             scores = score_model_dir(staging, loaded, device=device, dtype=dtype)
             record["report_scores"] = scores
             record["report_scored_on"] = {"device": device, "dtype": dtype or "as saved"}
-            card = model_card(recipe, {f"{k} (report split)": v for k, v in scores.items()})
+            written = json.loads((staging / "evomerge.json").read_text())["inputs"]  # each input's directory
+            inputs = {ref: Path(d) for ref, d in written.items()}
+            card = model_card(recipe, {f"{k} (report split)": v for k, v in scores.items()}, inputs)
             card += (
                 "\n## Search\n\nCampaign `"
                 + exp.name

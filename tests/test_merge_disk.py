@@ -351,3 +351,52 @@ def test_cli_errors_are_one_line_with_exit_2(zoo, tmp_path, edit, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and str(config) in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def _with_card(zoo, tmp_path, name, license):
+    import shutil
+
+    model = tmp_path / name
+    shutil.copytree(zoo / name, model)
+    if license is not None:
+        (model / "README.md").write_text(f"---\nlicense: {license}\nlanguage: [en]\n---\n\n# {name}\n")
+    return model
+
+
+@pytest.mark.parametrize(
+    "licenses, front_matter, warned",
+    [
+        (("apache-2.0", "apache-2.0", "apache-2.0"), "license: apache-2.0", False),
+        (("apache-2.0", "mit", "apache-2.0"), None, True),
+        (("apache-2.0", None, "apache-2.0"), None, True),
+    ],
+)
+def test_the_card_carries_the_inputs_licenses(zoo, tmp_path, licenses, front_matter, warned):
+    names = ("base", "expert-add", "expert-sort")
+    dirs = [_with_card(zoo, tmp_path, n, lic) for n, lic in zip(names, licenses)]
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(dirs[0]),
+        "models": [{"model": str(d), "parameters": {"weight": 0.5}} for d in dirs[1:]],
+    }
+    merge_to_disk(parse_recipe(recipe), tmp_path / "m", progress=False)
+    card = (tmp_path / "m" / "README.md").read_text()
+    meta = card.split("---")[1]
+    assert [line for line in meta.splitlines() if line.startswith("license:")] == (
+        [front_matter] if front_matter else []
+    )
+    for d, lic in zip(dirs, licenses):
+        assert f"| `{d}` | {lic or 'not stated'} |  |" in card  # local: no link
+    assert ("check each input's terms" in card) == warned
+    assert "https://github.com/" not in card
+
+
+def test_the_card_links_hub_models_to_their_pages(zoo):
+    from evomerge.merge.checkpoint import model_card
+
+    recipe = parse_recipe(
+        {"merge_method": "task_arithmetic", "base_model": "org/base", "models": [{"model": "org/expert"}]}
+    )
+    card = model_card(recipe, inputs={"org/base": zoo / "base"})  # no card there: not stated
+    assert "| `org/base` | not stated | [org/base](https://huggingface.co/org/base) |" in card
+    assert "| `org/expert` | not stated | [org/expert](https://huggingface.co/org/expert) |" in card

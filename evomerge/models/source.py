@@ -59,7 +59,7 @@ def resolve_model_dir(ref: str, allow_pickle: bool = False) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "README.md"]  # the card: its license
     if allow_pickle:
         patterns.append("*.bin")
     try:
