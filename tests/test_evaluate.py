@@ -209,3 +209,60 @@ def test_per_sample_records_on_request(zoo):
     records = score.samples["zoo_add_search"]
     assert len(records) == 6 and set(records[0]) >= {"doc_id", "target", "response", "exact_match"}
     assert sum(r["exact_match"] for r in records) / 6 == score.values["add"]
+
+
+TWO_FILTERS = """task: add_two_filters
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: '{{{{prompt}}}}'
+doc_to_target: '{{{{answer}}}}'
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+filter_list:
+  - name: whole
+    filter:
+      - function: take_first
+  - name: first-digit
+    filter:
+      - function: regex
+        regex_pattern: "(\\\\d)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_metrics_are_named_as_lm_eval_names_them_with_their_filter(zoo, tmp_path):
+    """A metric reported under two filters: its bare name is refused before compute with the two
+    keys to choose from; each key scores as lm-eval's own results say."""
+    task = tmp_path / "add_two_filters.yaml"
+    task.write_text(TWO_FILTERS.format(data=EVALUATORS / "zoo" / "data" / "add_search.jsonl"))
+    bare = evaluator(tmp_path, [{"name": "add", "task": str(task), "metric": "exact_match"}], limit=12)
+    with pytest.raises(EvaluatorError, match="'exact_match' under several filters; name one: "):
+        bare.check_sources("search")
+    both = evaluator(
+        tmp_path,
+        [
+            {"name": "whole", "task": str(task), "metric": "exact_match,whole"},
+            {"name": "digit", "task": str(task), "metric": "exact_match,first-digit"},
+        ],
+        limit=12,
+    )
+    both.check_sources("search")
+    scored = CandidateScorer({"expert-add": str(zoo / "expert-add")}, "expert-add", both).score(
+        parse_recipe({"merge_method": "linear", "models": [{"model": "expert-add", "parameters": {"weight": 1.0}}]})
+    )
+    assert scored.status == "done", scored.reason
+    model, tokenizer = load_causal_lm(zoo / "expert-add")
+    suite = TaskSuite([str(task)], limit=12, subset_seed=both.seed, fewshot_seed=both.seed)  # the scorer's documents
+    reference = suite.evaluate(wrap_model(model, tokenizer))["results"]["add_two_filters"]
+    assert scored.values == {"whole": reference["exact_match,whole"], "digit": reference["exact_match,first-digit"]}
+    assert reference["exact_match,whole"] != reference["exact_match,first-digit"]  # the filters differ here

@@ -153,12 +153,19 @@ class TaskSuite:
         return {leaf: task.get_config("output_type") for leaf, task in _leaf_tasks(self.task_dict)}
 
     def metrics(self) -> dict[str, set[str]]:
-        """The metric names each of the suite's tasks reports (a group: its subtasks' together)."""
+        """The metrics each of the suite's tasks reports, as lm-eval names them in its results:
+        ``metric,filter`` (``acc,none``; gsm8k's ``exact_match,strict-match`` and
+        ``exact_match,flexible-extract``); a group: its subtasks' together."""
         leaves = dict(_leaf_tasks(self.task_dict))
         out = {}
         for name in self.names:
             members = [name] if name in leaves else sorted(_group_members(self.task_dict, name))
-            out[name] = {m for leaf in members for m in leaves[leaf].higher_is_better()}
+            out[name] = {
+                f"{m},{f}"
+                for leaf in members
+                for m in leaves[leaf].higher_is_better()
+                for f in [getattr(e, "name", "none") for e in getattr(leaves[leaf], "_filters", None) or []] or ["none"]
+            }
         return out
 
     def subset(self, documents: int | None = None) -> dict[str, list[int]]:
@@ -234,13 +241,34 @@ def _group_members(task_dict: dict, group: str) -> set[str]:
     return set()
 
 
+def resolve_metric(metric: str | None, reported, task: str) -> str:
+    """The key of lm-eval's results (``metric,filter``) that ``metric`` names: the key itself, or a
+    bare metric name its task reports under one filter only; unnamed, the first of PREFERRED_METRICS
+    it reports. TaskError (naming what to choose from) when it names none, or several.
+    ``reported``: the task's result keys (or ``TaskSuite.metrics``' set for it)."""
+    keys = sorted(k for k in reported if "," in k and "_stderr" not in k)
+    by_name: dict[str, list[str]] = {}
+    for k in keys:
+        by_name.setdefault(k.split(",")[0], []).append(k)
+    # what to choose from: a metric by its bare name where one filter reports it, else its keys
+    choices = ", ".join(n if len(ks) == 1 else ", ".join(ks) for n, ks in sorted(by_name.items())) or "nothing"
+    if metric is None:
+        preferred = [m for m in PREFERRED_METRICS if m in by_name]
+        if not preferred:
+            raise TaskError(f"task {task} reports none of {', '.join(PREFERRED_METRICS)}; name one of: {choices}")
+        metric = preferred[0]
+    found = [metric] if metric in keys else by_name.get(metric, [])
+    if not found:
+        raise TaskError(f"task {task} does not report '{metric}'; it reports: {choices}")
+    if len(found) > 1:
+        raise TaskError(f"task {task} reports '{metric}' under several filters; name one: {', '.join(found)}")
+    return found[0]
+
+
 def pick_metric(task_results: dict, metric: str | None, task: str) -> float:
-    """The value of ``metric`` in one task's results (keys look like ``"acc,none"``)."""
-    values = {k.split(",")[0]: v for k, v in task_results.items() if "," in k and "_stderr" not in k}
-    wanted = [metric] if metric else [m for m in PREFERRED_METRICS if m in values]
-    if not wanted or wanted[0] not in values:
-        raise TaskError(f"task {task}: metric {metric!r} not reported; available: {sorted(values)}")
-    return float(values[wanted[0]])
+    """The value of ``metric`` (``metric,filter`` or a bare name, see ``resolve_metric``) in one
+    task's results."""
+    return float(task_results[resolve_metric(metric, task_results, task)])
 
 
 #: Tokenizations remembered per wrapped model (the same prompts come back for every candidate).

@@ -116,21 +116,14 @@ class TaskKind(ObjectiveKind):
 def _check_metrics(tasks: list[tuple[int, TaskObjective, str]], reported: dict[str, set[str]], where: str) -> None:
     """Each objective's metric is one its task reports (or, unnamed, one of the preferred ones)."""
     from evomerge.evaluate.config import EvaluatorError
-    from evomerge.evaluate.lmeval import PREFERRED_METRICS, resolve_task
+    from evomerge.evaluate.lmeval import TaskError, resolve_metric, resolve_task
 
     for i, o, ref in tasks:
         name = resolve_task(ref).name
-        have = reported[name]
-        if o.metric is not None and o.metric not in have:
-            raise EvaluatorError(
-                f"{where}objectives[{i}].metric: task {name} does not report "
-                f"'{o.metric}'; it reports: {', '.join(sorted(have)) or 'nothing'}"
-            )
-        if o.metric is None and not any(m in have for m in PREFERRED_METRICS):
-            raise EvaluatorError(
-                f"{where}objectives[{i}].metric: task {name} reports none of "
-                f"{', '.join(PREFERRED_METRICS)}; name one of: {', '.join(sorted(have))}"
-            )
+        try:
+            resolve_metric(o.metric, reported[name], name)
+        except TaskError as e:
+            raise EvaluatorError(f"{where}objectives[{i}].metric: {e}") from None
 
 
 def _compact(record: dict) -> dict[str, Any]:
