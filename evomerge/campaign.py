@@ -453,7 +453,21 @@ def worker_pool(loaded: Loaded):
         temp_dir=loaded.directory / "ray",
         max_retries=w.max_retries,
         timeout_s=w.timeout_s,
+        start_timeout_s=w.start_timeout_s or start_limit(spec.models.values()),
     )
+
+
+#: Seconds a worker is given to start whatever it reads, and the read rate its models are given on top.
+START_BASE_S, START_READ_BYTES_PER_S = 300.0, 50e6
+
+
+def start_limit(models) -> float:
+    """How long a worker may take to start: ``START_BASE_S`` plus its models' weight bytes read at
+    ``START_READ_BYTES_PER_S`` (a slow disk or network filesystem; models not measurable here count 0)."""
+    from evomerge.models.weights import stored_bytes
+
+    read = sum(stored_bytes(ref) or 0 for ref in models)
+    return START_BASE_S + read / START_READ_BYTES_PER_S
 
 
 def make_tracker(loaded: Loaded):

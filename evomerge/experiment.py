@@ -103,6 +103,9 @@ class Workers(BaseModel):
     dtype: str | None = None
     max_retries: int = Field(default=2, ge=0)
     timeout_s: float | None = Field(default=None, gt=0)
+    #: Seconds a worker may take to load its models and tasks before the campaign stops with what was
+    #: still loading. Default: 300 s plus one second per 50 MB of model weights a worker reads.
+    start_timeout_s: float | None = Field(default=None, gt=0)
     #: What each worker keeps resident: task-vector dtype, cached statistics within a byte budget,
     #: experts (and base) on the device or in host memory (``evomerge.merge.memory.MemoryPolicy``).
     memory: MemoryPolicy = Field(default_factory=MemoryPolicy)
@@ -303,7 +306,7 @@ def _check_merge_models(exp: Experiment, space, configs: dict, fail) -> dict[str
                     f"{config.get(key)!r}, the base's is {base.get(key)!r}",
                 )
     specs = _check_tensors(exp.models, space.base, fail)
-    if exp.workers.address is None and not exp.workers.gpus_per_worker:  # a private CPU pool: this host
+    if exp.workers.address is None:  # a private pool: this host
         _check_fits_host(exp, specs, space.base, fail)
     counts = {name: _layer_count(name, c, fail) for name, c in configs.items()}
     _check_genome(exp, space, counts, fail)
@@ -506,19 +509,29 @@ def resident_estimate(exp: Experiment, specs: dict, base: str) -> dict[str, int]
 
 
 def _check_fits_host(exp: Experiment, specs: dict, base: str, fail) -> None:
-    """Refuse a private CPU pool whose workers' resident tensors exceed this machine's available
-    memory: per worker its model and cache, and the base and task vectors once when shared
-    (``workers.memory.share``), else per worker too."""
+    """Refuse a private pool whose resident tensors in host memory exceed this machine's available
+    memory. CPU workers: per worker its model and cache, and the base and task vectors once when
+    shared (``workers.memory.share``), else per worker too. GPU workers hold their models on the
+    device, but the shared copy of the base and task vectors lives in host memory all the same."""
     import psutil
 
     parts = resident_estimate(exp, specs, base)
-    n = exp.workers.count
+    n, shared = exp.workers.count, exp.workers.memory.share
     inputs = parts["base"] + parts["experts"]
-    need = (parts["model"] + parts["cache"]) * n + (inputs if exp.workers.memory.share else inputs * n)
     available = psutil.virtual_memory().available
+    gib = lambda v: f"{v / 2**30:.1f} GiB"  # noqa: E731
+    if exp.workers.gpus_per_worker:
+        if shared and inputs > available:
+            fail(
+                "workers",
+                f"the shared copy does not fit this machine's memory: the base ({gib(parts['base'])}) and the "
+                f"experts' task vectors ({gib(parts['experts'])}) are held once in host memory for the GPU "
+                f"workers: {gib(inputs)}; {gib(available)} of memory is available",
+            )
+        return
+    need = (parts["model"] + parts["cache"]) * n + (inputs if shared else inputs * n)
     if need > available:
-        gib = lambda v: f"{v / 2**30:.1f} GiB"
-        held = "once, shared by the workers" if exp.workers.memory.share else "per worker"
+        held = "once, shared by the workers" if shared else "per worker"
         fail(
             "workers",
             f"the models do not fit this machine: {n} worker(s) each hold a model of {gib(parts['model'])} "

@@ -607,6 +607,51 @@ def test_models_that_cannot_fit_this_machine_are_refused_before_anything_is_writ
     assert not (tmp_path / "campaign").exists()
 
 
+def test_a_gpu_pools_shared_copy_must_fit_host_memory_too(zoo, tmp_path):
+    """GPU workers hold their models on the device, but the shared copy of the base and the task
+    vectors lives in host memory: the same 80 GB headers are refused for a GPU pool, naming it."""
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [200_000, 100_000], "data_offsets": [0, 80_000_000_000]}})
+    models = {}
+    for name in ("base", "expert-add", "expert-sort"):
+        d = tmp_path / f"huge-{name}"
+        d.mkdir()
+        (d / "config.json").write_text((zoo / "base" / "config.json").read_text())
+        (d / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode())
+        models[name] = str(d)
+    path = experiment(tmp_path, zoo, models=models, workers={"gpus_per_worker": 1})
+    result = cli("run", path, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        f"evomerge: error: {path}: workers: the shared copy does not fit this machine's memory: the base (74.5 GiB) "
+        "and the experts' task vectors (149.0 GiB) are held once in host memory for the GPU workers: 223.5 GiB;"
+    ), line
+    assert not (tmp_path / "campaign").exists()
+
+
+def test_workers_that_are_still_loading_when_the_start_limit_passes_say_so(zoo, tmp_path):
+    path = experiment(tmp_path, zoo, workers={"start_timeout_s": 0.5})
+    result = cli("run", path, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("evomerge: error:")]
+    assert lines == [
+        "evomerge: error: worker(s) 0 of 1 were still loading their models (3) and tasks after 0.5 s; "
+        "give them longer with workers.start_timeout_s"
+    ], result.stderr[-2000:]
+    assert not (tmp_path / "campaign").exists()
+
+
+def test_the_start_limit_follows_the_bytes_to_read(zoo):
+    from evomerge.campaign import START_BASE_S, START_READ_BYTES_PER_S, start_limit
+
+    size = sum(f.stat().st_size for n in ("base", "expert-add") for f in (zoo / n).glob("*.safetensors"))
+    assert start_limit([str(zoo / "base"), str(zoo / "expert-add"), "org/not-cached"]) == pytest.approx(
+        START_BASE_S + size / START_READ_BYTES_PER_S
+    )
+
+
 def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
     """Hand baselines are scored in full and tagged; new candidates climb rungs of 5 and 10 documents
     per task before the full 20; only full results reach the front; MLflow records rung and documents."""

@@ -194,10 +194,7 @@ class WorkerPool:
                     raise PoolError(lost)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise PoolError(
-                        f"workers did not start within {self.start_timeout_s:.0f} s "
-                        "(not enough CPUs/GPUs in the cluster for the requested resources?)"
-                    )
+                    raise PoolError(self._not_started(sorted(s.index for s in refs.values())))
                 done, _ = ray.wait(list(refs), num_returns=1, timeout=min(PROBE_EVERY, left))
                 if not done:
                     continue
@@ -210,6 +207,23 @@ class WorkerPool:
         except BaseException:
             self.shutdown()
             raise
+
+    def _not_started(self, waiting: list[int]) -> str:
+        """Why workers ``waiting`` were not ready in time: the cluster lacks what they ask for, or they
+        were still loading."""
+        import ray
+
+        have, short = ray.cluster_resources(), []
+        for name, each in [("CPU", self.cpus), ("GPU", self.gpus), *self.resources.items()]:
+            if each and have.get(name, 0) < self.n * each:
+                short.append(f"{have.get(name, 0):g} {name} for {self.n} worker(s) of {each:g}")
+        which = f"worker(s) {', '.join(map(str, waiting))} of {self.n}"
+        if short:
+            return f"{which} could not be placed within {self.start_timeout_s:g} s: the cluster has {'; '.join(short)}"
+        return (
+            f"{which} were still loading their models ({len(self.spec.models)}) and tasks after "
+            f"{self.start_timeout_s:g} s; give them longer with workers.start_timeout_s"
+        )
 
     def kinship(self) -> dict | None:
         """The experts' kinship table, computed by an idle worker from its resident task vectors

@@ -132,3 +132,15 @@ def stored_names(model_dirs: dict[str, Path], base: str, allow_pickle: bool = Fa
     finally:
         for s in sources.values():
             s.close()
+
+
+def stored_bytes(ref: str) -> int | None:
+    """Bytes of a model's weight files on this machine (a local directory, or a hub id's snapshot in
+    the local cache), or None where they are not here to measure."""
+    from evomerge.models.source import PICKLE_SUFFIXES, cached_snapshot, is_local_model
+
+    folder = Path(ref) if is_local_model(ref) else cached_snapshot(ref)
+    if folder is None or not folder.is_dir():
+        return None
+    suffixes = (".safetensors", *PICKLE_SUFFIXES)
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name.endswith(suffixes) and f.is_file())
