@@ -661,6 +661,8 @@ class CampaignRun:
         loaded.state["workers"] = [  # where this run's workers were placed
             {k: w.get(k) for k in ("node_id", "node_address", "node_resources", "pid", "device")} for w in workers
         ]
+        # the documents each task is scored on: recorded so that an export can show its report split's apart
+        loaded.state["documents"] = workers[0].get("documents") if workers else None
         nodes = len({w["node_id"] for w in workers})
         self.display.update(f"{len(workers)} worker(s) ready on {nodes} Ray node(s)", force=True)
         self.tracker = open_tracker(loaded, self.search, self.preparing.result())

@@ -48,9 +48,10 @@ def located_recipe(recipe, models: dict[str, str]):
 
 def score_model_dir(
     path: Path, loaded: Loaded, split: str = "report", device: str = "cpu", dtype: str | None = None
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict]:
     """Objectives of the exported model on ``split``, loaded from disk (what is shipped is what is
-    scored) onto ``device`` in ``dtype`` (a torch dtype name; None: as saved)."""
+    scored) onto ``device`` in ``dtype`` (a torch dtype name; None: as saved), and the documents
+    scored (per task and split, ``CandidateScorer.documents``)."""
     from evomerge.evaluate.candidate import CandidateScorer
 
     scorer = CandidateScorer(
@@ -68,7 +69,7 @@ def score_model_dir(
     score = scorer.score(identity)
     if score.status != "done":
         raise CampaignError(f"the exported model could not be scored: {score.reason}")
-    return score.values
+    return score.values, scorer.documents()
 
 
 def _stop_after_weights(staging: Path) -> None:
@@ -129,8 +130,12 @@ def export(
             "seed": exp.seed,
         }
         if evaluate:
-            scores = score_model_dir(staging, loaded, device=device, dtype=dtype)
+            scores, documents = score_model_dir(staging, loaded, device=device, dtype=dtype)
             record["report_scores"] = scores
+            searched = loaded.state.get("documents") or {}  # what the campaign's workers scored
+            record["documents"] = {
+                task: {**searched.get(task, {}), **splits} for task, splits in {**searched, **documents}.items()
+            }
             record["report_scored_on"] = {"device": device, "dtype": dtype or "as saved"}
             written = json.loads((staging / "evomerge.json").read_text())["inputs"]  # each input's directory
             inputs = {ref: Path(d) for ref, d in written.items()}

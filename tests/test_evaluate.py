@@ -266,3 +266,28 @@ def test_metrics_are_named_as_lm_eval_names_them_with_their_filter(zoo, tmp_path
     reference = suite.evaluate(wrap_model(model, tokenizer))["results"]["add_two_filters"]
     assert scored.values == {"whole": reference["exact_match,whole"], "digit": reference["exact_match,first-digit"]}
     assert reference["exact_match,whole"] != reference["exact_match,first-digit"]  # the filters differ here
+
+
+def test_a_task_without_a_report_file_holds_its_report_documents_out(zoo, tmp_path):
+    """One task file for both splits: search and report score disjoint seeded subsets of its
+    documents, of the sizes asked for; sizes beyond the task are refused before compute."""
+    task = str(EVALUATORS / "zoo" / "zoo_add_search.yaml")  # 200 documents, no {split}
+    objectives = [{"name": "add", "task": task, "search_docs": 20, "report_docs": 0.15}]
+    ev = evaluator(tmp_path, objectives, limit=50)
+    ev.check_sources("search")
+    scorers = {s: CandidateScorer(models(zoo), "base", ev, split=s) for s in ("search", "report")}
+    docs = {s: scorer.documents()["zoo_add_search"] for s, scorer in scorers.items()}
+    assert docs["search"] == docs["report"]  # each scorer knows both splits, the same way
+    search, report = docs["search"]["search"], docs["search"]["report"]
+    assert (len(search), len(report)) == (20, 30) and not set(search) & set(report)
+    for s, scorer in scorers.items():  # and scores its own
+        assert scorer.kinds["task"].suite.subset(None)["zoo_add_search"] == docs[s][s]
+        assert scorer.score(alone("expert-add")).timings["documents"] == len(docs[s][s])
+    again = CandidateScorer(models(zoo), "base", evaluator(tmp_path, objectives, limit=50, seed=ev.seed))
+    assert again.documents()["zoo_add_search"] == docs["search"]  # seeded: the same split every time
+
+    too_many = evaluator(tmp_path, [{**objectives[0], "search_docs": 150, "report_docs": 100}])
+    with pytest.raises(
+        EvaluatorError, match=r"task zoo_add_search has 200 documents: search_docs \(150\) and report_docs \(100\)"
+    ):
+        too_many.check_sources("search")

@@ -191,6 +191,9 @@ def test_pareto_and_export(resumed):
     }
     assert set(meta["report_scores"]) == {"add", "sort"} and "registered in MLflow: t-model version 1" in result.stdout
     assert meta["report_scored_on"] == {"device": "cpu", "dtype": "as saved"}  # auto: no CUDA here
+    # the documents scored: the campaign's search tasks' and the export's report tasks' (separate files here)
+    assert {split for splits in meta["documents"].values() for split in splits} == {"search", "report"}
+    assert all(ids for splits in meta["documents"].values() for ids in splits.values())
     recipe = load_recipe(out / "mergekit_config.yml")
     assert recipe.base_model.endswith("/base") and all(m.model.startswith("/") for m in recipe.models)
     assert "(report split)" in (out / "README.md").read_text()

@@ -124,6 +124,7 @@ class ScoringWorker:
             "load_seconds": self.scorer.load_seconds,
             "shared_tensors": self.scorer.resident.shared_tensors,
             "base_on": self.policy.homes(torch.device(self.device))[0].type,
+            "documents": self.scorer.documents(),
         }
 
     def kinship(self) -> dict | None:

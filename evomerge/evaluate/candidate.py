@@ -138,6 +138,14 @@ class CandidateScorer:
         self._probe = torch.arange(min(16, vocab)).unsqueeze(0).to(device)
         self.load_seconds = time.perf_counter() - started
 
+    def documents(self) -> dict[str, dict[str, list[int]]]:
+        """Per source (task), the document ids of each split this scorer knows (both for a task whose
+        search and report documents are held out from one set)."""
+        out = {}
+        for kind in self.kinds.values():
+            out.update(kind.documents())
+        return out
+
     def _count_forward_seconds(self) -> None:
         """Hooks adding the time spent inside the model's forward passes to ``self._forward[0]``
         (seconds; generation calls forward once per token)."""

@@ -75,6 +75,28 @@ def _local_config(ref: TaskRef) -> dict:
     return config
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The search and report documents of a task that has no separate report file: disjoint,
+    seeded subsets of its documents. A size is a count, or below 1 a fraction of the task's
+    documents (rounded up)."""
+
+    search: int | float
+    report: int | float
+
+    def documents(self, n: int, seed: str, task: str) -> dict[str, list[int]]:
+        """``{"search": [...], "report": [...]}`` of a task of ``n`` documents: one seeded permutation,
+        its first documents for the search and the next ones for the report (disjoint by construction).
+        TaskError when the two sizes exceed the task."""
+        sizes = [math.ceil(n * v) if v < 1 else int(v) for v in (self.search, self.report)]
+        if sum(sizes) > n:
+            raise TaskError(
+                f"task {task} has {n} documents: search_docs ({sizes[0]}) and report_docs ({sizes[1]}) exceed them"
+            )
+        order = random.Random(f"held-out:{seed}").sample(range(n), n)
+        return {"search": sorted(order[: sizes[0]]), "report": sorted(order[sizes[0] : sum(sizes)])}
+
+
 class TaskSuite:
     """A fixed list of lm-eval tasks, loaded once, that scores models.
 
@@ -86,6 +108,8 @@ class TaskSuite:
     sampler would otherwise move on from call to call, giving each model other examples).
     ``gen_kwargs`` overrides the generation settings of every generating task; ``evaluate_kwargs``
     (chat template, multi-turn few-shot, system instruction) go to every ``evaluate`` call.
+    ``held_out`` (task name -> ``HeldOut``): tasks whose search and report documents are disjoint
+    subsets of one document set; the suite scores its ``split``'s (``held_out`` records both).
     """
 
     def __init__(
@@ -97,6 +121,8 @@ class TaskSuite:
         fewshot_seed: int = 1234,
         gen_kwargs: dict | None = None,
         evaluate_kwargs: dict | None = None,
+        held_out: dict[str, HeldOut] | None = None,
+        split: str = "search",
     ):
         from lm_eval.tasks import TaskManager, get_task_dict
 
@@ -132,6 +158,7 @@ class TaskSuite:
                     task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
         self.samples = None
         self._subsets: dict[int | None, dict[str, list[int]]] = {}
+        self.held_out: dict[str, dict[str, list[int]]] = {}  # leaf -> split -> its documents
         if limit is not None and subset_seed is not None:
             self.samples = {}
             for leaf, task in leaves.items():
@@ -139,6 +166,12 @@ class TaskSuite:
                 k = self.documents_of(n)
                 rng = random.Random(f"{subset_seed}:{leaf}")
                 self.samples[leaf] = sorted(rng.sample(range(n), k)) if k < n else list(range(n))
+        for name, sizes in (held_out or {}).items():
+            members = [name] if name in leaves else sorted(_group_members(self.task_dict, name))
+            for leaf in members:
+                self.held_out[leaf] = sizes.documents(len(leaves[leaf].eval_docs), f"{subset_seed}:{leaf}", leaf)
+                self.samples = self.samples if self.samples is not None else {}
+                self.samples[leaf] = self.held_out[leaf][split]
 
     def documents_of(self, n: int) -> int:
         """Documents scored of a task that has ``n``: ``limit`` of them, or that fraction, rounded up."""
@@ -176,7 +209,7 @@ class TaskSuite:
             return self._subsets[documents]
         out = self._subsets[documents] = {}
         for leaf, task in _leaf_tasks(self.task_dict):
-            if self.samples is not None:
+            if self.samples is not None and leaf in self.samples:
                 full = self.samples[leaf]
             else:
                 full = list(range(self.documents_of(len(task.eval_docs))))
@@ -195,9 +228,8 @@ class TaskSuite:
         """
         from lm_eval.evaluator import evaluate
 
-        samples = self.samples if documents is None else self.subset(documents)
-        if samples is None and self.limit is not None:
-            samples = self.subset(None)
+        chosen = documents is not None or self.samples is not None or self.limit is not None
+        samples = self.subset(documents) if chosen else None
         for _, task in _leaf_tasks(self.task_dict):  # the same few-shot examples on every call
             task.set_fewshot_seed(seed=self.fewshot_seed)
         sink = contextlib.ExitStack()

@@ -76,6 +76,11 @@ class ObjectiveKind:
         place per candidate) and its ``tokenizer``: once per worker."""
         self.objectives = list(objectives)
 
+    def documents(self) -> dict[str, dict[str, list[int]]]:
+        """The documents this kind scores, per source and split (``{"task": {"search": [ids]}}``),
+        where it has documents."""
+        return {}
+
     def score(
         self, model, timings: dict[str, float], documents: int | None = None, log_samples: bool = False
     ) -> Scored:

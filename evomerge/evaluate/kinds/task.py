@@ -21,6 +21,21 @@ class TaskObjective(Objective):
     #: Metric read from the task's results (default: exact_match, acc, acc_norm, ... whichever it reports).
     metric: str | None = None
     num_fewshot: int | None = Field(default=None, ge=0)
+    #: A task without ``{split}`` in its reference (a built-in task, or one file for both splits) is
+    #: scored on disjoint, seeded subsets of its documents: this many for the search and this many
+    #: held out for the report (a count, or below 1 a fraction). Default: the evaluator's ``limit``
+    #: (else half the task) for the search, as many again for the report.
+    search_docs: float | None = Field(default=None, gt=0)
+    report_docs: float | None = Field(default=None, gt=0)
+
+    def held_out(self, limit: float | None):
+        """The task's ``HeldOut`` sizes, or None where its reference names a file per split."""
+        from evomerge.evaluate.lmeval import HeldOut
+
+        if "{split}" in self.task:
+            return None
+        search = self.search_docs or limit or 0.5
+        return HeldOut(search, self.report_docs or search)
 
 
 @register
@@ -65,13 +80,14 @@ class TaskKind(ObjectiveKind):
                 "(they are scored by likelihood, without generation settings)"
             )
         _check_metrics(tasks, reported, where)
+        _check_held_out(tasks, suite, evaluator, where)
 
     def __init__(self, objectives, evaluator, split, model, tokenizer):
         from evomerge.evaluate.lmeval import TaskSuite, resolve_task, wrap_model
 
         super().__init__(objectives, evaluator, split, model, tokenizer)
         self.task_of: dict[str, str] = {}  # objective name -> the task it reads
-        refs, shots = [], {}
+        refs, shots, held = [], {}, {}
         for o in self.objectives:
             ref = evaluator.resolve(o.task, split)
             task = resolve_task(ref).name
@@ -80,6 +96,8 @@ class TaskKind(ObjectiveKind):
                 refs.append(ref)
             if o.num_fewshot is not None:
                 shots[task] = o.num_fewshot
+            if (sizes := o.held_out(evaluator.limit)) is not None:
+                held[task] = sizes
         options = evaluator.lm_eval
         self.suite = TaskSuite(
             refs,
@@ -89,7 +107,10 @@ class TaskKind(ObjectiveKind):
             fewshot_seed=evaluator.seed,
             gen_kwargs=options.gen_kwargs,
             evaluate_kwargs=options.evaluate_kwargs(),
+            held_out=held,
+            split=split,
         )
+        self.split = split
         self.lm = wrap_model(
             model,
             tokenizer,
@@ -97,6 +118,13 @@ class TaskKind(ObjectiveKind):
             max_length=options.max_length,
             max_batch_size=options.max_batch_size,
         )
+
+    def documents(self) -> dict[str, dict[str, list[int]]]:
+        """Per task, the documents of each split it knows: both for a held-out task, else this split's."""
+        out = dict(self.suite.held_out)
+        for leaf, ids in self.suite.subset(None).items():
+            out.setdefault(leaf, {self.split: ids})
+        return out
 
     def score(self, model, timings, documents=None, log_samples=False):
         from evomerge.evaluate.lmeval import pick_metric
@@ -124,6 +152,25 @@ def _check_metrics(tasks: list[tuple[int, TaskObjective, str]], reported: dict[s
             resolve_metric(o.metric, reported[name], name)
         except TaskError as e:
             raise EvaluatorError(f"{where}objectives[{i}].metric: {e}") from None
+
+
+def _check_held_out(tasks, suite, evaluator, where: str) -> None:
+    """Objectives of one task agree on its split sizes, and the sizes fit the task's documents."""
+    from evomerge.evaluate.config import EvaluatorError
+    from evomerge.evaluate.lmeval import TaskError, _group_members, _leaf_tasks, resolve_task
+
+    leaves, seen = dict(_leaf_tasks(suite.task_dict)), {}
+    for i, o, ref in tasks:
+        sizes, name = o.held_out(evaluator.limit), resolve_task(ref).name
+        if sizes is None:
+            continue
+        if seen.setdefault(name, sizes) != sizes:
+            raise EvaluatorError(f"{where}objectives[{i}]: the objectives of task {name} give different split sizes")
+        for leaf in [name] if name in leaves else sorted(_group_members(suite.task_dict, name)):
+            try:
+                sizes.documents(len(leaves[leaf].eval_docs), leaf, leaf)
+            except TaskError as e:
+                raise EvaluatorError(f"{where}objectives[{i}]: {e}") from None
 
 
 def _compact(record: dict) -> dict[str, Any]:
