@@ -9,7 +9,7 @@ from conftest import REPO
 
 from evomerge.evaluate.candidate import CandidateScorer
 from evomerge.evaluate.config import EvaluatorError, load_evaluator, parse_evaluator
-from evomerge.evaluate.lmeval import TaskSuite, wrap_model
+from evomerge.evaluate.lmeval import HeldOut, TaskSuite, wrap_model
 from evomerge.evaluate.perplexity import PerplexityScorer
 from evomerge.models.loading import load_causal_lm
 from evomerge.recipe import parse_recipe
@@ -43,7 +43,10 @@ def alone(expert, others=("expert-add", "expert-sort")):
         ({"objectives": [{"name": "a"}]}, "objectives[0]: give exactly one of 'task' or 'perplexity'"),
         ({"objectives": [{"name": "a", "task": "x"}, {"name": "a", "task": "y"}]}, "repeated: a"),
         ({"objectives": [{"name": "a", "task": "x"}], "limit": 0}, "limit: Input should be greater than 0"),
-        ({"objectives": [{"name": "a", "perplexity": "t.txt", "metric": "acc"}]}, "apply to tasks"),
+        (
+            {"objectives": [{"name": "a", "perplexity": "t.txt", "metric": "acc"}]},
+            "'metric' applies to tasks, not to perplexity",
+        ),
         ({"objectives": [{"name": "a", "task": "x", "weigth": 2}]}, "unsupported key 'objectives[0].weigth'"),
     ],
 )
@@ -262,7 +265,9 @@ def test_metrics_are_named_as_lm_eval_names_them_with_their_filter(zoo, tmp_path
     )
     assert scored.status == "done", scored.reason
     model, tokenizer = load_causal_lm(zoo / "expert-add")
-    suite = TaskSuite([str(task)], limit=12, subset_seed=both.seed, fewshot_seed=both.seed)  # the scorer's documents
+    # the scorer's documents: one file for both splits, so the search's held-out share
+    held = {"add_two_filters": HeldOut(12, 12)}
+    suite = TaskSuite([str(task)], limit=12, subset_seed=both.seed, fewshot_seed=both.seed, held_out=held)
     reference = suite.evaluate(wrap_model(model, tokenizer))["results"]["add_two_filters"]
     assert scored.values == {"whole": reference["exact_match,whole"], "digit": reference["exact_match,first-digit"]}
     assert reference["exact_match,whole"] != reference["exact_match,first-digit"]  # the filters differ here

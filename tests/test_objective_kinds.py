@@ -64,7 +64,7 @@ def test_a_registered_kind_is_read_and_scored_by_the_candidate_scorer(zoo, param
     # the evaluator's own messages name the new kind
     with pytest.raises(EvaluatorError, match="give exactly one of 'task', 'perplexity' or 'parameter_mean'"):
         parse_evaluator({"objectives": [{"name": "a"}]}, "ev.yaml")
-    with pytest.raises(EvaluatorError, match="'metric' and 'num_fewshot' apply to tasks, not to parameter means"):
+    with pytest.raises(EvaluatorError, match="'metric' applies to tasks, not to parameter means"):
         parse_evaluator({"objectives": [{"name": "a", "parameter_mean": PARAMETER, "metric": "acc"}]}, "ev.yaml")
 
 
@@ -87,7 +87,14 @@ def test_evaluator_files_read_as_before_kinds_were_modules(objective, kind, dire
     assert (type(read).__name__, read.direction) == (kind, direction)
 
 
-@pytest.mark.parametrize("extra", [{"metric": "acc"}, {"num_fewshot": 0}])
-def test_a_task_key_on_a_perplexity_objective_is_refused(extra):
-    with pytest.raises(EvaluatorError, match="'metric' and 'num_fewshot' apply to tasks, not to perplexity"):
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"metric": "acc"}, "'metric' applies to tasks, not to perplexity"),
+        ({"num_fewshot": 0}, "'num_fewshot' applies to tasks, not to perplexity"),
+        ({"metric": "acc", "search_docs": 10}, "'metric' and 'search_docs' apply to tasks, not to perplexity"),
+    ],
+)
+def test_a_task_key_on_a_perplexity_objective_is_refused(extra, message):
+    with pytest.raises(EvaluatorError, match=message):
         parse_evaluator({"objectives": [{"name": "a", "perplexity": "p.txt", **extra}]})

@@ -158,10 +158,9 @@ def parse_objective(data: Any) -> Objective:
     for other in kinds:
         foreign = [key for key in other.Config.model_fields if key not in own and key in fields]
         exclusive = other.exclusive if other.exclusive is not None else tuple(other.Config.model_fields)
-        if any(fields[key] not in (None, "") for key in foreign if key in exclusive):
-            options = [
-                repr(k) for k in other.Config.model_fields if k not in own and k != other.name and k in exclusive
-            ]
+        given = [key for key in foreign if key in exclusive and fields[key] not in (None, "")]
+        if given:
+            options = [repr(k) for k in given]
             verb = "apply" if len(options) > 1 else "applies"
             raise ValueError(f"{_listing(options, 'and')} {verb} to {other.nouns}, not to {kind.nouns}")
         for key in foreign:
