@@ -195,6 +195,24 @@ def cmd_kinship(args) -> int:
     return 0
 
 
+def _model_config_file(model: str) -> Path:
+    """A model's config.json: the file itself, in a model directory, or in a hub id's snapshot in the
+    local cache (nothing is fetched)."""
+    from evomerge.models.source import cached_snapshot, is_local_model
+
+    path = Path(model)
+    if path.is_file() and path.suffix == ".json":
+        return path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{model}: not a model directory (no config.json)")
+        return path / "config.json"
+    snapshot = None if is_local_model(model) else cached_snapshot(model)
+    if snapshot is None or not (snapshot / "config.json").is_file():
+        raise UserError(f"{model}: not a config.json, a model directory, nor a model in the local hub cache")
+    return snapshot / "config.json"
+
+
 def cmd_space_show(args) -> int:
     import json
 
@@ -205,9 +223,7 @@ def cmd_space_show(args) -> int:
     try:
         space = load_space(args.file)
         if args.layers is None:
-            config = Path(args.model) / "config.json"
-            if not config.is_file():
-                raise UserError(f"{args.model}: not a model directory (no config.json)")
+            config = _model_config_file(args.model)
             try:
                 layers = num_layers(json.loads(config.read_text()))
             except ModelLoadError as e:
@@ -553,7 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--layers", type=int, help="the model's layer count (a path space: each model's)")
-    where.add_argument("--model", help="a model directory to read the layer count from")
+    where.add_argument(
+        "--model", help="the layer count from a model: its directory, its config.json, or a hub id in the local cache"
+    )
     p.set_defaults(func=cmd_space_show)
 
     p = sub.add_parser("run", help="run a campaign from an experiment file")

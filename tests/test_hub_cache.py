@@ -6,6 +6,7 @@ files being links to content-addressed blobs. A campaign and an export run with 
 
 import hashlib
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -120,3 +121,30 @@ def test_a_hub_id_missing_from_the_cache_is_one_line_before_compute(hub, tmp_pat
         f"in the local hub cache ({hub_dir}); offline mode forbids fetching it"
     ]
     assert not (tmp_path / "campaign").exists() and requests == []
+
+
+def test_space_show_reads_the_layer_count_of_a_hub_id_in_the_cache_or_a_config_file(hub, zoo, tmp_path):
+    env, requests = hub
+    space = str(REPO / "search_spaces" / "real_three_experts_ties_groups.yaml")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**json.loads((zoo / "base" / "config.json").read_text()), "num_hidden_layers": 80}))
+    for model, layers in ((f"{ORG}/base", 4), (str(config), 80)):
+        shown = subprocess.run(
+            [sys.executable, "-m", "evomerge", "--offline", "space", "show", space, "--model", model],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert shown.returncode == 0, shown.stderr
+        genes = 3 * 2 * -(-layers // 8)  # three experts, weight and density, groups of 8 layers
+        assert f"{genes} genes for a {layers}-layer model" in shown.stdout
+    absent = subprocess.run(
+        [sys.executable, "-m", "evomerge", "--offline", "space", "show", space, "--model", f"{ORG}/absent"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert absent.returncode == 2 and "nor a model in the local hub cache" in absent.stderr
+    assert not requests  # nothing was asked of the hub
