@@ -295,6 +295,8 @@ def _run_campaign(opener) -> int:
 
     try:
         loaded = opener(campaign)
+        for warning in loaded.checked.warnings:  # soft differences between the models, one line each
+            print(f"evomerge: warning: {warning}", file=sys.stderr)
         try:
             return _finish(campaign.run(loaded))
         finally:

@@ -213,6 +213,8 @@ class CheckedExperiment:
     #: Each model's layer count (name -> layers): every model's for a parameter space, the path's
     #: models' for a layer-path space.
     layer_counts: Mapping[str, int]
+    #: What was found and allowed, one line each (soft differences between a model and its base).
+    warnings: tuple[str, ...] = ()
 
     @property
     def num_layers(self) -> int | None:
@@ -245,9 +247,10 @@ def check_experiment(
     for name, ref in exp.models.items():
         configs[name] = _model_config(ref, exp.allow_pickle, lambda msg, n=name: fail(f"models.{n}", msg))
     check_models = {"merge": _check_merge_models, "path": _check_path_models}[space.kind]
-    counts = check_models(exp, space, configs, fail)
+    warnings: list[str] = []
+    counts = check_models(exp, space, configs, fail, lambda field, msg: warnings.append(f"{source}: {field}: {msg}"))
     _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking, exp.models[space.resident_base])
-    return CheckedExperiment(exp, space, evaluator, counts)
+    return CheckedExperiment(exp, space, evaluator, counts, tuple(warnings))
 
 
 def _load_space(exp: Experiment, fail):
@@ -293,18 +296,23 @@ def _check_search(exp: Experiment, evaluator, fail) -> None:
         _check_fidelity(exp.fidelity, evaluator, fail)
 
 
-def _check_merge_models(exp: Experiment, space, configs: dict, fail) -> dict[str, int]:
-    """A parameter space's models: one architecture, the base's tensors in every expert, the workers
-    fit, the genome and options build, the seed recipes exist; returns every model's layer count."""
+def _check_merge_models(exp: Experiment, space, configs: dict, fail, warn) -> dict[str, int]:
+    """A parameter space's models: one architecture and vocabulary (soft differences warned), the
+    base's tensors in every expert, the workers fit, the genome and options build, the seed recipes
+    exist; returns every model's layer count."""
+    from evomerge.models.compat import config_differences, tokenizer_differences
+
     base = configs[space.base]
+    base_dir = _local_dir(exp.models[space.base])
     for name, config in configs.items():
-        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
-            if config.get(key) != base.get(key):
-                fail(
-                    f"models.{name}",
-                    f"incompatible with the base '{space.base}': {key} is "
-                    f"{config.get(key)!r}, the base's is {base.get(key)!r}",
-                )
+        if name == space.base:
+            continue
+        hard, soft = config_differences(base, config)
+        hard_tok, soft_tok = tokenizer_differences(base_dir, _local_dir(exp.models[name]))
+        if hard or hard_tok:
+            fail(f"models.{name}", f"incompatible with the base '{space.base}': {(hard + hard_tok)[0]}")
+        for difference in soft + soft_tok:
+            warn(f"models.{name}", f"{difference} (merged anyway: the merged model takes the base's)")
     specs = _check_tensors(exp.models, space.base, fail)
     if exp.workers.address is None:  # a private pool: this host
         _check_fits_host(exp, specs, space.base, fail)
@@ -366,7 +374,15 @@ def _check_tasks_and_tracking(
             fail("tracking.uri", f"tracking server {exp.tracking.uri} unreachable: {problem}")
 
 
-def _check_path_models(exp: Experiment, space, configs: dict, fail) -> dict[str, int]:
+def _local_dir(ref: str) -> Path | None:
+    """A model's files on this machine: its directory, or a hub id's snapshot in the local cache."""
+    from evomerge.models.source import cached_snapshot
+
+    path = Path(ref)
+    return path if path.is_absolute() else cached_snapshot(ref)
+
+
+def _check_path_models(exp: Experiment, space, configs: dict, fail, warn) -> dict[str, int]:
     """A layer-path (data-flow) space's models: they can share a hidden state, their headers read,
     the seeds are paths within the models, the workers fit; returns the path's models' layer counts."""
     from evomerge.merge.path import PathError, check_path, check_path_configs

@@ -723,3 +723,62 @@ def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
         "best mean over the 2 objectives: "
         + ", ".join(f"{kind} {mean(t):.4g} (trial {t.id})" for kind, t in top.items())
     )
+
+
+def _expert_copy(zoo, tmp_path, name, config=None, tokenizer=None):
+    import shutil
+
+    d = tmp_path / f"changed-{name}"
+    shutil.copytree(zoo / name, d)
+    if config:
+        (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), **config}))
+    if tokenizer:
+        data = json.loads((d / "tokenizer.json").read_text())
+        tokenizer(data)
+        (d / "tokenizer.json").write_text(json.dumps(data))
+    return str(d)
+
+
+def test_soft_config_and_tokenizer_differences_are_warned_hard_ones_refused(zoo, tmp_path):
+    from evomerge.experiment import check_experiment, load_experiment
+
+    def swap_two_tokens(data):
+        vocab = data["model"]["vocab"]
+        a, b = sorted(vocab)[:2]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+
+    def add_special(data):
+        data["added_tokens"].append({**data["added_tokens"][-1], "id": 47, "content": "<|im_start|>"})
+
+    soft = {
+        "base": str(zoo / "base"),
+        "expert-add": _expert_copy(zoo, tmp_path, "expert-add", {"rms_norm_eps": 0.001}),
+        "expert-sort": _expert_copy(zoo, tmp_path, "expert-sort", tokenizer=add_special),
+    }
+    path = experiment(tmp_path, zoo, models=soft)
+    warnings = check_experiment(load_experiment(path), path, check_tracking=False, check_tasks=False).warnings
+    eps = json.loads((zoo / "base" / "config.json").read_text())["rms_norm_eps"]
+    assert warnings == (
+        f"{path}: models.expert-add: rms_norm_eps is 0.001, the base's is {eps!r} "
+        "(merged anyway: the merged model takes the base's)",
+        f"{path}: models.expert-sort: its tokenizer's added tokens differ from the base's ('<|im_start|>') "
+        "(merged anyway: the merged model takes the base's)",
+    )
+    for models, message in (
+        (
+            {"expert-add": _expert_copy(zoo, tmp_path / "i", "expert-add", {"intermediate_size": 1})},
+            "intermediate_size",
+        ),
+        ({"expert-sort": _expert_copy(zoo, tmp_path / "v", "expert-sort", tokenizer=swap_two_tokens)}, "other ids"),
+    ):
+        path = experiment(tmp_path, zoo, models={**soft, **models})
+        result = cli("run", path, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"evomerge: error: {path}: models.") and "incompatible with the base 'base'" in line
+        assert message in line and not (tmp_path / "campaign").exists()
+    soft_path = experiment(tmp_path, zoo, "soft.yaml", models=soft, budget={"max_evaluations": 2})
+    ran = cli("run", soft_path, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    printed = [ln for ln in ran.stderr.splitlines() if ln.startswith("evomerge: warning:")]
+    assert printed == [f"evomerge: warning: {w.replace(str(path), str(soft_path))}" for w in warnings]
