@@ -296,3 +296,41 @@ def test_a_task_without_a_report_file_holds_its_report_documents_out(zoo, tmp_pa
         EvaluatorError, match=r"task zoo_add_search has 200 documents: search_docs \(150\) and report_docs \(100\)"
     ):
         too_many.check_sources("search")
+
+
+def test_generation_batches_are_sized_at_the_requests_length_not_the_context(zoo):
+    """batch_size auto for a generating task probes batches as long as its longest prompt plus the
+    tokens it may generate, not the model's whole context (64 tokens for the zoo)."""
+    model, tokenizer = load_causal_lm(zoo / "expert-add")
+    lm = wrap_model(model, tokenizer, batch_size="auto", max_batch_size=4)
+    probes = []
+    call = lm._model_call
+    lm._model_call = lambda inps, *a, **kw: (probes.append(tuple(inps.shape)), call(inps, *a, **kw))[1]
+    suite = TaskSuite([str(EVALUATORS / "zoo" / "zoo_add_search.yaml")], limit=6, subset_seed=0)
+    suite.evaluate(lm)
+    prompts = [doc["prompt"] for doc in suite.task_dict["zoo_add_search"].eval_docs]
+    longest = max(len(lm.tok_encode(p)) for p in prompts[:200])
+    assert lm.detections == 1 and lm.generation_length <= longest + 8  # max_gen_toks: 8
+    assert probes[0] == (4, lm.generation_length) and lm.generation_length < lm.max_length == 64
+
+
+def test_an_out_of_memory_error_halves_the_batch_and_the_candidate_is_scored(zoo, tmp_path):
+    """Out-of-memory errors injected for batches over 2 rows: the batch goes 8 -> 4 -> 2, recorded,
+    and the candidate scores as one scored at batch 2 from the start."""
+    objectives = [{"name": "add", "task": "zoo/zoo_add_{split}.yaml"}]
+    scorer = CandidateScorer(models(zoo), "base", evaluator(tmp_path, objectives, limit=8, batch_size=8))
+    forward = scorer.model.forward
+
+    def tight(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(*args, **kwargs)
+
+    scorer.model.forward = tight
+    halved = scorer.score(alone("expert-add"))
+    assert halved.status == "done", halved.reason
+    assert halved.timings["batch_halvings"] == 2 and scorer.kinds["task"].lm.batch_size == 2
+    assert "batch_halvings" not in scorer.score(alone("expert-add")).timings  # kept for later candidates
+    reference = CandidateScorer(models(zoo), "base", evaluator(tmp_path, objectives, limit=8, batch_size=2))
+    assert halved.values == reference.score(alone("expert-add")).values

@@ -313,10 +313,12 @@ def wrap_model(model, tokenizer, batch_size: int | str = 64, max_length: int | N
     It remembers its tokenizations: the tokenizer never changes while the weights do, and every
     candidate sends the same prompts, so each string is tokenized once per worker. With
     ``batch_size="auto"`` it also remembers the batch size lm-eval detects (the largest, up to
-    ``max_batch_size``, that runs the longest request, or the full context for generation): lm-eval
+    ``max_batch_size``, that runs the longest request): lm-eval
     alone detects it again on every call, a second per candidate on the zoo and an out-of-memory
     search on a GPU, although every candidate sends the same requests. ``detections`` counts the real
-    ones (one per request kind, on the first candidate).
+    ones (one per request kind, on the first candidate). Generation is sized at its requests' real
+    length (longest prompt + ``max_gen_toks``), not the model's maximum context; ``halve_batch``
+    is the way back from an out-of-memory error.
     """
     from lm_eval.models.huggingface import HFLM
 
@@ -334,7 +336,31 @@ def wrap_model(model, tokenizer, batch_size: int | str = 64, max_length: int | N
                     self._tokens[key] = hit
             return list(hit)  # callers get their own list, as from the tokenizer
 
+        def generate_until(self, requests, disable_tqdm=False):
+            # automatic batch sizing at the requests' own length (the longest prompt and the tokens it
+            # may generate), not the model's whole context (131,072 tokens for Qwen2.5)
+            longest = max((len(self.tok_encode(r.args[0])) for r in requests), default=0)
+            gen = max((int((r.args[1] or {}).get("max_gen_toks", self.max_gen_toks)) for r in requests), default=0)
+            self.generation_length = max(1, min(self.max_length, longest + gen))
+            return super().generate_until(requests, disable_tqdm)
+
+        def halve_batch(self) -> bool:
+            """After an out-of-memory error: half the batch size (a fixed one, or every detected one and
+            the most a detection may find); False when it is 1 already."""
+            if self.batch_size == "auto":
+                if self.max_batch_size <= 1 and all(v <= 1 for v in self.batch_found.values()):
+                    return False
+                self.batch_found = {k: max(1, v // 2) for k, v in self.batch_found.items()}
+                self.max_batch_size = max(1, self.max_batch_size // 2)
+                return True
+            if int(self.batch_size_per_gpu) <= 1:
+                return False
+            self.batch_size_per_gpu = int(self.batch_size_per_gpu) // 2
+            return True
+
         def _detect_batch_size(self, requests=None, pos=0):
+            if not requests and self.generation_length:  # a generation: a request of its real length
+                requests, pos = [(None, [1] * self.generation_length, [1])], 0
             key = None if not requests else len(requests[pos][1]) + len(requests[pos][2])
             if key not in self.batch_found:
                 with contextlib.redirect_stdout(io.StringIO()):
@@ -351,7 +377,7 @@ def wrap_model(model, tokenizer, batch_size: int | str = 64, max_length: int | N
         max_length=max_length,
         max_batch_size=max_batch_size,
     )
-    lm._tokens, lm.batch_found, lm.detections = {}, {}, 0  # per instance
+    lm._tokens, lm.batch_found, lm.detections, lm.generation_length = {}, {}, 0, None  # per instance
     return lm
 
 

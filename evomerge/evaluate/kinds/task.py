@@ -119,6 +119,22 @@ class TaskKind(ObjectiveKind):
             max_batch_size=options.max_batch_size,
         )
 
+    def _evaluate(self, timings, log_samples, documents):
+        """lm-eval on the suite; on an out-of-memory error the batch is halved and the evaluation run
+        again, down to batch 1 (the smaller batch is kept for later candidates; ``timings`` records
+        ``batch_halvings``)."""
+        import torch
+
+        while True:
+            try:
+                return self.suite.evaluate(self.lm, log_samples=log_samples, documents=documents)
+            except torch.OutOfMemoryError:
+                if not self.lm.halve_batch():
+                    raise
+                timings["batch_halvings"] = timings.get("batch_halvings", 0) + 1
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
     def documents(self) -> dict[str, dict[str, list[int]]]:
         """Per task, the documents of each split it knows: both for a held-out task, else this split's."""
         out = dict(self.suite.held_out)
@@ -129,7 +145,7 @@ class TaskKind(ObjectiveKind):
     def score(self, model, timings, documents=None, log_samples=False):
         from evomerge.evaluate.lmeval import pick_metric
 
-        out = self.suite.evaluate(self.lm, log_samples=log_samples, documents=documents)
+        out = self._evaluate(timings, log_samples, documents)
         timings["documents"] = sum(len(v) for v in self.suite.subset(documents).values())
         values = {}
         for o in self.objectives:
