@@ -562,14 +562,13 @@ def test_a_lost_ray_node_halts_the_campaign_resumably(zoo, tmp_path):
 def test_a_campaign_whose_workers_cannot_start_leaves_no_directory(zoo, tmp_path):
     """What only loading can find (here an activation transformers does not know) is reported in one
     line, and the campaign directory made for it is removed: the corrected file runs at once."""
-    broken = edited_model(zoo / "base", tmp_path / "broken-base", lambda state: None)
-    config = json.loads((broken / "config.json").read_text())
-    (broken / "config.json").write_text(json.dumps({**config, "hidden_act": "no_such_activation"}))
-    path = experiment(
-        tmp_path,
-        zoo,
-        models={"base": str(broken), "expert-add": str(zoo / "expert-add"), "expert-sort": str(zoo / "expert-sort")},
-    )
+    models = {}
+    for name in ("base", "expert-add", "expert-sort"):  # all alike: the configs agree, and none loads
+        models[name] = edited_model(zoo / name, tmp_path / f"broken-{name}", lambda state: None)
+        config = json.loads((models[name] / "config.json").read_text())
+        (models[name] / "config.json").write_text(json.dumps({**config, "hidden_act": "no_such_activation"}))
+    broken = models["base"]
+    path = experiment(tmp_path, zoo, models={n: str(d) for n, d in models.items()})
     result = cli("run", path, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("evomerge: error:")]
@@ -581,9 +580,8 @@ def test_a_campaign_whose_workers_cannot_start_leaves_no_directory(zoo, tmp_path
     assert not (tmp_path / "campaign").exists()
 
 
-def test_models_that_cannot_fit_this_machine_are_refused_before_anything_is_written(zoo, tmp_path):
-    """Sizes come from the safetensors headers: three models whose header declares an 80 GB tensor
-    (no data behind it) are refused in one line naming the sizes, and nothing is read or written."""
+def _huge_models(zoo, tmp_path) -> dict[str, str]:
+    """Three models whose safetensors header declares an 80 GB tensor, with no data behind it."""
     import struct
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [200_000, 100_000], "data_offsets": [0, 80_000_000_000]}})
@@ -594,6 +592,13 @@ def test_models_that_cannot_fit_this_machine_are_refused_before_anything_is_writ
         (d / "config.json").write_text((zoo / "base" / "config.json").read_text())
         (d / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode())
         models[name] = str(d)
+    return models
+
+
+def test_models_that_cannot_fit_this_machine_are_refused_before_anything_is_written(zoo, tmp_path):
+    """Sizes come from the safetensors headers: three models whose header declares an 80 GB tensor
+    (no data behind it) are refused in one line naming the sizes, and nothing is read or written."""
+    models = _huge_models(zoo, tmp_path)
     path = experiment(tmp_path, zoo, models=models)
     result = cli("run", path, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -610,16 +615,7 @@ def test_models_that_cannot_fit_this_machine_are_refused_before_anything_is_writ
 def test_a_gpu_pools_shared_copy_must_fit_host_memory_too(zoo, tmp_path):
     """GPU workers hold their models on the device, but the shared copy of the base and the task
     vectors lives in host memory: the same 80 GB headers are refused for a GPU pool, naming it."""
-    import struct
-
-    header = json.dumps({"w": {"dtype": "F32", "shape": [200_000, 100_000], "data_offsets": [0, 80_000_000_000]}})
-    models = {}
-    for name in ("base", "expert-add", "expert-sort"):
-        d = tmp_path / f"huge-{name}"
-        d.mkdir()
-        (d / "config.json").write_text((zoo / "base" / "config.json").read_text())
-        (d / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode())
-        models[name] = str(d)
+    models = _huge_models(zoo, tmp_path)
     path = experiment(tmp_path, zoo, models=models, workers={"gpus_per_worker": 1})
     result = cli("run", path, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]

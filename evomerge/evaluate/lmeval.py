@@ -320,56 +320,8 @@ def wrap_model(model, tokenizer, batch_size: int | str = 64, max_length: int | N
     length (longest prompt + ``max_gen_toks``), not the model's maximum context; ``halve_batch``
     is the way back from an out-of-memory error.
     """
-    from lm_eval.models.huggingface import HFLM
-
-    class ResidentHFLM(HFLM):
-        _tokens: dict = {}
-
-        def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
-            if kwargs:
-                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
-            key = (string, add_special_tokens, left_truncate_len)
-            hit = self._tokens.get(key)
-            if hit is None:
-                hit = tuple(super().tok_encode(string, add_special_tokens, left_truncate_len))
-                if len(self._tokens) < TOKENIZATION_CACHE:
-                    self._tokens[key] = hit
-            return list(hit)  # callers get their own list, as from the tokenizer
-
-        def generate_until(self, requests, disable_tqdm=False):
-            # automatic batch sizing at the requests' own length (the longest prompt and the tokens it
-            # may generate), not the model's whole context (131,072 tokens for Qwen2.5)
-            longest = max((len(self.tok_encode(r.args[0])) for r in requests), default=0)
-            gen = max((int((r.args[1] or {}).get("max_gen_toks", self.max_gen_toks)) for r in requests), default=0)
-            self.generation_length = max(1, min(self.max_length, longest + gen))
-            return super().generate_until(requests, disable_tqdm)
-
-        def halve_batch(self) -> bool:
-            """After an out-of-memory error: half the batch size (a fixed one, or every detected one and
-            the most a detection may find); False when it is 1 already."""
-            if self.batch_size == "auto":
-                if self.max_batch_size <= 1 and all(v <= 1 for v in self.batch_found.values()):
-                    return False
-                self.batch_found = {k: max(1, v // 2) for k, v in self.batch_found.items()}
-                self.max_batch_size = max(1, self.max_batch_size // 2)
-                return True
-            if int(self.batch_size_per_gpu) <= 1:
-                return False
-            self.batch_size_per_gpu = int(self.batch_size_per_gpu) // 2
-            return True
-
-        def _detect_batch_size(self, requests=None, pos=0):
-            if not requests and self.generation_length:  # a generation: a request of its real length
-                requests, pos = [(None, [1] * self.generation_length, [1])], 0
-            key = None if not requests else len(requests[pos][1]) + len(requests[pos][2])
-            if key not in self.batch_found:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    self.batch_found[key] = super()._detect_batch_size(requests, pos)
-                self.detections += 1
-            return self.batch_found[key]
-
     device = str(next(model.parameters()).device)
-    lm = ResidentHFLM(
+    lm = _resident_hflm()(
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=batch_size,
@@ -379,6 +331,58 @@ def wrap_model(model, tokenizer, batch_size: int | str = 64, max_length: int | N
     )
     lm._tokens, lm.batch_found, lm.detections, lm.generation_length = {}, {}, 0, None  # per instance
     return lm
+
+
+@functools.cache
+def _resident_hflm() -> type:
+    """lm-eval's ``HFLM`` with what a resident model needs (see ``wrap_model``); made once."""
+    from lm_eval.models.huggingface import HFLM
+
+    def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        if kwargs:
+            return HFLM.tok_encode(self, string, add_special_tokens, left_truncate_len, **kwargs)
+        key = (string, add_special_tokens, left_truncate_len)
+        hit = self._tokens.get(key)
+        if hit is None:
+            hit = tuple(HFLM.tok_encode(self, string, add_special_tokens, left_truncate_len))
+            if len(self._tokens) < TOKENIZATION_CACHE:
+                self._tokens[key] = hit
+        return list(hit)  # callers get their own list, as from the tokenizer
+
+    def generate_until(self, requests, disable_tqdm=False):
+        # automatic batch sizing at the requests' own length (the longest prompt and the tokens it
+        # may generate), not the model's whole context (131,072 tokens for Qwen2.5)
+        longest = max((len(self.tok_encode(r.args[0])) for r in requests), default=0)
+        gen = max((int((r.args[1] or {}).get("max_gen_toks", self.max_gen_toks)) for r in requests), default=0)
+        self.generation_length = max(1, min(self.max_length, longest + gen))
+        return HFLM.generate_until(self, requests, disable_tqdm)
+
+    def halve_batch(self) -> bool:
+        """After an out-of-memory error: half the batch size (a fixed one, or every detected one and
+        the most a detection may find); False when it is 1 already."""
+        if self.batch_size == "auto":
+            if self.max_batch_size <= 1 and all(v <= 1 for v in self.batch_found.values()):
+                return False
+            self.batch_found = {k: max(1, v // 2) for k, v in self.batch_found.items()}
+            self.max_batch_size = max(1, self.max_batch_size // 2)
+            return True
+        if int(self.batch_size_per_gpu) <= 1:
+            return False
+        self.batch_size_per_gpu = int(self.batch_size_per_gpu) // 2
+        return True
+
+    def detect_batch_size(self, requests=None, pos=0):
+        if not requests and self.generation_length:  # a generation: a request of its real length
+            requests, pos = [(None, [1] * self.generation_length, [1])], 0
+        key = None if not requests else len(requests[pos][1]) + len(requests[pos][2])
+        if key not in self.batch_found:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.batch_found[key] = HFLM._detect_batch_size(self, requests, pos)
+            self.detections += 1
+        return self.batch_found[key]
+
+    methods = {"tok_encode": tok_encode, "generate_until": generate_until, "halve_batch": halve_batch}
+    return type("ResidentHFLM", (HFLM,), {**methods, "_detect_batch_size": detect_batch_size})
 
 
 def _cache_prompt_templates() -> None:
