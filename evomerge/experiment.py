@@ -351,10 +351,9 @@ def _check_tasks_and_tracking(
 ) -> None:
     from evomerge.evaluate.config import EvaluatorError
 
-    wanted = evaluator.lm_eval.apply_chat_template
-    if wanted:  # the candidates' tokenizer is the base's (a path's: its first model's)
+    for field, wanted in evaluator.chat_templates_asked():  # the base's tokenizer (a path's: its first model's)
         templates = chat_templates(tokenizer_ref)
-        where = f"evaluator: {evaluator.source}: lm_eval.apply_chat_template"
+        where = f"evaluator: {evaluator.source}: {field}"
         if not templates:
             fail(where, f"the tokenizer of {tokenizer_ref} has no chat template")
         if isinstance(wanted, str) and wanted not in templates:

@@ -187,3 +187,62 @@ def test_a_campaign_refuses_what_its_models_or_tasks_cannot_do(zoo, tmp_path):
         "without generation settings)"
     )
     assert not (tmp_path / "campaign").exists()
+
+
+def test_objectives_carry_their_own_lm_eval_settings(zoo):
+    """An objective's settings override the evaluator's for its task: documents, generation settings
+    and prompt settings; tasks whose prompt settings differ are scored by separate suites (lm-eval
+    takes those per call), the others by one."""
+    objectives = [
+        {"name": "rev", "task": REV, "metric": "exact_match", "limit": 3, "system_instruction": "x"},
+        {"name": "rev-long", "task": REV, "metric": "exact_match", "gen_kwargs": {"max_gen_toks": 1}},
+        {"name": "sort", "task": SORT, "metric": "acc"},
+        {"name": "add", "task": ADD, "metric": "exact_match"},
+    ]
+    ev = parse_evaluator(
+        {"limit": 8, "seed": 1, "objectives": objectives, "lm_eval": {"gen_kwargs": {"max_gen_toks": 2}}},
+        REPO / "evaluators" / "inline.yaml",
+    )
+    s = CandidateScorer({"base": str(zoo / "base"), "expert-rev": str(zoo / "expert-rev")}, "base", ev)
+    kind = s.kinds["task"]
+    assert [suite.names for suite, _ in kind.suites] == [["zoo_rev_search"], ["zoo_sort_search", "zoo_add_search"]]
+    s.resident.materialize(REV_ALONE)
+    rev = kind.suites[0][0].evaluate(s.lm, log_samples=True)["samples"]["zoo_rev_search"]
+    rest = kind.suites[1][0].evaluate(s.lm, log_samples=True)["samples"]
+    assert len(rev) == 3 and len(rest["zoo_sort_search"]) == 8 and len(rest["zoo_add_search"]) == 8
+    assert all(r["arguments"][0][0].startswith("xrev:") for r in rev)  # its system instruction, no one else's
+    assert all(r["arguments"][0][0].startswith("add:") for r in rest["zoo_add_search"])
+    assert {r["arguments"][0][1]["max_gen_toks"] for r in rev} == {1}  # its own over the evaluator's
+    assert {r["arguments"][0][1]["max_gen_toks"] for r in rest["zoo_add_search"]} == {2}  # the evaluator's
+    score = s.score(REV_ALONE)
+    assert score.values["rev"] == score.values["rev-long"] == 0.0  # one generated character cannot be a reversal
+    assert score.timings["documents"] == 3 + 8 + 8
+
+
+@pytest.mark.parametrize(
+    "objectives, field, message",
+    [
+        (
+            [{"name": "a", "task": REV, "num_fewshot": 1}, {"name": "b", "task": REV, "num_fewshot": 2}],
+            "objectives[1].num_fewshot",
+            "objectives[0] gives task zoo_rev_search another num_fewshot",
+        ),
+        (
+            [{"name": "a", "task": SORT, "gen_kwargs": {"max_gen_toks": 2}}],
+            "objectives[0].gen_kwargs",
+            "does not generate",
+        ),
+        ([{"name": "a", "task": REV, "fewshot_as_multiturn": True}], "objectives[0].fewshot_as_multiturn", "needs"),
+    ],
+)
+def test_objective_settings_that_cannot_hold_name_the_field(objectives, field, message):
+    ev = parse_evaluator({"objectives": objectives}, REPO / "evaluators" / "inline.yaml")
+    with pytest.raises(EvaluatorError) as e:
+        ev.check_sources("search")
+    assert str(e.value).startswith(f"{REPO / 'evaluators' / 'inline.yaml'}: {field}: ") and message in str(e.value)
+
+
+def test_an_objectives_unknown_generation_setting_names_the_field():
+    with pytest.raises(EvaluatorError) as e:
+        parse_evaluator({"objectives": [{"name": "a", "task": REV, "gen_kwargs": {"max_new_tokns": 1}}]}, "ev.yaml")
+    assert str(e.value).startswith("ev.yaml: objectives[0].gen_kwargs: unknown generation setting(s) max_new_tokns")

@@ -61,17 +61,9 @@ class LmEvalOptions(BaseModel):
     @field_validator("gen_kwargs")
     @classmethod
     def _generation_keys(cls, value):
-        if value is None:
-            return value
-        from transformers import GenerationConfig
+        from evomerge.evaluate.lmeval import check_generation_keys
 
-        known = set(GenerationConfig().to_dict()) | {"until", "max_gen_toks"}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown generation setting(s) {', '.join(unknown)} (not in transformers' GenerationConfig)"
-            )
-        return value
+        return check_generation_keys(value)
 
     @model_validator(mode="after")
     def _multiturn(self):
@@ -137,6 +129,15 @@ class EvaluatorConfig(BaseModel):
         if local and self._source is not None and not Path(ref).is_absolute():
             return str((self._source.parent / ref).resolve())
         return ref
+
+    def chat_templates_asked(self) -> list[tuple[str, bool | str]]:
+        """(field, value) of every chat template the evaluator asks for: ``lm_eval``'s and objectives' own."""
+        asked = [("lm_eval.apply_chat_template", self.lm_eval.apply_chat_template)]
+        asked += [
+            (f"objectives[{i}].apply_chat_template", getattr(o, "apply_chat_template", None))
+            for i, o in enumerate(self.objectives)
+        ]
+        return [(field, value) for field, value in asked if value]
 
     def check_files(self, split: str) -> None:
         """Every local file of ``split`` an objective reads exists (before any compute starts)."""

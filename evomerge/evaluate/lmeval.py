@@ -6,7 +6,9 @@ environment probing and no reseeding of the global RNGs per call, which ``simple
 
 Tasks are named either by a path to a local lm-eval YAML file (data paths inside it are resolved
 relative to the YAML's folder) or by a built-in lm-eval task name (needs the network the first time
-its dataset is fetched).
+its dataset is fetched, or the dataset in the local Hugging Face cache: ``evomerge zoo builtin``).
+A task whose definition says ``unsafe_code`` (mbpp, humaneval: they run the programs the model
+writes) is loaded and scored only when its caller confirms it (``confirm_run_unsafe_code``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import functools
 import io
 import logging
 import math
+import os
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +53,66 @@ def resolve_task(ref: str | Path) -> TaskRef:
             raise TaskError(f"{path}: not an lm-eval task file (no 'task' field)")
         return TaskRef(name=str(config["task"]), yaml_path=path.resolve())
     return TaskRef(name=str(ref))
+
+
+@functools.cache
+def _manager(folders: tuple[str, ...] | None):
+    from lm_eval.tasks import TaskManager
+
+    if folders is None:
+        return TaskManager(verbosity="ERROR")  # every built-in task (seconds)
+    return TaskManager(include_path=list(folders) or None, include_defaults=False, verbosity="ERROR")
+
+
+def task_manager(builtin: list[str]):
+    """An lm-eval ``TaskManager`` that knows the built-in tasks ``builtin``, made once per process.
+
+    Indexing all of lm-eval's ~14,700 tasks costs seconds per process (the campaign's check, each
+    worker, export); a built-in task whose folder in lm-eval bears its name (``gsm8k``, ``mbpp``,
+    ``humaneval``) is found by indexing that folder alone, and any other name by the whole index."""
+    if not builtin:
+        return _manager(())
+    from lm_eval import tasks
+
+    root = Path(tasks.__file__).parent
+    folders = tuple(sorted({str(root / name) for name in builtin}))
+    if all(Path(f).is_dir() for f in folders):
+        manager = _manager(folders)
+        if all(name in manager.all_tasks for name in builtin):
+            return manager
+    return _manager(None)
+
+
+def unsafe_tasks(manager, spec: str | dict) -> list[str]:
+    """The tasks of ``spec`` (a built-in name: a task, group or tag; or a local task's config) whose
+    definition says ``unsafe_code``: scoring them runs the programs the model writes. Read from
+    the task index, without loading the tasks (loading mbpp already runs code)."""
+    if isinstance(spec, dict):
+        return [str(spec.get("task"))] if spec.get("unsafe_code") else []
+    found, todo, seen = [], [spec], set()
+    while todo:
+        name = todo.pop()
+        entry = manager.task_index.get(name) if isinstance(name, str) else None
+        if entry is None or name in seen:
+            continue
+        seen.add(name)
+        cfg = entry.cfg or {}
+        if cfg.get("unsafe_code"):
+            found.append(name)
+        members = cfg.get("task") if isinstance(cfg.get("task"), list) else []
+        todo.extend(m if isinstance(m, str) else (m or {}).get("task") for m in members)
+        todo.extend(entry.tags if entry.kind.name == "TAG" else [])
+    return sorted(found)
+
+
+def unsafe_code_of(ref: str | Path) -> list[str]:
+    """The tasks of one task reference (a local YAML path or a built-in name) whose definition says
+    ``unsafe_code``, read without loading them; [] for a name lm-eval does not know."""
+    task = resolve_task(ref)
+    manager = task_manager([] if task.yaml_path else [task.name])
+    if task.yaml_path is None and task.name not in manager.all_tasks:
+        return []
+    return unsafe_tasks(manager, _local_config(task) if task.yaml_path else task.name)
 
 
 def _local_config(ref: TaskRef) -> dict:
@@ -103,13 +167,16 @@ class TaskSuite:
     ``limit`` caps the documents per task, the same ones on every call so scores of different models
     are comparable: the first ``limit`` of the task's split, or with ``subset_seed`` a seeded random
     subset of that size (drawn once per task from (seed, task name)); below 1 it is a fraction of
-    each task's documents, rounded up. ``num_fewshot`` maps task names to their number of few-shot
-    examples, drawn by lm-eval with ``fewshot_seed``: the same examples on every call (lm-eval's
-    sampler would otherwise move on from call to call, giving each model other examples).
-    ``gen_kwargs`` overrides the generation settings of every generating task; ``evaluate_kwargs``
-    (chat template, multi-turn few-shot, system instruction) go to every ``evaluate`` call.
-    ``held_out`` (task name -> ``HeldOut``): tasks whose search and report documents are disjoint
-    subsets of one document set; the suite scores its ``split``'s (``held_out`` records both).
+    each task's documents, rounded up; ``limits`` (task name -> limit) overrides it per task.
+    ``num_fewshot`` maps task names to their number of few-shot examples, drawn by lm-eval with
+    ``fewshot_seed``: the same examples on every call (lm-eval's sampler would otherwise move on from
+    call to call, giving each model other examples). ``gen_kwargs`` overrides the generation settings
+    of every generating task, ``task_gen_kwargs`` (task name -> settings) of one task, over those;
+    ``evaluate_kwargs`` (chat template, multi-turn few-shot, system instruction) go to every
+    ``evaluate`` call. ``held_out`` (task name -> ``HeldOut``): tasks whose search and report documents
+    are disjoint subsets of one document set; the suite scores its ``split``'s (``held_out`` records
+    both). ``confirm_run_unsafe_code``: the task names (or True: all) whose programs may run; a task
+    whose definition says ``unsafe_code`` and is not confirmed is refused (TaskError) before it loads.
     """
 
     def __init__(
@@ -123,63 +190,97 @@ class TaskSuite:
         evaluate_kwargs: dict | None = None,
         held_out: dict[str, HeldOut] | None = None,
         split: str = "search",
+        limits: dict[str, int | float] | None = None,
+        task_gen_kwargs: dict[str, dict] | None = None,
+        confirm_run_unsafe_code: bool | Collection[str] = (),
     ):
-        from lm_eval.tasks import TaskManager, get_task_dict
-
         refs = [resolve_task(t) for t in tasks]
-        names = [r.name for r in refs]
-        if len(set(names)) != len(names):
-            raise TaskError(f"duplicate task names in {names}")
-        builtin = [r.name for r in refs if r.yaml_path is None]
-        # Indexing lm-eval's ~14k built-in tasks costs seconds: only do it when one is asked for.
-        manager = TaskManager(include_defaults=bool(builtin), verbosity="ERROR")
-        if builtin:
-            unknown = [n for n in builtin if n not in manager.all_tasks]
-            if unknown:
-                raise TaskError(f"unknown lm-eval task(s) {unknown} (not a .yaml path nor a built-in name)")
-        specs = [_local_config(r) if r.yaml_path else r.name for r in refs]
-        _quiet_lm_eval()
-        _cache_prompt_templates()
-        self.task_dict = get_task_dict(specs, manager)
-        self.names = names
-        self.limit = limit
+        self.names = [r.name for r in refs]
+        if len(set(self.names)) != len(self.names):
+            raise TaskError(f"duplicate task names in {self.names}")
+        self.task_dict = self._load(refs, confirm_run_unsafe_code)
+        self.limit, self.limits = limit, dict(limits or {})
         self.fewshot_seed = fewshot_seed
         self.evaluate_kwargs = dict(evaluate_kwargs or {})
-        leaves = dict(_leaf_tasks(self.task_dict))
-        for name, shots in (num_fewshot or {}).items():
+        for name in [*(num_fewshot or {}), *self.limits, *(task_gen_kwargs or {})]:
             if name not in self.names:
-                raise TaskError(f"num_fewshot: {name!r} is not one of the suite's tasks {self.names}")
-            for leaf, task in leaves.items():
-                if leaf == name or leaf in _group_members(self.task_dict, name):
-                    task.set_config(key="num_fewshot", value=int(shots))
-        if gen_kwargs:  # as lm-eval's --gen_kwargs: only tasks that generate have generation settings
-            for task in leaves.values():
-                if task.get_config("output_type") == "generate_until":
-                    task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
+                raise TaskError(f"{name!r} is not one of the suite's tasks {self.names}")
+        self._owner = {leaf: name for name in self.names for leaf in self.members(name)}
+        self._configure(num_fewshot or {}, gen_kwargs or {}, task_gen_kwargs or {})
         self.samples = None
         self._subsets: dict[int | None, dict[str, list[int]]] = {}
         self.held_out: dict[str, dict[str, list[int]]] = {}  # leaf -> split -> its documents
-        if limit is not None and subset_seed is not None:
+        self._draw(subset_seed, held_out or {}, split)
+
+    def _load(self, refs: list[TaskRef], confirmed: bool | Collection[str]) -> dict:
+        """lm-eval's task dict of ``refs``; unsafe tasks only where confirmed (checked before loading:
+        loading a code task already runs code)."""
+        from lm_eval.tasks import get_task_dict
+
+        builtin = [r.name for r in refs if r.yaml_path is None]
+        manager = task_manager(builtin)
+        unknown = [n for n in builtin if n not in manager.all_tasks]
+        if unknown:
+            raise TaskError(f"unknown lm-eval task(s) {unknown} (not a .yaml path nor a built-in name)")
+        specs = [_local_config(r) if r.yaml_path else r.name for r in refs]
+        unsafe = {r.name: unsafe_tasks(manager, spec) for r, spec in zip(refs, specs)}
+        for name, found in unsafe.items():
+            if found and not (confirmed is True or name in confirmed):
+                raise TaskError(
+                    f"task {name} runs the programs the model writes (unsafe_code in the definition of "
+                    f"{', '.join(found)}); it is scored only with confirm_run_unsafe_code"
+                )
+        self.runs_code = any(unsafe.values())
+        if self.runs_code:  # what code_eval asks of the process before it runs anything
+            os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+        _quiet_lm_eval()
+        _cache_prompt_templates()
+        return get_task_dict(specs, manager)
+
+    def leaves(self) -> list[tuple[str, object]]:
+        """(name, lm-eval Task) of every leaf task (a group's subtasks in its place)."""
+        return list(_leaf_tasks(self.task_dict))
+
+    def members(self, name: str) -> list[str]:
+        """The leaf tasks of one of the suite's tasks: itself, or a group's subtasks."""
+        leaves = dict(_leaf_tasks(self.task_dict))
+        return [name] if name in leaves else sorted(_group_members(self.task_dict, name))
+
+    def _configure(self, shots: dict[str, int], gen_kwargs: dict, task_gen_kwargs: dict[str, dict]) -> None:
+        for leaf, task in _leaf_tasks(self.task_dict):
+            owner = self._owner[leaf]
+            if owner in shots:
+                task.set_config(key="num_fewshot", value=int(shots[owner]))
+            settings = {**gen_kwargs, **task_gen_kwargs.get(owner, {})}
+            # as lm-eval's --gen_kwargs: only tasks that generate have generation settings
+            if settings and task.get_config("output_type") == "generate_until":
+                task.set_config(key="generation_kwargs", value=settings, update=True)
+
+    def _draw(self, subset_seed: int | None, held_out: dict[str, HeldOut], split: str) -> None:
+        """The documents scored: a seeded subset per task, or a held-out task's ``split`` share."""
+        leaves = dict(_leaf_tasks(self.task_dict))
+        if subset_seed is not None and (self.limit is not None or self.limits):
             self.samples = {}
             for leaf, task in leaves.items():
                 n = len(task.eval_docs)
-                k = self.documents_of(n)
+                k = self.documents_of(n, self._owner[leaf])
                 rng = random.Random(f"{subset_seed}:{leaf}")
                 self.samples[leaf] = sorted(rng.sample(range(n), k)) if k < n else list(range(n))
-        for name, sizes in (held_out or {}).items():
-            members = [name] if name in leaves else sorted(_group_members(self.task_dict, name))
-            for leaf in members:
+        for name, sizes in held_out.items():
+            for leaf in self.members(name):
                 self.held_out[leaf] = sizes.documents(len(leaves[leaf].eval_docs), f"{subset_seed}:{leaf}", leaf)
                 self.samples = self.samples if self.samples is not None else {}
                 self.samples[leaf] = self.held_out[leaf][split]
 
-    def documents_of(self, n: int) -> int:
-        """Documents scored of a task that has ``n``: ``limit`` of them, or that fraction, rounded up."""
-        if self.limit is None:
+    def documents_of(self, n: int, task: str | None = None) -> int:
+        """Documents scored of a task that has ``n``: its limit (``limits``, else ``limit``) of them,
+        or that fraction, rounded up."""
+        limit = self.limits.get(task, self.limit)
+        if limit is None:
             return n
-        if self.limit < 1:
-            return min(n, max(1, math.ceil(n * self.limit)))
-        return min(n, int(self.limit))
+        if limit < 1:
+            return min(n, max(1, math.ceil(n * limit)))
+        return min(n, int(limit))
 
     def output_types(self) -> dict[str, str]:
         """Each leaf task's lm-eval output type (generate_until, loglikelihood, multiple_choice, ...)."""
@@ -192,7 +293,7 @@ class TaskSuite:
         leaves = dict(_leaf_tasks(self.task_dict))
         out = {}
         for name in self.names:
-            members = [name] if name in leaves else sorted(_group_members(self.task_dict, name))
+            members = self.members(name)
             out[name] = {
                 f"{m},{f}"
                 for leaf in members
@@ -212,7 +313,7 @@ class TaskSuite:
             if self.samples is not None and leaf in self.samples:
                 full = self.samples[leaf]
             else:
-                full = list(range(self.documents_of(len(task.eval_docs))))
+                full = list(range(self.documents_of(len(task.eval_docs), self._owner[leaf])))
             if documents is not None and documents < len(full):
                 order = random.Random(f"rungs:{leaf}").sample(full, len(full))
                 full = sorted(order[:documents])
@@ -228,7 +329,7 @@ class TaskSuite:
         """
         from lm_eval.evaluator import evaluate
 
-        chosen = documents is not None or self.samples is not None or self.limit is not None
+        chosen = documents is not None or self.samples is not None or self.limit is not None or self.limits
         samples = self.subset(documents) if chosen else None
         for _, task in _leaf_tasks(self.task_dict):  # the same few-shot examples on every call
             task.set_fewshot_seed(seed=self.fewshot_seed)
@@ -244,6 +345,7 @@ class TaskSuite:
                 bootstrap_iters=0,
                 log_samples=log_samples,
                 verbosity="ERROR",
+                confirm_run_unsafe_code=self.runs_code,
                 **self.evaluate_kwargs,
             )
 
@@ -271,6 +373,20 @@ def _group_members(task_dict: dict, group: str) -> set[str]:
             if found:
                 return found
     return set()
+
+
+def check_generation_keys(settings: dict | None) -> dict | None:
+    """``settings`` when every key is a generation setting (transformers' ``GenerationConfig`` or
+    lm-eval's ``until``/``max_gen_toks``); ValueError naming the others."""
+    if settings is None:
+        return settings
+    from transformers import GenerationConfig
+
+    known = set(GenerationConfig().to_dict()) | {"until", "max_gen_toks"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown generation setting(s) {', '.join(unknown)} (not in transformers' GenerationConfig)")
+    return settings
 
 
 def resolve_metric(metric: str | None, reported, task: str) -> str:
@@ -419,5 +535,8 @@ def _cache_prompt_templates() -> None:
 
 
 def _quiet_lm_eval() -> None:
-    for name in ("lm_eval", "lm-eval", "lm_eval.evaluator", "lm_eval.api.task"):
+    # datasets: "Using the latest cached version" for every offline load; transformers: prompts
+    # longer than the model's context, which lm-eval truncates itself
+    names = ("lm_eval", "lm-eval", "lm_eval.evaluator", "lm_eval.api.task", "datasets", "evaluate")
+    for name in (*names, "transformers.tokenization_utils_base"):
         logging.getLogger(name).setLevel(logging.ERROR)
