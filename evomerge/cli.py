@@ -71,6 +71,24 @@ def cmd_zoo_eval(args) -> int:
     return 1 if args.strict else 0
 
 
+def cmd_zoo_builtin(args) -> int:
+    from evomerge.zoo.builtin import write_builtin_data
+
+    default = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser().resolve()
+    if args.out.expanduser().resolve() == default and not args.out.joinpath("evomerge-builtin.json").is_file():
+        raise UserError(
+            f"--out: {args.out} is the Hugging Face home this shell uses; offline, the generated datasets would "
+            "stand in for the real ones there: give a folder of its own"
+        )
+    manifest = write_builtin_data(args.out)
+    for repo, entry in manifest["datasets"].items():
+        rows = ", ".join(f"{split} {n}" for split, n in entry["rows"].items())
+        print(f"{repo} ({entry['config']}): {rows}  {args.out}/{entry['path']}")
+    print(f"code_eval metric: {args.out}/{manifest['metrics']['code_eval']}")
+    print(f"use it with: HF_HOME={args.out} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1")
+    return 0
+
+
 def cmd_eval(args) -> int:
 
     from evomerge.evaluate.lmeval import TaskError, TaskSuite, wrap_model
@@ -82,7 +100,7 @@ def cmd_eval(args) -> int:
     except ModelLoadError as e:
         raise UserError(f"--device: {e}") from None
     try:
-        suite = TaskSuite(args.task, limit=args.limit)
+        suite = TaskSuite(args.task, limit=args.limit, confirm_run_unsafe_code=args.confirm_run_unsafe_code)
         model, tokenizer = load_causal_lm(
             args.model, trust_remote_code=args.trust_remote_code, dtype=_torch_dtype(args.dtype), device=device
         )
@@ -536,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--strict", action="store_true", help="exit 1 when a quality property fails")
     p.set_defaults(func=cmd_zoo_eval)
+    p = zoo.add_parser(
+        "builtin",
+        help="write generated data for lm-eval's built-in gsm8k and mbpp into a Hugging Face home (offline use)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="a Hugging Face home of its own (then HF_HOME=OUT)")
+    p.set_defaults(func=cmd_zoo_builtin)
 
     p = sub.add_parser("merge", help="merge a recipe (mergekit-compatible YAML) from disk to disk")
     p.add_argument("recipe", type=Path)
@@ -610,6 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument(
+        "--confirm-run-unsafe-code",
+        action="store_true",
+        help="allow tasks that run the programs the model writes (mbpp, humaneval)",
+    )
     _scoring_options(p)
     p.set_defaults(func=cmd_eval)
     return parser
