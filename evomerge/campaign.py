@@ -710,6 +710,10 @@ class CampaignRun:
         while not (budget.met(told) and not pool.in_flight):
             for _ in range(min(pool.free, budget.room(told, pool.in_flight))):
                 trial = search.ask()
+                original = search.repeat_of(trial)
+                if original is not None:  # a recipe scored in full already: its result, no documents
+                    told += self._told(search.tell_repeat(trial, original))
+                    continue
                 recipe = trial.recipe.model_dump(exclude_none=True)
                 pool.submit(trial.id, recipe, log_samples=log_samples, documents=search.documents_for(trial))
             for outcome in pool.poll(timeout=1.0):
@@ -738,7 +742,12 @@ class CampaignRun:
             return 0
         self.stages.mark("first_result")
         self.stages.at["last_result"] = round(time.time() - self.stages.origin, 3)
-        self.tracker.candidate(trial, [g.name for g in search.genome.genes], samples=score.samples)
+        return self._told(trial, score.samples)
+
+    def _told(self, trial, samples: dict | None = None) -> int:
+        """A trial's final result logged, the reference point fixed once the seeds are in; 1."""
+        search, loaded = self.search, self.loaded
+        self.tracker.candidate(trial, [g.name for g in search.genome.genes], samples=samples)
         if self.reference is None and len(search.finished) >= max(1, self.n_seeds):
             self.reference = loaded.state["reference_point"] = worst(search, search.directions)
             loaded.save_state()
@@ -808,6 +817,7 @@ def summary(loaded: Loaded, search, stopped: str | None, status: RunStatus, exit
         "done": len(search.finished),
         "failed": sum(t.status == "failed" for t in told),
         "stopped_early": len(search.stopped_early),
+        "repeats": len(search.repeats),
         "documents": search.documents,
         "front": [t.id for t in search.front()],
         "status": status,

@@ -273,6 +273,7 @@ def _finish(summary: dict) -> int:
     print(
         f"evaluations {summary['evaluations']} ({summary['done']} done, {summary['failed']} failed"
         + (f", {summary['stopped_early']} stopped at a lower rung" if summary.get("stopped_early") else "")
+        + (f", {summary['repeats']} repeats of a recipe scored already" if summary.get("repeats") else "")
         + f"); documents scored {summary['documents']}; "
         f"front: {len(summary['front'])} candidates"
         + (f"; hypervolume {summary['hypervolume']:.4g}" if "hypervolume" in summary else "")
@@ -360,7 +361,8 @@ def cmd_status(args) -> int:
         + f": {len(done)} done, "
         + (f"{len(search.stopped_early)} stopped at a lower rung, " if search.stopped_early else "")
         + f"{sum(t.status == 'failed' for t in told)} failed, {len(search.trials) - len(told)} in flight "
-        f"when last stopped; documents scored {search.documents}"
+        f"when last stopped; {len(search.repeats)} repeats of a recipe scored already (not scored again); "
+        f"documents scored {search.documents}"
     )
     print(
         f"elapsed {loaded.state.get('elapsed_s', 0):.0f} s; "

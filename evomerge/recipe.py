@@ -19,6 +19,7 @@ Parameter values follow mergekit's semantics (see ``resolve_setting``):
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,27 @@ UNSUPPORTED_KEYS = {
     "chat_template": "chat template selection",
     "residual_weight": "slice residual weights",
 }
+
+
+#: Decimal places a recipe's numbers are compared at (``recipe_key``): closer values merge alike.
+KEY_DECIMALS = 6
+
+
+def recipe_key(recipe: Recipe) -> str:
+    """A recipe's canonical form: its fields as merged (a model left out of the merge is absent,
+    whatever genes it had), numbers rounded to ``KEY_DECIMALS``, keys sorted. Two recipes with one
+    key merge to the same weights (the seed of random methods is part of it)."""
+
+    def canonical(value):
+        if isinstance(value, float):
+            return round(value, KEY_DECIMALS) + 0.0  # -0.0 and 0.0 alike
+        if isinstance(value, dict):
+            return {k: canonical(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [canonical(v) for v in value]
+        return value
+
+    return json.dumps(canonical(recipe.model_dump(mode="json", exclude_none=True)), sort_keys=True)
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:

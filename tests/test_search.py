@@ -329,3 +329,56 @@ def test_multi_fidelity_search_fronts_full_results_and_resumes_exactly(tmp_path)
     run_mf(resumed, 40)
     final = lambda s: [(t.id, t.unit, t.status, t.rung, t.values, t.documents) for t in s.trials]
     assert final(resumed) == final(whole)
+
+
+def test_a_recipe_scored_already_is_not_scored_again(tmp_path):
+    """Recipes that merge alike (an excluded expert's genes differ, or numbers below the key's
+    precision) share one key; a trial whose recipe was scored in full is told that result, marked
+    as a repeat in the journal, at no document cost, and the optimizer is told it too. The journal
+    replays it; with multi-fidelity the repeat counts as a full evaluation."""
+    from evomerge.recipe import recipe_key
+    from evomerge.search.fidelity import Fidelity
+    from evomerge.search.space import SearchSpace
+
+    space = SearchSpace.model_validate(
+        {
+            "base": "base",
+            "models": ["a", "b", "c"],
+            "method": "ties",
+            "parameters": {"weight": {"low": 0.0, "high": 1.0}, "density": {"low": 0.1, "high": 1.0}},
+            "select": {"min": 1, "max": 2},
+        }
+    )
+    g = Genome(space, num_layers=4)
+    names = [x.name for x in g.genes]
+    point = {"include[a]": 0.9, "include[b]": 0.8, "include[c]": 0.1, "weight[a]": 0.3, "weight[b]": 0.6}
+    point |= {"weight[c]": 0.2, "density[a]": 0.5, "density[b]": 0.7, "density[c]": 0.4}
+    first = [point[n] for n in names]
+    other_c = [(0.95 if n == "weight[c]" else 0.35 if n == "density[c]" else point[n]) for n in names]
+    closer = [v + 1e-9 if n == "weight[a]" else v for n, v in zip(names, first)]
+    other_a = [0.4 if n == "weight[a]" else v for n, v in zip(names, first)]
+    keys = [recipe_key(g.decode(x)) for x in (first, other_c, closer, other_a)]
+    assert keys[0] == keys[1] == keys[2] != keys[3]  # c is left out: its genes do not change the merge
+
+    s = Search(g, "nsga2", TWO, 0, tmp_path / "s", fidelity=Fidelity(rungs=(5,), promote=0.5))
+    for x in (first, other_c, other_a):
+        s.enqueue(x)
+    t0 = s.ask()
+    assert s.repeat_of(t0) is None
+    s.tell(t0.id, [0.25, 0.5], {"documents": 40})
+    t1, t2 = s.ask(), s.ask()
+    assert s.repeat_of(t1) is t0 and s.repeat_of(t2) is None
+    t1.rung = 0  # as a searched trial starts (a seed starts in full): the repeat is told in full all the same
+    told = s.tell_repeat(t1, t0)
+    assert (told.values, told.info, told.documents, told.full) == (
+        [0.25, 0.5],
+        {"repeat_of": 0, "documents": 0},
+        0,
+        True,
+    )
+    assert s.repeats == [told] and s.documents == 40
+    events = [json.loads(line) for line in (tmp_path / "s" / JOURNAL).read_text().splitlines()]
+    assert events[-1] == {"event": "tell", "id": 1, "values": [0.25, 0.5], "info": {"repeat_of": 0, "documents": 0}}
+    again = Search(g, "nsga2", TWO, 0, tmp_path / "s", fidelity=Fidelity(rungs=(5,), promote=0.5))
+    assert [t.id for t in again.repeats] == [1] and again.trials[1].full
+    assert again.repeat_of(again.trials[2]) is None

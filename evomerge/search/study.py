@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from evomerge.objectives import Objective
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, parse_recipe, recipe_key
 from evomerge.search.fidelity import Fidelity
 from evomerge.search.journal import JOURNAL, Journal, JournalError
 from evomerge.search.optimizers import make_optimizer
@@ -115,6 +115,7 @@ class Search:
         lo, hi = genome.bounds
         self._lo, self._span = lo, [b - a for a, b in zip(lo, hi)]
         self.trials: list[Trial] = []
+        self._scored: dict[str, int] = {}  # recipe key -> the first trial that scored it in full
         self._pending: list[int] = []
         self._seeds_left = 0  # enqueued points not asked yet: evaluated in full, never on a rung
         self._rungs: list[list[tuple[int, list[float]]]] = [[] for _ in (fidelity.rungs if fidelity else ())]
@@ -166,8 +167,6 @@ class Search:
         return trial
 
     def _new_baseline(self, recipe: dict, label: str) -> Trial:
-        from evomerge.recipe import parse_recipe
-
         trial = Trial(len(self.trials), None, None, parse_recipe(recipe, f"baseline {label}"), baseline=label)
         if self.fidelity is not None:
             trial.rung = trial.top = self.fidelity.top
@@ -248,11 +247,32 @@ class Search:
         failed = values is None or any(v != v or v in (float("inf"), float("-inf")) for v in values)
         trial.status, trial.values, trial.info = ("failed" if failed else "done"), values, info
         trial.documents += int(info.get("documents", 0))
+        if "repeat_of" in info and trial.top is not None:  # the original's full evaluation
+            trial.rung = trial.top
         if self.fidelity is not None and not failed and trial.rung < self.fidelity.top:
             self._rungs[trial.rung].append((trial_id, values))
         if trial.unit is not None:
             self.optimizer.tell(trial.unit, None if failed else values)
+        if not failed and trial.full:
+            self._scored.setdefault(recipe_key(trial.recipe), trial.id)
         return trial
+
+    # -- repeats ----------------------------------------------------------------------------------
+    def repeat_of(self, trial: Trial) -> Trial | None:
+        """The trial that already scored ``trial``'s recipe in full (``recipe_key``: the same merge),
+        if any: its result stands for this one, which then costs no documents."""
+        found = self._scored.get(recipe_key(trial.recipe))
+        return self.trials[found] if found is not None and found != trial.id else None
+
+    def tell_repeat(self, trial: Trial, original: Trial) -> Trial:
+        """Tell ``trial`` the result of ``original`` (the same recipe, scored in full), marked as a
+        repeat in the journal (``info.repeat_of``), at full fidelity, with no documents scored."""
+        return self.tell(trial.id, original.values, {"repeat_of": original.id, "documents": 0})
+
+    @property
+    def repeats(self) -> list[Trial]:
+        """Trials told an earlier trial's result: their recipe had been scored already."""
+        return [t for t in self.trials if "repeat_of" in t.info]
 
     # -- results ----------------------------------------------------------------------------------
     @property

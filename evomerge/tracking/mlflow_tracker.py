@@ -307,6 +307,8 @@ class Tracker:
         }
         if info.get("reason"):
             tags["reason"] = str(info["reason"])[:5000]
+        if "repeat_of" in info:  # the recipe of an earlier trial: its result, not scored again
+            tags["repeat_of"] = str(info["repeat_of"])
         if trial.baseline:
             tags["baseline"] = "true"
             tags["baseline_recipe"] = trial.baseline
