@@ -177,6 +177,14 @@ class Loaded:
     def save_state(self) -> None:
         write_atomic(self.directory / STATE, json.dumps(self.state, indent=2) + "\n")
 
+    def document_records(self):
+        """The campaign's per-document records (``evomerge.search.records``)."""
+        from evomerge.search.records import DocumentRecords
+
+        split = self.checked.evaluator.split
+        documents = self.state.get("documents") or {}
+        return DocumentRecords(self.directory, {t: s[split] for t, s in documents.items() if split in s})
+
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
@@ -609,6 +617,7 @@ class CampaignRun:
         halt = b.halt_after_failures
         self.fail_fast = FailFast(exp.workers.count + 2 if halt is None else halt)
         self.pool = self.tracker = self.preparing = None
+        self.records = None  # the per-document records, once the workers have said their documents
         self.status: RunStatus = "FAILED"
         self.stopped, self.exit_code = None, 0
 
@@ -663,6 +672,7 @@ class CampaignRun:
         ]
         # the documents each task is scored on: recorded so that an export can show its report split's apart
         loaded.state["documents"] = workers[0].get("documents") if workers else None
+        self.records = loaded.document_records()
         nodes = len({w["node_id"] for w in workers})
         self.display.update(f"{len(workers)} worker(s) ready on {nodes} Ray node(s)", force=True)
         self.tracker = open_tracker(loaded, self.search, self.preparing.result())
@@ -737,6 +747,8 @@ class CampaignRun:
         }
         names = [o.name for o in loaded.objectives]
         values = [score.values[k] for k in names] if score.status == "done" else None
+        if score.per_document:  # before the result is told: a told trial always has its line
+            self.records.append(result.key, search.trials[result.key].rung, score.per_document)
         trial = search.report(result.key, values, info)
         if trial is None:  # promoted to the next rung: handed out again before new candidates
             return 0

@@ -684,6 +684,23 @@ def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
     assert len(searched) == 9 and searched[0].rung == 2  # alone at each rung so far: promoted twice
     assert all(t.documents == 2 * sum((5, 10, 20)[: t.rung + 1]) for t in searched if t.status == "done")
     assert {t.id for t in search.front()} <= {t.id for t in search.trials if t.status == "done" and t.rung == 2}
+    # per-document records: every evaluation's documents and scores, each rung's ids nested in the next
+    records = loaded.document_records().read()
+    for t in search.trials:
+        rungs = [(r, records[(t.id, r)]) for r in range(3) if (t.id, r) in records]
+        assert [r for r, _ in rungs] == (list(range(t.rung + 1)) if not t.baseline else [2])
+        for r, record in rungs:
+            for o in ("add", "sort"):
+                ((_, (ids, scores)),) = record[o].items()
+                assert len(ids) == (5, 10, 20)[r] and set(scores) <= {0.0, 1.0}
+        for (_, lower), (_, higher) in zip(rungs, rungs[1:]):
+            for o in ("add", "sort"):
+                ((task, (ids, _)),) = lower[o].items()
+                assert set(ids) <= set(higher[o][task][0])
+        final = records[(t.id, t.rung)]
+        for j, o in enumerate(("add", "sort")):
+            scores = next(iter(final[o].values()))[1]
+            assert sum(scores) / len(scores) == pytest.approx(t.values[j])  # the mean is the objective
 
     client = MlflowClient(tracking_uri=loaded.tracking()[0])
     exp = client.get_experiment_by_name("t-campaign")

@@ -382,3 +382,25 @@ def test_a_recipe_scored_already_is_not_scored_again(tmp_path):
     again = Search(g, "nsga2", TWO, 0, tmp_path / "s", fidelity=Fidelity(rungs=(5,), promote=0.5))
     assert [t.id for t in again.repeats] == [1] and again.trials[1].full
     assert again.repeat_of(again.trials[2]) is None
+
+
+def test_per_document_records_round_trip(tmp_path):
+    from evomerge.search.records import RECORDS, DocumentRecords
+
+    full = {"t": [1, 4, 7]}
+    records = DocumentRecords(tmp_path, full)
+    records.append(0, None, {"acc": {"t": ([1, 4, 7], [1.0, 0.0, 1.0])}, "ppl": {"t": ([4], [0.25])}})
+    records.append(1, 0, {"acc": {"t": ([4], [1.0])}})
+    records.append(0, None, {"acc": {"t": ([1, 4, 7], [0.0, 0.0, 1.0])}})  # evaluated again after a stop
+    lines = (tmp_path / RECORDS).read_text().splitlines()
+    assert json.loads(lines[0])["scores"]["acc"] == {"t": {"ids": None, "values": "101"}}  # whole set: ids left out
+    assert json.loads(lines[0])["scores"]["ppl"] == {"t": {"ids": [4], "values": [0.25]}}
+    with open(tmp_path / RECORDS, "a") as f:
+        f.write('{"id": 2, "rung"')  # cut short by an interruption
+    assert DocumentRecords(tmp_path, full).read() == {
+        (0, None): {"acc": {"t": ([1, 4, 7], [0.0, 0.0, 1.0])}},  # the last line of a trial wins
+        (1, 0): {"acc": {"t": ([4], [1.0])}},
+    }
+    (tmp_path / RECORDS).write_text(lines[0] + "\n[1, 2]\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match=rf"{RECORDS}:2: not a per-document record"):
+        DocumentRecords(tmp_path, full).read()

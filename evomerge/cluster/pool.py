@@ -429,6 +429,7 @@ class WorkerPool:
             reason=result["reason"],
             timings=result["timings"],
             samples=result.get("samples"),
+            per_document=result.get("per_document"),
         )
         return self._outcome(job, score, slot, pid=result.get("pid"))
 

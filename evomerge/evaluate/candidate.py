@@ -46,6 +46,8 @@ class Score:
     timings: dict[str, float] = field(default_factory=dict)
     #: lm-eval's per-sample records, compacted, when asked for: task -> list of records
     samples: dict[str, list[dict]] | None = None
+    #: per-document scores of the objectives that have them: objective -> task -> (ids, scores)
+    per_document: dict[str, dict[str, tuple[list[int], list[float]]]] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -54,6 +56,7 @@ class Score:
             "reason": self.reason,
             "timings": self.timings,
             "samples": self.samples,
+            "per_document": self.per_document,
         }
 
 
@@ -202,12 +205,14 @@ class CandidateScorer:
             if not self._logits_finite():
                 return failed("non-finite logits")
             values: dict[str, float] = {}
-            samples = None
+            samples, per_document = None, None
             for kind in self.kinds.values():
                 scored = kind.score(self.model, timings, documents=documents, log_samples=log_samples)
                 values.update(scored.values)
                 if scored.samples is not None:
                     samples = {**(samples or {}), **scored.samples}
+                if scored.per_document:
+                    per_document = {**(per_document or {}), **scored.per_document}
         except Exception as e:
             timings["evaluate"] = time.perf_counter() - evaluate_started
             detail = traceback.extract_tb(e.__traceback__)[-1]
@@ -220,7 +225,7 @@ class CandidateScorer:
             return failed(f"objective '{bad[0]}' is {values[bad[0]]}")
         ordered = {o.name: values[o.name] for o in self.evaluator.objectives}
         finish()
-        return Score("done", values=ordered, timings=timings, samples=samples)
+        return Score("done", values=ordered, timings=timings, samples=samples, per_document=per_document)
 
 
 def _resident_paths(models: dict[str, str], base: str, load: Callable[[str], tuple]):

@@ -37,11 +37,13 @@ FIRST = ("task", "perplexity")
 
 @dataclass
 class Scored:
-    """One kind's objective values for one candidate (objective name -> value) and, when asked for,
-    its per-sample records (source -> list of records)."""
+    """One kind's objective values for one candidate (objective name -> value), where the kind has
+    them its per-document scores (objective name -> task -> (document ids, scores)), and, when asked
+    for, its per-sample records (source -> list of records)."""
 
     values: dict[str, float]
     samples: dict[str, list[dict]] | None = None
+    per_document: dict[str, dict[str, tuple[list[int], list[float]]]] | None = None
 
 
 class ObjectiveKind:

@@ -244,18 +244,21 @@ class TaskKind(ObjectiveKind):
         return out
 
     def score(self, model, timings, documents=None, log_samples=False):
-        from evomerge.evaluate.lmeval import pick_metric
+        from evomerge.evaluate.lmeval import pick_metric, resolve_metric
 
-        values, samples, timings["documents"] = {}, {} if log_samples else None, 0
+        values, samples, per_document, timings["documents"] = {}, {} if log_samples else None, {}, 0
         for suite, objectives in self.suites:
-            out = self._evaluate(suite, timings, log_samples, documents)
+            # lm-eval's per-sample records always: each objective's per-document scores come from them
+            out = self._evaluate(suite, timings, True, documents)
             timings["documents"] += sum(len(v) for v in suite.subset(documents).values())
             for o in objectives:
                 task = self.task_of[o.name]
                 values[o.name] = pick_metric(out["results"][task], o.metric, task)
+                key = resolve_metric(o.metric, out["results"][task], task)
+                per_document[o.name] = _per_document(out["samples"], suite.members(task), key)
             if log_samples:
                 samples.update({t: [_compact(r) for r in recs] for t, recs in out.get("samples", {}).items()})
-        return Scored(values, samples)
+        return Scored(values, samples, per_document)
 
 
 def _check_settings(objectives, evaluator, split: str, where: str) -> None:
@@ -347,6 +350,22 @@ def _check_held_out(objectives, plan, suite, evaluator, where: str) -> None:
                 sizes.documents(len(dict(suite.leaves())[leaf].eval_docs), leaf, leaf)
             except TaskError as e:
                 raise EvaluatorError(f"{where}objectives[{i}]: {e}") from None
+
+
+def _per_document(
+    samples: dict[str, list[dict]], leaves: list[str], key: str
+) -> dict[str, tuple[list[int], list[float]]]:
+    """Per leaf task, its documents' ids (ascending) and their scores under ``key`` (``metric,filter``)."""
+    metric, _, kept = key.partition(",")
+    out = {}
+    for leaf in leaves:
+        rows = sorted(
+            (int(r["doc_id"]), float(r[metric]))
+            for r in samples.get(leaf, [])
+            if r.get("filter", "none") == kept and metric in r
+        )
+        out[leaf] = ([i for i, _ in rows], [v for _, v in rows])
+    return out
 
 
 def _compact(record: dict) -> dict[str, Any]:
