@@ -260,6 +260,7 @@ def _finish(summary: dict) -> int:
         + (f"; hypervolume {summary['hypervolume']:.4g}" if "hypervolume" in summary else "")
     )
     print(f"campaign: {d}")
+    _tracking_gaps(summary)
     if summary["stopped"]:
         print(f"stopped ({summary['stopped']}); continue with: evomerge resume {d}")
         if summary["exit"] not in (130, 143):
@@ -268,7 +269,21 @@ def _finish(summary: dict) -> int:
     print(f"front:    evomerge pareto {d}")
     print(f"export:   evomerge export {d} --best --out {d}/export")
     _print_mlflow(summary["tracking_uri"], summary.get("experiment_id"), summary.get("parent_run_id"))
-    return 0
+    return summary["exit"]  # 0, or EXIT_UNTRACKED
+
+
+def _tracking_gaps(summary: dict) -> None:
+    """What a resume logged to MLflow that it lacked, and one line for what MLflow still lacks."""
+    from evomerge.campaign import id_ranges, untracked_line
+
+    synced, untracked = summary.get("synced"), summary.get("untracked")
+    if synced:
+        print(f"MLflow: logged {len(synced)} result(s) it lacked (trials {id_ranges(synced)})")
+    elif synced is not None and not untracked:
+        print("MLflow: had every result already")
+    if untracked:
+        line = untracked_line(summary["untracked"], summary["evaluations"], summary["directory"])
+        _print(f"evomerge: warning: {line}")
 
 
 def _print_mlflow(uri: str, experiment_id: str | None, campaign_run: str | None) -> None:
