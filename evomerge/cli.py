@@ -369,6 +369,10 @@ def cmd_status(args) -> int:
         print(f"front {len(front)} candidates" + (f", hypervolume {search.hypervolume(ref):.4g}" if ref else ""))
     if loaded.state.get("sessions"):
         print(_session_line(loaded.state["sessions"][-1]))
+    if loaded.state.get("untracked"):  # MLflow failed during the last session
+        from evomerge.campaign import untracked_line
+
+        print(untracked_line(loaded.state["untracked"], len(told), loaded.directory))
     _print_mlflow(loaded.tracking()[0], loaded.state.get("experiment_id"), loaded.state.get("parent_run_id"))
     return 0
 

@@ -461,6 +461,8 @@ def test_a_tracking_server_killed_mid_campaign_never_holds_it_and_resume_logs_wh
     ), err
     assert line.endswith(f"kept in the journal: once the server answers, `evomerge resume {directory}` logs them")
 
+    status = cli("status", directory, cwd=tmp_path)
+    assert status.returncode == 0 and line.removeprefix("evomerge: warning: ") in status.stdout
     mlflow_service.start()  # the same store: what reached MLflow before the kill is there
     exp_id = rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=t-dies")["experiment"]["experiment_id"]
     finished = {t for t, rs in candidate_runs(url, exp_id).items() if any(st != "RUNNING" for _, st in rs)}
