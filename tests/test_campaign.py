@@ -455,7 +455,7 @@ def test_a_tracking_server_killed_mid_campaign_never_holds_it_and_resume_logs_wh
     assert state["finished"] and len(tells(directory)) == 6
     missing = state["untracked"]["trials"]
     assert len(missing) >= 6 - told_before
-    (line,) = [ln for ln in err.splitlines() if "MLflow" in ln]
+    (line,) = [ln for ln in err.splitlines() if "did not reach MLflow" in ln]
     assert line.startswith(
         f"evomerge: warning: {len(missing)} of 6 results (trials {id_ranges(missing)}) did not reach MLflow at {url} ("
     ), err
