@@ -38,7 +38,39 @@ LOCK = "campaign.lock"
 
 #: Exit statuses of ``run``/``resume`` beyond 0 (finished) and 2 (bad input).
 EXIT_HALTED = 3  # stopped on a systemic failure (every first result failed alike, a lost Ray node)
+#: Finished, but MLflow did not get every result (its store failed, died or stopped answering): the
+#: results are in the journal, and ``resume`` logs what MLflow lacks once it answers again.
+EXIT_UNTRACKED = 4
 RunStatus = Literal["FINISHED", "KILLED", "FAILED"]
+
+
+#: What the warning that MLflow failed during a campaign adds.
+GOES_ON = "the campaign goes on; its results are kept in the journal, and what MLflow lacks is logged when it answers"
+
+
+def untracked_line(untracked: dict, results: int, directory) -> str:
+    """The one line saying what MLflow did not get (``untracked``: see ``CampaignRun.note_untracked``)."""
+    trials = untracked["trials"]
+    what = (
+        f"{len(trials)} of {results} results (trials {id_ranges(trials)}) did not reach MLflow"
+        if trials
+        else "the campaign run's end and final front did not reach MLflow"
+    )
+    return (
+        f"{what} at {untracked['uri']} ({untracked['problem']}); they are kept in the journal: "
+        f"once the server answers, `evomerge resume {directory}` logs them"
+    )
+
+
+def id_ranges(ids) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` as ``0-2, 5, 7-8``."""
+    out: list[list[int]] = []
+    for i in sorted(ids):
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
 class CampaignError(ValueError):
@@ -554,6 +586,8 @@ def open_tracker(loaded: Loaded, search, tracker):
         {"evomerge.seed": str(exp.seed), "evomerge.campaign_dir": str(loaded.directory)},
         loaded.directory / EXPERIMENT_COPY,
     )
+    if parent is None:  # the store failed: the campaign goes on, and a later resume logs it all
+        return tracker
     if (loaded.state.get("parent_run_id"), loaded.state.get("experiment_id")) != (parent, tracker.experiment_id):
         loaded.state["parent_run_id"], loaded.state["experiment_id"] = parent, tracker.experiment_id
         loaded.save_state()
@@ -620,6 +654,8 @@ class CampaignRun:
         self.records = None  # the per-document records, once the workers have said their documents
         self.status: RunStatus = "FAILED"
         self.stopped, self.exit_code = None, 0
+        self.untracked: dict | None = None  # what MLflow did not get (see note_untracked)
+        self.warned = False  # that MLflow failed, said while the search goes on
 
     def told(self) -> int:
         return sum(t.status != "running" for t in self.search.trials)
@@ -628,8 +664,8 @@ class CampaignRun:
         from evomerge.cluster.pool import PoolError
 
         loaded, search = self.loaded, self.search
-        if self.budget.met(self.told()):  # nothing left to do: no workers to start
-            return summary(loaded, search, None, "FINISHED")
+        if self.budget.met(self.told()):  # nothing left to search: no workers; MLflow gets what it lacks
+            return self._sync()
         self.pool = worker_pool(loaded)
         self.stages.mark("checked")
         with restored_signals():
@@ -650,7 +686,35 @@ class CampaignRun:
                 raise
             finally:
                 self._stop()
-        return summary(loaded, search, self.stopped, self.status, self.exit_code)
+        return summary(loaded, search, self.stopped, self.status, self.exit_code, self.untracked)
+
+    def _sync(self) -> dict:
+        """A finished campaign resumed: every result MLflow has no run for is logged (a candidate's
+        run is found by its trial tag, so none twice), then the final front, and the campaign run
+        is ended again. Nothing missing: nothing logged but the run's end."""
+        loaded, search = self.loaded, self.search
+        self.tracker = tracker = open_tracker(loaded, search, make_tracker(loaded))
+        lacking = tracker.missing(search.trials)
+        owed = bool(lacking) or "untracked" in loaded.state  # the last session's final front too
+        tracker.close("FINISHED", search.snapshot(loaded.reference_point) if owed else None)
+        self.status = "FINISHED"
+        self.note_untracked()
+        loaded.save_state()
+        out = summary(loaded, search, None, "FINISHED", self.exit_code, self.untracked)
+        out["synced"] = [i for i in lacking if i in tracker.logged]
+        return out
+
+    def note_untracked(self) -> None:
+        """What MLflow did not get this session (results, the campaign run's end), kept in
+        campaign.json until a later session logs it; a finished campaign then exits EXIT_UNTRACKED."""
+        tracker, state = self.tracker, self.loaded.state
+        missing = tracker.missing(self.search.trials)
+        if tracker.problem is None or (not missing and tracker.ended):
+            state.pop("untracked", None)
+            return
+        self.untracked = state["untracked"] = {"trials": missing, "problem": tracker.problem, "uri": tracker.uri}
+        if self.exit_code == 0:
+            self.exit_code = EXIT_UNTRACKED
 
     def _start(self) -> None:
         """The workers, and meanwhile the tracker; then the campaign run and the kinship table."""
@@ -700,12 +764,10 @@ class CampaignRun:
             if loaded.directory.exists():
                 loaded.state["finished"] = self.status == "FINISHED"
                 loaded.save_state()
-        finally:  # whatever the stop raised, the tracking thread is not left half-way
+        finally:  # whatever the stop raised, the tracking thread is not left half-way (nor waited on unbounded)
             if tracker is not None:
-                try:
-                    tracker.join()
-                except Exception as e:
-                    display.update(f"warning: {e}", force=True)
+                tracker.join()
+                self.note_untracked()
             elif self.preparing is not None:
                 self.preparing.wait()
         self.stages.mark("shutdown")
@@ -730,6 +792,9 @@ class CampaignRun:
                 for result in self.fail_fast.admit(outcome):
                     told += self._record(result)
                 self.display.update(lambda: progress_line(search, budget, self.session0, tracker.latest))
+            if tracker.problem is not None and not self.warned:  # said once: the search goes on
+                self.warned = True
+                self.display.update(f"warning: MLflow ({tracker.uri}): {tracker.problem}; {GOES_ON}", force=True)
             if tracker.due():
                 tracker.publish(search.snapshot(self.reference))
 
@@ -819,8 +884,11 @@ def progress_line(search, budget: Budget, session0: int, front) -> str:
     return " | ".join(parts)
 
 
-def summary(loaded: Loaded, search, stopped: str | None, status: RunStatus, exit_code: int = 0) -> dict:
-    """What a run did; ``exit``: the process's exit status for it (0, 128 + signal, or EXIT_HALTED)."""
+def summary(
+    loaded: Loaded, search, stopped: str | None, status: RunStatus, exit_code: int = 0, untracked: dict | None = None
+) -> dict:
+    """What a run did; ``exit``: the process's exit status for it (0, 128 + signal, EXIT_HALTED or
+    EXIT_UNTRACKED); ``untracked``: what MLflow did not get, if anything."""
     told = [t for t in search.trials if t.status != "running"]
     reference = loaded.reference_point
     out = {
@@ -839,6 +907,7 @@ def summary(loaded: Loaded, search, stopped: str | None, status: RunStatus, exit
         "experiment_id": loaded.state.get("experiment_id"),
         "tracking_uri": loaded.tracking()[0],
         "budget": loaded.experiment.budget.max_evaluations,
+        "untracked": untracked,
     }
     if reference:
         out["hypervolume"] = search.hypervolume(reference)

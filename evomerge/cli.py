@@ -279,6 +279,7 @@ def _finish(summary: dict) -> int:
         + (f"; hypervolume {summary['hypervolume']:.4g}" if "hypervolume" in summary else "")
     )
     print(f"campaign: {d}")
+    _tracking_gaps(summary)
     if summary["stopped"]:
         print(f"stopped ({summary['stopped']}); continue with: evomerge resume {d}")
         if summary["exit"] not in (130, 143):
@@ -287,7 +288,21 @@ def _finish(summary: dict) -> int:
     print(f"front:    evomerge pareto {d}")
     print(f"export:   evomerge export {d} --best --out {d}/export")
     _print_mlflow(summary["tracking_uri"], summary.get("experiment_id"), summary.get("parent_run_id"))
-    return 0
+    return summary["exit"]  # 0, or EXIT_UNTRACKED
+
+
+def _tracking_gaps(summary: dict) -> None:
+    """What a resume logged to MLflow that it lacked, and one line for what MLflow still lacks."""
+    from evomerge.campaign import id_ranges, untracked_line
+
+    synced, untracked = summary.get("synced"), summary.get("untracked")
+    if synced:
+        print(f"MLflow: logged {len(synced)} result(s) it lacked (trials {id_ranges(synced)})")
+    elif synced is not None and not untracked:
+        print("MLflow: had every result already")
+    if untracked:
+        line = untracked_line(summary["untracked"], summary["evaluations"], summary["directory"])
+        _print(f"evomerge: warning: {line}")
 
 
 def _print_mlflow(uri: str, experiment_id: str | None, campaign_run: str | None) -> None:
@@ -374,6 +389,10 @@ def cmd_status(args) -> int:
         print(f"front {len(front)} candidates" + (f", hypervolume {search.hypervolume(ref):.4g}" if ref else ""))
     if loaded.state.get("sessions"):
         print(_session_line(loaded.state["sessions"][-1]))
+    if loaded.state.get("untracked"):  # MLflow failed during the last session
+        from evomerge.campaign import untracked_line
+
+        print(untracked_line(loaded.state["untracked"], len(told), loaded.directory))
     _print_mlflow(loaded.tracking()[0], loaded.state.get("experiment_id"), loaded.state.get("parent_run_id"))
     return 0
 

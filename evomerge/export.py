@@ -161,12 +161,27 @@ def export(
 
 
 def register_model(loaded: Loaded, trial, path: Path, name: str, scores: dict | None) -> str:
-    """Log the exported directory to a run of the campaign's MLflow experiment and register it."""
+    """Log the exported directory to a run of the campaign's MLflow experiment and register it; an
+    MLflow that fails or does not answer (its requests bounded: ``environment.MLFLOW_BOUNDS``) is
+    one line saying so, the export kept."""
+    from evomerge.environment import bound_mlflow
+    from evomerge.tracking.mlflow_tracker import why
+
+    uri, _ = loaded.tracking()
+    bound_mlflow()
+    try:
+        return _register(loaded, trial, path, name, scores, uri)
+    except CampaignError:
+        raise
+    except Exception as e:
+        raise CampaignError(f"--register {name}: MLflow at {uri}: {why(e)}; the model is exported at {path}") from None
+
+
+def _register(loaded: Loaded, trial, path: Path, name: str, scores: dict | None, uri: str) -> str:
     from mlflow import MlflowClient
 
     from evomerge.tracking.mlflow_tracker import CAMPAIGN_TAG, ROLE_TAG, TRIAL_TAG
 
-    uri, _ = loaded.tracking()
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(loaded.experiment.tracking.experiment or loaded.experiment.name)
     if exp is None:

@@ -260,45 +260,67 @@ def test_bad_experiments_fail_in_one_line_before_any_compute(zoo, tmp_path, case
 
 
 # -- a real MLflow server --------------------------------------------------------------------------
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a sqlite store under ``root``: started, killed and
+    started again on the same store and port."""
+
+    def __init__(self, root):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        mlflow = REPO / ".venv" / "bin" / "mlflow"
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+        self.proc = subprocess.Popen(
+            [
+                str(mlflow) if mlflow.exists() else "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        wait_for(self.answers, 90, "the MLflow server")
+
+    def answers(self):
+        try:
+            return urllib.request.urlopen(self.url + "/health", timeout=1).status == 200
+        except OSError:
+            return False
+
+    def end(self, sig=signal.SIGTERM):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    proc = subprocess.Popen(
-        [
-            str(REPO / ".venv" / "bin" / "mlflow") if (REPO / ".venv" / "bin" / "mlflow").exists() else "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+def mlflow_service(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
     try:
-
-        def up():
-            try:
-                return urllib.request.urlopen(url + "/health", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait_for(up, 90, "the MLflow server")
-        yield url
+        yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        server.end()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_service):
+    if mlflow_service.proc.poll() is not None:  # a test killed it: the same store again
+        mlflow_service.start()
+    return mlflow_service.url
 
 
 def rest(url, path, body=None):
@@ -388,6 +410,154 @@ def test_campaign_tracks_runs_front_and_artifacts_on_a_real_mlflow_server(zoo, t
     samples = json.loads(open(records).read())
     assert sorted(samples) == ["zoo_add_search", "zoo_sort_search"] and len(samples["zoo_add_search"]) == 20
     assert sum(r["exact_match"] for r in samples["zoo_add_search"]) / 20 == done.values[0]
+
+
+# -- a tracking server that dies or stops answering ------------------------------------------------
+def candidate_runs(url, experiment_id):
+    """trial id -> the run ids of that candidate (active runs only: deleted ones are gone)."""
+    out = {}
+    for r in runs(url, experiment_id, "tags.`evomerge.role` = 'candidate'"):
+        tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
+        out.setdefault(int(tags["evomerge.trial"]), []).append((r["info"]["run_id"], r["info"]["status"]))
+    return out
+
+
+def test_a_tracking_server_killed_mid_campaign_never_holds_it_and_resume_logs_what_it_missed(
+    zoo, tmp_path, mlflow_service
+):
+    """The server's process group SIGKILLed after 2 results: the campaign finishes its budget with
+    MLflow's retries bounded (evomerge's defaults), exits 4 naming the results MLflow lacks; once
+    the server is back on the same store, resume logs exactly those, and a second resume nothing."""
+    from evomerge import campaign
+    from evomerge.campaign import id_ranges
+
+    url = mlflow_service.url
+    if mlflow_service.proc.poll() is not None:
+        mlflow_service.start()
+    evaluator = write_evaluator(tmp_path, limit=10, batch_size=10)
+    tracking = {"uri": url, "experiment": "t-dies"}
+    path = experiment(tmp_path, zoo, evaluator=str(evaluator), budget={"max_evaluations": 6}, tracking=tracking)
+    directory = tmp_path / "campaign"
+    proc = start("run", path, cwd=tmp_path)
+    try:
+        wait_for(lambda: len(tells(directory)) >= 2, 240, "2 results")
+        with frozen_workers(proc):  # the rest of the campaign comes after the server is gone
+            mlflow_service.end(signal.SIGKILL)
+            told_before = len(tells(directory))
+        began = time.monotonic()
+        out, err = proc.communicate(timeout=180)  # unbounded retries held it for hours
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 4, err[-3000:]
+    assert time.monotonic() - began < 180
+    state = json.loads((directory / "campaign.json").read_text())
+    assert state["finished"] and len(tells(directory)) == 6
+    missing = state["untracked"]["trials"]
+    assert len(missing) >= 6 - told_before
+    (line,) = [ln for ln in err.splitlines() if "did not reach MLflow" in ln]
+    assert line.startswith(
+        f"evomerge: warning: {len(missing)} of 6 results (trials {id_ranges(missing)}) did not reach MLflow at {url} ("
+    ), err
+    assert line.endswith(f"kept in the journal: once the server answers, `evomerge resume {directory}` logs them")
+
+    status = cli("status", directory, cwd=tmp_path)
+    assert status.returncode == 0 and line.removeprefix("evomerge: warning: ") in status.stdout
+    mlflow_service.start()  # the same store: what reached MLflow before the kill is there
+    exp_id = rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=t-dies")["experiment"]["experiment_id"]
+    finished = {t for t, rs in candidate_runs(url, exp_id).items() if any(st != "RUNNING" for _, st in rs)}
+    assert sorted(set(range(6)) - finished) == missing  # the line names exactly what MLflow lacks
+    result = cli("resume", directory, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"MLflow: logged {len(missing)} result(s) it lacked (trials {id_ranges(missing)})" in result.stdout
+    logged = candidate_runs(url, exp_id)
+    assert sorted(logged) == list(range(6)) and all(len(rs) == 1 for rs in logged.values()), logged
+    assert all(st != "RUNNING" for rs in logged.values() for _, st in rs)
+    (parent,) = runs(url, exp_id, "tags.`evomerge.role` = 'campaign'")
+    assert parent["info"]["status"] == "FINISHED"
+    assert "untracked" not in json.loads((directory / "campaign.json").read_text())
+    loaded = campaign.open_campaign(directory, lock=True)  # again: nothing more to log
+    try:
+        again = campaign.run(loaded)
+    finally:
+        loaded.release()
+    assert again["synced"] == [] and again["exit"] == 0 and not again["untracked"]
+    assert candidate_runs(url, exp_id) == logged
+
+
+def test_a_tracking_server_that_stops_answering_is_waited_for_once_within_the_bound(mlflow_service, monkeypatch):
+    """SIGSTOP: connections accepted, never answered. One request waits out its bound, then the
+    store counts as down: the rest is not waited for, ``close`` returns within the bound and says
+    what MLflow lacks; reopened once the server answers, the tracker logs exactly that."""
+    from evomerge.recipe import parse_recipe
+    from evomerge.search.study import FrontSnapshot, Trial
+    from evomerge.tracking.mlflow_tracker import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    if mlflow_service.proc.poll() is not None:
+        mlflow_service.start()
+    url = mlflow_service.url
+    recipe = parse_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}}]})
+    trials = [Trial(i, None, None, recipe, status="done", values=[i / 10]) for i in range(4)]
+    snapshot = FrontSnapshot({i: 1 if i == 3 else 2 for i in range(4)}, [3], 4, 0, None)
+    tracker = Tracker(url, "t-stops", ["a"], ["maximize"])
+    parent = tracker.open(None, {}, {}, None)
+    tracker.candidate(trials[0], [])
+    wait_for(lambda: tracker.logged == {0}, 60, "the first candidate logged")
+    os.killpg(mlflow_service.proc.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        for trial in trials[1:]:
+            tracker.candidate(trial, [])
+        tracker.close("FINISHED", lambda: snapshot)
+        took = time.monotonic() - began
+    finally:
+        os.killpg(mlflow_service.proc.pid, signal.SIGCONT)
+    assert took < 30, took  # one request (2 s) and one /health (5 s), not one per call
+    assert tracker.missing(trials) == [1, 2, 3] and not tracker.ended
+    assert tracker.problem == "no answer (timed out)"
+    wait_for(mlflow_service.answers, 60, "the server answering again")
+    again = Tracker(url, "t-stops", ["a"], ["maximize"])
+    assert again.open(parent, {}, {}, None) == parent and again.logged == {0}
+    for trial in trials[1:]:
+        again.candidate(trial, [])
+    again.close("FINISHED", lambda: snapshot)
+    assert again.missing(trials) == [] and again.ended and again.problem is None
+    exp_id = again.experiment_id
+    done = {t: [r for r, st in rs if st == "FINISHED"] for t, rs in candidate_runs(url, exp_id).items()}
+    assert {t: len(rs) for t, rs in done.items()} == {0: 1, 1: 1, 2: 1, 3: 1}
+
+
+def test_a_tracker_whose_server_is_gone_when_it_opens_holds_nothing_up():
+    """The server gone between the start's check and the campaign run's creation: the tracker is
+    down for the session (with evomerge's bounds, seconds), every result counts as missing."""
+    from evomerge.recipe import parse_recipe
+    from evomerge.search.study import Trial
+    from evomerge.tracking.mlflow_tracker import Tracker
+
+    recipe = parse_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}}]})
+    trials = [Trial(i, None, None, recipe, status="done", values=[0.5]) for i in range(3)]
+    began = time.monotonic()
+    tracker = Tracker(f"http://127.0.0.1:{free_port()}", "t-gone", ["a"], ["maximize"])
+    assert tracker.open(None, {}, {}, None) is None
+    for trial in trials:
+        tracker.candidate(trial, [])
+    tracker.close("FINISHED")
+    assert time.monotonic() - began < 30
+    assert tracker.problem == "connection refused" and tracker.missing(trials) == [0, 1, 2] and not tracker.ended
+
+
+def test_a_tracking_server_that_never_answers_is_refused_at_start(zoo, tmp_path):
+    with socket.socket() as silent:  # the kernel accepts connections; nothing ever answers them
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        path = experiment(tmp_path, zoo, tracking={"uri": url})
+        result = cli("run", path, cwd=tmp_path, timeout=120)
+    line = f"evomerge: error: {path}: tracking.uri: tracking server {url} unreachable: timed out"
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
+    assert not (tmp_path / "campaign").exists()
 
 
 # -- Ctrl-C, SIGTERM, SIGKILL, resume, then export -------------------------------------------------

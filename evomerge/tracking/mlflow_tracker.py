@@ -25,7 +25,15 @@ evaluation on the zoo, and must not hold up the search loop. Candidates are queu
 drains the queue. Children are created only once a candidate is finished, so a crash never leaves a
 child RUNNING for long: a child cut off mid-write (the controller SIGKILLed between creating and
 ending it) is deleted when the parent is reopened on resume, and every candidate told but not
-logged is logged then.
+logged is logged then (a candidate's run is known by its ``evomerge.trial`` tag, so none is logged
+twice).
+
+A tracking store that fails, dies or stops answering never stops or holds up the campaign: every
+MLflow request is bounded (``environment.MLFLOW_BOUNDS``), the first failure marks the store down
+and later calls fail at once instead of each waiting out its bound, the store is tried again every
+``RETRY_S`` and once at the end (an HTTP server's ``/health``, within ``HEALTH_TIMEOUT_S``), and
+what it missed meanwhile is logged when it answers. ``join`` gives up on a call still unanswered
+after the bound of one request; ``missing`` says which results MLflow did not get.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from evomerge.environment import bound_mlflow, mlflow_request_bound_s
+from evomerge.errors import first_line
 from evomerge.search.study import FrontSnapshot
 
 RunStatus = Literal["FINISHED", "KILLED", "FAILED"]
@@ -53,6 +63,63 @@ NOTE_TAG = "mlflow.note.content"  # a run's or experiment's description (markdow
 #: MLflow's own mark of an experiment's kind: the UI opens a model-training experiment on its runs.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 FRONT_FILTER = "tags.pareto = 'true'"
+#: Seconds between tries of a tracking store that failed, while the campaign goes on.
+RETRY_S = 60.0
+#: Seconds an HTTP tracking server is given to answer ``/health`` before it is tried again.
+HEALTH_TIMEOUT_S = 5.0
+
+
+class TrackingUnavailable(Exception):
+    """The tracking store failed or did not answer (the message says how, in a few words)."""
+
+
+def why(e: BaseException) -> str:
+    """A failed MLflow call in a few words: the connection refused, no answer, else its first line."""
+    import requests
+
+    chain, seen = [], e
+    while seen is not None and len(chain) < 12:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for err in chain:
+        text = str(err)
+        if isinstance(err, requests.exceptions.Timeout) or "timed out" in text.lower():
+            return "no answer (timed out)"
+        if isinstance(err, requests.exceptions.ConnectionError):
+            return "connection refused" if "refused" in text.lower() else "connection failed"
+    return first_line(e)[:300]
+
+
+class GuardedClient:
+    """An MlflowClient that stops waiting once its store failed: the first failing call sets
+    ``problem`` (and ``down_at``, monotonic), and until ``problem`` is cleared every call raises
+    TrackingUnavailable at once. ``busy_since``: when the call in progress began (None between
+    calls), so that a caller can bound its wait for it."""
+
+    def __init__(self, client):
+        self._client = client
+        self.problem: str | None = None
+        self.down_at = 0.0
+        self.busy_since: float | None = None
+
+    def __getattr__(self, name):
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            if self.problem is not None:
+                raise TrackingUnavailable(self.problem)
+            self.busy_since = time.monotonic()
+            try:
+                return method(*args, **kwargs)
+            except Exception as e:
+                self.problem, self.down_at = why(e), time.monotonic()
+                raise TrackingUnavailable(self.problem) from e
+            finally:
+                self.busy_since = None
+
+        return call
 
 
 def ui_links(base: str, experiment_id: str, campaign_run: str | None = None) -> dict[str, str]:
@@ -98,11 +165,15 @@ class Tracker:
 
         for name in ("mlflow", "alembic"):  # store creation and migrations log at INFO
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.client = MlflowClient(tracking_uri=uri)
+        bound_mlflow()
+        self.client = GuardedClient(MlflowClient(tracking_uri=uri))
+        #: the longest wait for one MLflow call (its request's bound) before ``join`` gives up on it
+        self.bound_s = mlflow_request_bound_s() + HEALTH_TIMEOUT_S
         self.uri, self.experiment_name = uri, experiment
         self.objectives, self.directions = list(objectives), list(directions)
         self.artifact_location, self.refresh_s = artifact_location, refresh_s
         self.parent: str | None = None
+        self.experiment_id: str | None = None
         self._runs: dict[int, str] = {}  # trial id -> child run id
         self._done: dict[int, list[float]] = {}  # trial id -> objective values (for the plots)
         self._baselines: set[int] = set()  # trial ids of the hand baselines (marked in the plots)
@@ -110,15 +181,34 @@ class Tracker:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closing = False  # the end is queued (finish)
-        self._error: BaseException | None = None
         self._published = time.monotonic()
-        self._snapshot: FrontSnapshot | None = None
+        self._snapshot: FrontSnapshot | None = None  # the last front computed
+        self._logged_front: FrontSnapshot | None = None  # the last front MLflow got
+        #: the first failure of this session, in one line (None: MLflow got everything so far)
+        self.problem: str | None = None
+        self.ended = False  # the campaign run's end reached MLflow
+        self._recoverable = True  # False once opening failed: what MLflow holds is not known
+        self._missed: dict[int, tuple] = {}  # trial id -> (trial, (gene names, samples)) not logged
+        self._missed_front: FrontSnapshot | None = None
+        self._partial: dict[int, str] = {}  # trial id -> its run, created but cut off by a failure
 
     # -- lifecycle (controller thread) -------------------------------------------------------------
     def open(
         self, parent_run_id: str | None, params: dict[str, str], tags: dict[str, str], config_file: Path | None
-    ) -> str:
-        """Create the experiment and parent run, or reopen the parent of an earlier run of the campaign."""
+    ) -> str | None:
+        """Create the experiment and parent run, or reopen the parent of an earlier run of the
+        campaign; start the tracking thread. If the store fails meanwhile, returns None: the tracker
+        stays down for the session (``problem`` says why) and every candidate counts as missing."""
+        try:
+            self._open(parent_run_id, params, tags, config_file)
+        except Exception as e:
+            self.problem = self.client.problem = self.client.problem or first_line(e, with_type=True)
+            self._recoverable = False
+        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+        return self.parent if self._recoverable else None
+
+    def _open(self, parent_run_id, params, tags, config_file) -> None:
         from mlflow.entities import Param
 
         exp = self.client.get_experiment_by_name(self.experiment_name)
@@ -148,9 +238,6 @@ class Tracker:
             if config_file is not None:
                 self.client.log_artifact(self.parent, str(config_file))
         self._describe()
-        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
-        self._thread.start()
-        return self.parent
 
     def log_kinship(self, table: dict) -> None:
         """The experts' kinship table on the campaign run: ``kinship.json`` (every metric and layer
@@ -223,9 +310,12 @@ class Tracker:
     def logged(self) -> set[int]:
         return set(self._runs)
 
+    def missing(self, trials) -> list[int]:
+        """Ids of the finished ``trials`` (search Trials) with no run in MLflow as far as it is known."""
+        return [t.id for t in trials if t.status != "running" and t.id not in self._runs]
+
     def candidate(self, trial, gene_names: Sequence[str], samples: dict | None = None) -> None:
         """Queue a finished candidate (a search Trial) for logging, with its per-sample records if any."""
-        self._check()
         self._queue.put(("candidate", trial, (list(gene_names), samples)))
 
     def due(self) -> bool:
@@ -240,7 +330,6 @@ class Tracker:
     def publish(self, snapshot: Callable[[], FrontSnapshot]) -> None:
         """Queue the search's front (``Search.snapshot``, computed on the tracking thread): tags,
         metrics and plots follow once the queued candidates are logged."""
-        self._check()
         self._published = time.monotonic()
         self._queue.put(("front", snapshot, None))
 
@@ -260,40 +349,87 @@ class Tracker:
         self._closing = True
 
     def join(self) -> None:
-        """Wait for the tracking thread to end after ``finish``; raises what it failed with."""
+        """Wait for the tracking thread to end after ``finish``, but for no call longer than
+        ``bound_s``: one that has not returned by then is given up on (its thread is a daemon), and
+        what was not logged stays ``missing``."""
         if self._thread is None:
             return
-        self._thread.join()
+        while self._thread.is_alive():
+            self._thread.join(timeout=0.2)
+            since = self.client.busy_since
+            if since is not None and time.monotonic() - since > self.bound_s:
+                self.client.problem = self.client.problem or f"no answer within {self.bound_s:.0f} s"
+                self.problem = self.problem or self.client.problem
+                break
         self._thread = None
-        self._check()
-
-    def _check(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError(f"MLflow tracking failed: {type(err).__name__}: {err}") from err
 
     # -- background thread ------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
-            kind, a, b = self._queue.get()
-            try:
-                if kind == "candidate":
-                    self._log_candidate(a, *b)
-                elif kind == "front":
-                    self._refresh(a())
-                elif kind == "close":
-                    self.client.set_terminated(self.parent, a)
-                    return
-            except BaseException as e:  # reported to the controller on its next call
-                self._error = e
-                if kind == "close":
-                    return
+            item = self._queue.get()
+            for kind, a, b in self._after_missed(item):
+                self._handle(kind, a, b)
+            if item[0] == "close":
+                return
+
+    def _handle(self, kind: str, a, b) -> None:
+        """One queued item; if MLflow fails it, kept to be logged when the store answers again."""
+        if kind == "front" and callable(a):
+            a = self._snapshot = a()  # the progress line's front, whether MLflow gets it or not
+        try:
+            if self.client.problem is not None:
+                raise TrackingUnavailable(self.client.problem)
+            if kind == "candidate":
+                self._log_candidate(a, *b)
+            elif kind == "front":
+                self._refresh(a)
+            elif kind == "close":
+                self.client.set_terminated(self.parent, a)
+                self.ended = True
+        except Exception as e:  # never stops the campaign: the results are in its journal
+            self.problem = self.problem or (
+                self.client.problem if isinstance(e, TrackingUnavailable) else first_line(e, with_type=True)
+            )
+            if kind == "candidate":
+                self._missed[a.id] = (a, b)
+            elif kind == "front":
+                self._missed_front = a
+
+    def _after_missed(self, item: tuple) -> list[tuple]:
+        """``item``, after what the store missed once it answers again: tried ``RETRY_S`` after it
+        failed, and at the end whenever it failed."""
+        client = self.client
+        if client.problem is None or not self._recoverable:
+            return [item]
+        if item[0] != "close" and time.monotonic() - client.down_at < RETRY_S:
+            return [item]
+        if not self._answers():
+            client.down_at = time.monotonic()
+            return [item]
+        client.problem = None
+        missed = [("candidate", trial, rest) for _, (trial, rest) in sorted(self._missed.items())]
+        if self._missed_front is not None and item[0] != "front":
+            missed.append(("front", self._missed_front, None))
+        self._missed, self._missed_front = {}, None
+        return [*missed, item]
+
+    def _answers(self) -> bool:
+        """Whether the store answers now: an HTTP server's ``/health`` within ``HEALTH_TIMEOUT_S``;
+        another store (a local sqlite file) is simply tried again."""
+        from evomerge.experiment import tracking_unreachable
+
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        return tracking_unreachable(self.uri, timeout=HEALTH_TIMEOUT_S) is None
 
     def _log_candidate(self, trial, gene_names: list[str], samples: dict | None = None) -> None:
         from mlflow.entities import Metric, Param
 
         if trial.id in self._runs:
             return
+        if trial.id in self._partial:  # created before a failure cut it off: replaced
+            self.client.delete_run(self._partial[trial.id])
+            del self._partial[trial.id]
         now = int(time.time() * 1000)
         info = trial.info or {}
         tags = {
@@ -317,6 +453,7 @@ class Tracker:
             tags["rung"] = str(trial.rung)
             tags["full_fidelity"] = str(trial.full).lower()
         run = self.client.create_run(self.experiment_id, start_time=now, tags=tags)
+        self._partial[trial.id] = run.info.run_id
         genome = trial.genome or []  # a baseline has no genes
         params = [Param(param_key(f"gene.{n}"), repr(float(v))) for n, v in zip(gene_names, genome)]
         params += [Param(param_key(k), v) for k, v in recipe_params(trial.recipe).items()]
@@ -337,7 +474,7 @@ class Tracker:
         if samples:
             self.client.log_dict(run.info.run_id, samples, "samples.json")
         self.client.set_terminated(run.info.run_id, "FINISHED" if trial.status == "done" else "FAILED")
-        self._runs[trial.id] = run.info.run_id
+        self._runs[trial.id] = self._partial.pop(trial.id)
         if trial.status == "done":
             self._done[trial.id] = list(trial.values)
             self._ranks[trial.id] = None
@@ -347,9 +484,8 @@ class Tracker:
         front's size and hypervolume at step = results so far, and the front table and plots."""
         from mlflow.entities import Metric
 
-        if snap == self._snapshot:
+        if snap == self._logged_front:
             return
-        self._snapshot = snap
         for tid, rank in snap.ranks.items():
             if self._ranks.get(tid) != rank and tid in self._runs:
                 run = self._runs[tid]
@@ -371,6 +507,7 @@ class Tracker:
         ids = sorted(self._done)
         if snap.front and ids:
             self._log_front_artifacts(ids, [self._done[i] for i in ids], [t for t in snap.front if t in self._done])
+        self._logged_front = snap
 
     def _log_front_artifacts(self, ids, points, front) -> None:
         rows = sorted(front, key=lambda t: self._done[t])
