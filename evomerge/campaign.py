@@ -333,18 +333,60 @@ class Display:
             self.stream.write("\n")
 
 
-def seed_points(loaded: Loaded, search) -> list[list[float]]:
+def seed_points(loaded: Loaded, search) -> list[tuple[str, list[float]]]:
+    """(label, point) of the known points the search starts from: the uniform average, each expert
+    alone, the hand recipes; an expert alone that the space cannot express exactly (an inclusion
+    minimum, a method gene) is labelled as the space's nearest point, and is scored as itself apart
+    (``experts_outside``)."""
     from evomerge.recipe import load_recipe
 
     genome, seeds = search.genome, loaded.experiment.seeds
     points = []
     if seeds.uniform_average and genome.uniform_average() is not None:  # a path space has no average
-        points.append(genome.uniform_average())
+        points.append(("uniform average", genome.uniform_average()))
     if seeds.experts_alone:
-        points += [genome.expert_alone(m) for m in genome.space.models]
+        for m in genome.space.models:
+            point = genome.expert_alone(m)
+            exact = genome.space.kind == "path" or is_expert_alone(genome.decode(point), m)
+            points.append((f"{m} alone" if exact else f"nearest to {m} alone in the space", point))
     for path in seeds.recipes:
-        points.append(genome.encode(load_recipe(path)))
+        points.append((f"recipe {Path(path).name}", genome.encode(load_recipe(path))))
     return points
+
+
+def experts_outside(points: list[tuple[str, list[float]]]) -> list[str]:
+    """The experts whose "alone" seed is only the space's nearest point: scored as themselves apart."""
+    prefix, suffix = "nearest to ", " alone in the space"
+    return [label[len(prefix) : -len(suffix)] for label, _ in points if label.startswith(prefix)]
+
+
+def expert_alone_recipe(expert: str, seed: int):
+    """``expert``'s own weights as a recipe: a linear merge of it alone."""
+    from evomerge.recipe import parse_recipe
+
+    data = {"merge_method": "linear", "models": [{"model": expert, "parameters": {"weight": 1.0}}]}
+    return parse_recipe({**data, "evomerge": {"seed": seed}}, f"{expert} alone")
+
+
+def is_expert_alone(recipe, expert: str) -> bool:
+    """Whether ``recipe`` merges to ``expert``'s own weights: a linear merge or task arithmetic
+    (lambda 1, no LiNeS) in which ``expert`` has weight 1 and every other model weight 0, in every
+    layer."""
+
+    def constant(value):  # a setting with one value everywhere: that value, else None
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, list) and value and all(isinstance(v, (int, float)) and v == value[0] for v in value):
+            return float(value[0])
+        return None
+
+    if recipe.merge_method not in ("linear", "task_arithmetic") or recipe.models is None or recipe.evomerge.lines:
+        return False
+    if recipe.merge_method == "task_arithmetic" and constant((recipe.parameters or {}).get("lambda", 1.0)) != 1.0:
+        return False
+    weights = {m.model: constant((m.parameters or {}).get("weight", 1.0)) for m in recipe.models}
+    others = [w for name, w in weights.items() if name not in (expert, recipe.base_model)]
+    return weights.get(expert) == 1.0 and all(w == 0.0 for w in others)
 
 
 #: ``seeds.baselines``: (label, merge method, per-expert parameters, method parameters); every
@@ -638,12 +680,15 @@ class CampaignRun:
         if exp.seeds.baselines:
             space = loaded.checked.space
             baselines = baseline_recipes(space.base, list(space.models), exp.seed)
+        outside = experts_outside(seeds)
         if not search.trials:
-            for point in seeds:
-                search.enqueue(point)
+            for label, point in seeds:
+                search.enqueue(point, label)
+            for m in outside:  # what the space cannot express: the expert itself, outside the optimizer
+                search.add_baseline(expert_alone_recipe(m, exp.seed), f"{m} alone", expert=m)
             for label, recipe in baselines:
                 search.add_baseline(recipe, label)
-        self.n_seeds = len(seeds) + len(baselines)
+        self.n_seeds = len(seeds) + len(outside) + len(baselines)
         b = exp.budget
         self.budget = Budget(
             b.max_evaluations, b.max_minutes * 60 if b.max_minutes else None, float(loaded.state.get("elapsed_s", 0.0))

@@ -413,26 +413,42 @@ def _session_line(session: dict) -> str:
 
 
 def _kind(trial) -> str:
-    """A trial that is not a hand baseline: a seed (an expert alone, their average) or searched."""
+    """What a trial is: an expert alone (its own weights), a hand baseline, a seed (a known point in
+    the space: the experts' average, the space's nearest point to an expert alone, a hand recipe), or
+    searched."""
+    if trial.expert or (trial.seeded and trial.label and trial.label.endswith(" alone") and " in " not in trial.label):
+        return "expert alone"
+    if trial.baseline:
+        return "hand baseline"
     return "seed" if trial.seeded else "searched"
 
 
+def _what(trial) -> str:
+    """What was scored, in words: a hand baseline's or an expert's recipe, a seed's label."""
+    kind = _kind(trial)
+    if kind == "hand baseline":
+        return f"baseline: {trial.baseline}"
+    named = trial.baseline or trial.label
+    return f"{kind}: {named}" if named and kind != "expert alone" else (named or kind)
+
+
 def _best_means(search, objectives) -> str | None:
-    """One line: the best mean over the objectives of the searched candidates, the seeds (experts
-    alone, their average) and the hand baselines, each with its trial; None when the objectives do
-    not share a direction (a mean of scores and perplexities means nothing)."""
+    """One line: the best mean over the objectives of the searched candidates, the seeds, the experts
+    alone and the hand baselines, each with its trial and what it is; None when the objectives do not
+    share a direction (a mean of scores and perplexities means nothing)."""
     directions = {o.direction for o in objectives}
     if len(objectives) < 2 or len(directions) != 1:
         return None
     sign = 1.0 if directions == {"maximize"} else -1.0
-    kinds = {"searched": [], "seed": [], "hand baseline": []}
+    kinds = {"searched": [], "seed": [], "expert alone": [], "hand baseline": []}
     for t in search.finished:
-        kinds["hand baseline" if t.baseline else _kind(t)].append(t)
+        kinds[_kind(t)].append(t)
     parts = []
     for kind, trials in kinds.items():
         if trials:
             top = max(trials, key=lambda t: (sign * sum(t.values) / len(t.values), -t.id))  # ties: the first
-            parts.append(f"{kind} {sum(top.values) / len(top.values):.4g} (trial {top.id})")
+            named = "" if kind == "searched" else f", {top.baseline or top.label or kind}"
+            parts.append(f"{kind} {sum(top.values) / len(top.values):.4g} (trial {top.id}{named})")
     return f"best mean over the {len(objectives)} objectives: " + ", ".join(parts)
 
 
@@ -448,21 +464,18 @@ def cmd_pareto(args) -> int:
     print("trial  " + "".join(f"{n:>14}" for n in names) + f"{'crowding':>10}  recipe")
     for r in rows:
         t = search.trials[r["trial"]]
-        print(
-            f"{r['trial']:>5}  "
-            + "".join(f"{r[n]:>14.5g}" for n in names)
-            + f"{r['crowding']:>10.3g}  "
-            + (f"baseline: {t.baseline}" if t.baseline else _kind(t))
-        )
+        print(f"{r['trial']:>5}  " + "".join(f"{r[n]:>14.5g}" for n in names) + f"{r['crowding']:>10.3g}  " + _what(t))
     done = search.finished
-    baselines = [t for t in search.trials if t.baseline]
-    if baselines:  # what the search added over the recipes a user tries first
-        on_front = {r["trial"] for r in rows}
-        print("hand baselines:")
-        for t in baselines:
+    baselines = [t for t in search.trials if t.baseline and not t.expert]
+    on_front = {r["trial"] for r in rows}
+    for title, kind in (("hand baselines:", "hand baseline"), ("experts alone:", "expert alone")):
+        listed = [t for t in search.trials if _kind(t) == kind]
+        if listed:  # what the search added over the recipes a user tries first, and over each expert
+            print(title)
+        for t in listed:
             where = "on the front" if t.id in on_front else ("dominated" if t.status == "done" else t.status)
             values = "".join(f"{v:>14.5g}" for v in t.values) if t.values else "".join(f"{'-':>14}" for _ in names)
-            print(f"{t.id:>5}  {values}  {t.baseline} ({where})")
+            print(f"{t.id:>5}  {values}  {t.baseline or t.label} ({where})")
     summary = _best_means(search, loaded.objectives)
     if summary:
         print(summary)

@@ -904,7 +904,10 @@ def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
     }
     assert lines[lines.index("hand baselines:") + 1 + len(baselines)] == (
         "best mean over the 2 objectives: "
-        + ", ".join(f"{kind} {mean(t):.4g} (trial {t.id})" for kind, t in top.items())
+        + ", ".join(
+            f"{kind} {mean(t):.4g} (trial {t.id}" + (f", {t.baseline})" if t.baseline else ")")
+            for kind, t in top.items()
+        )
     )
 
 

@@ -128,7 +128,7 @@ def test_a_campaign_selects_experts_and_logs_their_kinship(zoo, tmp_path):
         models={m: str(zoo / m) for m in ["base", *pool]},
         search_space=str(space_file),
         optimizer={"name": "optuna-random", "options": {}},
-        budget={"max_evaluations": 6},
+        budget={"max_evaluations": 10},
     )
     result = cli("run", path, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -138,14 +138,25 @@ def test_a_campaign_selects_experts_and_logs_their_kinship(zoo, tmp_path):
     loaded = campaign.open_campaign(tmp_path / "campaign", check=False)
     search = loaded.search()
     selections = set()
-    for trial in search.trials:
+    in_space = [t for t in search.trials if t.expert is None]
+    for trial in in_space:
         experts = [m.model for m in search.genome.decode(trial.genome).models if m.model != "base"]
         assert 2 <= len(experts) <= 3 and set(experts) <= set(pool)
         selections.add(tuple(experts))
         assert trial.status == "done"
     # the seeds alone give four selections: the uniform average (all four, capped to the first three)
-    # and each expert alone (min 2: the first other expert joins it)
+    # and the space's nearest point to each expert alone (min 2: the first other expert joins it),
+    # labelled as such; each expert is scored as itself too, outside the space (its own weights)
     assert len(selections) >= 3 and {len(s) for s in selections} == {2, 3}
+    assert [t.label for t in in_space[:5]] == ["uniform average"] + [f"nearest to {m} alone in the space" for m in pool]
+    alone = [t for t in search.trials if t.expert]
+    assert [t.expert for t in alone] == pool and all(t.status == "done" and t.unit is None for t in alone)
+    assert [(t.recipe.merge_method, [(m.model, m.parameters) for m in t.recipe.models]) for t in alone] == [
+        ("linear", [(m, {"weight": 1.0})]) for m in pool
+    ]
+    pareto = cli("pareto", tmp_path / "campaign", cwd=tmp_path).stdout.splitlines()
+    listed = pareto[pareto.index("experts alone:") + 1 :][:4]
+    assert [line.rsplit("  ", 1)[1].split(" (")[0] for line in listed] == [f"{m} alone" for m in pool]
     from mlflow import MlflowClient
 
     from evomerge.tracking.mlflow_tracker import local_store
@@ -156,3 +167,5 @@ def test_a_campaign_selects_experts_and_logs_their_kinship(zoo, tmp_path):
     table = json.loads(open(client.download_artifacts(run_id, "kinship.json", str(tmp_path))).read())
     assert table["experts"] == pool and len(table["pairs"]) == 6
     assert client.get_run(run_id).data.tags["evomerge.kinship_flags"] == "none"
+    tagged = client.search_runs([loaded.state["experiment_id"]], "tags.expert_alone != ''")
+    assert sorted(r.data.tags["expert_alone"] for r in tagged) == sorted(pool)

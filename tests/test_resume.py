@@ -169,12 +169,20 @@ def test_pareto_and_export(resumed):
     front = search.front()
     lines = pareto.stdout.splitlines()
     assert {int(line.split()[0]) for line in lines[1:-2]} == {t.id for t in front}
-    # then the best mean of a searched candidate and of a seed (no hand baselines here), then the plot
+    # then the best mean of a searched candidate, of a seed (the experts' average) and of an expert
+    # alone (the space expresses each exactly: task arithmetic, its weight 1, the other's 0), each
+    # named; no hand baselines here; then the plot
     mean = lambda t: (t.values[0] + t.values[1]) / 2  # noqa: E731
-    top = [max((t for t in search.finished if t.seeded == seeded), key=lambda t: (mean(t), -t.id)) for seeded in (0, 1)]
-    assert lines[-2] == (
-        f"best mean over the 2 objectives: searched {mean(top[0]):.4g} (trial {top[0].id}), "
-        f"seed {mean(top[1]):.4g} (trial {top[1].id})"
+    labels = [t.label for t in search.trials if t.seeded]
+    assert labels == ["uniform average", "expert-add alone", "expert-sort alone"]
+    kinds = {
+        "searched": [t for t in search.finished if not t.seeded],
+        "seed": [t for t in search.finished if t.label == "uniform average"],
+        "expert alone": [t for t in search.finished if t.seeded and t.label.endswith(" alone")],
+    }
+    top = {kind: max(ts, key=lambda t: (mean(t), -t.id)) for kind, ts in kinds.items()}
+    assert lines[-2] == "best mean over the 2 objectives: " + ", ".join(
+        f"{kind} {mean(t):.4g} (trial {t.id}" + (f", {t.label})" if t.label else ")") for kind, t in top.items()
     )
     assert lines[-1].startswith("plot: ")
 

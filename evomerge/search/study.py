@@ -46,8 +46,10 @@ class Trial:
     rung: int | None = None
     top: int | None = None  # the full evaluation's rung (None without multi-fidelity)
     documents: int = 0  # documents scored for this trial, over all its rungs
-    baseline: str | None = None  # a hand baseline's label
+    baseline: str | None = None  # a recipe outside the optimizer: a hand baseline's or an expert's label
+    expert: str | None = None  # an expert scored alone, as its own weights (a baseline outside the space)
     seeded: bool = False  # a known point enqueued before the search (uniform average, expert alone, recipe)
+    label: str | None = None  # what a seeded point is ("expert-add alone", "uniform average", ...)
 
     @property
     def full(self) -> bool:
@@ -118,6 +120,7 @@ class Search:
         self._scored: dict[str, int] = {}  # recipe key -> the first trial that scored it in full
         self._pending: list[int] = []
         self._seeds_left = 0  # enqueued points not asked yet: evaluated in full, never on a rung
+        self._seed_labels: list[str | None] = []  # their labels, in the order they are asked
         self._rungs: list[list[tuple[int, list[float]]]] = [[] for _ in (fidelity.rungs if fidelity else ())]
         if self.journal.written:
             self._replay()
@@ -133,6 +136,7 @@ class Search:
             if event["event"] == "enqueue":
                 self.optimizer.enqueue(event["unit"])
                 self._seeds_left += 1
+                self._seed_labels.append(event.get("label"))
             elif event["event"] == "ask":
                 unit, replicate = self.optimizer.ask_replicate()
                 if unit != event["unit"] or replicate != event.get("replicate", 0):
@@ -141,7 +145,7 @@ class Search:
                     )
                 self._new_trial(unit, replicate)
             elif event["event"] == "baseline":
-                self._new_baseline(event["recipe"], event["label"])
+                self._new_baseline(event["recipe"], event["label"], event.get("expert"))
             elif event["event"] == "promote":
                 self._apply_promote(event["id"], event["values"], event.get("documents", 0))
             elif event["event"] == "tell":
@@ -160,34 +164,41 @@ class Search:
             recipe.evomerge.seed += replicate
         trial = Trial(len(self.trials), unit, genome, recipe, replicate=replicate)
         trial.seeded = self._seeds_left > 0
+        if trial.seeded and self._seed_labels:
+            trial.label = self._seed_labels.pop(0)
         if self.fidelity is not None:
             trial.rung, trial.top = (self.fidelity.top if trial.seeded else 0), self.fidelity.top
         self._seeds_left = max(0, self._seeds_left - 1)
         self.trials.append(trial)
         return trial
 
-    def _new_baseline(self, recipe: dict, label: str) -> Trial:
+    def _new_baseline(self, recipe: dict, label: str, expert: str | None = None) -> Trial:
         trial = Trial(len(self.trials), None, None, parse_recipe(recipe, f"baseline {label}"), baseline=label)
+        trial.expert = expert
         if self.fidelity is not None:
             trial.rung = trial.top = self.fidelity.top
         self.trials.append(trial)
         return trial
 
-    def add_baseline(self, recipe: Recipe, label: str) -> Trial:
+    def add_baseline(self, recipe: Recipe, label: str, expert: str | None = None) -> Trial:
         """A hand recipe evaluated in full as a trial of its own (``baseline``), ahead of new candidates;
-        the optimizer is not told it (it may lie outside the space)."""
+        the optimizer is not told it (it may lie outside the space). ``expert``: the recipe is that
+        expert alone, its own weights."""
         data = recipe.model_dump(mode="json", exclude_none=True)
-        self.journal.append({"event": "baseline", "id": len(self.trials), "recipe": data, "label": label})
-        trial = self._new_baseline(data, label)
+        event = {"event": "baseline", "id": len(self.trials), "recipe": data, "label": label}
+        self.journal.append({**event, "expert": expert} if expert else event)
+        trial = self._new_baseline(data, label, expert)
         self._pending.append(trial.id)
         return trial
 
-    def enqueue(self, genome_vector: Sequence[float]) -> None:
-        """Evaluate a known point next (the uniform average, an expert alone, a hand recipe)."""
+    def enqueue(self, genome_vector: Sequence[float], label: str | None = None) -> None:
+        """Evaluate a known point next (the uniform average, an expert alone, a hand recipe), named
+        ``label`` where the search's lines name it."""
         unit = [min(max((v - a) / s, 0.0), 1.0) if s else 0.0 for v, a, s in zip(genome_vector, self._lo, self._span)]
-        self.journal.append({"event": "enqueue", "unit": unit})
+        self.journal.append({"event": "enqueue", "unit": unit, **({"label": label} if label else {})})
         self.optimizer.enqueue(unit)
         self._seeds_left += 1
+        self._seed_labels.append(label)
 
     def ask(self) -> Trial:
         """The next candidate: one left running by an interruption first, else a new one."""

@@ -436,7 +436,8 @@ class Tracker:
             CAMPAIGN_TAG: self.parent,
             ROLE_TAG: "candidate",
             # a hand baseline says which in its name, so the runs table shows it without a tag column
-            "mlflow.runName": f"trial-{trial.id:05d}" + (f" ({trial.baseline})" if trial.baseline else ""),
+            "mlflow.runName": f"trial-{trial.id:05d}"
+            + (f" ({named})" if (named := trial.baseline or trial.label) else ""),
             TRIAL_TAG: str(trial.id),
             "status": trial.status,
             "pareto": "false",
@@ -445,7 +446,9 @@ class Tracker:
             tags["reason"] = str(info["reason"])[:5000]
         if "repeat_of" in info:  # the recipe of an earlier trial: its result, not scored again
             tags["repeat_of"] = str(info["repeat_of"])
-        if trial.baseline:
+        if trial.expert:  # an expert alone, its own weights
+            tags["expert_alone"] = trial.expert
+        elif trial.baseline:
             tags["baseline"] = "true"
             tags["baseline_recipe"] = trial.baseline
             self._baselines.add(trial.id)
