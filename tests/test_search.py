@@ -329,3 +329,98 @@ def test_multi_fidelity_search_fronts_full_results_and_resumes_exactly(tmp_path)
     run_mf(resumed, 40)
     final = lambda s: [(t.id, t.unit, t.status, t.rung, t.values, t.documents) for t in s.trials]
     assert final(resumed) == final(whole)
+
+
+# -- a journal line that is JSON but not an event: one line naming the line, never a traceback -------
+def _journal_with_every_event(directory):
+    """A multi-fidelity search's journal holding each kind of event: enqueue, baseline, ask, promote,
+    tell (done and failed), with trials still running; returns the journal's lines."""
+    from evomerge.recipe import parse_recipe
+    from evomerge.search.fidelity import Fidelity
+
+    s = Search(genome(), "random", ONE, 1, directory, fidelity=Fidelity((5,), 0.5))
+    s.enqueue(s.genome.uniform_average())
+    s.add_baseline(parse_recipe(s.genome.decode(s.genome.uniform_average()).model_dump(mode="json"), "b"), "avg")
+    trials = [s.ask() for _ in range(5)]  # the baseline, the enqueued point, three new ones
+    assert s.report(trials[2].id, [0.5], {"documents": 10, "timings": {"total": 1.0}}) is None  # promoted
+    s.report(trials[1].id, [0.1], {"documents": 20})
+    s.report(trials[3].id, None, {"reason": "worker crashed"})
+    return (directory / JOURNAL).read_text().splitlines()
+
+
+def _reopen(directory, writable=False):
+    from evomerge.search.fidelity import Fidelity
+
+    return Search(genome(), "random", ONE, 1, directory, writable=writable, fidelity=Fidelity((5,), 0.5))
+
+
+WRONG = [None, True, -1, 1.5, 7, 10**30, float("nan"), float("inf"), "x", [], [1, 2, 3], [0.5, "a"], {}, {"a": 1}]
+
+
+def _mutations(event: dict):
+    """``event`` with each field removed, and with each field (the event's name too) set to each
+    wrong value."""
+    for field in event:
+        yield {k: v for k, v in event.items() if k != field}
+        for value in WRONG:
+            yield {**event, field: value}
+
+
+def test_every_malformed_journal_line_is_refused_in_one_line_naming_it(tmp_path):
+    lines = _journal_with_every_event(tmp_path / "good")
+    events = [json.loads(line) for line in lines]
+    assert {e["event"] for e in events} == {"header", "enqueue", "baseline", "ask", "promote", "tell"}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    refused = tried = 0
+    cases = [(n, m) for n in range(1, len(lines)) for m in _mutations(events[n])]
+    cases += [(n, m) for n in (1, len(lines) - 1) for m in ([1, 2, 3], 3, "x", None, {"no_event": True}, lines[0])]
+    for n, mutated in cases:
+        text = mutated if isinstance(mutated, str) else json.dumps(mutated)
+        if text == lines[n]:
+            continue
+        tried += 1
+        (bad / JOURNAL).write_text("\n".join([*lines[:n], text, *lines[n + 1 :]]) + "\n")
+        try:
+            _reopen(bad)
+        except JournalError as e:  # anything else fails the test with its traceback
+            refused += 1
+            assert str(e).startswith(f"{bad / JOURNAL}:"), e
+            assert len(str(e).splitlines()) == 1
+    assert tried > 300 and refused > 0.9 * tried, (refused, tried)
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("[1, 2, 3]", "not an event (a JSON list, not an object)"),
+        ('{"no_event": true}', "not an event (no 'event' field)"),
+        ('{"event": "ask", "id": 6}', "ask event without 'unit'"),
+        ('{"event": "tell", "id": 42, "values": [1.0]}', "tell event for trial 42, which was never asked (5 so far)"),
+        ('{"event": "tell", "id": "3", "values": [1.0]}', "tell event: 'id' must be a trial number"),
+        ('{"event": "tell", "id": 3, "values": [1.0, 2.0]}', "'values' has 2 values; the search has 1 objectives"),
+        ('{"event": "tell", "id": 1, "values": [1.0]}', "tell event for trial 1, which was already told"),
+        ('{"event": "promote", "id": 0, "values": [1.0]}', "cannot be promoted (it is at the full evaluation)"),
+        ('{"event": "enqueue", "unit": [0.5]}', "enqueue event: 'unit' has 1 values; the genome has"),
+        ('{"event": "launch"}', 'unknown event "launch"'),
+        ('{"event": "baseline", "id": 5, "recipe": {"x": 1}, "label": "b"}', "baseline event: not a recipe"),
+    ],
+)
+def test_a_journal_line_that_is_not_an_event_names_its_line(tmp_path, line, problem):
+    lines = _journal_with_every_event(tmp_path)
+    n = len(lines) - 1  # before the last event: the middle of the journal
+    (tmp_path / JOURNAL).write_text("\n".join([*lines[:n], line, lines[n]]) + "\n")
+    before = (tmp_path / JOURNAL).read_bytes()
+    with pytest.raises(JournalError) as e:
+        _reopen(tmp_path, writable=True)
+    assert str(e.value).startswith(f"{tmp_path / JOURNAL}:{n + 1}: ") and problem in str(e.value), e.value
+    assert (tmp_path / JOURNAL).read_bytes() == before
+
+
+def test_journal_bytes_that_are_not_text_are_a_corrupt_line(tmp_path):
+    lines = _journal_with_every_event(tmp_path)
+    (tmp_path / JOURNAL).write_bytes(
+        "\n".join(lines[:3]).encode() + b"\n\xff\xfe\x00garbage\n" + b"[" * 100_000 + b"\n" + lines[3].encode() + b"\n"
+    )
+    with pytest.raises(JournalError, match=rf"{JOURNAL}:4: corrupt journal line"):
+        _reopen(tmp_path)
