@@ -259,6 +259,25 @@ def test_bad_experiments_fail_in_one_line_before_any_compute(zoo, tmp_path, case
     assert not (tmp_path / "campaign").exists()  # nothing written
 
 
+def test_an_alias_bomb_in_an_option_value_is_refused_before_it_grows(zoo, tmp_path):
+    """A few hundred bytes of YAML aliases standing for 9 ** 9 values, where only the option's
+    name used to be checked: refused in one line naming the file, nothing written."""
+    laughs = ["lol"] * 9
+    for _ in range(8):
+        laughs = [laughs] * 9  # one list nine times: safe_dump writes it as an anchor and aliases
+    path = experiment(
+        tmp_path, zoo, optimizer={"name": "tpe", "options": {"sampler_options": {"n_startup_trials": laughs}}}
+    )
+    assert len(path.read_bytes()) < 5000
+    result = cli("run", path, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"evomerge: error: {path}: its aliases (*name) expand it beyond 100,000 values (a YAML alias bomb?); "
+        "refusing to read it"
+    ]
+    assert not (tmp_path / "campaign").exists()
+
+
 # -- a real MLflow server --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):

@@ -7,7 +7,7 @@ from conftest import REPO
 
 from evomerge.objectives import Objective
 from evomerge.search.journal import JOURNAL, JournalError
-from evomerge.search.optimizers import OPTIMIZERS, make_optimizer
+from evomerge.search.optimizers import OPTIMIZERS, check_options, make_optimizer
 from evomerge.search.optuna_view import OPTUNA_VIEW, STUDY
 from evomerge.search.space import Genome, load_space
 from evomerge.search.study import Search
@@ -142,6 +142,37 @@ def test_unknown_optimizer_and_option():
     # every registered optimizer builds from its defaults, and its options model is what it holds
     for name, kind in OPTIMIZERS.items():
         assert isinstance(make_optimizer(name, 3, ONE, 0).options, kind.Options)
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("tpe", {"sampler_options": {"n_startup_trials": [[1] * 9] * 9}}, "n_startup_trials: TPESampler takes int"),
+        ("tpe", {"sampler_options": {"n_startup_trials": -1}}, "TPESampler takes a value >= 0 for this option, got -1"),
+        ("tpe", {"sampler_options": {"gamma": "lambda n: n"}}, "gamma: TPESampler takes a Python object (Callable"),
+        ("tpe", {"sampler_options": {"consider_prior": 1}}, "consider_prior: TPESampler takes bool or None"),
+        ("tpe", {"sampler_options": {"n_ei_candidates": 10**9}}, "takes a value in [1, 100000] for this option"),
+        ("nsga2", {"sampler_options": {"population_size": 4.5}}, "population_size: NSGAIISampler takes int"),
+        ("nsga2", {"sampler_options": {"population_size": True}}, "NSGAIISampler takes int for this option, got True"),
+        ("nsga2", {"sampler_options": {"mutation_prob": 2}}, "mutation_prob: NSGAIISampler takes a value in [0, 1]"),
+        ("nsga2", {"sampler_options": {"crossover_prob": float("nan")}}, "crossover_prob: NSGAIISampler takes float"),
+        ("gp", {"sampler_options": {"deterministic_objective": "yes"}}, "GPSampler takes bool for this option"),
+        ("cma", {"popsize": "8"}, "popsize: Input should be a valid integer"),
+        ("cma", {"popsize": 10**7}, "popsize: Input should be less than or equal to 10000"),
+        ("cma", {"noise": "yes"}, "noise: Input should be a valid boolean"),
+        ("cma", {"tolfun": float("inf")}, "tolfun: Input should be a finite number"),
+    ],
+)
+def test_option_values_are_checked_by_type_and_range(name, options, message):
+    with pytest.raises(ValueError) as e:
+        check_options(name, options)
+    assert message in str(e.value) and len(str(e.value).splitlines()) == 1, e.value
+
+
+def test_sampler_options_a_file_can_give_are_taken():
+    check_options("tpe", {"sampler_options": {"n_startup_trials": 5, "gamma": None, "prior_weight": 0.5}})
+    check_options("nsga2", {"sampler_options": {"mutation_prob": None, "crossover_prob": 1}})
+    check_options("cma", {"popsize": 8, "sigma0": 1, "noise": True})
 
 
 @pytest.mark.parametrize("strategy", ["ipop", "bipop"])
