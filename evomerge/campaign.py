@@ -783,7 +783,10 @@ def progress_line(search, budget: Budget, session0: int, front) -> str:
         parts.append(f"front {len(front.front)}")
         if front.hypervolume is not None:
             parts.append(f"hv {front.hypervolume:.4g}")
-    parts.append(f"failed {len(told) - len(done)}")
+    # the run summary's words: a candidate stopped at a lower rung is done, not failed
+    parts.append(f"{sum(t.status == 'failed' for t in told)} failed")
+    if search.stopped_early:
+        parts.append(f"{len(search.stopped_early)} stopped at a lower rung")
     spent = time.monotonic() - budget.started
     rate = (len(told) - session0) / spent if spent > 0 else 0.0
     if rate > 0:

@@ -455,3 +455,18 @@ def test_journal_bytes_that_are_not_text_are_a_corrupt_line(tmp_path):
     )
     with pytest.raises(JournalError, match=rf"{JOURNAL}:4: corrupt journal line"):
         _reopen(tmp_path)
+
+
+def test_the_progress_line_counts_candidates_stopped_at_a_lower_rung_apart_from_failures(tmp_path):
+    """In the run summary's words: stopped at a lower rung is a result, not a failure."""
+    from evomerge.campaign import Budget, progress_line
+    from evomerge.search.fidelity import Fidelity
+
+    s = Search(genome(), "random", ONE, 1, tmp_path, fidelity=Fidelity((5,), 0.5))
+    trials = [s.ask() for _ in range(4)]
+    assert s.report(trials[0].id, [0.5]) is None  # promoted
+    s.report(trials[1].id, [0.4])
+    s.report(trials[2].id, [0.1])  # both below the best half of rung 0: stopped there
+    s.report(trials[3].id, None)
+    line = progress_line(s, Budget(10, None, 0.0), 0, None)
+    assert " | 1 failed | 2 stopped at a lower rung" in line, line
