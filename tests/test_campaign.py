@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -797,3 +798,42 @@ def test_soft_config_and_tokenizer_differences_are_warned_hard_ones_refused(zoo,
     assert ran.returncode == 0, ran.stderr[-2000:]
     printed = [ln for ln in ran.stderr.splitlines() if ln.startswith("evomerge: warning:")]
     assert printed == [f"evomerge: warning: {w.replace(str(path), str(soft_path))}" for w in warnings]
+
+
+def test_models_that_ask_for_custom_code_are_refused_unless_trusted(zoo, tmp_path):
+    """A model whose config.json maps to its own code (auto_map) would be merged and scored as the
+    plain architecture its model_type names: refused before compute, in one line naming the model
+    and the class, by run, merge and model loading, unless trust_remote_code is on; a model_type
+    transformers does not know, with no code given, is refused either way."""
+    from evomerge.experiment import ExperimentError, check_experiment, load_experiment
+    from evomerge.merge.ondisk import merge_to_disk
+    from evomerge.merge.registry import MergeError
+    from evomerge.models.loading import load_causal_lm
+    from evomerge.models.source import ModelLoadError
+    from evomerge.recipe import parse_recipe
+
+    custom = {"auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    expert = _expert_copy(zoo, tmp_path, "expert-sort", custom)
+    models = {"base": str(zoo / "base"), "expert-add": str(zoo / "expert-add"), "expert-sort": expert}
+    path = experiment(tmp_path, zoo, models=models)
+    asks = "its config.json asks for custom code: modeling_x.XForCausalLM (auto_map)"
+    result = cli("run", path, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"evomerge: error: {path}: models.expert-sort: {asks}, which runs only with trust_remote_code: true"
+    ]
+    assert not (tmp_path / "campaign").exists()
+    trusted = experiment(tmp_path, zoo, "trusted.yaml", models=models, trust_remote_code=True)
+    check_experiment(load_experiment(trusted), trusted, check_tracking=False, check_tasks=False)
+    unknown = _expert_copy(tmp_path, tmp_path / "u", "changed-expert-sort", {"model_type": "x", "auto_map": None})
+    with pytest.raises(ExperimentError, match="models.expert-sort: its model_type 'x' is not one transformers knows"):
+        path = experiment(tmp_path, zoo, "u.yaml", models={**models, "expert-sort": unknown}, trust_remote_code=True)
+        check_experiment(load_experiment(path), path, check_tracking=False, check_tasks=False)
+    recipe = parse_recipe(
+        {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1}} for m in models.values()]}
+    )
+    with pytest.raises(MergeError, match=f"{expert}: {re.escape(asks)}, which runs only with trust_remote_code"):
+        merge_to_disk(recipe, tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(ModelLoadError, match=f"{expert}: {re.escape(asks)}, which runs only with trust_remote_code"):
+        load_causal_lm(expert)
