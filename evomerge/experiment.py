@@ -335,11 +335,23 @@ def _check_merge_models(exp: Experiment, space, configs: dict, fail, warn) -> di
     if exp.workers.address is None:  # a private pool: this host
         _check_fits_host(exp, specs, space.base, fail)
     counts = {name: _layer_count(name, c, fail) for name, c in configs.items()}
-    _check_genome(exp, space, counts, fail)
+    genome = _check_genome(exp, space, counts, fail)
+    _check_seed_recipes(exp, genome, fail)
+    return counts
+
+
+def _check_seed_recipes(exp: Experiment, genome, fail) -> None:
+    """A parameter space's seed recipes read, and are points of the genome (as the campaign encodes them)."""
+    from evomerge.recipe import RecipeError, load_recipe
+    from evomerge.search.space import SpaceError
+
     for i, recipe in enumerate(exp.seeds.recipes):
         if not Path(recipe).is_file():
             fail(f"seeds.recipes[{i}]", f"file not found: {recipe}")
-    return counts
+        try:
+            genome.encode(load_recipe(recipe))
+        except (RecipeError, SpaceError, ValueError) as e:
+            fail(f"seeds.recipes[{i}]", first_line(e))
 
 
 def _layer_count(name: str, config: dict, fail) -> int:

@@ -837,3 +837,24 @@ def test_models_that_ask_for_custom_code_are_refused_unless_trusted(zoo, tmp_pat
     assert not (tmp_path / "merged").exists()
     with pytest.raises(ModelLoadError, match=f"{expert}: {re.escape(asks)}, which runs only with trust_remote_code"):
         load_causal_lm(expert)
+
+
+def test_seed_recipes_of_a_parameter_space_are_read_before_anything_is_written(zoo, tmp_path):
+    """A seed recipe that does not parse, or is not a point of the space, used to surface as a
+    traceback once the campaign directory existed."""
+    from evomerge.experiment import ExperimentError, check_experiment, load_experiment
+
+    good = tmp_path / "good.yml"
+    checked = check_experiment(load_experiment(experiment(tmp_path, zoo)), "x", check_tracking=False, check_tasks=False)
+    genome = checked.genome()
+    good.write_text(yaml.safe_dump(genome.decode(genome.uniform_average()).model_dump(mode="json", exclude_none=True)))
+    path = experiment(tmp_path, zoo, seeds={"recipes": [str(good)]})
+    check_experiment(load_experiment(path), path, check_tracking=False, check_tasks=False)
+    for text, message in (
+        ("merge_method: [unclosed\n", "not valid YAML"),
+        ("- a list\n", "must be a mapping"),
+    ):
+        (tmp_path / "bad.yml").write_text(text)
+        path = experiment(tmp_path, zoo, seeds={"recipes": [str(good), str(tmp_path / "bad.yml")]})
+        with pytest.raises(ExperimentError, match=rf"{path}: seeds.recipes\[1\]: .*{message}"):
+            check_experiment(load_experiment(path), path, check_tracking=False, check_tasks=False)
