@@ -470,3 +470,21 @@ def test_the_progress_line_counts_candidates_stopped_at_a_lower_rung_apart_from_
     s.report(trials[3].id, None)
     line = progress_line(s, Budget(10, None, 0.0), 0, None)
     assert " | 1 failed | 2 stopped at a lower rung" in line, line
+
+
+@pytest.mark.parametrize(
+    "state, problem",
+    [
+        ([1], "a JSON list, not an object"),
+        ({"elapsed_s": "x"}, "'elapsed_s' must be a number"),
+        ({"reference_point": [0.1, "a"]}, "'reference_point' must be numbers or null"),
+        ({"sessions": [1]}, "'sessions' must be a list of objects"),
+        ({"finished": 1}, "'finished' must be true or false"),
+        ({"elapsed_s": 3.5, "finished": False, "parent_run_id": None, "sessions": [{}]}, None),
+    ],
+)
+def test_a_campaign_state_of_another_shape_is_named(state, problem):
+    """campaign.json that is JSON but not a state: one line (status and resume printed a traceback)."""
+    from evomerge.campaign import state_problem
+
+    assert state_problem(state) == problem
