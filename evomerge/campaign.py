@@ -282,6 +282,25 @@ def _remove_new(directory: Path, keep_dir: bool) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def state_problem(state) -> str | None:
+    """What makes ``campaign.json``'s content not a campaign state (JSON of another shape), or None."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    kinds = {
+        "elapsed_s": (number, "a number"),
+        "finished": (lambda v: isinstance(v, bool), "true or false"),
+        "parent_run_id": (lambda v: v is None or isinstance(v, str), "a string or null"),
+        "experiment_id": (lambda v: v is None or isinstance(v, str), "a string or null"),
+        "reference_point": (lambda v: v is None or (isinstance(v, list) and all(map(number, v))), "numbers or null"),
+        "sessions": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), "a list of objects"),
+    }
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, not an object"
+    for key, (ok, what) in kinds.items():
+        if key in state and not ok(state[key]):
+            return f"'{key}' must be {what}"
+    return None
+
+
 def open_campaign(directory: str | Path, check: bool = True, lock: bool = False) -> Loaded:
     """Open a campaign directory. ``check``: check it like a new experiment (the tracking server
     answers, the tasks load); ``lock``: take its lock, to run it (refused while another process holds it)."""
@@ -299,6 +318,9 @@ def open_campaign(directory: str | Path, check: bool = True, lock: bool = False)
             raise CampaignError(f"{directory / STATE}: corrupt campaign state") from None
         except OSError as e:
             raise CampaignError(f"{directory / STATE}: cannot read ({e.strerror})") from None
+        problem = state_problem(state)
+        if problem:
+            raise CampaignError(f"{directory / STATE}: corrupt campaign state: {problem}")
         exp = load_experiment(directory / EXPERIMENT_COPY)
         checked = check_experiment(exp, directory / EXPERIMENT_COPY, check_tracking=check, check_tasks=check)
     except BaseException:
@@ -914,7 +936,10 @@ def progress_line(search, budget: Budget, session0: int, front) -> str:
         parts.append(f"front {len(front.front)}")
         if front.hypervolume is not None:
             parts.append(f"hv {front.hypervolume:.4g}")
-    parts.append(f"failed {len(told) - len(done)}")
+    # the run summary's words: a candidate stopped at a lower rung is done, not failed
+    parts.append(f"{sum(t.status == 'failed' for t in told)} failed")
+    if search.stopped_early:
+        parts.append(f"{len(search.stopped_early)} stopped at a lower rung")
     spent = time.monotonic() - budget.started
     rate = (len(told) - session0) / spent if spent > 0 else 0.0
     if rate > 0:

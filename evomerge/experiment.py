@@ -246,11 +246,29 @@ def check_experiment(
     configs = {}
     for name, ref in exp.models.items():
         configs[name] = _model_config(ref, exp.allow_pickle, lambda msg, n=name: fail(f"models.{n}", msg))
+    _check_custom_code(exp, configs, fail)
     check_models = {"merge": _check_merge_models, "path": _check_path_models}[space.kind]
     warnings: list[str] = []
     counts = check_models(exp, space, configs, fail, lambda field, msg: warnings.append(f"{source}: {field}: {msg}"))
     _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking, exp.models[space.resident_base])
     return CheckedExperiment(exp, space, evaluator, counts, tuple(warnings))
+
+
+def _check_custom_code(exp: Experiment, configs: dict[str, dict], fail) -> None:
+    """Models whose files ask for code beyond transformers' own: refused unless ``trust_remote_code``
+    (without it, transformers builds the plain architecture its model_type names, and the campaign
+    would merge and score the weights as that); one no code could run is refused either way."""
+    from evomerge.models.config import custom_code
+
+    for name, config in configs.items():
+        found = custom_code(config, _local_dir(exp.models[name]))
+        if found is None:
+            continue
+        phrase, runnable = found
+        if not runnable:
+            fail(f"models.{name}", phrase)
+        if not exp.trust_remote_code:
+            fail(f"models.{name}", f"{phrase}, which runs only with trust_remote_code: true")
 
 
 def _load_space(exp: Experiment, fail):
@@ -317,11 +335,23 @@ def _check_merge_models(exp: Experiment, space, configs: dict, fail, warn) -> di
     if exp.workers.address is None:  # a private pool: this host
         _check_fits_host(exp, specs, space.base, fail)
     counts = {name: _layer_count(name, c, fail) for name, c in configs.items()}
-    _check_genome(exp, space, counts, fail)
+    genome = _check_genome(exp, space, counts, fail)
+    _check_seed_recipes(exp, genome, fail)
+    return counts
+
+
+def _check_seed_recipes(exp: Experiment, genome, fail) -> None:
+    """A parameter space's seed recipes read, and are points of the genome (as the campaign encodes them)."""
+    from evomerge.recipe import RecipeError, load_recipe
+    from evomerge.search.space import SpaceError
+
     for i, recipe in enumerate(exp.seeds.recipes):
         if not Path(recipe).is_file():
             fail(f"seeds.recipes[{i}]", f"file not found: {recipe}")
-    return counts
+        try:
+            genome.encode(load_recipe(recipe))
+        except (RecipeError, SpaceError, ValueError) as e:
+            fail(f"seeds.recipes[{i}]", first_line(e))
 
 
 def _layer_count(name: str, config: dict, fail) -> int:

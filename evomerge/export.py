@@ -82,7 +82,7 @@ def _stop_after_weights(staging: Path) -> None:
     sys.addaudithook(hook)
 
 
-def _merge_into(recipe, staging: Path, out: Path, force: bool, allow_pickle: bool, progress: bool) -> None:
+def _merge_into(recipe, staging: Path, out: Path, force: bool, exp, progress: bool) -> None:
     from evomerge.merge.apply import MergeError
     from evomerge.merge.ondisk import merge_to_disk
     from evomerge.staging import sweep_stale_staging
@@ -93,7 +93,9 @@ def _merge_into(recipe, staging: Path, out: Path, force: bool, allow_pickle: boo
             raise CampaignError(f"{out} exists and is not empty (pass --force to replace it)")
         if os.environ.get(STOP_IN_MERGE):
             _stop_after_weights(staging)
-        merge_to_disk(recipe, staging, allow_pickle=allow_pickle, progress=progress)
+        merge_to_disk(
+            recipe, staging, allow_pickle=exp.allow_pickle, progress=progress, trust_remote_code=exp.trust_remote_code
+        )
     except MergeError as e:
         raise CampaignError(first_line(e)) from None
     except OSError as e:
@@ -121,7 +123,7 @@ def export(
     recipe = located_recipe(trial.recipe, exp.models)
     staging = staging_dir(out)
     try:
-        _merge_into(recipe, staging, out, force, exp.allow_pickle, progress)
+        _merge_into(recipe, staging, out, force, exp, progress)
         record = {
             "campaign": str(loaded.directory),
             "trial": trial.id,

@@ -3,7 +3,7 @@
 ``.NAME.partial-PID`` is where process PID builds NAME; ``.NAME.old-PID`` is a replaced NAME while
 the new one is renamed in. A SIGKILL can leave either behind: the next build of the same target
 removes what dead processes left (and restores an old copy whose replacement never arrived).
-Used by the zoo build and by export.
+Used by the zoo build, export and the merge engine (`evomerge merge`).
 """
 
 from __future__ import annotations

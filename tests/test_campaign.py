@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -257,6 +258,25 @@ def test_bad_experiments_fail_in_one_line_before_any_compute(zoo, tmp_path, case
     assert len(lines) == 1 and lines[0].startswith(f"evomerge: error: {path}: "), result.stderr
     assert message.replace("exp.yaml", str(path)).split(": ", 1)[1] in lines[0]
     assert not (tmp_path / "campaign").exists()  # nothing written
+
+
+def test_an_alias_bomb_in_an_option_value_is_refused_before_it_grows(zoo, tmp_path):
+    """A few hundred bytes of YAML aliases standing for 9 ** 9 values, where only the option's
+    name used to be checked: refused in one line naming the file, nothing written."""
+    laughs = ["lol"] * 9
+    for _ in range(8):
+        laughs = [laughs] * 9  # one list nine times: safe_dump writes it as an anchor and aliases
+    path = experiment(
+        tmp_path, zoo, optimizer={"name": "tpe", "options": {"sampler_options": {"n_startup_trials": laughs}}}
+    )
+    assert len(path.read_bytes()) < 5000
+    result = cli("run", path, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"evomerge: error: {path}: its aliases (*name) expand it beyond 100,000 values (a YAML alias bomb?); "
+        "refusing to read it"
+    ]
+    assert not (tmp_path / "campaign").exists()
 
 
 # -- a real MLflow server --------------------------------------------------------------------------
@@ -968,3 +988,63 @@ def test_soft_config_and_tokenizer_differences_are_warned_hard_ones_refused(zoo,
     assert ran.returncode == 0, ran.stderr[-2000:]
     printed = [ln for ln in ran.stderr.splitlines() if ln.startswith("evomerge: warning:")]
     assert printed == [f"evomerge: warning: {w.replace(str(path), str(soft_path))}" for w in warnings]
+
+
+def test_models_that_ask_for_custom_code_are_refused_unless_trusted(zoo, tmp_path):
+    """A model whose config.json maps to its own code (auto_map) would be merged and scored as the
+    plain architecture its model_type names: refused before compute, in one line naming the model
+    and the class, by run, merge and model loading, unless trust_remote_code is on; a model_type
+    transformers does not know, with no code given, is refused either way."""
+    from evomerge.experiment import ExperimentError, check_experiment, load_experiment
+    from evomerge.merge.ondisk import merge_to_disk
+    from evomerge.merge.registry import MergeError
+    from evomerge.models.loading import load_causal_lm
+    from evomerge.models.source import ModelLoadError
+    from evomerge.recipe import parse_recipe
+
+    custom = {"auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    expert = _expert_copy(zoo, tmp_path, "expert-sort", custom)
+    models = {"base": str(zoo / "base"), "expert-add": str(zoo / "expert-add"), "expert-sort": expert}
+    path = experiment(tmp_path, zoo, models=models)
+    asks = "its config.json asks for custom code: modeling_x.XForCausalLM (auto_map)"
+    result = cli("run", path, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"evomerge: error: {path}: models.expert-sort: {asks}, which runs only with trust_remote_code: true"
+    ]
+    assert not (tmp_path / "campaign").exists()
+    trusted = experiment(tmp_path, zoo, "trusted.yaml", models=models, trust_remote_code=True)
+    check_experiment(load_experiment(trusted), trusted, check_tracking=False, check_tasks=False)
+    unknown = _expert_copy(tmp_path, tmp_path / "u", "changed-expert-sort", {"model_type": "x", "auto_map": None})
+    with pytest.raises(ExperimentError, match="models.expert-sort: its model_type 'x' is not one transformers knows"):
+        path = experiment(tmp_path, zoo, "u.yaml", models={**models, "expert-sort": unknown}, trust_remote_code=True)
+        check_experiment(load_experiment(path), path, check_tracking=False, check_tasks=False)
+    recipe = parse_recipe(
+        {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1}} for m in models.values()]}
+    )
+    with pytest.raises(MergeError, match=f"{expert}: {re.escape(asks)}, which runs only with trust_remote_code"):
+        merge_to_disk(recipe, tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(ModelLoadError, match=f"{expert}: {re.escape(asks)}, which runs only with trust_remote_code"):
+        load_causal_lm(expert)
+
+
+def test_seed_recipes_of_a_parameter_space_are_read_before_anything_is_written(zoo, tmp_path):
+    """A seed recipe that does not parse, or is not a point of the space, used to surface as a
+    traceback once the campaign directory existed."""
+    from evomerge.experiment import ExperimentError, check_experiment, load_experiment
+
+    good = tmp_path / "good.yml"
+    checked = check_experiment(load_experiment(experiment(tmp_path, zoo)), "x", check_tracking=False, check_tasks=False)
+    genome = checked.genome()
+    good.write_text(yaml.safe_dump(genome.decode(genome.uniform_average()).model_dump(mode="json", exclude_none=True)))
+    path = experiment(tmp_path, zoo, seeds={"recipes": [str(good)]})
+    check_experiment(load_experiment(path), path, check_tracking=False, check_tasks=False)
+    for text, message in (
+        ("merge_method: [unclosed\n", "not valid YAML"),
+        ("- a list\n", "must be a mapping"),
+    ):
+        (tmp_path / "bad.yml").write_text(text)
+        path = experiment(tmp_path, zoo, seeds={"recipes": [str(good), str(tmp_path / "bad.yml")]})
+        with pytest.raises(ExperimentError, match=rf"{path}: seeds.recipes\[1\]: .*{message}"):
+            check_experiment(load_experiment(path), path, check_tracking=False, check_tasks=False)

@@ -328,6 +328,28 @@ def test_existing_output_needs_force(zoo, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
 
+def test_merge_force_sweeps_what_a_killed_replace_left(zoo, tmp_path):
+    """Killed as the old output was moved aside (``.out.old-PID``) or while merging
+    (``.out.partial-PID``): the next merge restores the old output (so it is still refused without
+    --force) and removes dead processes' leftovers; with --force nothing stays beside the output."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    config = tmp_path / "r.yml"
+    config.write_text(yaml.safe_dump(ties_recipe(zoo)))
+    out = tmp_path / "out"
+    (tmp_path / f".out.old-{dead.pid}").mkdir()  # killed between the two renames: no ``out``
+    (tmp_path / f".out.old-{dead.pid}" / "keep.txt").write_text("precious")
+    (tmp_path / f".out.partial-{dead.pid}").mkdir()
+    result = run_cli("merge", str(config), "--out", str(out), "--quiet")
+    assert result.returncode == 2 and "exists and is not empty" in result.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yml"]
+    shutil.copytree(out, tmp_path / f".out.old-{dead.pid}")  # killed while removing the old copy
+    assert run_cli("merge", str(config), "--out", str(out), "--quiet", "--force").returncode == 0
+    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yml"]
+
+
 @pytest.mark.parametrize(
     "edit,message",
     [

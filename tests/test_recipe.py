@@ -84,6 +84,36 @@ def test_file_errors(tmp_path):
         load_recipe(bad)
 
 
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """YAML whose aliases stand for width ** levels values in a few hundred bytes ("billion laughs")."""
+    lines = [f"a0: &a0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nmerge_method: *a{levels - 1}\n"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (alias_bomb(), "its aliases (*name) expand it beyond 100,000 values (a YAML alias bomb?); refusing to read it"),
+        ("merge_method: &a [*a]\n", "an alias (*name) refers to a node that holds it: the document never ends"),
+        ("[" * 5000 + "]" * 5000, "not valid YAML: nested too deeply"),
+        (b"merge_method: \xff\xfe\n", "not UTF-8 text"),
+    ],
+)
+def test_yaml_that_would_blow_up_is_refused_in_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.yml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(e.value) == f"{path}: {message}"
+
+
+def test_aliases_that_expand_a_little_are_read():
+    from evomerge.configfile import parse_yaml
+
+    assert parse_yaml(alias_bomb(levels=3), "f.yml", ValueError)["merge_method"] == [[["lol"] * 9] * 9] * 9
+
+
 def test_gradients_and_filters_resolve_like_mergekit():
     assert resolve_setting(0.3, "x", 0.5) == 0.3
     assert resolve_setting([0.0, 1.0], "x", 0.25) == pytest.approx(0.25)

@@ -270,3 +270,25 @@ def test_read_only_directories_give_one_line_and_exit_2(zoo, resumed, tmp_path):
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [line], result.stderr[-2000:]
     assert status.returncode == 0 and "evaluations 16/16" in status.stdout, status.stderr[-2000:]
     assert elsewhere.returncode == 0 and (tmp_path / "front.png").exists()
+
+
+def test_a_journal_line_that_is_not_an_event_stops_status_and_resume_in_one_line(resumed, tmp_path):
+    """JSON that is not an event (here a tell of a trial never asked) in the middle of the journal:
+    ``status`` and ``resume`` name the file and line, exit 2, and leave the journal as it was."""
+    import shutil
+
+    _, finished, _ = resumed
+    directory = tmp_path / "campaign"
+    shutil.copytree(finished, directory, ignore=shutil.ignore_patterns("ray"))  # Ray's sockets do not copy
+    journal = directory / "journal.jsonl"
+    lines = journal.read_text().splitlines()
+    lines.insert(5, '{"event": "tell", "id": 999, "values": [0.5, 0.5]}')
+    journal.write_text("\n".join(lines) + "\n")
+    before = journal.read_bytes()
+    for command in ("status", "resume"):
+        result = cli(command, directory, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines() == [
+            f"evomerge: error: {journal}:6: tell event for trial 999, which was never asked (1 so far)"
+        ], result.stderr[-2000:]
+    assert journal.read_bytes() == before

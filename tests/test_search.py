@@ -7,7 +7,7 @@ from conftest import REPO
 
 from evomerge.objectives import Objective
 from evomerge.search.journal import JOURNAL, JournalError
-from evomerge.search.optimizers import OPTIMIZERS, make_optimizer
+from evomerge.search.optimizers import OPTIMIZERS, check_options, make_optimizer
 from evomerge.search.optuna_view import OPTUNA_VIEW, STUDY
 from evomerge.search.space import Genome, load_space
 from evomerge.search.study import Search
@@ -142,6 +142,37 @@ def test_unknown_optimizer_and_option():
     # every registered optimizer builds from its defaults, and its options model is what it holds
     for name, kind in OPTIMIZERS.items():
         assert isinstance(make_optimizer(name, 3, ONE, 0).options, kind.Options)
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("tpe", {"sampler_options": {"n_startup_trials": [[1] * 9] * 9}}, "n_startup_trials: TPESampler takes int"),
+        ("tpe", {"sampler_options": {"n_startup_trials": -1}}, "TPESampler takes a value >= 0 for this option, got -1"),
+        ("tpe", {"sampler_options": {"gamma": "lambda n: n"}}, "gamma: TPESampler takes a Python object (Callable"),
+        ("tpe", {"sampler_options": {"consider_prior": 1}}, "consider_prior: TPESampler takes bool or None"),
+        ("tpe", {"sampler_options": {"n_ei_candidates": 10**9}}, "takes a value in [1, 100000] for this option"),
+        ("nsga2", {"sampler_options": {"population_size": 4.5}}, "population_size: NSGAIISampler takes int"),
+        ("nsga2", {"sampler_options": {"population_size": True}}, "NSGAIISampler takes int for this option, got True"),
+        ("nsga2", {"sampler_options": {"mutation_prob": 2}}, "mutation_prob: NSGAIISampler takes a value in [0, 1]"),
+        ("nsga2", {"sampler_options": {"crossover_prob": float("nan")}}, "crossover_prob: NSGAIISampler takes float"),
+        ("gp", {"sampler_options": {"deterministic_objective": "yes"}}, "GPSampler takes bool for this option"),
+        ("cma", {"popsize": "8"}, "popsize: Input should be a valid integer"),
+        ("cma", {"popsize": 10**7}, "popsize: Input should be less than or equal to 10000"),
+        ("cma", {"noise": "yes"}, "noise: Input should be a valid boolean"),
+        ("cma", {"tolfun": float("inf")}, "tolfun: Input should be a finite number"),
+    ],
+)
+def test_option_values_are_checked_by_type_and_range(name, options, message):
+    with pytest.raises(ValueError) as e:
+        check_options(name, options)
+    assert message in str(e.value) and len(str(e.value).splitlines()) == 1, e.value
+
+
+def test_sampler_options_a_file_can_give_are_taken():
+    check_options("tpe", {"sampler_options": {"n_startup_trials": 5, "gamma": None, "prior_weight": 0.5}})
+    check_options("nsga2", {"sampler_options": {"mutation_prob": None, "crossover_prob": 1}})
+    check_options("cma", {"popsize": 8, "sigma0": 1, "noise": True})
 
 
 @pytest.mark.parametrize("strategy", ["ipop", "bipop"])
@@ -404,3 +435,136 @@ def test_per_document_records_round_trip(tmp_path):
     (tmp_path / RECORDS).write_text(lines[0] + "\n[1, 2]\n" + lines[1] + "\n")
     with pytest.raises(ValueError, match=rf"{RECORDS}:2: not a per-document record"):
         DocumentRecords(tmp_path, full).read()
+
+
+# -- a journal line that is JSON but not an event: one line naming the line, never a traceback -------
+def _journal_with_every_event(directory):
+    """A multi-fidelity search's journal holding each kind of event: enqueue, baseline, ask, promote,
+    tell (done and failed), with trials still running; returns the journal's lines."""
+    from evomerge.recipe import parse_recipe
+    from evomerge.search.fidelity import Fidelity
+
+    s = Search(genome(), "random", ONE, 1, directory, fidelity=Fidelity((5,), 0.5))
+    s.enqueue(s.genome.uniform_average())
+    s.add_baseline(parse_recipe(s.genome.decode(s.genome.uniform_average()).model_dump(mode="json"), "b"), "avg")
+    trials = [s.ask() for _ in range(5)]  # the baseline, the enqueued point, three new ones
+    assert s.report(trials[2].id, [0.5], {"documents": 10, "timings": {"total": 1.0}}) is None  # promoted
+    s.report(trials[1].id, [0.1], {"documents": 20})
+    s.report(trials[3].id, None, {"reason": "worker crashed"})
+    return (directory / JOURNAL).read_text().splitlines()
+
+
+def _reopen(directory, writable=False):
+    from evomerge.search.fidelity import Fidelity
+
+    return Search(genome(), "random", ONE, 1, directory, writable=writable, fidelity=Fidelity((5,), 0.5))
+
+
+WRONG = [None, True, -1, 1.5, 7, 10**30, float("nan"), float("inf"), "x", [], [1, 2, 3], [0.5, "a"], {}, {"a": 1}]
+
+
+def _mutations(event: dict):
+    """``event`` with each field removed, and with each field (the event's name too) set to each
+    wrong value."""
+    for field in event:
+        yield {k: v for k, v in event.items() if k != field}
+        for value in WRONG:
+            yield {**event, field: value}
+
+
+def test_every_malformed_journal_line_is_refused_in_one_line_naming_it(tmp_path):
+    lines = _journal_with_every_event(tmp_path / "good")
+    events = [json.loads(line) for line in lines]
+    assert {e["event"] for e in events} == {"header", "enqueue", "baseline", "ask", "promote", "tell"}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    refused = tried = 0
+    cases = [(n, m) for n in range(1, len(lines)) for m in _mutations(events[n])]
+    cases += [(n, m) for n in (1, len(lines) - 1) for m in ([1, 2, 3], 3, "x", None, {"no_event": True}, lines[0])]
+    for n, mutated in cases:
+        text = mutated if isinstance(mutated, str) else json.dumps(mutated)
+        if text == lines[n]:
+            continue
+        tried += 1
+        (bad / JOURNAL).write_text("\n".join([*lines[:n], text, *lines[n + 1 :]]) + "\n")
+        try:
+            _reopen(bad)
+        except JournalError as e:  # anything else fails the test with its traceback
+            refused += 1
+            assert str(e).startswith(f"{bad / JOURNAL}:"), e
+            assert len(str(e).splitlines()) == 1
+    assert tried > 300 and refused > 0.9 * tried, (refused, tried)
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("[1, 2, 3]", "not an event (a JSON list, not an object)"),
+        ('{"no_event": true}', "not an event (no 'event' field)"),
+        ('{"event": "ask", "id": 6}', "ask event without 'unit'"),
+        ('{"event": "tell", "id": 42, "values": [1.0]}', "tell event for trial 42, which was never asked (5 so far)"),
+        ('{"event": "tell", "id": "3", "values": [1.0]}', "tell event: 'id' must be a trial number"),
+        ('{"event": "tell", "id": 3, "values": [1.0, 2.0]}', "'values' has 2 values; the search has 1 objectives"),
+        ('{"event": "tell", "id": 1, "values": [1.0]}', "tell event for trial 1, which was already told"),
+        ('{"event": "promote", "id": 0, "values": [1.0]}', "cannot be promoted (it is at the full evaluation)"),
+        ('{"event": "enqueue", "unit": [0.5]}', "enqueue event: 'unit' has 1 values; the genome has"),
+        ('{"event": "launch"}', 'unknown event "launch"'),
+        ('{"event": "baseline", "id": 5, "recipe": {"x": 1}, "label": "b"}', "baseline event: not a recipe"),
+        ('{"event": "enqueue", "unit": [0.5, 0.5, 0.5, 0.5], "label": 3}', "enqueue event: 'label' must be a string"),
+        (
+            '{"event": "tell", "id": 3, "values": [1.0], "info": {"repeat_of": 42}}',
+            "tell event for trial 3: 'repeat_of' names trial 42, which has no result",
+        ),
+    ],
+)
+def test_a_journal_line_that_is_not_an_event_names_its_line(tmp_path, line, problem):
+    lines = _journal_with_every_event(tmp_path)
+    n = len(lines) - 1  # before the last event: the middle of the journal
+    (tmp_path / JOURNAL).write_text("\n".join([*lines[:n], line, lines[n]]) + "\n")
+    before = (tmp_path / JOURNAL).read_bytes()
+    with pytest.raises(JournalError) as e:
+        _reopen(tmp_path, writable=True)
+    assert str(e.value).startswith(f"{tmp_path / JOURNAL}:{n + 1}: ") and problem in str(e.value), e.value
+    assert (tmp_path / JOURNAL).read_bytes() == before
+
+
+def test_journal_bytes_that_are_not_text_are_a_corrupt_line(tmp_path):
+    lines = _journal_with_every_event(tmp_path)
+    (tmp_path / JOURNAL).write_bytes(
+        "\n".join(lines[:3]).encode() + b"\n\xff\xfe\x00garbage\n" + b"[" * 100_000 + b"\n" + lines[3].encode() + b"\n"
+    )
+    with pytest.raises(JournalError, match=rf"{JOURNAL}:4: corrupt journal line"):
+        _reopen(tmp_path)
+
+
+def test_the_progress_line_counts_candidates_stopped_at_a_lower_rung_apart_from_failures(tmp_path):
+    """In the run summary's words: stopped at a lower rung is a result, not a failure."""
+    from evomerge.campaign import Budget, progress_line
+    from evomerge.search.fidelity import Fidelity
+
+    s = Search(genome(), "random", ONE, 1, tmp_path, fidelity=Fidelity((5,), 0.5))
+    trials = [s.ask() for _ in range(4)]
+    assert s.report(trials[0].id, [0.5]) is None  # promoted
+    s.report(trials[1].id, [0.4])
+    s.report(trials[2].id, [0.1])  # both below the best half of rung 0: stopped there
+    s.report(trials[3].id, None)
+    line = progress_line(s, Budget(10, None, 0.0), 0, None)
+    assert " | 1 failed | 2 stopped at a lower rung" in line, line
+
+
+@pytest.mark.parametrize(
+    "state, problem",
+    [
+        ([1], "a JSON list, not an object"),
+        ({"elapsed_s": "x"}, "'elapsed_s' must be a number"),
+        ({"reference_point": [0.1, "a"]}, "'reference_point' must be numbers or null"),
+        ({"sessions": [1]}, "'sessions' must be a list of objects"),
+        ({"finished": 1}, "'finished' must be true or false"),
+        ({"elapsed_s": 3.5, "finished": False, "parent_run_id": None, "sessions": [{}]}, None),
+    ],
+)
+def test_a_campaign_state_of_another_shape_is_named(state, problem):
+    """campaign.json that is JSON but not a state: one line (status and resume printed a traceback)."""
+    from evomerge.campaign import state_problem
+
+    assert state_problem(state) == problem

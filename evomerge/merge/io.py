@@ -11,10 +11,8 @@ interrupted or failed merge leaves nothing at the target.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +23,7 @@ from evomerge.merge.registry import MergeError
 from evomerge.models import source, weights
 from evomerge.models.source import ModelLoadError
 from evomerge.models.weights import SAFETENSORS_NAMES, TensorInfo
+from evomerge.staging import staging_dir, swap_into_place, sweep_stale_staging
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 TOKENIZER_FILES = (
@@ -162,23 +161,21 @@ class ShardedWriter:
 
 
 class StagedDirectory:
-    """A temporary sibling of ``target`` that becomes ``target`` on ``commit`` (else is removed)."""
+    """A hidden sibling of ``target`` (``.NAME.partial-PID``) that becomes ``target`` on ``commit``
+    (else is removed); what killed merges of the same target left beside it is swept first
+    (``evomerge.staging``: an old copy moved aside by a replace that never finished is restored)."""
 
     def __init__(self, target: str | Path, overwrite: bool = False):
         self.target = Path(target)
+        sweep_stale_staging(self.target)
         if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())) and not overwrite:
             raise MergeError(f"{self.target} exists and is not empty (pass --force to replace it)")
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        self.path = staging_dir(self.target)
+        self.path.mkdir()
 
     def commit(self) -> Path:
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            self.target.rename(old)
-            self.path.rename(self.target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.path.rename(self.target)
+        swap_into_place(self.path, self.target)
         return self.target
 
     def discard(self) -> None:

@@ -77,6 +77,16 @@ def _check_compatible(base_ref: str, base: ModelSource, others: dict[str, ModelS
     return infos
 
 
+def _refuse_custom_code(sources: dict[str, ModelSource], dirs: dict[str, Path], trust_remote_code: bool) -> None:
+    from evomerge.models.config import custom_code
+
+    for ref, src in sources.items():
+        found = custom_code(src.config, dirs[ref])
+        if found and not (found[1] and trust_remote_code):
+            runs = ", which runs only with trust_remote_code" if found[1] else ""
+            raise MergeError(f"{ref}: {found[0]}{runs}")
+
+
 @dataclass
 class _MergeInputs:
     """A recipe's merge checked before any compute: its models, tensors, plan and output dtypes."""
@@ -96,7 +106,7 @@ class _MergeInputs:
         return self.sources[self.base_ref]
 
 
-def _check_merge(recipe: Recipe, allow_pickle: bool) -> _MergeInputs:
+def _check_merge(recipe: Recipe, allow_pickle: bool, trust_remote_code: bool = False) -> _MergeInputs:
     """Models resolve and share the base's tensors, the output dtype is known, and every tensor's
     parameters resolve and lie in range."""
     refs = recipe.model_names()
@@ -104,6 +114,7 @@ def _check_merge(recipe: Recipe, allow_pickle: bool) -> _MergeInputs:
     dirs = {ref: resolve_model_dir(ref, allow_pickle) for ref in refs}
     sources = {ref: ModelSource(d, allow_pickle) for ref, d in dirs.items()}
     base = sources[base_ref]
+    _refuse_custom_code(sources, dirs, trust_remote_code)
     infos = _check_compatible(base_ref, base, {r: s for r, s in sources.items() if r != base_ref})
     plan = RecipePlan(recipe, num_layers_of(base.config))
     out_dtype = DTYPE_NAMES.get(recipe.out_dtype or recipe.dtype or "")
@@ -150,13 +161,16 @@ def merge_to_disk(
     progress: bool = True,
     device: str = "cpu",
     scores: dict[str, float] | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
-    """Merge ``recipe`` into a Hugging Face model directory at ``out``; returns its path."""
+    """Merge ``recipe`` into a Hugging Face model directory at ``out``; returns its path. Models whose
+    files ask for custom code are refused unless ``trust_remote_code`` (the merged model would carry
+    their ``auto_map`` and be taken for the plain architecture)."""
     if recipe.is_path:  # a layer path: stacked, not merged
         from evomerge.merge.path import write_path
 
         return write_path(recipe, out, allow_pickle=allow_pickle, overwrite=overwrite, progress=progress, scores=scores)
-    m = _check_merge(recipe, allow_pickle)
+    m = _check_merge(recipe, allow_pickle, trust_remote_code)
     staged = StagedDirectory(out, overwrite=overwrite)
     try:
         metadata = {"evomerge_version": __version__, "merge_method": recipe.merge_method}

@@ -13,7 +13,7 @@ CARD_BYTES = 64 * 1024
 def card_license(model_dir: Path) -> str | None:
     """The license the card in ``model_dir`` declares (``license:``; a list is joined with ", "),
     or None when there is no card, no front matter or no license in it."""
-    import yaml
+    from evomerge.configfile import parse_yaml
 
     card = Path(model_dir) / "README.md"
     try:
@@ -26,9 +26,9 @@ def card_license(model_dir: Path) -> str | None:
     end = text.find("\n---", 3)
     if end < 0:
         return None
-    try:
-        meta = yaml.safe_load(text[3:end])
-    except yaml.YAMLError:
+    try:  # front matter that is not YAML, or an alias bomb, states no license
+        meta = parse_yaml(text[3:end], str(card), ValueError)
+    except ValueError:
         return None
     value = meta.get("license") if isinstance(meta, dict) else None
     if isinstance(value, list):

@@ -25,6 +25,7 @@ def load_causal_lm(
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{ref}: not a Hugging Face model directory (no config.json)")
         checked_weight_files(path, allow_pickle)
+    _refuse_custom_code(ref, trust_remote_code)
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -36,6 +37,26 @@ def load_causal_lm(
     if device:
         model.to(device)
     return model.eval(), tokenizer
+
+
+def _refuse_custom_code(ref: str | Path, trust_remote_code: bool) -> None:
+    """A model whose files ask for code beyond transformers' own is not loaded as the plain
+    architecture its model_type names: refused unless ``trust_remote_code`` (a hub id not in the
+    local cache is left to transformers, which refuses custom code itself)."""
+    from evomerge.models.config import custom_code, read_config
+    from evomerge.models.source import cached_snapshot
+
+    folder = Path(ref) if is_local_model(ref) else cached_snapshot(str(ref))
+    if folder is None or not (folder / "config.json").is_file():
+        return
+    try:
+        config = read_config(folder)
+    except ValueError:
+        raise ModelLoadError(f"{ref}: config.json is not valid JSON") from None
+    found = custom_code(config, folder) if isinstance(config, dict) else None
+    if found and not (found[1] and trust_remote_code):
+        runs = ", which runs only with trust_remote_code (--trust-remote-code)" if found[1] else ""
+        raise ModelLoadError(f"{ref}: {found[0]}{runs}")
 
 
 #: torch dtypes a model may be loaded in for scoring (``--dtype``); None: as saved.

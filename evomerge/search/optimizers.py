@@ -100,20 +100,21 @@ class RandomSearch(Optimizer):
 
 
 class CMAOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    #: Points per generation (default 4 + 3 ln d, pycma's).
-    popsize: int | None = Field(default=None, ge=2)
+    #: strict: a file's "8" or true is not a population size; no NaN or infinity anywhere
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    #: Points per generation (default 4 + 3 ln d, pycma's); pycma allocates per point at once.
+    popsize: int | None = Field(default=None, ge=2, le=10_000)
     #: Initial step size in units of the unit box (range / 6, a common rule; 0.25 measured ~1.6x
     #: slower on a 56-gene bowl).
     sigma0: float = Field(default=1 / 6, gt=0, le=1)
     #: Restarts after pycma's stopping criteria, with a larger (ipop) or alternating (bipop) population.
-    restarts: int = Field(default=0, ge=0)
+    restarts: int = Field(default=0, ge=0, le=100)
     restart_strategy: Literal["ipop", "bipop"] = "ipop"
     tolfun: float = Field(default=1e-11, ge=0)
     #: Noise handling: replicates per point and re-evaluations (see the module docstring).
     noise: bool = False
-    noise_max_evaluations: int = Field(default=5, ge=1)
-    noise_reevals: int | None = Field(default=None, ge=0)
+    noise_max_evaluations: int = Field(default=5, ge=1, le=100)  # replicates per point, listed at once
+    noise_reevals: int | None = Field(default=None, ge=0, le=10_000)
     #: Where the search starts: the middle of the box, or (``best_seed``) the best of the seeds
     #: once they are all scored, e.g. an expert's own layer path in a path space, whose middle is a
     #: random path. Candidates asked before the seeds were all in belong to the middle start.
@@ -291,6 +292,75 @@ def _optuna_samplers() -> dict[str, tuple[type, bool]]:
 OPTUNA_SAMPLERS = ("tpe", "nsga2", "nsga3", "gp", "cmaes", "optuna-random")
 
 
+#: Ranges of the Optuna samplers' numeric keywords (the annotations give only types): (low, high,
+#: whether low itself is excluded); the upper bounds keep per-ask work and memory sane.
+SAMPLER_RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "n_startup_trials": (0, None, False),
+    "n_ei_candidates": (1, 100_000, False),
+    "population_size": (2, None, False),
+    "popsize": (2, 10_000, False),
+    "dividing_parameter": (1, None, False),
+    "prior_weight": (0, None, True),
+    "sigma0": (0, None, True),
+    "mutation_prob": (0, 1, False),
+    "crossover_prob": (0, 1, False),
+    "swapping_prob": (0, 1, False),
+}
+_FILE_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+
+
+def _alternatives(annotation: str) -> list[str]:
+    """The members of a union annotation written as a string (``int | None``), split at top level."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(annotation):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "|" and depth == 0:
+            out.append(annotation[start:i].strip())
+            start = i + 1
+    return [*out, annotation[start:].strip()]
+
+
+def _fits(kind: str, value) -> bool:
+    """Whether a value read from a file is of the annotation member ``kind``."""
+    if kind in ("int", "float") and isinstance(value, bool):
+        return False
+    if kind == "float":
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if kind in _FILE_TYPES:
+        return isinstance(value, _FILE_TYPES[kind])
+    if kind.startswith("dict["):  # e.g. CmaEsSampler's x0: parameter name -> a plain value
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float, str, bool)) for k, v in value.items()
+        )
+    return False  # an object (a callable, a crossover, arrays): nothing a file can hold
+
+
+def _value_problem(annotation, value) -> str | None:
+    """Why ``value`` does not fit a sampler keyword's annotation, or None."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    if not isinstance(annotation, str):  # annotations evaluated at definition: their written form
+        annotation = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    kinds = _alternatives(annotation.replace("typing.", "").replace("NoneType", "None"))
+    if any(_fits(k, value) for k in kinds):
+        return None
+    plain = [k for k in kinds if k in _FILE_TYPES or k.startswith("dict[")]
+    if plain == ["None"] or not plain:
+        return f"takes a Python object ({annotation}) for this option, which a file cannot give; leave it out"
+    shown = type(value).__name__ if isinstance(value, (list, dict)) else repr(value)[:40]
+    return f"takes {' or '.join(plain)} for this option, got {shown}"
+
+
+def _range_problem(key: str, value) -> str | None:
+    if key not in SAMPLER_RANGES or value is None or isinstance(value, bool):
+        return None
+    low, high, open_low = SAMPLER_RANGES[key]
+    if (value <= low if open_low else value < low) or (high is not None and value > high):
+        where = f"> {low:g}" if open_low else (f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]")
+        return f"takes a value {where} for this option, got {value!r}"
+    return None
+
+
 class OptunaOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: Keyword arguments of the Optuna sampler's constructor (``seed`` comes from the experiment).
@@ -320,15 +390,25 @@ class OptunaSampler(Optimizer):
 
     @staticmethod
     def check_sampler_options(name: str, options: dict[str, Any]) -> None:
-        """Refuse keywords the sampler's constructor does not take (before any compute)."""
+        """Refuse keywords the sampler's constructor does not take, and values its annotations (or
+        ``SAMPLER_RANGES``) do not allow, before any compute. Only plain values come from a file:
+        a keyword that takes an object (a callable, a crossover) can only be left out."""
         cls = _optuna_samplers()[name][0]
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "seed"}
-        unknown = sorted(set(options) - accepted)
+        parameters = {
+            p.name: p.annotation
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name not in ("self", "seed") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
+        unknown = sorted(set(options) - set(parameters))
         if unknown:
             raise ValueError(
                 f"sampler_options: {cls.__name__} takes no option(s) {', '.join(unknown)}; "
-                f"valid: {', '.join(sorted(accepted))}"
+                f"valid: {', '.join(sorted(parameters))}"
             )
+        for key, value in options.items():
+            problem = _value_problem(parameters[key], value) or _range_problem(key, value)
+            if problem:
+                raise ValueError(f"sampler_options.{key}: {cls.__name__} {problem}")
 
     def use_categories(self, categories):
         import optuna

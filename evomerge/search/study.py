@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from evomerge.errors import first_line
 from evomerge.objectives import Objective
 from evomerge.recipe import Recipe, parse_recipe, recipe_key
 from evomerge.search.fidelity import Fidelity
@@ -132,29 +133,68 @@ class Search:
 
     # -- replay -----------------------------------------------------------------------------------
     def _replay(self) -> None:
-        for event in self.journal.read(self.header):
-            if event["event"] == "enqueue":
-                self.optimizer.enqueue(event["unit"])
-                self._seeds_left += 1
-                self._seed_labels.append(event.get("label"))
-            elif event["event"] == "ask":
-                unit, replicate = self.optimizer.ask_replicate()
-                if unit != event["unit"] or replicate != event.get("replicate", 0):
-                    raise JournalError(
-                        f"{self.path}: trial {event['id']} does not replay (the optimizer's library version changed?)"
-                    )
-                self._new_trial(unit, replicate)
-            elif event["event"] == "baseline":
-                self._new_baseline(event["recipe"], event["label"], event.get("expert"))
-            elif event["event"] == "promote":
-                self._apply_promote(event["id"], event["values"], event.get("documents", 0))
-            elif event["event"] == "tell":
-                self._apply_tell(event["id"], event["values"], event.get("info", {}))
+        for line, event in self.journal.read(self.header):
+            problem = self._replay_event(event)
+            if problem:
+                raise self.journal.fail(line, problem)
         if self.writable:
             self.journal.mend()
         # promoted trials first (as they are handed out before new ones), then in the order asked
         running = [t for t in self.trials if t.status == "running"]
         self._pending = [t.id for t in sorted(running, key=lambda t: -(t.rung or 0))]
+
+    def _replay_event(self, event: dict) -> str | None:
+        """Apply one journal event (its shape checked by the journal); what makes it wrong for this
+        search at this point of the replay, or None."""
+        kind, dim = event["event"], self.genome.dimension
+        if kind in ("enqueue", "ask") and len(event["unit"]) != dim:
+            return f"{kind} event: 'unit' has {len(event['unit'])} values; the genome has {dim} genes"
+        if kind in ("ask", "baseline") and event["id"] != len(self.trials):
+            return f"{kind} event for trial {event['id']}; the next trial is {len(self.trials)}"
+        if kind in ("promote", "tell"):
+            problem = self._result_problem(kind, event)
+            if problem:
+                return problem
+        if kind == "enqueue":
+            self.optimizer.enqueue(event["unit"])
+            self._seeds_left += 1
+            self._seed_labels.append(event.get("label"))
+        elif kind == "ask":
+            unit, replicate = self.optimizer.ask_replicate()
+            if unit != event["unit"] or replicate != event.get("replicate", 0):
+                return f"trial {event['id']} does not replay (the optimizer's library version changed?)"
+            self._new_trial(unit, replicate)
+        elif kind == "baseline":
+            from evomerge.recipe import RecipeError
+
+            try:
+                self._new_baseline(event["recipe"], event["label"], event.get("expert"))
+            except RecipeError as e:
+                return f"baseline event: not a recipe: {first_line(e)}"
+        elif kind == "promote":
+            self._apply_promote(event["id"], event["values"], event.get("documents", 0))
+        else:
+            self._apply_tell(event["id"], event["values"], event.get("info", {}))
+        return None
+
+    def _result_problem(self, kind: str, event: dict) -> str | None:
+        """Why a promote or tell event cannot apply here: an unknown or finished trial, a count of
+        values other than the objectives', a promotion without (or beyond) multi-fidelity; or None."""
+        trial_id, values = event["id"], event["values"]
+        if trial_id >= len(self.trials):
+            return f"{kind} event for trial {trial_id}, which was never asked ({len(self.trials)} so far)"
+        trial = self.trials[trial_id]
+        if trial.status != "running":
+            return f"{kind} event for trial {trial_id}, which was already told"
+        if values is not None and len(values) != len(self.objectives):
+            return f"{kind} event: 'values' has {len(values)} values; the search has {len(self.objectives)} objectives"
+        original = (event.get("info") or {}).get("repeat_of") if kind == "tell" else None
+        if original is not None and (original >= len(self.trials) or self.trials[original].status != "done"):
+            return f"tell event for trial {trial_id}: 'repeat_of' names trial {original}, which has no result"
+        if kind == "promote" and (self.fidelity is None or trial.rung is None or trial.rung >= self.fidelity.top):
+            where = "this search has no multi-fidelity" if self.fidelity is None else "it is at the full evaluation"
+            return f"promote event for trial {trial_id}, which cannot be promoted ({where})"
+        return None
 
     # -- ask / tell -------------------------------------------------------------------------------
     def _new_trial(self, unit: list[float], replicate: int = 0) -> Trial:
