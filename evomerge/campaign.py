@@ -1012,8 +1012,10 @@ def front_table(loaded: Loaded, search) -> list[dict]:
 
 
 def pick(loaded: Loaded, search, trial: int | None = None, weights: dict[str, float] | None = None):
-    """The trial to export: by id, by weights over the front, or the best (single objective: the
-    best weighted sum; several: the front's knee)."""
+    """The trial to export: by id, by weights over the front, or the best: a single objective's best
+    weighted sum; several that share a direction (scores on one scale): the best mean over them on
+    the search split (a member of the front, whatever kind: a hand baseline or an expert alone that
+    beats every searched candidate is the honest pick); several of mixed directions: the front's knee."""
     from evomerge.search.optimizers import scalarize
     from evomerge.search.pareto import knee, weighted_pick
 
@@ -1043,4 +1045,7 @@ def pick(loaded: Loaded, search, trial: int | None = None, weights: dict[str, fl
             raise CampaignError(f"--weights: {e}") from None
     if len(objectives) == 1:
         return min(done, key=lambda t: (scalarize(t.values, objectives), t.id))
+    if len(set(directions)) == 1:
+        sign = 1.0 if directions[0] == "maximize" else -1.0
+        return max(done, key=lambda t: (sign * sum(t.values) / len(t.values), -t.id))
     return done[knee(points, directions)]

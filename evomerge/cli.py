@@ -413,14 +413,7 @@ def _session_line(session: dict) -> str:
 
 
 def _kind(trial) -> str:
-    """What a trial is: an expert alone (its own weights), a hand baseline, a seed (a known point in
-    the space: the experts' average, the space's nearest point to an expert alone, a hand recipe), or
-    searched."""
-    if trial.expert or (trial.seeded and trial.label and trial.label.endswith(" alone") and " in " not in trial.label):
-        return "expert alone"
-    if trial.baseline:
-        return "hand baseline"
-    return "seed" if trial.seeded else "searched"
+    return trial.kind
 
 
 def _what(trial) -> str:
@@ -535,6 +528,7 @@ def cmd_export(args) -> int:
             progress=not args.quiet,
             device=device,
             dtype=args.dtype,
+            search=None if args.no_compare else search,
         )
     except _campaign_errors() as e:
         raise UserError(str(e)) from None
@@ -548,6 +542,10 @@ def cmd_export(args) -> int:
     if record.get("registered"):
         print(f"registered in MLflow: {record['registered']}")
     print(f"exported to {record['path']}")
+    if record.get("report_comparison"):  # last: what the search added, on documents it never saw
+        from evomerge.report import line
+
+        print(line(record["report_comparison"]))
     return 0
 
 
@@ -657,6 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-eval", action="store_true", help="skip scoring on the report split")
+    p.add_argument(
+        "--no-compare",
+        action="store_true",
+        help="skip scoring the best hand baseline and the best expert alone on the report split beside the export",
+    )
     p.add_argument("--register", metavar="NAME", help="also register the model in MLflow's model registry")
     _scoring_options(p)
     p.add_argument("--quiet", action="store_true")

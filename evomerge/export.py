@@ -48,10 +48,10 @@ def located_recipe(recipe, models: dict[str, str]):
 
 def score_model_dir(
     path: Path, loaded: Loaded, split: str = "report", device: str = "cpu", dtype: str | None = None
-) -> tuple[dict[str, float], dict]:
+) -> tuple[dict[str, float], dict, dict | None]:
     """Objectives of the exported model on ``split``, loaded from disk (what is shipped is what is
-    scored) onto ``device`` in ``dtype`` (a torch dtype name; None: as saved), and the documents
-    scored (per task and split, ``CandidateScorer.documents``)."""
+    scored) onto ``device`` in ``dtype`` (a torch dtype name; None: as saved), the documents
+    scored (per task and split, ``CandidateScorer.documents``) and the per-document scores."""
     from evomerge.evaluate.candidate import CandidateScorer
 
     scorer = CandidateScorer(
@@ -69,7 +69,55 @@ def score_model_dir(
     score = scorer.score(identity)
     if score.status != "done":
         raise CampaignError(f"the exported model could not be scored: {score.reason}")
-    return score.values, scorer.documents()
+    return score.values, scorer.documents(), score.per_document
+
+
+def _best(search, kind: str, sign: float):
+    """The finished trial of ``kind`` with the best mean over the objectives on the search split."""
+    trials = [t for t in search.finished if t.kind == kind]
+    return max(trials, key=lambda t: (sign * sum(t.values) / len(t.values), -t.id)) if trials else None
+
+
+def compare_on_report(loaded: Loaded, search, trial, exported: dict, device: str, dtype: str | None) -> dict | None:
+    """The export against the best hand baseline and the best expert alone of the campaign (each the
+    best of its kind by mean search-split score), scored on the same report documents
+    (``evomerge.report``); None where a mean over the objectives means nothing (they do not share a
+    direction, or one has no per-document scores: a perplexity)."""
+    from evomerge.evaluate.candidate import CandidateScorer
+    from evomerge.report import paired, summary
+
+    objectives, directions = [o.name for o in loaded.objectives], {o.direction for o in loaded.objectives}
+    if len(directions) != 1 or not exported or any(o not in exported for o in objectives):
+        return None
+    sign = 1.0 if directions == {"maximize"} else -1.0
+    out, scorer = {"objectives": objectives, "export": {"trial": trial.id, **summary(exported, objectives)}}, None
+    space, exp = loaded.checked.space, loaded.experiment
+    for key, kind in (("best_baseline", "hand baseline"), ("best_expert", "expert alone")):
+        other = _best(search, kind, sign)
+        if other is None:
+            continue
+        if other.id == trial.id:
+            scores = exported
+        else:  # merged in memory as the campaign's workers did, on the report split
+            scorer = scorer or CandidateScorer(
+                space.resident_models(exp.models), space.resident_base, loaded.checked.evaluator, split="report",
+                device=device, dtype=dtype, trust_remote_code=exp.trust_remote_code, allow_pickle=exp.allow_pickle,
+                resident=space.kind,
+            )  # fmt: skip
+            score = scorer.score(other.recipe)
+            if score.status != "done":
+                raise CampaignError(
+                    f"trial {other.id} ({kind}) could not be scored on the report split: {score.reason}"
+                )
+            scores = score.per_document
+        label = other.baseline or other.label or kind
+        out[key] = {
+            "trial": other.id,
+            "label": label,
+            **summary(scores, objectives),
+            **paired(exported, scores, objectives),
+        }
+    return out
 
 
 def _stop_after_weights(staging: Path) -> None:
@@ -102,6 +150,34 @@ def _merge_into(recipe, staging: Path, out: Path, force: bool, exp, progress: bo
         raise CampaignError(f"cannot write {out}: {e.strerror or first_line(e)}") from None
 
 
+def _score_staged(staging: Path, record: dict, loaded: Loaded, trial, recipe, device, dtype, search) -> None:
+    """The staged export scored on the report split (and compared, with ``search``), its scores,
+    documents and comparison put in ``record`` and its model card written."""
+    from evomerge.merge.checkpoint import model_card
+
+    exp = loaded.experiment
+    scores, documents, per_document = score_model_dir(staging, loaded, device=device, dtype=dtype)
+    record["report_scores"] = scores
+    if search is not None:
+        record["report_comparison"] = compare_on_report(loaded, search, trial, per_document, device, dtype)
+    searched = loaded.state.get("documents") or {}  # what the campaign's workers scored
+    record["documents"] = {
+        task: {**searched.get(task, {}), **splits} for task, splits in {**searched, **documents}.items()
+    }
+    record["report_scored_on"] = {"device": device, "dtype": dtype or "as saved"}
+    written = json.loads((staging / "evomerge.json").read_text())["inputs"]  # each input's directory
+    inputs = {ref: Path(d) for ref, d in written.items()}
+    card = model_card(recipe, {f"{k} (report split)": v for k, v in scores.items()}, inputs)
+    card += (
+        "\n## Search\n\nCampaign `"
+        + exp.name
+        + f"`, trial {trial.id}; search-split scores: "
+        + ", ".join(f"{k} {v:.4g}" for k, v in record["search_scores"].items())
+        + ".\n"
+    )
+    (staging / "README.md").write_text(card)
+
+
 def export(
     loaded: Loaded,
     trial,
@@ -112,11 +188,12 @@ def export(
     progress: bool = True,
     device: str = "cpu",
     dtype: str | None = None,
+    search=None,
 ) -> dict:
     """Export ``trial`` to ``out`` atomically (see the module docstring); returns what
     ``evomerge.json`` records, plus ``path`` (and ``registered`` with ``register``). The report
-    split is scored on ``device`` in ``dtype`` (None: as saved)."""
-    from evomerge.merge.checkpoint import model_card
+    split is scored on ``device`` in ``dtype`` (None: as saved); with the campaign's ``search``, the
+    best hand baseline and the best expert alone too (``report_comparison``)."""
     from evomerge.staging import staging_dir, swap_into_place
 
     exp = loaded.experiment
@@ -132,24 +209,7 @@ def export(
             "seed": exp.seed,
         }
         if evaluate:
-            scores, documents = score_model_dir(staging, loaded, device=device, dtype=dtype)
-            record["report_scores"] = scores
-            searched = loaded.state.get("documents") or {}  # what the campaign's workers scored
-            record["documents"] = {
-                task: {**searched.get(task, {}), **splits} for task, splits in {**searched, **documents}.items()
-            }
-            record["report_scored_on"] = {"device": device, "dtype": dtype or "as saved"}
-            written = json.loads((staging / "evomerge.json").read_text())["inputs"]  # each input's directory
-            inputs = {ref: Path(d) for ref, d in written.items()}
-            card = model_card(recipe, {f"{k} (report split)": v for k, v in scores.items()}, inputs)
-            card += (
-                "\n## Search\n\nCampaign `"
-                + exp.name
-                + f"`, trial {trial.id}; search-split scores: "
-                + ", ".join(f"{k} {v:.4g}" for k, v in record["search_scores"].items())
-                + ".\n"
-            )
-            (staging / "README.md").write_text(card)
+            _score_staged(staging, record, loaded, trial, recipe, device, dtype, search)
         meta = json.loads((staging / "evomerge.json").read_text())
         meta.update(record)
         (staging / "evomerge.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -167,6 +167,14 @@ def test_the_builtin_campaign_runs_offline_and_exports_disjoint_documents(zoo, t
         assert not set(docs[task]["search"]) & set(docs[task]["report"])
     assert set(record["report_scores"]) == {"gsm8k", "mbpp", "add"}
     assert all(0.0 <= v <= 1.0 for v in record["report_scores"].values())
+    # what the search added, on the report documents: here against the better expert alone (the space
+    # expresses each exactly; no hand baselines in this experiment), paired on the same documents
+    comparison = record["report_comparison"]
+    assert comparison["export"]["mean"] == pytest.approx(sum(record["report_scores"].values()) / 3)
+    expert = comparison["best_expert"]
+    assert expert["label"] in ("expert-add alone", "expert-sort alone") and "best_baseline" not in comparison
+    assert expert["difference"] == pytest.approx(comparison["export"]["mean"] - expert["mean"])
+    assert export.stdout.strip().splitlines()[-1].startswith("report split, mean over 3 objectives ± standard error:")
     assert json.loads((campaign / "campaign.json").read_text())["documents"]["gsm8k"] == docs["gsm8k"]
 
 

@@ -53,6 +53,17 @@ class Trial:
     label: str | None = None  # what a seeded point is ("expert-add alone", "uniform average", ...)
 
     @property
+    def kind(self) -> str:
+        """What the trial is: ``expert alone`` (an expert's own weights), ``hand baseline``, ``seed`` (a
+        known point of the space: the experts' average, the space's nearest point to an expert
+        alone, a hand recipe) or ``searched``."""
+        if self.expert or (self.seeded and self.label and self.label.endswith(" alone") and " in " not in self.label):
+            return "expert alone"
+        if self.baseline:
+            return "hand baseline"
+        return "seed" if self.seeded else "searched"
+
+    @property
     def full(self) -> bool:
         """Whether ``values`` come from the full evaluation (what the front, hypervolume and export use)."""
         return self.rung is None or self.rung >= self.top
