@@ -113,18 +113,22 @@ def fmt(value) -> str:
     return str(value)
 
 
-def guarded(table: Table, stage: Callable, *args):
-    """Run one stage; an exception becomes an error row of its table, and None is returned."""
+def guarded(table: Table, stage: Callable, *args, label: str = "", mirror: tuple[Table, ...] = ()):
+    """Run one stage, ``stage(table, *args)``; an exception becomes an error row (``label`` first) of
+    its table and of the ``mirror`` tables, and None is returned."""
     started = time.perf_counter()
-    log(f"stage: {table.title}")
+    log(f"stage: {table.title} {label}")
     try:
         return stage(table, *args)
     except Exception as e:  # one stage's failure must not cost the next stages their run
         traceback.print_exc()
-        table.error(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:400])
+        text = str(e).strip()
+        message = f"{label + ': ' if label else ''}{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+        for t in (table, *mirror):
+            t.error(message[:400])
         return None
     finally:
-        log(f"  {table.title}: {time.perf_counter() - started:.0f} s")
+        log(f"  {table.title} {label}: {time.perf_counter() - started:.0f} s")
 
 
 def log(message: str) -> None:
@@ -551,6 +555,7 @@ class CampaignRun:
     returncode: int | None  # None: stopped at the time limit
     seconds: float
     told: list[dict]  # the journal's tell events
+    stages: dict[str, float]  # seconds from the start to each stage of the session
     gpu_baseline_mib: int
     gpu_peak_mib: int
     by_pid_mib: dict[int, int]
@@ -589,18 +594,29 @@ def run_campaign(root: Path, experiment: Path, experts_on: str, timeout_s: int) 
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     seconds = time.perf_counter() - started
-    journals = list((root / "campaign").rglob("journal.jsonl"))
-    told = []
-    for line in journals[0].read_text().splitlines() if journals else []:
+    # the log's last lines, the temporary directory's path shortened (it is gone after the run)
+    tail = (root / "run.log").read_text(errors="replace")[-3000:].replace(str(root.parent), "<tmp>")
+    told, stages = read_campaign(root / "campaign")
+    return CampaignRun(experts_on, code, seconds, told, stages, baseline, sampler.gpu_peak, sampler.by_pid, tail)
+
+
+def read_campaign(folder: Path) -> tuple[list[dict], dict[str, float]]:
+    """(the journal's tell events, the last session's stages: seconds from the start of `evomerge
+    run` to each of checked, ray, shared, workers, first_result, ...), whatever exists of them."""
+    told, stages = [], {}
+    journal = folder / "journal.jsonl"
+    for line in journal.read_text().splitlines() if journal.exists() else []:
         try:
             event = json.loads(line)
-        except ValueError:
+        except ValueError:  # a line cut short by the time limit
             continue
         if event.get("event") == "tell":
             told.append(event)
-    # the log's last lines, the temporary directory's path shortened (it is gone after the run)
-    tail = (root / "run.log").read_text(errors="replace")[-3000:].replace(str(root.parent), "<tmp>")
-    return CampaignRun(experts_on, code, seconds, told, baseline, sampler.gpu_peak, sampler.by_pid, tail)
+    try:
+        stages = json.loads((folder / "campaign.json").read_text())["sessions"][-1]["stages"]
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    return told, stages
 
 
 def predicted_bytes(models: Models, experts_on: str) -> dict[str, float]:
@@ -622,29 +638,19 @@ def predicted_bytes(models: Models, experts_on: str) -> dict[str, float]:
     return {"table": table, "fit_device": fit, "reserve": DEFAULT_RESERVE_BYTES}
 
 
-def campaigns(
-    tables: dict[str, Table], models: Models | None, root: Path, size: Size, candidates: int, places: list[str]
+def campaign(
+    table: Table, tables: dict, models: Models | None, root: Path, size: Size, candidates: int, experts_on: str
 ) -> None:
-    """One campaign per place of the experts (``device``, ``host``), each into its rows of the
+    """One campaign with the experts at ``experts_on`` (``device`` or ``host``), into its rows of the
     campaign, memory and speed tables."""
     if models is None:
-        for t in tables.values():
-            t.error("no models: stage 1 failed")
-        return
-    task = write_task(root, size)
-    for experts_on in places:
-        started = time.perf_counter()
-        log(f"campaign experts_on={experts_on}")
-        try:
-            folder = root / f"campaign-{experts_on}"
-            experiment = write_campaign(folder, models, task, size, experts_on, candidates)
-            run = run_campaign(folder, experiment, experts_on, size.campaign_timeout_s)
-            report_campaign(tables, run, models)
-        except Exception as e:  # the other campaign still runs
-            traceback.print_exc()
-            for t in tables.values():
-                t.error(f"experts_on {experts_on}: {type(e).__name__}: {str(e)[:300]}")
-        log(f"  campaign experts_on={experts_on}: {time.perf_counter() - started:.0f} s")
+        raise RuntimeError("no models: stage 1 failed")
+    task = root / "gpu_check_choice_{split}.yaml"
+    if not (root / "gpu_check_choice_search.yaml").exists():
+        write_task(root, size)
+    folder = root / f"campaign-{experts_on}"
+    experiment = write_campaign(folder, models, str(task), size, experts_on, candidates)
+    report_campaign(tables, run_campaign(folder, experiment, experts_on, size.campaign_timeout_s), models)
 
 
 def report_campaign(tables: dict[str, Table], run: CampaignRun, models: Models) -> None:
@@ -664,6 +670,7 @@ def report_campaign(tables: dict[str, Table], run: CampaignRun, models: Models) 
         len(failed),
         run.seconds,
         statistics.median(materialize) if materialize else "",
+        ", ".join(f"{k} {v:.0f}" for k, v in run.stages.items()),
         "; ".join(reasons)[:300] or ("" if ok else run.tail.strip().splitlines()[-1][:300] if run.tail.strip() else ""),
     )
     memory_rows(tables["memory"], run, models, infos)
@@ -740,7 +747,16 @@ def make_tables() -> dict[str, Table]:
         ),
         "campaign": Table(
             "3. Campaigns: 2 workers on one GPU, TIES, random search",
-            ["experts_on", "exit", "candidates done", "failed", "wall (s)", "merge per candidate (s)", "notes"],
+            [
+                "experts_on",
+                "exit",
+                "candidates done",
+                "failed",
+                "wall (s)",
+                "merge per candidate (s)",
+                "stages reached (s)",
+                "notes",
+            ],
         ),
         "memory": Table(
             "4. Device memory per worker (GiB)",
@@ -775,7 +791,8 @@ def add_notes(tables: dict[str, Table], size: Size, candidates: int) -> None:
         f"`evomerge run`, {candidates} candidates (the uniform average first), workers.count 2, "
         f"gpus_per_worker {size.gpus_per_worker}, cpus_per_worker {size.cpus_per_worker}, dtype bfloat16, "
         f"cache auto, share true; time limit {size.campaign_timeout_s} s each. Merge per candidate: the median "
-        "`materialize` timing."
+        "`materialize` timing. Stages: seconds from the start of `evomerge run` (campaign.json's session). "
+        "Each campaign's whole log is written beside the markdown file (gpu_check_campaign-<experts_on>.log)."
     )
     tables["memory"].notes.append(
         "Peak allocated: the largest `device_peak_gib` (torch.cuda.max_memory_allocated, reset per candidate) "
@@ -813,35 +830,72 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    device, size = ("cpu", TINY) if args.cpu_dry_run else ("cuda", REAL)
-    candidates = args.candidates or (3 if args.cpu_dry_run else 6)
     out = args.out or (Path(os.environ["OUT"]) / "gpu_check.md" if os.environ.get("OUT") else None)
-    tables = make_tables()
-    add_notes(tables, size, candidates)
-    started = time.perf_counter()
+    report = Report(make_tables(), out, args.cpu_dry_run)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="evomerge-gpu-check-", dir=args.workdir))
     try:
-        guarded(tables["machine"], describe_machine, device)
-        models = guarded(tables["models"], build_models, root / "models", size, device)
-        config = models.config if models else llama_config(size, tokenizer())
-        guarded(tables["methods"], compare_methods, config, device)
-        places = [p for p in args.campaigns.split(",") if p]
-        guarded(tables["campaign"], lambda t: campaigns(tables, models, root, size, candidates, places))
+        run_stages(report, root, args)
     finally:
         if args.keep:
             log(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    title = "GPU check" + (" (CPU dry run: tiny model, the device is the CPU)" if args.cpu_dry_run else "")
-    text = f"## {title}\n\nTotal: {time.perf_counter() - started:.0f} s.\n\n" + "\n".join(
-        t.markdown() for t in tables.values()
-    )
-    print(text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        log(f"written {out}")
-    return 1 if any(t.failed for t in tables.values()) else 0
+    print(report.markdown())
+    report.save()
+    return 1 if any(t.failed for t in report.tables.values()) else 0
+
+
+@dataclass
+class Report:
+    """The tables, written to ``out`` after every stage: a run stopped from outside keeps what it did."""
+
+    tables: dict[str, Table]
+    out: Path | None
+    dry_run: bool
+    started: float = field(default_factory=time.perf_counter)
+
+    def markdown(self) -> str:
+        title = "GPU check" + (" (CPU dry run: tiny model, the device is the CPU)" if self.dry_run else "")
+        head = f"## {title}\n\nTotal: {time.perf_counter() - self.started:.0f} s.\n\n"
+        return head + "\n".join(t.markdown() for t in self.tables.values())
+
+    def save(self) -> None:
+        if self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(self.markdown())
+
+
+def run_stages(report: Report, root: Path, args) -> None:
+    device, size = ("cpu", TINY) if args.cpu_dry_run else ("cuda", REAL)
+    candidates = args.candidates or (3 if args.cpu_dry_run else 6)
+    tables = report.tables
+    add_notes(tables, size, candidates)
+    guarded(tables["machine"], describe_machine, device)
+    models = guarded(tables["models"], build_models, root / "models", size, device)
+    report.save()
+    config = models.config if models else llama_config(size, tokenizer())
+    guarded(tables["methods"], compare_methods, config, device)
+    report.save()
+    for place in [p for p in args.campaigns.split(",") if p]:
+        guarded(
+            tables["campaign"],
+            campaign,
+            tables,
+            models,
+            root,
+            size,
+            candidates,
+            place,
+            label=f"experts_on {place}",
+            mirror=(tables["memory"], tables["speed"]),
+        )
+        if report.out is not None:  # the campaign's whole log beside the tables
+            log_file = root / f"campaign-{place}" / "run.log"
+            if log_file.exists():
+                shutil.copy(log_file, report.out.parent / f"gpu_check_campaign-{place}.log")
+        report.save()
 
 
 if __name__ == "__main__":

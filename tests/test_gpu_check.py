@@ -57,6 +57,8 @@ def test_the_cpu_dry_run_writes_every_stage_with_every_method_passing(tmp_path):
     assert (campaign["experts_on"], campaign["exit"], campaign["candidates done"], campaign["failed"]) == (
         "host", "0", "3", "0",
     )  # fmt: skip
+    assert "first_result" in campaign["stages reached (s)"]
+    assert "evaluations 3 (3 done" in (tmp_path / "gpu_check_campaign-host.log").read_text()  # the whole log
     (memory,) = section(found, "4. Device memory")
     assert memory["experts_on"] == "host" and float(memory["predicted (fit table)"]) > 0
     (speed,) = section(found, "5. Scoring speed")
