@@ -1,7 +1,7 @@
-"""The prepared GPU check: one run on a machine with one NVIDIA GPU (an 80 GB H100 or an H200), about
-5-8 minutes, that prints what the GPU path does and writes it as a markdown table.
+"""The prepared GPU check: one run on a machine with one NVIDIA GPU (an 80 GB H100 or an H200), estimated
+at 5-8 minutes, that prints what the GPU path does and writes it as markdown tables.
 
-    benchmarks/gpu_check.sh [--out FILE] [--cpu-dry-run] [--keep] [--candidates N]
+    benchmarks/gpu_check.sh [--out FILE] [--cpu-dry-run] [--keep] [--candidates N] [--campaigns device,host]
 
 (the shell script sets the offline environment and calls this with the project's Python). Stages,
 each guarded: a failure is written into its table and the next stage still runs.
@@ -10,7 +10,7 @@ each guarded: a failure is written into its table and the next stage still runs.
    built on the GPU, and two experts (the base plus 0.002 N(0, 1) per entry), saved as safetensors
    with a character tokenizer (the zoo's, built in code) into a temporary directory.
 2. Merge methods: every registered method merged by ``ResidentMerge`` on CUDA and on the CPU from the
-   same inputs (five tensors of the model's real shapes), in float32 and in bfloat16; the largest
+   same inputs (four tensors of the model's real shapes), in float32 and in bfloat16; the largest
    difference and the entries outside the tolerance (see ``TOLERANCES``) per method.
 3. Campaigns: ``evomerge run`` with two workers on the one GPU (0.5 GPU each), TIES over the two
    experts, a random search, once with ``workers.memory.experts_on: device`` and once with ``host``,
@@ -22,7 +22,8 @@ each guarded: a failure is written into its table and the next stage still runs.
 
 Without CUDA it exits 2 with one line, unless ``--cpu-dry-run``: the same stages on the CPU with a
 tiny model (the device side is then the CPU too, so the method table only proves the plumbing).
-Exit status: 0 when every stage ran and every comparison passed, 1 otherwise.
+Exit status: 0 when every stage ran and every comparison passed, 1 otherwise. The tables are written
+after every stage, and each campaign's log beside them.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def fmt(value) -> str:
 def guarded(table: Table, stage: Callable, *args, label: str = "", mirror: tuple[Table, ...] = ()):
     """Run one stage, ``stage(table, *args)``; an exception becomes an error row (``label`` first) of
     its table and of the ``mirror`` tables, and None is returned."""
-    started = time.perf_counter()
-    log(f"stage: {table.title} {label}")
+    started, name = time.perf_counter(), table.title + (f" ({label})" if label else "")
+    log(f"stage: {name}")
     try:
         return stage(table, *args)
     except Exception as e:  # one stage's failure must not cost the next stages their run
@@ -128,7 +129,7 @@ def guarded(table: Table, stage: Callable, *args, label: str = "", mirror: tuple
             t.error(message[:400])
         return None
     finally:
-        log(f"  {table.title} {label}: {time.perf_counter() - started:.0f} s")
+        log(f"  {name}: {time.perf_counter() - started:.0f} s")
 
 
 def log(message: str) -> None:
@@ -225,6 +226,7 @@ def build_models(table: Table, root: Path, size: Size, device: str) -> Models:
     from transformers import LlamaForCausalLM
 
     tok = tokenizer()
+    tok.model_max_length = size.positions  # the zoo's is 64 tokens; these prompts are longer
     config = llama_config(size, tok)
     started = time.perf_counter()
     torch.manual_seed(0)
