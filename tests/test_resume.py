@@ -168,7 +168,11 @@ def test_pareto_and_export(resumed):
     search = campaign.open_campaign(directory, check=False).search()
     front = search.front()
     lines = pareto.stdout.splitlines()
-    assert {int(line.split()[0]) for line in lines[1:-2]} == {t.id for t in front}
+    listed = lines.index("experts alone:")  # the front's rows, then the experts alone, each with where it is
+    assert {int(line.split()[0]) for line in lines[1:listed]} == {t.id for t in front}
+    alone = [t for t in search.trials if t.kind == "expert alone"]
+    assert [line.split()[0] for line in lines[listed + 1 : -2]] == [str(t.id) for t in alone]
+    assert all(line.endswith(("(on the front)", "(dominated)")) for line in lines[listed + 1 : -2])
     # then the best mean of a searched candidate, of a seed (the experts' average) and of an expert
     # alone (the space expresses each exactly: task arithmetic, its weight 1, the other's 0), each
     # named; no hand baselines here; then the plot
