@@ -102,6 +102,9 @@ class Workers(BaseModel):
     device: str = "auto"
     dtype: str | None = None
     max_retries: int = Field(default=2, ge=0)
+    #: Seconds a candidate's evaluation may take before its worker is killed and restarted (the
+    #: candidate retried, then failed). Default: automatic, 10 x the slowest evaluation so far, at least
+    #: 600 s (7200 s until the first has finished), so a worker that stops answering never holds a campaign.
     timeout_s: float | None = Field(default=None, gt=0)
     #: Seconds a worker may take to load its models and tasks before the campaign stops with what was
     #: still loading. Default: 300 s plus one second per 50 MB of model weights a worker reads.

@@ -150,6 +150,20 @@ def test_pool_scores_candidates_and_survives_a_killed_worker(zoo, tmp_path):
         pool.submit("after", recipes[2])
         (after,) = drain(pool)
         assert after.score.status == "done"
+
+        # 4. no timeout_s: the automatic limit, a factor of the slowest evaluation so far (at least a
+        # floor); a worker that stops answering (SIGSTOP) is killed past it, its candidate failed
+        assert pool.slowest > 0 and pool.limit_s() == max(600.0, 10 * pool.slowest)
+        pool.auto_floor_s, pool.auto_factor = 0.01, 3.0
+        while pool.free < 2:
+            pool.poll(timeout=1)
+        for marker in markers.iterdir():
+            marker.unlink()
+        pool.submit("stuck", recipes[2])
+        os.kill(started_worker(markers), signal.SIGSTOP)
+        (stuck,) = drain(pool)
+        assert stuck.score.status == "failed"
+        assert stuck.score.reason.startswith("evaluation exceeded the automatic limit of"), stuck.score.reason
         children = ray_processes()
     finally:
         pool.shutdown()

@@ -82,6 +82,11 @@ class _Slot:
     kill_reason: str | None = None  # set when the pool killed the worker itself (timeout)
 
 
+#: The automatic per-candidate limit (no ``timeout_s``): a worker that stops answering (stopped,
+#: hung in a kernel or a code task) is killed and restarted instead of holding the campaign forever.
+AUTO_FACTOR, AUTO_FLOOR_S, AUTO_FIRST_S = 10.0, 600.0, 7200.0
+
+
 class WorkerPool:
     def __init__(
         self,
@@ -101,6 +106,10 @@ class WorkerPool:
         self.spec, self.n = spec, workers
         self.cpus, self.gpus = cpus_per_worker, gpus_per_worker
         self.max_retries, self.timeout_s, self.start_timeout_s = max_retries, timeout_s, start_timeout_s
+        #: Without ``timeout_s``, the automatic limit: ``auto_factor`` x the slowest evaluation so far,
+        #: at least ``auto_floor_s``; ``auto_first_s`` until an evaluation has finished.
+        self.auto_factor, self.auto_floor_s, self.auto_first_s = AUTO_FACTOR, AUTO_FLOOR_S, AUTO_FIRST_S
+        self.slowest: float | None = None  # seconds of the slowest evaluation finished so far
         self.resources = dict(resources or {})
         self.runtime = RayRuntime(address, temp_dir)
         self.slots: list[_Slot] = []
@@ -234,7 +243,12 @@ class WorkerPool:
         slot = next((s for s in self.slots if s.state == "idle"), None)
         if slot is None:
             return None
-        return ray.get(slot.actor.kinship.remote())
+        try:  # bounded like a first evaluation: a worker that stops answering does not hold the start
+            return ray.get(slot.actor.kinship.remote(), timeout=self.limit_s())
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(slot.actor, no_restart=False)
+            self._restarting(slot)
+            raise PoolError(f"the kinship table took over {self.limit_s():g} s: its worker was restarted") from None
 
     def _placement(self) -> None:
         """Add to each worker's info the node it runs on: address and custom resources (its labels)."""
@@ -382,8 +396,9 @@ class WorkerPool:
                 return out
             now = time.monotonic()
             wait = 0.0 if out else (PROBE_EVERY if deadline is None else max(0.0, min(PROBE_EVERY, deadline - now)))
-            if self.timeout_s is not None:  # wake up when the first busy worker becomes overdue
-                due = [s.since + self.timeout_s - now for s in self.slots if s.state == "busy" and not s.kill_reason]
+            limit = self.limit_s()  # wake up when the first busy worker becomes overdue
+            if limit is not None:
+                due = [s.since + limit - now for s in self.slots if s.state == "busy" and not s.kill_reason]
                 wait = min(wait, PROBE_EVERY, *(max(0.0, d) + 0.001 for d in due))
             done = []
             if refs:  # the first to finish, then whatever else is ready already
@@ -423,6 +438,7 @@ class WorkerPool:
             slot.state = "idle"
             return self._outcome(job, Score("failed", reason=f"worker raised {_cause(e)}"), slot)
         slot.state = "idle"
+        self.slowest = max(self.slowest or 0.0, time.monotonic() - slot.since)
         score = Score(
             result["status"],
             values=result["values"],
@@ -469,13 +485,24 @@ class WorkerPool:
     def _kill_overdue(self) -> None:
         import ray
 
-        if self.timeout_s is None:
-            return
-        now = time.monotonic()
+        limit, now = self.limit_s(), time.monotonic()
         for slot in self.slots:
-            if slot.state == "busy" and now - slot.since > self.timeout_s and not slot.kill_reason:
-                slot.kill_reason = f"evaluation exceeded timeout_s={self.timeout_s:g}"
+            if slot.state == "busy" and now - slot.since > limit and not slot.kill_reason:
+                slot.kill_reason = (
+                    f"evaluation exceeded timeout_s={limit:g}"
+                    if self.timeout_s is not None
+                    else f"evaluation exceeded the automatic limit of {limit:.0f} s ({self.auto_factor:g} x the "
+                    f"slowest evaluation so far, at least {self.auto_floor_s:g} s; set workers.timeout_s to choose)"
+                )
                 ray.kill(slot.actor, no_restart=False)
+
+    def limit_s(self) -> float:
+        """Seconds an evaluation may take: ``timeout_s``, else the automatic limit."""
+        if self.timeout_s is not None:
+            return self.timeout_s
+        if self.slowest is None:
+            return self.auto_first_s
+        return max(self.auto_floor_s, self.auto_factor * self.slowest)
 
     def worker_pids(self) -> list[int | None]:
         return [s.info.get("pid") for s in self.slots]
