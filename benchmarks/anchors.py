@@ -1,6 +1,6 @@
 """Anchor-document estimates on real per-document records: error against the full score, per design.
 
-    .venv/bin/python benchmarks/anchors.py --campaign /tmp/anchors-200
+    .venv/bin/python benchmarks/anchors.py --campaign runs/anchors-200
 
 Reads (or first runs, when the directory does not exist yet) a campaign on the zoo: the demo's
 experiment (experiments/demo.yaml: five experts, four task objectives, 160 candidates) with the
@@ -26,7 +26,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +45,8 @@ def run_campaign(directory: Path, zoo: Path, limit: int, budget: int, seed: int)
     evaluator.update(limit=limit, batch_size=limit)
     for o in evaluator["objectives"]:
         o["task"] = str(REPO / "evaluators" / o["task"])
-    work = Path(tempfile.mkdtemp(prefix="anchors-experiment-"))
+    work = (directory.parent / f"{directory.name}-experiment").resolve()  # kept: the campaign reads it
+    work.mkdir(parents=True, exist_ok=True)
     (work / "evaluator.yaml").write_text(yaml.safe_dump(evaluator))
     experiment["models"] = {name: str(zoo / Path(p).name) for name, p in experiment["models"].items()}
     experiment.update(
