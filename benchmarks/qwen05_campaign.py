@@ -1,7 +1,7 @@
 """A campaign on a model of Qwen2.5-0.5B's exact shape, on CPU, over lm-eval's built-in gsm8k, offline.
 
     .venv/bin/python benchmarks/qwen05_campaign.py [--candidates 4] [--docs 8] [--fewshot 1]
-        [--max-gen-toks 16] [--batch-size 8] [--dtype bfloat16] [--work DIR] [--keep]
+        [--max-gen-toks 16] [--batch-size 8] [--dtype bfloat16] [--cpus-per-worker 2] [--work DIR]
 
 The model: ``Qwen2ForCausalLM`` with Qwen2.5-0.5B's architecture as its public ``config.json`` gives
 it (written out in ``QWEN25_05B`` below, from that file as we know it: hidden 896, intermediate
@@ -12,7 +12,8 @@ as a bf16 safetensors directory. Two experts: the base plus ``--delta`` x N(0, 1
 standard deviation per entry (constant tensors, the norms' ones: x their mean magnitude), seeded.
 
 The tokenizer is a stand-in: Qwen's cannot be fetched offline, so a byte-level BPE is trained here
-(``tokenizers``) on the generated gsm8k rows; its vocabulary (``--tokenizer-vocab``) is far smaller
+(``tokenizers``) on the generated gsm8k rows; its vocabulary (at most ``--tokenizer-vocab``; 709 tokens
+on those rows, where the merges run out) is far smaller
 than the model's 151,936 embedding rows, which the model keeps (the unused rows still cost memory
 and the output projection still computes all 151,936 logits). Its end-of-text token is the model's
 bos/eos/pad.
@@ -20,12 +21,15 @@ bos/eos/pad.
 Then ``evomerge --offline run`` (a subprocess, ``HF_HOME`` at the offline data that
 ``evomerge.zoo.builtin.write_builtin_data`` writes) over task arithmetic on the two experts (a
 weight per expert per group of 8 layers: 6 genes), CMA-ES, one worker, the evaluator naming lm-eval's
-``gsm8k`` task. While it runs, every process of its tree is sampled each 0.2 s: summed PSS (what the
+``gsm8k`` task. While it runs, every process of its tree is sampled each second: summed PSS (what the
 tree holds), each process's peak RSS (``VmHWM``), and the machine's shared memory (the object store's
 copy of the base and task vectors). Printed: per-candidate materialize and evaluate seconds from the
-journal, then the project's predictions (``evomerge.experiment.resident_estimate``, the start-up
-host-memory check; the CPU-only column of ``benchmarks/memory.py``'s "what fits" table) against the
-peaks measured. Random weights score 0 on gsm8k: this measures time and memory, not quality.
+journal, then the project's prediction by structure (``evomerge.experiment.resident_estimate``,
+what the start-up host-memory check adds up; the CPU-only column of ``benchmarks/memory.py``'s "what
+fits" table is the same sum plus the Python and torch it measured) against the peaks measured.
+Random weights score 0 on gsm8k: this measures time and memory, not quality.
+``--cpus-per-worker`` is also the worker's torch threads (default: all the machine's CPUs).
+With ``--work`` the models and the campaign stay there; else a temporary folder is removed.
 """
 
 from __future__ import annotations
@@ -88,7 +92,10 @@ def build_tokenizer(vocab: int):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(text, trainer)
     print(f"stand-in tokenizer: byte-level BPE, {bpe.get_vocab_size()} tokens (the model keeps 151,936 rows)")
@@ -167,9 +174,9 @@ def write_campaign(work: Path, paths: dict[str, str], args) -> Path:
 
 
 def peak_rss(pid: int) -> int:
-    """A process's peak resident set (VmHWM) in bytes."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+    """A process's peak resident set (VmHWM) in bytes; 0 for a zombie (it has none)."""
+    found = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(found.group(1)) * 1024 if found else 0
 
 
 def role(p: psutil.Process, controller: int) -> str:
@@ -226,7 +233,12 @@ def run_campaign(experiment: Path, hf_home: Path) -> tuple[int, float, dict, str
     started = time.perf_counter()
     with open(experiment.parent / "run.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=experiment.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
-        peaks = watch(proc)
+        try:
+            peaks = watch(proc)
+        finally:
+            if proc.poll() is None:  # the watcher failed: stop the campaign cleanly before its files go
+                proc.terminate()
+                proc.wait()
     seconds = time.perf_counter() - started
     return proc.wait(), seconds, peaks, (experiment.parent / "run.log").read_text()
 
