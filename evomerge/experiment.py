@@ -556,6 +556,13 @@ def resident_estimate(exp: Experiment, specs: dict, base: str) -> dict[str, int]
     return {"model": model, "base": model, "experts": (len(specs) - 1) * numel * tv_size, "cache": cache}
 
 
+#: Host memory of the processes beside their tensors: the controller and Ray's own processes, and
+#: each worker's interpreter with torch, transformers and lm-eval loaded (measured on a
+#: Qwen2.5-0.5B-shaped campaign: the whole process tree 0.8 GiB over its tensors with one worker;
+#: RESULTS.md, "Qwen2.5-0.5B-shaped campaign").
+PROCESS_BYTES, WORKER_PROCESS_BYTES = 2**29, 2**29
+
+
 def _check_fits_host(exp: Experiment, specs: dict, base: str, fail) -> None:
     """Refuse a private pool whose resident tensors in host memory exceed this machine's available
     memory. CPU workers: per worker its model and cache, and the base and task vectors once when
@@ -566,25 +573,27 @@ def _check_fits_host(exp: Experiment, specs: dict, base: str, fail) -> None:
     parts = resident_estimate(exp, specs, base)
     n, shared = exp.workers.count, exp.workers.memory.share
     inputs = parts["base"] + parts["experts"]
+    processes = PROCESS_BYTES + n * WORKER_PROCESS_BYTES
+    beside = f"and about {processes / 2**30:.1f} GiB for the processes (the controller, Ray, each worker's Python)"
     available = psutil.virtual_memory().available
     gib = lambda v: f"{v / 2**30:.1f} GiB"  # noqa: E731
     if exp.workers.gpus_per_worker:
-        if shared and inputs > available:
+        if shared and inputs + processes > available:
             fail(
                 "workers",
                 f"the shared copy does not fit this machine's memory: the base ({gib(parts['base'])}) and the "
                 f"experts' task vectors ({gib(parts['experts'])}) are held once in host memory for the GPU "
-                f"workers: {gib(inputs)}; {gib(available)} of memory is available",
+                f"workers, {beside}: {gib(inputs + processes)}; {gib(available)} of memory is available",
             )
         return
-    need = (parts["model"] + parts["cache"]) * n + (inputs if shared else inputs * n)
+    need = (parts["model"] + parts["cache"]) * n + (inputs if shared else inputs * n) + processes
     if need > available:
         held = "once, shared by the workers" if shared else "per worker"
         fail(
             "workers",
             f"the models do not fit this machine: {n} worker(s) each hold a model of {gib(parts['model'])} "
             f"and a cache of up to {gib(parts['cache'])}, with the base ({gib(parts['base'])}) and the "
-            f"experts' task vectors ({gib(parts['experts'])}) {held}: {gib(need)} in all; "
+            f"experts' task vectors ({gib(parts['experts'])}) {held}, {beside}: {gib(need)} in all; "
             f"{gib(available)} of memory is available",
         )
 

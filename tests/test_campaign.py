@@ -797,7 +797,8 @@ def test_models_that_cannot_fit_this_machine_are_refused_before_anything_is_writ
     assert line.startswith(f"evomerge: error: {path}: workers: the models do not fit this machine: 1 worker(s) ")
     assert (
         "each hold a model of 74.5 GiB and a cache of up to 1.0 GiB, with the base (74.5 GiB) and the experts' "
-        "task vectors (149.0 GiB) once, shared by the workers: 299.0 GiB in all;" in line
+        "task vectors (149.0 GiB) once, shared by the workers, and about 1.0 GiB for the processes (the "
+        "controller, Ray, each worker's Python): 300.0 GiB in all;" in line
     ), line
     assert line.endswith("of memory is available")
     assert not (tmp_path / "campaign").exists()
@@ -813,7 +814,8 @@ def test_a_gpu_pools_shared_copy_must_fit_host_memory_too(zoo, tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(
         f"evomerge: error: {path}: workers: the shared copy does not fit this machine's memory: the base (74.5 GiB) "
-        "and the experts' task vectors (149.0 GiB) are held once in host memory for the GPU workers: 223.5 GiB;"
+        "and the experts' task vectors (149.0 GiB) are held once in host memory for the GPU workers, and about "
+        "1.0 GiB for the processes (the controller, Ray, each worker's Python): 224.5 GiB;"
     ), line
     assert not (tmp_path / "campaign").exists()
 
