@@ -423,8 +423,8 @@ class Search:
 
     @property
     def raced(self) -> list[Trial]:
-        """Trials raced on anchor documents (scored on the anchors first)."""
-        return [t for t in self.trials if self.racing is not None and t.top is not None]
+        """Trials raced on anchor documents (scored on the anchors first; a repeat is not scored)."""
+        return [t for t in self.trials if self.racing is not None and t.top is not None and "repeat_of" not in t.info]
 
     @property
     def documents(self) -> int:
