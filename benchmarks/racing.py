@@ -33,9 +33,11 @@ import yaml  # noqa: E402
 from evomerge.search.pareto import hypervolume  # noqa: E402
 
 
-def run_campaign(directory: Path, zoo: Path, limit: int, budget: int, seed: int, racing: dict | None) -> float:
-    """The demo's experiment with absolute paths, ``limit`` documents per task and ``racing`` (None:
-    off), run into ``directory``; its wall time in seconds."""
+def run_campaign(
+    directory: Path, zoo: Path, limit: int, budget: int, seed: int, racing: dict | None, objectives: list | None
+) -> float:
+    """The demo's experiment with absolute paths, ``limit`` documents per task, ``racing`` (None:
+    off) and ``objectives`` (None: all four), run into ``directory``; its wall time in seconds."""
     experiment = yaml.safe_load((REPO / "experiments/demo.yaml").read_text())
     evaluator = yaml.safe_load((REPO / "evaluators/zoo_four_skills.yaml").read_text())
     evaluator.update(limit=limit, batch_size=limit)
@@ -54,6 +56,9 @@ def run_campaign(directory: Path, zoo: Path, limit: int, budget: int, seed: int,
     )
     if racing is not None:
         experiment["racing"] = racing
+    if objectives:
+        experiment["objectives"] = objectives
+        experiment["reference_point"] = {o: 0.0 for o in objectives}
     (work / "experiment.yaml").write_text(yaml.safe_dump(experiment))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "evomerge", "--offline", "run", str(work / "experiment.yaml")]
@@ -97,12 +102,41 @@ def pick_at(steps, search, budget: int) -> int:
     return max(ids, key=lambda i: (sum(search.trials[i].values) / len(search.trials[i].values), -i))
 
 
+def what_if(directory: Path, zs=(0.0, 0.5, 1.0, 2.0)) -> dict[float, int]:
+    """How many of the raced campaign's promoted candidates the rule would have stopped at each z,
+    with the check sample's final RMSE per objective and the full results told before each decision."""
+    from evomerge.campaign import open_campaign
+    from evomerge.search.racing import Racer, stopped
+
+    loaded = open_campaign(directory, check=False)
+    search = loaded.search()
+    rmse = [e.get("rmse", 0.0) for e in Racer(search, loaded.document_records(), {}).errors()]
+    full, out = [], dict.fromkeys(zs, 0)
+    for line in (directory / "journal.jsonl").read_text().splitlines()[1:]:
+        event = json.loads(line)
+        if event["event"] == "promote":
+            for z in zs:
+                out[z] += stopped(event["values"], [z * e for e in rmse], full, search.directions)
+        elif event["event"] == "tell" and search.trials[event["id"]].full:
+            if search.trials[event["id"]].status == "done":
+                full.append(search.trials[event["id"]].values)
+    return out
+
+
 def report_score(directory: Path, trial: int, out: Path) -> float:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "evomerge", "--offline", "export", str(directory), "--trial", str(trial)]
     subprocess.run([*command, "--out", str(out), "--no-compare"], check=True, env=env, stdout=subprocess.DEVNULL)
     scores = json.loads((out / "evomerge.json").read_text())["report_scores"]
     return sum(scores.values()) / len(scores)
+
+
+def rs_metrics(directory: Path) -> dict[str, float]:
+    from evomerge.campaign import open_campaign
+    from evomerge.search.racing import Racer
+
+    loaded = open_campaign(directory, check=False)
+    return Racer(loaded.search(), loaded.document_records(), {}).metrics()
 
 
 def main() -> None:
@@ -113,6 +147,7 @@ def main() -> None:
     parser.add_argument("--full", type=int, default=60, help="candidates of the full-evaluation campaign")
     parser.add_argument("--raced", type=int, default=120, help="candidates of the raced campaign")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--objectives", type=lambda v: v.split(","), help="a subset, e.g. add,sort")
     parser.add_argument("--racing", type=json.loads, default={"anchors": 0.1, "check": 0.125, "z": 2.0})
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
@@ -120,12 +155,14 @@ def main() -> None:
     for name, budget, racing in (("full", args.full, None), ("raced", args.raced, args.racing)):
         directory = args.out / name
         if not directory.exists():
-            walls[name] = run_campaign(directory, args.zoo.resolve(), args.limit, budget, args.seed, racing)
+            zoo = args.zoo.resolve()
+            walls[name] = run_campaign(directory, zoo, args.limit, budget, args.seed, racing, args.objectives)
     (full, fs), (raced, rs) = trace(args.out / "full"), trace(args.out / "raced")
     budget, target = full[-1][0], full[-1][1]
     cut = [s for s in raced if s[0] <= budget]
     told = lambda steps: sum(s[2] is not None for s in steps)  # noqa: E731
-    print(f"racing {args.racing}; {args.limit} documents per task; wall s {walls}")
+    which = args.objectives or "all"
+    print(f"racing {args.racing}; {args.limit} documents per task; objectives {which}; wall s {walls}")
     per = budget / told(full)
     print(f"full:  {told(full)} candidates, {budget} documents ({per:.0f} a candidate), hv {target:.4f}")
     print(
@@ -134,6 +171,9 @@ def main() -> None:
         f"hv {cut[-1][1]:.4f} at the cut, {raced[-1][1]:.4f} at {raced[-1][0]} documents"
     )
     print(f"documents to reach the full campaign's final hv: full {reach(full, target)}, raced {reach(raced, target)}")
+    errors = ", ".join(f"{k} {v:.3f}" for k, v in sorted(rs_metrics(args.out / "raced").items()))
+    print(f"estimate's error on the check sample: {errors}")
+    print(f"promoted candidates the rule would stop at z (final RMSE): {what_if(args.out / 'raced')}")
     for name, steps, search in (("full", full, fs), ("raced", cut, rs)):
         trial = pick_at(steps, search, budget)
         score = report_score(args.out / name, trial, args.out / f"export-{name}")

@@ -863,7 +863,8 @@ class CampaignRun:
                     told += self._told(search.tell_repeat(trial, original))
                     continue
                 recipe = trial.recipe.model_dump(exclude_none=True)
-                pool.submit(trial.id, recipe, log_samples=log_samples, documents=search.documents_for(trial))
+                documents = (self.racer or search).documents_for(trial)
+                pool.submit(trial.id, recipe, log_samples=log_samples, documents=documents)
             for outcome in pool.poll(timeout=1.0):
                 for result in self.fail_fast.admit(outcome):
                     told += self._record(result)

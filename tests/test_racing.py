@@ -121,6 +121,9 @@ def test_a_raced_search_stops_dominated_candidates_on_their_anchors_and_resumes_
     assert all(racer.checked(t) <= t.full for t in raced)  # the check sample is always scored in full
     assert [t.id for t in raced if racer.checked(t)][:3] == [t.id for t in raced[:3]]
     assert all(t.full for t in whole.front()) and {t.id for t in whole.finished}.isdisjoint(t.id for t in stopped_)
+    # a task no searched objective reads is scored on the first anchors' count of its pool, not in full
+    extra = Racer(whole, records, {**records.full_ids, "tc": list(range(100, 120))})
+    assert extra.documents_for(stopped_[0]) == {**whole.anchor_documents(), "tc": [100, 101]}
     # documents: 80 per full evaluation, 8 per anchor evaluation (a promoted candidate is scored again in full)
     assert whole.documents == 80 * (40 - len(raced)) + 88 * len(promoted) + 8 * len(stopped_)
     metrics = racer.metrics()

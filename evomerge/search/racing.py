@@ -182,6 +182,16 @@ class Racer:
         self.search.set_anchors(anchors, weights, len(full))
         return True
 
+    def documents_for(self, trial):
+        """``search.documents_for(trial)``, and for a raced trial's anchor evaluation also the tasks no
+        searched objective reads (the workers score every objective of the evaluator): the first
+        anchors' count of their pools, so that they cost what a searched task's anchors cost."""
+        documents = self.search.documents_for(trial)
+        if isinstance(documents, dict):
+            for task, pool in self.pools.items():
+                documents.setdefault(task, pool[: self.racing.count(len(pool))])
+        return documents
+
     def checked(self, trial) -> bool:
         """Whether raced ``trial`` is in the check sample (scored in full whatever its estimate)."""
         before = sum(t.id < trial.id for t in self.search.raced)
