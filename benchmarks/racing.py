@@ -123,12 +123,14 @@ def what_if(directory: Path, zs=(0.0, 0.5, 1.0, 2.0)) -> dict[float, int]:
     return out
 
 
-def report_score(directory: Path, trial: int, out: Path) -> float:
+def report_score(directory: Path, trial: int, out: Path, objectives: list[str]) -> float:
+    """The mean report score of ``trial`` over the campaign's ``objectives`` (an export of it)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "evomerge", "--offline", "export", str(directory), "--trial", str(trial)]
-    subprocess.run([*command, "--out", str(out), "--no-compare"], check=True, env=env, stdout=subprocess.DEVNULL)
+    if not out.exists():  # exported by an earlier run of this script otherwise
+        subprocess.run([*command, "--out", str(out), "--no-compare"], check=True, env=env, stdout=subprocess.DEVNULL)
     scores = json.loads((out / "evomerge.json").read_text())["report_scores"]
-    return sum(scores.values()) / len(scores)
+    return sum(scores[o] for o in objectives) / len(objectives)
 
 
 def rs_metrics(directory: Path) -> dict[str, float]:
@@ -176,7 +178,8 @@ def main() -> None:
     print(f"promoted candidates the rule would stop at z (final RMSE): {what_if(args.out / 'raced')}")
     for name, steps, search in (("full", full, fs), ("raced", cut, rs)):
         trial = pick_at(steps, search, budget)
-        score = report_score(args.out / name, trial, args.out / f"export-{name}")
+        objectives = [o.name for o in search.objectives]
+        score = report_score(args.out / name, trial, args.out / f"export-{name}", objectives)
         print(f"{name}: pick trial {trial} ({search.trials[trial].kind}), mean report score {score:.4f}")
 
 
