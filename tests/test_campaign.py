@@ -994,6 +994,9 @@ def test_racing_on_anchor_documents_in_a_campaign(zoo, tmp_path):
         assert r.data.tags.get("pareto") != "true" or t.full
         if t.top is not None:
             assert r.data.tags["full_fidelity"] == str(t.full).lower()
+            assert r.data.metrics["estimate.add"] == t.estimate[0]  # the anchors' estimate, raced or stopped
+    status = cli("status", tmp_path / "campaign", cwd=tmp_path)
+    assert f"{len(raced)} raced on anchor documents, {len(stopped)} stopped on their anchors" in status.stdout
 
 
 def _expert_copy(zoo, tmp_path, name, config=None, tokenizer=None):

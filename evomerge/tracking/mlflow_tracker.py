@@ -478,7 +478,7 @@ class Tracker:
         for key in ("wall_s", "attempts"):
             if key in info:
                 metrics.append(Metric(key, float(info[key]), now, 0))
-        metrics.append(Metric("documents", float(trial.documents), now, 0))
+        metrics += [Metric("documents", float(trial.documents), now, 0), *_estimates(trial, self.objectives, now)]
         for i in range(0, len(params), 100):
             self.client.log_batch(run.info.run_id, params=params[i : i + 100], metrics=metrics if i == 0 else [])
         if samples:
@@ -528,6 +528,11 @@ class Tracker:
         html, png = front_plots(ids, points, front, self.objectives, self.directions, self._baselines)
         self.client.log_text(self.parent, html, "front.html")
         self.client.log_image(self.parent, png, "front.png") if png is not None else None
+
+
+def _estimates(trial, objectives, timestamp: int) -> list:
+    """Racing: a raced candidate's anchor estimate per objective (``estimate.<objective>``)."""
+    return [_metric(param_key(f"estimate.{o}"), v, timestamp, 0) for o, v in zip(objectives, trial.estimate or ())]
 
 
 def _metric(key: str, value: float, timestamp: int, step: int):
