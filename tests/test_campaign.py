@@ -951,7 +951,9 @@ def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
 def test_racing_on_anchor_documents_in_a_campaign(zoo, tmp_path):
     """After the hand baselines (in full), candidates are raced on 4 anchor documents per task: the
     stopped ones cost only those, the rest are scored in full again; the front holds full results
-    only; MLflow gets the estimate's error on the check sample."""
+    only; MLflow gets the estimate's error on the check sample. SIGKILLed once racing has begun and
+    resumed, it ends with exactly its budget, each candidate told once and scored as often as its
+    decisions say (that it equals its uninterrupted self is tested on the search: test_racing.py)."""
     from mlflow import MlflowClient
 
     from evomerge import campaign
@@ -964,9 +966,14 @@ def test_racing_on_anchor_documents_in_a_campaign(zoo, tmp_path):
         budget={"max_evaluations": 16},
         optimizer={"name": "random", "options": {}},
     )
-    result = cli("run", path, cwd=tmp_path)
+    directory = tmp_path / "campaign"
+    proc = start("run", path, cwd=tmp_path)
+    stop_after(proc, directory, 9, signal.SIGKILL)  # 7 baselines, then raced candidates
+    proc.communicate(timeout=60)
+    result = cli("resume", directory, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    loaded = campaign.open_campaign(tmp_path / "campaign", check=False)
+    assert sorted(tells(directory)) == list(range(16))
+    loaded = campaign.open_campaign(directory, check=False)
     search = loaded.search()
     raced = search.raced
     assert [t.id for t in raced] == list(range(7, 16)) and all(t.baseline for t in search.trials[:7])
