@@ -559,7 +559,8 @@ def _check_racing(exp: Experiment, evaluator, fail) -> None:
                 f"objective '{o.name}' is a {kind.noun}: it has no per-document scores to race on; "
                 f"remove racing or the {kind.noun} objective",
             )
-        limit = getattr(o, "limit", None) or evaluator.limit
+        held = o.held_out(evaluator.limit) if hasattr(o, "held_out") else None  # one file for both splits
+        limit = held.search if held is not None else getattr(o, "limit", None) or evaluator.limit
         if racing.anchors >= 1 and limit is not None and limit >= 1 and racing.anchors >= limit:
             fail(
                 "racing.anchors",
