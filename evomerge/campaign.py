@@ -178,10 +178,11 @@ class Loaded:
     def search(self):
         """The search replayed from the journal; writable only while this process holds the lock."""
         from evomerge.search.fidelity import Fidelity
+        from evomerge.search.racing import Racing
         from evomerge.search.study import Search
 
         genome = self.checked.genome()
-        f = self.experiment.fidelity
+        f, r = self.experiment.fidelity, self.experiment.racing
         return Search(
             genome,
             self.experiment.optimizer.name,
@@ -191,6 +192,7 @@ class Loaded:
             self.experiment.optimizer.options,
             writable=self.lock is not None,
             fidelity=Fidelity(tuple(f.rungs), f.promote) if f is not None else None,
+            racing=Racing(r.anchors, r.check, r.z, r.min_full, r.refit, self.experiment.seed) if r else None,
         )
 
     @property
@@ -719,6 +721,7 @@ class CampaignRun:
         self.fail_fast = FailFast(exp.workers.count + 2 if halt is None else halt)
         self.pool = self.tracker = self.preparing = None
         self.records = None  # the per-document records, once the workers have said their documents
+        self.racer = None  # racing's fits and judgements (``evomerge.search.racing.Racer``), with the records
         self.status: RunStatus = "FAILED"
         self.stopped, self.exit_code = None, 0
         self.untracked: dict | None = None  # what MLflow did not get (see note_untracked)
@@ -804,6 +807,10 @@ class CampaignRun:
         # the documents each task is scored on: recorded so that an export can show its report split's apart
         loaded.state["documents"] = workers[0].get("documents") if workers else None
         self.records = loaded.document_records()
+        if self.search.racing is not None:
+            from evomerge.search.racing import Racer
+
+            self.racer = Racer(self.search, self.records, self.records.full_ids, first_fit=self.n_seeds)
         nodes = len({w["node_id"] for w in workers})
         self.display.update(f"{len(workers)} worker(s) ready on {nodes} Ray node(s)", force=True)
         self.tracker = open_tracker(loaded, self.search, self.preparing.result())
@@ -848,13 +855,16 @@ class CampaignRun:
         self.session0, self.reference = told, self.loaded.reference_point
         while not (budget.met(told) and not pool.in_flight):
             for _ in range(min(pool.free, budget.room(told, pool.in_flight))):
+                if self.racer is not None:  # anchors fitted (or refitted) before the next candidate
+                    self.racer.maybe_fit()
                 trial = search.ask()
                 original = search.repeat_of(trial)
                 if original is not None:  # a recipe scored in full already: its result, no documents
                     told += self._told(search.tell_repeat(trial, original))
                     continue
                 recipe = trial.recipe.model_dump(exclude_none=True)
-                pool.submit(trial.id, recipe, log_samples=log_samples, documents=search.documents_for(trial))
+                documents = (self.racer or search).documents_for(trial)
+                pool.submit(trial.id, recipe, log_samples=log_samples, documents=documents)
             for outcome in pool.poll(timeout=1.0):
                 for result in self.fail_fast.admit(outcome):
                     told += self._record(result)
@@ -881,8 +891,13 @@ class CampaignRun:
         values = [score.values[k] for k in names] if score.status == "done" else None
         if score.per_document:  # before the result is told: a told trial always has its line
             self.records.append(result.key, search.trials[result.key].rung, score.per_document)
-        trial = search.report(result.key, values, info)
-        if trial is None:  # promoted to the next rung: handed out again before new candidates
+        trial = search.trials[result.key]
+        if self.racer is not None and trial.rung == 0 and values is not None:  # scored on its anchors
+            estimate, _, promote = self.racer.judge(trial, score.per_document)
+            trial = search.race(result.key, estimate, info, promote)
+        else:
+            trial = search.report(result.key, values, info)
+        if trial is None:  # promoted to the next rung (or from racing's anchors to the full evaluation)
             return 0
         self.stages.mark("first_result")
         self.stages.at["last_result"] = round(time.time() - self.stages.origin, 3)
@@ -892,6 +907,8 @@ class CampaignRun:
         """A trial's final result logged, the reference point fixed once the seeds are in; 1."""
         search, loaded = self.search, self.loaded
         self.tracker.candidate(trial, [g.name for g in search.genome.genes], samples=samples)
+        if self.racer is not None and trial.estimate is not None and trial.full and self.racer.checked(trial):
+            self.tracker.metrics(self.racer.metrics(), sum(t.status != "running" for t in search.trials))
         if self.reference is None and len(search.finished) >= max(1, self.n_seeds):
             self.reference = loaded.state["reference_point"] = worst(search, search.directions)
             loaded.save_state()
@@ -939,7 +956,7 @@ def progress_line(search, budget: Budget, session0: int, front) -> str:
     # the run summary's words: a candidate stopped at a lower rung is done, not failed
     parts.append(f"{sum(t.status == 'failed' for t in told)} failed")
     if search.stopped_early:
-        parts.append(f"{len(search.stopped_early)} stopped at a lower rung")
+        parts.append(f"{len(search.stopped_early)} stopped {stopped_where(search)}")
     spent = time.monotonic() - budget.started
     rate = (len(told) - session0) / spent if spent > 0 else 0.0
     if rate > 0:
@@ -952,6 +969,11 @@ def progress_line(search, budget: Budget, session0: int, front) -> str:
             eta = max(0, min(left))
             parts.append(f"{rate:.2f}/s, ETA {int(eta // 60)}:{int(eta % 60):02d}")
     return " | ".join(parts)
+
+
+def stopped_where(search) -> str:
+    """Where a candidate stopped early stopped: on its anchor documents (racing) or at a lower rung."""
+    return "on their anchor documents" if search.racing is not None else "at a lower rung"
 
 
 def summary(
@@ -967,11 +989,13 @@ def summary(
         "done": len(search.finished),
         "failed": sum(t.status == "failed" for t in told),
         "stopped_early": len(search.stopped_early),
+        "raced": len(search.raced),
         "repeats": len(search.repeats),
         "documents": search.documents,
         "front": [t.id for t in search.front()],
         "status": status,
         "stopped": stopped,
+        "stopped_where": stopped_where(search),
         "exit": exit_code,
         "parent_run_id": loaded.state.get("parent_run_id"),
         "experiment_id": loaded.state.get("experiment_id"),

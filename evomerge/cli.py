@@ -272,7 +272,8 @@ def _finish(summary: dict) -> int:
     d = summary["directory"]
     print(
         f"evaluations {summary['evaluations']} ({summary['done']} done, {summary['failed']} failed"
-        + (f", {summary['stopped_early']} stopped at a lower rung" if summary.get("stopped_early") else "")
+        + (f", {summary['raced']} raced on anchor documents" if summary.get("raced") else "")
+        + (f", {summary['stopped_early']} stopped {summary['stopped_where']}" if summary.get("stopped_early") else "")
         + (f", {summary['repeats']} repeats of a recipe scored already" if summary.get("repeats") else "")
         + f"); documents scored {summary['documents']}; "
         f"front: {len(summary['front'])} candidates"
@@ -374,7 +375,12 @@ def cmd_status(args) -> int:
         f"evaluations {len(told)}"
         + (f"/{budget}" if budget else "")
         + f": {len(done)} done, "
-        + (f"{len(search.stopped_early)} stopped at a lower rung, " if search.stopped_early else "")
+        + (f"{len(search.raced)} raced on anchor documents, " if search.raced else "")
+        + (
+            f"{len(search.stopped_early)} stopped {'on their anchors' if search.racing else 'at a lower rung'}, "
+            if search.stopped_early
+            else ""
+        )
         + f"{sum(t.status == 'failed' for t in told)} failed, {len(search.trials) - len(told)} in flight "
         f"when last stopped; {len(search.repeats)} repeats of a recipe scored already (not scored again); "
         f"documents scored {search.documents}"

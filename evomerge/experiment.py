@@ -71,6 +71,28 @@ class FidelityConfig(BaseModel):
         return self
 
 
+class RacingConfig(BaseModel):
+    """Racing on anchor documents: once ``min_full`` candidates are scored in full, anchor
+    documents are chosen per task (``anchors``: a fraction below 1 of each task's search pool, or a
+    count) and each new candidate is scored on them first; it is scored in full only when its
+    interval (estimate +- ``z`` errors) leaves it possibly undominated, or when the check draw
+    (``check``: the share of raced candidates also scored in full) picks it. The weights are refitted
+    after every ``refit`` more full results (the anchors stay)."""
+
+    model_config = ConfigDict(extra="forbid")
+    anchors: float = Field(default=0.1, gt=0)
+    check: float = Field(default=0.125, ge=0, le=1)
+    z: float = Field(default=2.0, gt=0)
+    min_full: int = Field(default=8, ge=1)
+    refit: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _count(self):
+        if self.anchors >= 1 and self.anchors != int(self.anchors):
+            raise ValueError(f"anchors is a fraction below 1 or a whole number of documents, got {self.anchors}")
+        return self
+
+
 class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: Candidates to finish (done or failed), over all runs and resumes of the campaign.
@@ -164,6 +186,8 @@ class Experiment(BaseModel):
     seeds: Seeds = Field(default_factory=Seeds)
     #: Multi-fidelity evaluation (off when absent).
     fidelity: FidelityConfig | None = None
+    #: Racing on anchor documents (off when absent; not with ``fidelity``).
+    racing: RacingConfig | None = None
     budget: Budget
     workers: Workers = Field(default_factory=Workers)
     output_dir: str
@@ -315,6 +339,8 @@ def _check_search(exp: Experiment, evaluator, fail) -> None:
             fail("reference_point", f"give one value for each objective: {', '.join(wanted)}")
     if exp.fidelity is not None:
         _check_fidelity(exp.fidelity, evaluator, fail)
+    if exp.racing is not None:
+        _check_racing(exp, evaluator, fail)
 
 
 def _check_merge_models(exp: Experiment, space, configs: dict, fail, warn) -> dict[str, int]:
@@ -512,6 +538,37 @@ def _check_fidelity(fidelity: FidelityConfig, evaluator, fail) -> None:
             f"objective '{name}' is a {kind.noun}: multi-fidelity subsets lm-eval documents only; "
             f"remove fidelity or the {kind.noun} objective",
         )
+
+
+def _check_racing(exp: Experiment, evaluator, fail) -> None:
+    """Racing: not with multi-fidelity; a check share above 0; objectives with per-document scores
+    only; an anchor count below every task's pool (the evaluator's or the objective's limit)."""
+    from evomerge.evaluate.kinds import kind_of
+
+    racing = exp.racing
+    if exp.fidelity is not None:
+        fail("racing", "racing and fidelity (multi-fidelity) exclude each other; keep one")
+    if racing.check == 0:
+        fail("racing.check", "racing without any full-fidelity check: give a share above 0 (default 0.125)")
+    wanted = exp.objectives or [o.name for o in evaluator.objectives]
+    for o in (o for o in evaluator.objectives if o.name in wanted):
+        kind = kind_of(o)
+        if not kind.subsets_documents:
+            fail(
+                "racing",
+                f"objective '{o.name}' is a {kind.noun}: it has no per-document scores to race on; "
+                f"remove racing or the {kind.noun} objective",
+            )
+        held = o.held_out(evaluator.limit) if hasattr(o, "held_out") else None  # one file for both splits
+        limit = held.search if held is not None else getattr(o, "limit", None) or evaluator.limit
+        if racing.anchors >= 1 and limit is not None and limit >= 1 and racing.anchors >= limit:
+            fail(
+                "racing.anchors",
+                f"{int(racing.anchors)} anchor documents is not fewer than the {int(limit)} documents "
+                f"objective '{o.name}' scores per task",
+            )
+        if racing.anchors >= 1 and (limit is None or limit < 1):
+            fail("racing.anchors", "an anchor count needs the evaluator's limit as a count; give a fraction below 1")
 
 
 #: Bytes per element of safetensors dtype names.

@@ -186,6 +186,22 @@ BAD = {
         {"fidelity": {"rungs": [5]}, "evaluator": "perplexity:data/general_{split}.txt"},
         "exp.yaml: fidelity: objective 'sort' is a perplexity: multi-fidelity subsets lm-eval documents only",
     ),
+    "racing with multi-fidelity": (
+        {"racing": {}, "fidelity": {"rungs": [5]}},
+        "exp.yaml: racing: racing and fidelity (multi-fidelity) exclude each other; keep one",
+    ),
+    "racing without a check": (
+        {"racing": {"check": 0}},
+        "exp.yaml: racing.check: racing without any full-fidelity check: give a share above 0",
+    ),
+    "more anchors than the pool": (
+        {"racing": {"anchors": 25}},
+        "exp.yaml: racing.anchors: 25 anchor documents is not fewer than the 20 documents objective 'add' scores",
+    ),
+    "racing on perplexity": (
+        {"racing": {}, "evaluator": "perplexity:data/general_{split}.txt"},
+        "exp.yaml: racing: objective 'sort' is a perplexity: it has no per-document scores to race on",
+    ),
     "unknown lm-eval task": (
         {"evaluator": "task:no_such_task_xyz"},
         "exp.yaml: evaluator: EVALUATOR: objectives: unknown lm-eval task(s) ['no_such_task_xyz']",
@@ -932,6 +948,64 @@ def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
             for kind, t in top.items()
         )
     )
+
+
+def test_racing_on_anchor_documents_in_a_campaign(zoo, tmp_path):
+    """After the hand baselines (in full), candidates are raced on 4 anchor documents per task: the
+    stopped ones cost only those, the rest are scored in full again; the front holds full results
+    only; MLflow gets the estimate's error on the check sample. SIGKILLed once racing has begun and
+    resumed, it ends with exactly its budget, each candidate told once and scored as often as its
+    decisions say (that it equals its uninterrupted self is tested on the search: test_racing.py)."""
+    from mlflow import MlflowClient
+
+    from evomerge import campaign
+
+    path = experiment(
+        tmp_path,
+        zoo,
+        seeds={"uniform_average": False, "experts_alone": False, "baselines": True},
+        racing={"anchors": 0.2, "check": 0.2, "z": 1.0, "min_full": 7, "refit": 4},
+        budget={"max_evaluations": 16},
+        optimizer={"name": "random", "options": {}},
+    )
+    directory = tmp_path / "campaign"
+    proc = start("run", path, cwd=tmp_path)
+    stop_after(proc, directory, 9, signal.SIGKILL)  # 7 baselines, then raced candidates
+    proc.communicate(timeout=60)
+    result = cli("resume", directory, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(tells(directory)) == list(range(16))
+    loaded = campaign.open_campaign(directory, check=False)
+    search = loaded.search()
+    raced = search.raced
+    assert [t.id for t in raced] == list(range(7, 16)) and all(t.baseline for t in search.trials[:7])
+    anchors = search.anchor_documents()
+    assert sorted(anchors) == ["zoo_add_search", "zoo_sort_search"] and all(len(a) == 4 for a in anchors.values())
+    stopped = search.stopped_early
+    assert stopped and all(t.documents == 2 * 4 and t.status == "done" for t in stopped)  # the anchors only
+    assert all(t.documents == 2 * 4 + 2 * 20 for t in raced if t.full)  # anchors, then in full again
+    records = loaded.document_records().read()
+    for t in raced:
+        assert {task: ids for task, (ids, _) in records[(t.id, 0)]["add"].items()} == {
+            "zoo_add_search": anchors["zoo_add_search"]
+        }
+    assert search.front() and all(t.full for t in search.front())
+    assert f"{len(raced)} raced on anchor documents, {len(stopped)} stopped on their anchor documents" in result.stdout
+
+    client = MlflowClient(tracking_uri=loaded.tracking()[0])
+    parent = client.get_run(loaded.state["parent_run_id"])
+    assert {"anchors.mae.add", "anchors.rmse.sort", "anchors.spearman.add", "anchors.checked"} <= set(
+        parent.data.metrics
+    )
+    exp = client.get_experiment_by_name("t-campaign")
+    for r in client.search_runs([exp.experiment_id], "tags.`evomerge.trial` != ''"):
+        t = search.trials[int(r.data.tags["evomerge.trial"])]
+        assert r.data.tags.get("pareto") != "true" or t.full
+        if t.top is not None:
+            assert r.data.tags["full_fidelity"] == str(t.full).lower()
+            assert r.data.metrics["estimate.add"] == t.estimate[0]  # the anchors' estimate, raced or stopped
+    status = cli("status", tmp_path / "campaign", cwd=tmp_path)
+    assert f"{len(raced)} raced on anchor documents, {len(stopped)} stopped on their anchors" in status.stdout
 
 
 def _expert_copy(zoo, tmp_path, name, config=None, tokenizer=None):

@@ -63,7 +63,7 @@ class _Job:
     key: Any
     recipe: dict
     log_samples: bool
-    documents: int | None = None  # per task (a multi-fidelity rung); None: the evaluator's limit
+    documents: int | dict[str, list[int]] | None = None  # per task: a rung's count, or racing's ids; None: the limit
     attempts: int = 0
     first_dispatch: float | None = None
     reasons: list[str] = field(default_factory=list)
@@ -359,9 +359,11 @@ class WorkerPool:
         """Candidates submitted and not yet returned by ``poll``."""
         return len(self.queue) + sum(s.job is not None for s in self.slots)
 
-    def submit(self, key: Any, recipe: dict, log_samples: bool = False, documents: int | None = None) -> None:
+    def submit(
+        self, key: Any, recipe: dict, log_samples: bool = False, documents: int | dict[str, list[int]] | None = None
+    ) -> None:
         """Queue a candidate (a recipe as a plain dict), scored on ``documents`` per task (default: the
-        evaluator's limit); it starts on the first free worker."""
+        evaluator's limit; a task -> ids mapping names them); it starts on the first free worker."""
         self.queue.append(_Job(key, recipe, log_samples, documents))
         self._dispatch()
 

@@ -141,7 +141,9 @@ class ScoringWorker:
             acc.add(name, [s.delta for s in row])
         return acc.table().to_dict()
 
-    def score(self, recipe: dict, log_samples: bool = False, documents: int | None = None) -> dict:
+    def score(
+        self, recipe: dict, log_samples: bool = False, documents: int | dict[str, list[int]] | None = None
+    ) -> dict:
         from evomerge.recipe import parse_recipe
 
         started = time.perf_counter()

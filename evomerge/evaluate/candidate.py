@@ -172,9 +172,12 @@ class CandidateScorer:
     def _logits_finite(self) -> bool:
         return bool(torch.isfinite(self.model(input_ids=self._probe).logits).all())
 
-    def score(self, recipe: Recipe, log_samples: bool = False, documents: int | None = None) -> Score:
+    def score(
+        self, recipe: Recipe, log_samples: bool = False, documents: int | dict[str, list[int]] | None = None
+    ) -> Score:
         """Merge ``recipe`` into the resident model and score it on every objective; ``documents``:
-        on that many documents per lm-eval task (a multi-fidelity rung), else on the full ``limit``."""
+        on that many documents per lm-eval task (a multi-fidelity rung), or on the named ones (task
+        -> ids, racing's anchors), else on the full ``limit``."""
         started = time.perf_counter()
         timings: dict[str, float] = {}
         cuda = self._probe.device.type == "cuda"

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,25 +302,45 @@ class TaskSuite:
             }
         return out
 
-    def subset(self, documents: int | None = None) -> dict[str, list[int]]:
+    def subset(self, documents: int | Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
         """Per leaf task, the indices of the documents scored: the suite's own (its ``limit``), or with
         ``documents`` the first that many of a seeded permutation of them, so that smaller subsets
-        are nested in larger ones and the largest is the suite's own. Drawn once per ``documents``."""
-        if documents in self._subsets:
-            return self._subsets[documents]
-        out = self._subsets[documents] = {}
+        are nested in larger ones and the largest is the suite's own. Drawn once per ``documents``.
+        ``documents`` may also name the documents (leaf task -> ids, racing's anchors): those of
+        the suite's own, a leaf not named keeping its own; an id not among them is refused."""
+        key = (
+            tuple(sorted((t, tuple(ids)) for t, ids in documents.items()))
+            if isinstance(documents, Mapping)
+            else documents
+        )
+        if key in self._subsets:
+            return self._subsets[key]
+        out = self._subsets[key] = {}
         for leaf, task in _leaf_tasks(self.task_dict):
             if self.samples is not None and leaf in self.samples:
                 full = self.samples[leaf]
             else:
                 full = list(range(self.documents_of(len(task.eval_docs), self._owner[leaf])))
-            if documents is not None and documents < len(full):
+            if isinstance(documents, Mapping):
+                if leaf in documents:
+                    named = sorted(set(documents[leaf]))
+                    if not set(named) <= set(full):
+                        del self._subsets[key]
+                        raise TaskError(f"task {leaf}: documents {sorted(set(named) - set(full))[:5]} are not scored")
+                    full = named
+            elif documents is not None and documents < len(full):
                 order = random.Random(f"rungs:{leaf}").sample(full, len(full))
                 full = sorted(order[:documents])
             out[leaf] = full
         return out
 
-    def evaluate(self, lm, log_samples: bool = False, quiet: bool = True, documents: int | None = None) -> dict:
+    def evaluate(
+        self,
+        lm,
+        log_samples: bool = False,
+        quiet: bool = True,
+        documents: int | Mapping[str, Sequence[int]] | None = None,
+    ) -> dict:
         """Run every task on ``lm`` (an lm-eval ``LM``); returns lm-eval's results dict. ``documents``:
         score only that many documents per task (``subset``), e.g. a multi-fidelity rung.
 

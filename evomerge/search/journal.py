@@ -56,6 +56,17 @@ def _info(v) -> bool:
     )
 
 
+def _per_task(check) -> Callable[[object], bool]:
+    """objective -> task -> a list of values passing ``check``."""
+    return lambda v: (
+        isinstance(v, dict)
+        and all(
+            isinstance(tasks, dict) and all(isinstance(x, list) and all(map(check, x)) for x in tasks.values())
+            for tasks in v.values()
+        )
+    )
+
+
 _ID = (_count, True, "a trial number (an integer >= 0)")
 _UNIT = (_unit, True, "a list of numbers in [0, 1]")
 #: event -> field -> (check, required, what it must be)
@@ -72,6 +83,11 @@ EVENTS: dict[str, dict[str, tuple[Callable[[object], bool], bool, str]]] = {
         "id": _ID,
         "values": (_finite, True, "a list of finite numbers"),
         "documents": (_count, False, "an integer >= 0"),
+    },
+    "anchors": {
+        "fitted": (_count, True, "an integer >= 0"),
+        "anchors": (_per_task(_count), True, "objective -> task -> document ids"),
+        "weights": (_per_task(lambda x: _number(x) and 0.0 <= x <= 1.0), True, "objective -> task -> weights"),
     },
     "tell": {
         "id": _ID,

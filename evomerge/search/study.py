@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from evomerge.errors import first_line
 from evomerge.objectives import Objective
@@ -28,6 +28,9 @@ from evomerge.search.optimizers import make_optimizer
 from evomerge.search.optuna_view import OptunaView
 from evomerge.search.pareto import front_indices, hypervolume, pareto_ranks
 from evomerge.search.space import Genome
+
+if TYPE_CHECKING:
+    from evomerge.search.racing import Racing
 
 TrialStatus = Literal["running", "done", "failed"]
 
@@ -45,7 +48,8 @@ class Trial:
     #: Multi-fidelity: the rung evaluated next while running, the rung of ``values`` once told
     #: (``Fidelity.top`` = the full evaluation; None without multi-fidelity).
     rung: int | None = None
-    top: int | None = None  # the full evaluation's rung (None without multi-fidelity)
+    top: int | None = None  # the full evaluation's rung (None without multi-fidelity or racing)
+    estimate: list[float] | None = None  # racing: the anchors' estimate (raced trials only)
     documents: int = 0  # documents scored for this trial, over all its rungs
     baseline: str | None = None  # a recipe outside the optimizer: a hand baseline's or an expert's label
     expert: str | None = None  # an expert scored alone, as its own weights (a baseline outside the space)
@@ -99,9 +103,12 @@ class Search:
         options: dict | None = None,
         writable: bool = True,
         fidelity: Fidelity | None = None,
+        racing: Racing | None = None,
     ):
         self.genome, self.objectives = genome, list(objectives)
-        self.fidelity = fidelity
+        self.fidelity, self.racing = fidelity, racing
+        #: racing: the last ``anchors`` event (``anchors``/``weights``: objective -> task -> list; ``fitted``)
+        self.anchors: dict | None = None
         self.directory = Path(directory)
         self.writable = writable
         if writable:
@@ -118,6 +125,8 @@ class Search:
         }
         if fidelity is not None:
             self.header["fidelity"] = {"rungs": list(fidelity.rungs), "promote": fidelity.promote}
+        if racing is not None:
+            self.header["racing"] = {k: getattr(racing, k) for k in ("anchors", "check", "z", "min_full", "refit")}
         self.optimizer = make_optimizer(
             optimizer,
             genome.dimension,
@@ -166,6 +175,8 @@ class Search:
             problem = self._result_problem(kind, event)
             if problem:
                 return problem
+        if kind == "anchors":
+            return self._anchors_problem(event) or self._apply_anchors(event)
         if kind == "enqueue":
             self.optimizer.enqueue(event["unit"])
             self._seeds_left += 1
@@ -202,10 +213,33 @@ class Search:
         original = (event.get("info") or {}).get("repeat_of") if kind == "tell" else None
         if original is not None and (original >= len(self.trials) or self.trials[original].status != "done"):
             return f"tell event for trial {trial_id}: 'repeat_of' names trial {original}, which has no result"
-        if kind == "promote" and (self.fidelity is None or trial.rung is None or trial.rung >= self.fidelity.top):
-            where = "this search has no multi-fidelity" if self.fidelity is None else "it is at the full evaluation"
+        if kind == "promote" and (trial.rung is None or trial.top is None or trial.rung >= trial.top):
+            where = (
+                "this search has no multi-fidelity nor racing"
+                if self.fidelity is None and self.racing is None
+                else "it is at the full evaluation"
+            )
             return f"promote event for trial {trial_id}, which cannot be promoted ({where})"
         return None
+
+    def _anchors_problem(self, event: dict) -> str | None:
+        """Why an anchors event cannot apply here (no racing, other objectives, a weight per anchor
+        missing, anchors other than the first fit's), or None."""
+        if self.racing is None:
+            return "anchors event, but this search does not race candidates on anchor documents"
+        anchors, weights = event["anchors"], event["weights"]
+        names = {o.name for o in self.objectives}
+        if not set(anchors) <= names or set(weights) != set(anchors):
+            return f"anchors event: objectives {sorted(anchors)}; the search has {sorted(names)}"
+        for o, tasks in anchors.items():
+            if set(weights[o]) != set(tasks) or any(len(weights[o][t]) != len(ids) for t, ids in tasks.items()):
+                return f"anchors event: objective {o!r} has not one weight per anchor document"
+        if self.anchors is not None and self.anchors["anchors"] != anchors:
+            return "anchors event: other anchor documents than the first fit's (anchors are fixed once chosen)"
+        return None
+
+    def _apply_anchors(self, event: dict) -> None:
+        self.anchors = {k: event[k] for k in ("anchors", "weights", "fitted")}
 
     # -- ask / tell -------------------------------------------------------------------------------
     def _new_trial(self, unit: list[float], replicate: int = 0) -> Trial:
@@ -219,6 +253,8 @@ class Search:
             trial.label = self._seed_labels.pop(0)
         if self.fidelity is not None:
             trial.rung, trial.top = (self.fidelity.top if trial.seeded else 0), self.fidelity.top
+        elif self.racing is not None and self.anchors is not None and not trial.seeded:
+            trial.rung, trial.top = 0, 1  # raced: the anchors first, then perhaps in full
         self._seeds_left = max(0, self._seeds_left - 1)
         self.trials.append(trial)
         return trial
@@ -271,8 +307,41 @@ class Search:
         self.view.add(trial)
         return trial
 
-    def documents_for(self, trial: Trial) -> int | None:
-        """Documents per task for ``trial``'s next evaluation: its rung's, or None (the full ``limit``)."""
+    def set_anchors(self, anchors: dict, weights: dict, fitted: int) -> None:
+        """Racing: the anchor documents and their weights (objective -> task -> list) fitted on
+        ``fitted`` full results; candidates asked from now on are raced on them."""
+        event = {"event": "anchors", "fitted": fitted, "anchors": anchors, "weights": weights}
+        problem = self._anchors_problem(event)
+        if problem:
+            raise JournalError(problem)
+        self.journal.append(event)
+        self._apply_anchors(event)
+
+    def anchor_documents(self) -> dict[str, list[int]]:
+        """Racing: task -> the anchor documents scored first (every objective's anchors of it)."""
+        out: dict[str, set[int]] = {}
+        for tasks in (self.anchors or {}).get("anchors", {}).values():
+            for task, ids in tasks.items():
+                out.setdefault(task, set()).update(ids)
+        return {t: sorted(ids) for t, ids in out.items()}
+
+    def race(self, trial_id: int, estimate: list[float], info: dict, promote: bool) -> Trial | None:
+        """A raced trial's anchor result: ``estimate`` (per objective) and the decision. Promoted:
+        scored in full next (None; ``ask`` hands it out before new ones); else told ``estimate`` as
+        its final result (the Trial), below full fidelity."""
+        if not promote:
+            return self.tell(trial_id, estimate, info)
+        documents = int(info.get("documents", 0))
+        self.journal.append({"event": "promote", "id": trial_id, "values": estimate, "documents": documents})
+        self._apply_promote(trial_id, estimate, documents)
+        self._pending.insert(0, trial_id)
+        return None
+
+    def documents_for(self, trial: Trial) -> int | dict[str, list[int]] | None:
+        """Documents per task for ``trial``'s next evaluation: its rung's, a raced trial's anchors
+        (task -> ids), or None (the full ``limit``)."""
+        if self.racing is not None and trial.top is not None and trial.rung == 0:
+            return self.anchor_documents()
         if self.fidelity is None or trial.rung is None or trial.rung >= self.fidelity.top:
             return None
         return self.fidelity.rungs[trial.rung]
@@ -296,9 +365,12 @@ class Search:
 
     def _apply_promote(self, trial_id: int, values: list[float], documents: int) -> None:
         trial = self.trials[trial_id]
-        if trial.status != "running" or trial.rung is None or trial.rung >= self.fidelity.top:
+        if trial.status != "running" or trial.rung is None or trial.top is None or trial.rung >= trial.top:
             raise JournalError(f"trial {trial_id} cannot be promoted")
-        self._rungs[trial.rung].append((trial_id, values))
+        if self.fidelity is not None:
+            self._rungs[trial.rung].append((trial_id, values))
+        else:  # raced: the estimate that sent it to the full evaluation
+            trial.estimate = list(values)
         trial.rung += 1
         trial.documents += documents
 
@@ -313,6 +385,8 @@ class Search:
             trial.rung = trial.top
         if self.fidelity is not None and not failed and trial.rung < self.fidelity.top:
             self._rungs[trial.rung].append((trial_id, values))
+        if self.racing is not None and not failed and not trial.full:  # stopped on its anchors
+            trial.estimate = list(values)
         if trial.unit is not None:
             self.optimizer.tell(trial.unit, None if failed else values)
         if not failed and trial.full:
@@ -346,6 +420,11 @@ class Search:
     def stopped_early(self) -> list[Trial]:
         """Trials done whose final result is from a lower rung (multi-fidelity)."""
         return [t for t in self.trials if t.status == "done" and not t.full]
+
+    @property
+    def raced(self) -> list[Trial]:
+        """Trials raced on anchor documents (scored on the anchors first; a repeat is not scored)."""
+        return [t for t in self.trials if self.racing is not None and t.top is not None and "repeat_of" not in t.info]
 
     @property
     def documents(self) -> int:

@@ -318,6 +318,10 @@ class Tracker:
         """Queue a finished candidate (a search Trial) for logging, with its per-sample records if any."""
         self._queue.put(("candidate", trial, (list(gene_names), samples)))
 
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        """Queue metrics for the campaign run at ``step`` (results so far), e.g. racing's estimate errors."""
+        self._queue.put(("metrics", dict(values), step))
+
     def due(self) -> bool:
         """Whether ``refresh_s`` has passed since the last snapshot was published."""
         return time.monotonic() - self._published >= self.refresh_s
@@ -383,6 +387,9 @@ class Tracker:
                 self._log_candidate(a, *b)
             elif kind == "front":
                 self._refresh(a)
+            elif kind == "metrics":
+                now = int(time.time() * 1000)
+                self.client.log_batch(self.parent, metrics=[_metric(k, v, now, b) for k, v in a.items()])
             elif kind == "close":
                 self.client.set_terminated(self.parent, a)
                 self.ended = True
@@ -471,7 +478,7 @@ class Tracker:
         for key in ("wall_s", "attempts"):
             if key in info:
                 metrics.append(Metric(key, float(info[key]), now, 0))
-        metrics.append(Metric("documents", float(trial.documents), now, 0))
+        metrics += [Metric("documents", float(trial.documents), now, 0), *_estimates(trial, self.objectives, now)]
         for i in range(0, len(params), 100):
             self.client.log_batch(run.info.run_id, params=params[i : i + 100], metrics=metrics if i == 0 else [])
         if samples:
@@ -521,6 +528,17 @@ class Tracker:
         html, png = front_plots(ids, points, front, self.objectives, self.directions, self._baselines)
         self.client.log_text(self.parent, html, "front.html")
         self.client.log_image(self.parent, png, "front.png") if png is not None else None
+
+
+def _estimates(trial, objectives, timestamp: int) -> list:
+    """Racing: a raced candidate's anchor estimate per objective (``estimate.<objective>``)."""
+    return [_metric(param_key(f"estimate.{o}"), v, timestamp, 0) for o, v in zip(objectives, trial.estimate or ())]
+
+
+def _metric(key: str, value: float, timestamp: int, step: int):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), timestamp, step)
 
 
 def recipe_params(recipe) -> dict[str, str]:

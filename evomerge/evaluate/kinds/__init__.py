@@ -84,10 +84,15 @@ class ObjectiveKind:
         return {}
 
     def score(
-        self, model, timings: dict[str, float], documents: int | None = None, log_samples: bool = False
+        self,
+        model,
+        timings: dict[str, float],
+        documents: int | dict[str, list[int]] | None = None,
+        log_samples: bool = False,
     ) -> Scored:
         """Score the model's current weights. ``documents``: per source (task), for a multi-fidelity
-        rung (an experiment with rungs is refused if a kind cannot subset). ``timings``: the
+        rung, or task -> document ids for racing (an experiment with either is refused if a kind cannot
+        subset). ``timings``: the
         candidate's, where a kind adds what it counts (``documents`` scored)."""
         raise NotImplementedError
 

@@ -1,0 +1,235 @@
+"""Racing on anchor documents: a candidate is scored on a few anchor documents per task first, and
+in full only when the estimate cannot tell that it is dominated.
+
+The anchors come from :class:`evomerge.search.anchors.AnchorEstimator` (the cluster design) fitted
+on the per-document scores of the candidates scored in full so far. The rule, stated once:
+
+* each objective's estimate is the anchors' weighted mean per task (each anchor weighs its
+  stratum's share of the task's pool), tasks of one objective weighed by their pool sizes;
+* its interval is ``estimate +- z * rmse``, ``rmse`` the estimate's root mean squared error on the
+  check sample so far (raced candidates also scored in full, drawn at random); until that sample
+  holds ``CHECK_FIRST`` candidates, ``z * se`` instead, ``se = sqrt(sum w^2 p (1 - p))`` the standard
+  error of a weighted mean of independent scores in [0, 1] with mean p (a bound far wider than the
+  measured error, since the anchors' strata answer alike: a safe start, not the rule);
+* the candidate is stopped (its estimate told as its final result, never on the front) when a
+  candidate scored in full dominates the interval's optimistic corner; otherwise, and whenever the
+  check draw picks it, it is scored again in full.
+
+Anchors are chosen once, at the first fit; later refits keep them (candidates raced on other anchors
+would not be comparable) and re-learn their weights: each document of the pool goes to the anchor
+whose response vector across the candidates scored in full is nearest its own.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from evomerge.search.anchors import AnchorEstimator
+from evomerge.search.pareto import _as_min, dominates
+
+#: Raced candidates scored in full whatever their estimate, before the random check share applies:
+#: the interval's measured error needs a few points from the start.
+CHECK_FIRST = 3
+
+
+@dataclass(frozen=True)
+class Racing:
+    """``anchors``: per task, a fraction (< 1) of its search pool or a count; ``check``: the share
+    of raced candidates also scored in full; ``z``: the interval's half-width in errors;
+    ``min_full``: candidates scored in full before the first fit; ``refit``: refit the weights
+    after this many more full results; ``seed``: the check draw's seed."""
+
+    anchors: float
+    check: float
+    z: float
+    min_full: int
+    refit: int
+    seed: int
+
+    def count(self, pool: int) -> int:
+        """Anchors for a task of ``pool`` documents (at most the pool)."""
+        k = math.ceil(self.anchors * pool) if self.anchors < 1 else int(self.anchors)
+        return max(1, min(k, pool))
+
+    def checked(self, trial_id: int, raced_before: int) -> bool:
+        """Whether raced trial ``trial_id`` (``raced_before`` raced trials asked before it) is scored
+        in full whatever its estimate: the first ``CHECK_FIRST``, then a seeded draw per trial."""
+        return raced_before < CHECK_FIRST or random.Random(f"{self.seed}:check:{trial_id}").random() < self.check
+
+
+def fit_anchors(matrix: np.ndarray, ids: Sequence[int], k: int, seed: int) -> tuple[list[int], list[float]]:
+    """(anchor ids, weights) of one task: the cluster design on ``matrix`` (candidates x documents)."""
+    est = AnchorEstimator(k, "cluster", seed).fit(matrix, ids)
+    return [int(a) for a in est.anchors], [float(w) for w in est.weights]
+
+
+def refit_weights(matrix: np.ndarray, ids: Sequence[int], anchors: Sequence[int]) -> list[float]:
+    """Weights of fixed ``anchors``: the share of the pool whose column of ``matrix`` is nearest
+    each anchor's (ties to the first anchor; an anchor is nearest to itself)."""
+    position = {d: i for i, d in enumerate(ids)}
+    columns = matrix.T.astype(float)
+    centres = columns[[position[a] for a in anchors]]
+    nearest = ((columns[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    counts = np.bincount(nearest, minlength=len(anchors))
+    return [float(c) / len(ids) for c in counts]
+
+
+def estimate(
+    fitted: Mapping[str, Mapping[str, tuple[list[int], list[float]]]],
+    pools: Mapping[str, int],
+    scored: Mapping[str, Mapping[str, tuple[list[int], list[float]]]],
+    objective: str,
+) -> tuple[float, float]:
+    """(estimate, standard error) of ``objective`` from a candidate's anchor scores ``scored``
+    (objective -> task -> (ids, scores)); ``fitted``: objective -> task -> (anchor ids, weights);
+    ``pools``: task -> its pool size."""
+    total = sum(pools[t] for t in fitted[objective])
+    value, variance = 0.0, 0.0
+    for task, (anchors, weights) in fitted[objective].items():
+        ids, scores = scored[objective][task]
+        by_id = dict(zip(ids, scores))
+        y = np.array([by_id[a] for a in anchors], dtype=float)
+        w = np.asarray(weights, dtype=float)
+        share = pools[task] / total
+        mean = float(w @ y)
+        p = min(max(mean, 0.0), 1.0)
+        value += share * mean
+        variance += share**2 * float((w**2).sum()) * p * (1 - p)
+    return value, math.sqrt(variance)
+
+
+def optimistic(values: Sequence[float], widths: Sequence[float], directions: Sequence[str]) -> list[float]:
+    """The interval's corner that is best on every objective."""
+    return [v + w if d == "maximize" else v - w for v, w, d in zip(values, widths, directions)]
+
+
+def stopped(
+    values: Sequence[float], widths: Sequence[float], full: Sequence[Sequence[float]], directions: Sequence[str]
+) -> bool:
+    """Whether a candidate estimated at ``values`` +- ``widths`` is clearly dominated: some result
+    scored in full (``full``) dominates its optimistic corner."""
+    corner, *others = _as_min([optimistic(values, widths, directions), *full], directions)
+    return any(dominates(f, corner) for f in others)
+
+
+def errors(pairs: Sequence[tuple[float, float]]) -> dict[str, float]:
+    """``mae``, ``rmse`` and (from 3 pairs on) ``spearman`` of (estimate, full score) pairs."""
+    if not pairs:
+        return {}
+    est, full = np.array(pairs, dtype=float).T
+    out = {"mae": float(np.abs(est - full).mean()), "rmse": float(np.sqrt(((est - full) ** 2).mean()))}
+    if len(pairs) >= 3:
+        ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (est, full)]
+        a, b = (r - r.mean() for r in ranks)
+        denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
+        out["spearman"] = float((a * b).sum() / denominator) if denominator else 0.0
+    return out
+
+
+class Racer:
+    """The controller's side of racing on a :class:`~evomerge.search.study.Search` whose ``racing``
+    is set: fits the anchors on the per-document records (``records``: a ``DocumentRecords``) of the
+    candidates scored in full, refits their weights, judges each raced result, and measures the
+    estimate's error on the check sample. Every decision goes through the search's journal (the
+    ``anchors`` event, ``promote`` or ``tell``), so a resumed campaign replays it exactly.
+    ``pools``: task -> its search documents; ``first_fit``: full results needed before the first fit
+    (at least ``racing.min_full``)."""
+
+    def __init__(self, search, records, pools: Mapping[str, Sequence[int]], first_fit: int = 0):
+        self.search, self.records, self.racing = search, records, search.racing
+        self.pools = {t: list(ids) for t, ids in pools.items()}
+        self.first_fit = max(self.racing.min_full, first_fit)
+
+    def _full(self) -> list:
+        """The trials scored in full whose records can be fitted (a repeat has no records of its own)."""
+        return [t for t in self.search.finished if "repeat_of" not in t.info]
+
+    def fit_due(self) -> bool:
+        fitted = self.search.anchors
+        n = len(self._full())
+        return n >= self.first_fit if fitted is None else n >= fitted["fitted"] + self.racing.refit
+
+    def maybe_fit(self) -> bool:
+        """Fit (or refit the weights) when due; whether it did."""
+        if not self.fit_due():
+            return False
+        from evomerge.search.anchors import score_matrix
+
+        full = self._full()
+        ids = {t.id for t in full}
+        records = {key: rows for key, rows in self.records.read().items() if key[0] in ids}
+        tasks: dict[str, set[str]] = {}
+        for rows in records.values():
+            for objective, by_task in rows.items():
+                tasks.setdefault(objective, set()).update(by_task)
+        previous = self.search.anchors
+        anchors, weights = {}, {}
+        for o in self.search.objectives:
+            for task in sorted(tasks.get(o.name, ())):
+                _, pool, matrix = score_matrix(records, o.name, task, self.pools.get(task))
+                if previous is None:
+                    k = self.racing.count(len(pool))
+                    a, w = fit_anchors(matrix, pool, k, self.racing.seed)
+                else:
+                    a = previous["anchors"][o.name][task]
+                    w = refit_weights(matrix, pool, a)
+                anchors.setdefault(o.name, {})[task], weights.setdefault(o.name, {})[task] = a, w
+        self.search.set_anchors(anchors, weights, len(full))
+        return True
+
+    def documents_for(self, trial):
+        """``search.documents_for(trial)``, and for a raced trial's anchor evaluation also the tasks no
+        searched objective reads (the workers score every objective of the evaluator): the first
+        anchors' count of their pools, so that they cost what a searched task's anchors cost."""
+        documents = self.search.documents_for(trial)
+        if isinstance(documents, dict):
+            for task, pool in self.pools.items():
+                documents.setdefault(task, pool[: self.racing.count(len(pool))])
+        return documents
+
+    def checked(self, trial) -> bool:
+        """Whether raced ``trial`` is in the check sample (scored in full whatever its estimate)."""
+        before = sum(t.id < trial.id for t in self.search.raced)
+        return self.racing.checked(trial.id, before)
+
+    def errors(self) -> list[dict[str, float]]:
+        """Per objective, the estimate's error on the check sample scored in full so far (``errors``)."""
+        sample = [t for t in self.search.raced if t.status == "done" and t.full and t.estimate and self.checked(t)]
+        return [errors([(t.estimate[j], t.values[j]) for t in sample]) for j in range(len(self.search.objectives))]
+
+    def metrics(self) -> dict[str, float]:
+        """The check sample's size and each objective's MAE, RMSE and Spearman, for MLflow."""
+        out = {}
+        for o, found in zip(self.search.objectives, self.errors()):
+            out.update({f"anchors.{name}.{o.name}": v for name, v in found.items()})
+        out["anchors.checked"] = sum(t.status == "done" and t.full and self.checked(t) for t in self.search.raced)
+        return out
+
+    def judge(self, trial, per_document) -> tuple[list[float], list[float], bool]:
+        """A raced trial's anchor scores (objective -> task -> (ids, scores)) judged: (estimate per
+        objective, the interval's half-widths, whether it goes on to the full evaluation)."""
+        fitted = self.search.anchors
+        pools = {t: len(ids) for t, ids in self.pools.items()}
+        found, measured = self.errors(), self.metrics()["anchors.checked"] >= CHECK_FIRST
+        values, widths = [], []
+        for j, o in enumerate(self.search.objectives):
+            value, se = estimate(_pairs(fitted, o.name), pools, per_document, o.name)
+            values.append(value)
+            widths.append(self.racing.z * (found[j]["rmse"] if measured else se))
+        full = [t.values for t in self.search.finished]
+        promote = self.checked(trial) or not stopped(values, widths, full, self.search.directions)
+        return values, widths, promote
+
+
+def _pairs(fitted: dict, objective: str) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """The ``anchors`` event's anchors and weights as objective -> task -> (ids, weights)."""
+    return {
+        objective: {
+            task: (ids, fitted["weights"][objective][task]) for task, ids in fitted["anchors"][objective].items()
+        }
+    }

@@ -1,0 +1,167 @@
+"""Racing on anchor documents: the decision rule on hand values, and a search raced on synthetic
+per-document scores that resumes exactly."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+from test_search import TWO, bowl, genome
+
+from evomerge.search.journal import JOURNAL, JournalError
+from evomerge.search.racing import Racer, Racing, errors, estimate, refit_weights, stopped
+from evomerge.search.records import DocumentRecords
+from evomerge.search.study import Search
+
+
+def test_the_estimate_its_error_and_the_stopping_rule_on_hand_values():
+    fitted = {"a": {"t": ([2, 5, 9], [0.5, 0.3, 0.2])}}
+    scored = {"a": {"t": ([2, 5, 9], [1.0, 0.0, 1.0])}}
+    value, se = estimate(fitted, {"t": 40}, scored, "a")
+    assert value == pytest.approx(0.7)
+    assert se == pytest.approx(math.sqrt((0.25 + 0.09 + 0.04) * 0.7 * 0.3))
+    # two tasks of one objective weigh by their pools: 30 and 10 documents
+    two = {"a": {"t": ([1], [1.0]), "u": ([3], [1.0])}}
+    assert estimate(two, {"t": 30, "u": 10}, {"a": {"t": ([1], [1.0]), "u": ([3], [0.0])}}, "a")[0] == 0.75
+
+    full = [[0.6, 0.6]]
+    up = ["maximize", "maximize"]
+    assert stopped([0.4, 0.5], [0.1, 0.05], full, up)  # optimistic corner (0.5, 0.55): dominated
+    assert not stopped([0.4, 0.5], [0.25, 0.0], full, up)  # (0.65, 0.5): not dominated
+    assert not stopped([0.5, 0.6], [0.1, 0.0], full, up)  # (0.6, 0.6) equals it: not dominated
+    mixed = ["maximize", "minimize"]  # the corner moves down on a minimized objective
+    assert stopped([0.4, 0.9], [0.1, 0.2], [[0.6, 0.6]], mixed)
+    assert not stopped([0.4, 0.9], [0.1, 0.4], [[0.6, 0.6]], mixed)
+
+    found = errors([(0.1, 0.2), (0.5, 0.4), (0.3, 0.3), (0.9, 0.7)])
+    assert found["mae"] == pytest.approx(0.1) and found["rmse"] == pytest.approx(math.sqrt(0.06 / 4))
+    assert found["spearman"] == pytest.approx(1.0)
+    assert "spearman" not in errors([(0.1, 0.2), (0.5, 0.4)])
+
+    # fixed anchors 0 and 2 re-learn their weights: documents 1 and 3 answer like anchor 0
+    matrix = np.array([[1, 1, 0, 1], [0, 0, 1, 0]])
+    assert refit_weights(matrix, [10, 11, 12, 13], [10, 12]) == [0.75, 0.25]
+
+    racing = Racing(0.1, 0.25, 2.0, 4, 4, seed=7)
+    assert racing.count(40) == 4 and racing.count(5) == 1 and Racing(12, 0.1, 2, 4, 4, 0).count(8) == 8
+    assert all(racing.checked(i, before) for i, before in ((30, 0), (31, 1), (32, 2)))  # the first 3
+    drawn = [racing.checked(i, 3) for i in range(2000)]
+    assert 0.2 < sum(drawn) / 2000 < 0.3 and drawn == [racing.checked(i, 3) for i in range(2000)]
+
+
+POOL = list(range(40))
+
+
+def answers(trial, documents):
+    """Per-document scores of ``trial`` (objective -> task -> (ids, scores)) on ``documents`` (task ->
+    ids, or None: the pool): document d is passed when the trial's skill exp(bowl / 2) exceeds its
+    difficulty (d % 8) / 8, flipped at random one time in 20: documents of one difficulty answer
+    alike, as documents of one kind do."""
+    out = {}
+    for j, (objective, task) in enumerate((("a", "ta"), ("b", "tb"))):
+        skill = math.exp(bowl(trial.genome)[j] / 2)
+        ids = POOL if documents is None else documents[task]
+        flip = [random.Random(f"{trial.id}:{task}:{d}").random() < 0.05 for d in ids]
+        out[objective] = {task: (list(ids), [float((skill > (d % 8) / 8) != f) for d, f in zip(ids, flip)])}
+    return out
+
+
+def run_race(search, racer, records, n, crash_at=None):
+    """One worker, as the campaign's loop: fit when due, evaluate what ``ask`` hands out on its
+    documents, record them, judge a raced result; stop at n told (or return the trial in flight)."""
+    told = lambda: sum(t.status != "running" for t in search.trials)
+    while told() < n:
+        racer.maybe_fit()
+        t = search.ask()
+        if crash_at is not None and told() >= crash_at:
+            return t
+        documents = search.documents_for(t)
+        scores = answers(t, documents)
+        records.append(t.id, t.rung, scores)
+        info = {"documents": sum(len(ids) for o in scores.values() for ids, _ in o.values())}
+        if t.rung == 0:
+            estimate_, _, promote = racer.judge(t, scores)
+            search.race(t.id, estimate_, info, promote)
+        else:
+            values = [sum(s) / len(s) for o in scores.values() for _, s in o.values()]
+            search.report(t.id, values, info)
+    return search
+
+
+def make(directory):
+    racing = Racing(0.1, 0.2, 2.0, min_full=6, refit=5, seed=3)
+    search = Search(genome(), "random", TWO, 5, directory, racing=racing)
+    records = DocumentRecords(directory, {"ta": POOL, "tb": POOL})
+    return search, Racer(search, records, records.full_ids, first_fit=2), records
+
+
+def test_a_raced_search_stops_dominated_candidates_on_their_anchors_and_resumes_exactly(tmp_path):
+    whole, racer, records = make(tmp_path / "whole")
+    for point in (whole.genome.uniform_average(), whole.genome.expert_alone("expert-add")):
+        whole.enqueue(point)
+    run_race(whole, racer, records, 40)
+    events = [json.loads(line) for line in (tmp_path / "whole" / JOURNAL).read_text().splitlines()]
+    fits = [e for e in events if e["event"] == "anchors"]
+    assert [e["fitted"] for e in fits][:3] == [6, 11, 16]  # the first fit at min_full, then every 5 more
+    assert all(e["anchors"] == fits[0]["anchors"] for e in fits)  # anchors fixed, weights refitted
+    assert fits[0]["weights"] != fits[-1]["weights"]
+    assert {t: len(ids) for t, ids in fits[0]["anchors"]["a"].items()} == {"ta": 4}
+    assert sorted(e["id"] for e in events if e["event"] == "tell") == list(range(40))
+
+    first_raced = next(i for i, e in enumerate(events) if e["event"] == "anchors")
+    asked_before = sum(e["event"] == "ask" for e in events[:first_raced])
+    assert all(t.top is None and t.full for t in whole.trials[:asked_before])  # in full until the fit
+    raced = whole.raced
+    assert [t.id for t in raced] == list(range(asked_before, 40))
+    stopped_ = whole.stopped_early
+    assert stopped_ and all(t.documents == 8 and t.values == t.estimate for t in stopped_)  # anchors only
+    promoted = [t for t in raced if t.full]
+    assert promoted and all(t.documents == 8 + 80 and t.estimate is not None for t in promoted)
+    assert all(racer.checked(t) <= t.full for t in raced)  # the check sample is always scored in full
+    assert [t.id for t in raced if racer.checked(t)][:3] == [t.id for t in raced[:3]]
+    assert all(t.full for t in whole.front()) and {t.id for t in whole.finished}.isdisjoint(t.id for t in stopped_)
+    # a task no searched objective reads is scored on the first anchors' count of its pool, not in full
+    extra = Racer(whole, records, {**records.full_ids, "tc": list(range(100, 120))})
+    assert extra.documents_for(stopped_[0]) == {**whole.anchor_documents(), "tc": [100, 101]}
+    # documents: 80 per full evaluation, 8 per anchor evaluation (a promoted candidate is scored again in full)
+    assert whole.documents == 80 * (40 - len(raced)) + 88 * len(promoted) + 8 * len(stopped_)
+    metrics = racer.metrics()
+    assert metrics["anchors.checked"] >= 3 and {"anchors.mae.a", "anchors.spearman.b"} <= set(metrics)
+    assert metrics["anchors.mae.a"] < 0.2
+
+    part, racer2, records2 = make(tmp_path / "part")
+    for point in (part.genome.uniform_average(), part.genome.expert_alone("expert-add")):
+        part.enqueue(point)
+    flying = run_race(part, racer2, records2, 40, crash_at=25)
+    with open(tmp_path / "part" / JOURNAL, "a") as f:
+        f.write('{"event": "anchors", "fitted": ')  # a torn last write
+    resumed, racer3, records3 = make(tmp_path / "part")
+    assert [t.id for t in resumed.trials if t.status == "running"] == [flying.id]
+    assert resumed.trials[flying.id].rung == flying.rung and resumed.anchors == part.anchors
+    run_race(resumed, racer3, records3, 40)
+    final = lambda s: [(t.id, t.unit, t.status, t.rung, t.values, t.estimate, t.documents) for t in s.trials]
+    assert final(resumed) == final(whole)
+
+
+def test_anchors_events_are_checked_on_replay(tmp_path):
+    search, racer, records = make(tmp_path)
+    run_race(search, racer, records, 12)
+    lines = (tmp_path / JOURNAL).read_text().splitlines()
+    n = next(i for i, line in enumerate(lines) if '"event": "anchors"' in line)
+    event = json.loads(lines[n])
+    bad = {
+        "weights": {**event, "weights": {"a": {"ta": [0.5]}, "b": event["weights"]["b"]}},
+        "objective": {**event, "anchors": {"c": event["anchors"]["a"]}, "weights": {"c": event["weights"]["a"]}},
+        "type": {**event, "fitted": "six"},
+    }
+    for mutated in bad.values():
+        (tmp_path / JOURNAL).write_text("\n".join([*lines[:n], json.dumps(mutated), *lines[n + 1 :]]) + "\n")
+        with pytest.raises(JournalError, match=rf"{JOURNAL}:{n + 1}: anchors event"):
+            make(tmp_path)
+    (tmp_path / JOURNAL).write_text("\n".join(lines) + "\n")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / JOURNAL).write_text("\n".join(lines) + "\n")
+    with pytest.raises(JournalError, match="written by a different search"):  # the header names racing
+        Search(genome(), "random", TWO, 5, plain)
