@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,33 +32,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
+from demo_campaign import demo_experiment, run_experiment  # noqa: E402  (beside this script)
 
 from evomerge.search.anchors import DESIGNS, AnchorEstimator, score_matrix  # noqa: E402
 
 
 def run_campaign(directory: Path, zoo: Path, limit: int, budget: int, seed: int) -> None:
     """The demo's experiment with absolute paths and ``limit`` documents per task, run into ``directory``."""
-    experiment = yaml.safe_load((REPO / "experiments/demo.yaml").read_text())
-    evaluator = yaml.safe_load((REPO / "evaluators/zoo_four_skills.yaml").read_text())
-    evaluator.update(limit=limit, batch_size=limit)
-    for o in evaluator["objectives"]:
-        o["task"] = str(REPO / "evaluators" / o["task"])
-    work = (directory.parent / f"{directory.name}-experiment").resolve()  # kept: the campaign reads it
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "evaluator.yaml").write_text(yaml.safe_dump(evaluator))
-    experiment["models"] = {name: str(zoo / Path(p).name) for name, p in experiment["models"].items()}
-    experiment.update(
-        name=f"anchors-{limit}-docs-seed-{seed}",
-        seed=seed,
-        search_space=str(REPO / "search_spaces" / Path(experiment["search_space"]).name),
-        evaluator=str(work / "evaluator.yaml"),
-        budget={"max_evaluations": budget},
-    )
-    (work / "experiment.yaml").write_text(yaml.safe_dump(experiment))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "evomerge", "--offline", "run", str(work / "experiment.yaml")]
-    subprocess.run([*command, "--out", str(directory)], check=True, env=env)
+    experiment, work = demo_experiment(directory, zoo, limit, budget, seed, f"anchors-{limit}-docs-seed-{seed}")
+    run_experiment(experiment, work, directory)
 
 
 def task_matrices(directory: Path) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import yaml  # noqa: E402
+from demo_campaign import demo_experiment, run_experiment  # noqa: E402  (beside this script)
 
 from evomerge.search.pareto import hypervolume  # noqa: E402
 
@@ -38,32 +38,14 @@ def run_campaign(
 ) -> float:
     """The demo's experiment with absolute paths, ``limit`` documents per task, ``racing`` (None:
     off) and ``objectives`` (None: all four), run into ``directory``; its wall time in seconds."""
-    experiment = yaml.safe_load((REPO / "experiments/demo.yaml").read_text())
-    evaluator = yaml.safe_load((REPO / "evaluators/zoo_four_skills.yaml").read_text())
-    evaluator.update(limit=limit, batch_size=limit)
-    for o in evaluator["objectives"]:
-        o["task"] = str(REPO / "evaluators" / o["task"])
-    work = (directory.parent / f"{directory.name}-experiment").resolve()  # kept: the campaign reads it
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "evaluator.yaml").write_text(yaml.safe_dump(evaluator))
-    experiment["models"] = {name: str(zoo / Path(p).name) for name, p in experiment["models"].items()}
-    experiment.update(
-        name=f"racing-{directory.name}",
-        seed=seed,
-        search_space=str(REPO / "search_spaces" / Path(experiment["search_space"]).name),
-        evaluator=str(work / "evaluator.yaml"),
-        budget={"max_evaluations": budget},
-    )
+    experiment, work = demo_experiment(directory, zoo, limit, budget, seed, f"racing-{directory.name}")
     if racing is not None:
         experiment["racing"] = racing
     if objectives:
         experiment["objectives"] = objectives
         experiment["reference_point"] = {o: 0.0 for o in objectives}
-    (work / "experiment.yaml").write_text(yaml.safe_dump(experiment))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "evomerge", "--offline", "run", str(work / "experiment.yaml")]
     started = time.perf_counter()
-    subprocess.run([*command, "--out", str(directory)], check=True, env=env, stdout=subprocess.DEVNULL)
+    run_experiment(experiment, work, directory, quiet=True)
     return time.perf_counter() - started
 
 
