@@ -16,6 +16,9 @@ QUIET_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    # "Using the latest cached version of ..." for every offline dataset and metric load
+    "DATASETS_VERBOSITY": "error",
+    "EVALUATE_VERBOSITY": "error",
 }
 
 #: Enforced whatever the environment says: a private local Ray binds the external interface otherwise.
