@@ -154,7 +154,7 @@ def test_pool_scores_candidates_and_survives_a_killed_worker(zoo, tmp_path):
         # 4. no timeout_s: the automatic limit, a factor of the slowest evaluation so far (at least a
         # floor); a worker that stops answering (SIGSTOP) is killed past it, its candidate failed
         assert pool.slowest > 0 and pool.limit_s() == max(600.0, 10 * pool.slowest)
-        pool.auto_floor_s, pool.auto_factor = 0.01, 3.0
+        pool.auto_floor_s, pool.auto_factor = 0.01, 0.5  # half the slowest: the stopped worker never ends
         while pool.free < 2:
             pool.poll(timeout=1)
         for marker in markers.iterdir():
