@@ -521,6 +521,13 @@ def cmd_export(args) -> int:
         device = scoring_device(args.device) if not args.no_eval else "cpu"
     except ModelLoadError as e:
         raise UserError(f"--device: {e}") from None
+    if args.push_to_hub:
+        from evomerge.hub import PushError, check_push
+
+        try:
+            check_push(args.push_to_hub)
+        except PushError as e:
+            raise UserError(str(e)) from None
     loaded, search = _open_for_reading(args.campaign)
     try:
         trial = campaign.pick(loaded, search, trial=args.trial, weights=weights)
@@ -538,6 +545,13 @@ def cmd_export(args) -> int:
         )
     except _campaign_errors() as e:
         raise UserError(str(e)) from None
+    _said_export(args, trial, record)
+    return 0
+
+
+def _said_export(args, trial, record: dict) -> None:
+    """What export prints, the push to the hub (after the export is complete) and, last, the report
+    comparison."""
     print(
         f"trial {trial.id}: "
         + ", ".join(f"{k} {v:.4g}" for k, v in record["search_scores"].items())
@@ -548,11 +562,18 @@ def cmd_export(args) -> int:
     if record.get("registered"):
         print(f"registered in MLflow: {record['registered']}")
     print(f"exported to {record['path']}")
+    if args.push_to_hub:
+        from evomerge.hub import PushError, push
+
+        try:
+            url = push(Path(record["path"]), args.push_to_hub, args.private, f"evomerge export: trial {trial.id}")
+        except PushError as e:
+            raise UserError(str(e)) from None
+        print(f"pushed to the hub: {url}")
     if record.get("report_comparison"):  # last: what the search added, on documents it never saw
         from evomerge.report import line
 
         print(line(record["report_comparison"]))
-    return 0
 
 
 def _scoring_options(p: argparse.ArgumentParser) -> None:
@@ -661,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-eval", action="store_true", help="skip scoring on the report split")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the export to this hub repository")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument(
         "--no-compare",
         action="store_true",

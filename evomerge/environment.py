@@ -18,6 +18,7 @@ QUIET_DEFAULTS = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     # "Using the latest cached version of ..." for every offline dataset and metric load
     "DATASETS_VERBOSITY": "error",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "EVALUATE_VERBOSITY": "error",
 }
 

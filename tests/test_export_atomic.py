@@ -1,12 +1,14 @@
 """`evomerge export` is atomic: SIGKILL or Ctrl-C during the merge or the report-split scoring
 leaves no export or the old one intact, and the same command run again cleans up and completes."""
 
+import http.server
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import psutil
 import pytest
@@ -182,3 +184,96 @@ def test_a_read_only_parent_fails_in_one_line(campaign, tmp_path):
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith(f"evomerge: error: cannot write {parent / 'export'}: ")
     assert list(parent.iterdir()) == []
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """The hub endpoints a push uses (create the repository, validate the model card's metadata, ask
+    how to upload each file, commit), answering as the hub does for small files (uploaded inline) and
+    valid metadata (the real hub checks it; this one does not), recording every request."""
+
+    requests: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self, body: dict, status: int = 200) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):  # noqa: N802
+        endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.requests.append(("POST", self.path, self.headers.get("Authorization"), body))
+        if self.path == "/api/repos/create":
+            request = json.loads(body)
+            return self._answer({"url": f"{endpoint}/{request['organization']}/{request['name']}"})
+        if self.path == "/api/validate-yaml":  # the model card's metadata, checked before the commit
+            return self._answer({"errors": [], "warnings": []})
+        if "/preupload/" in self.path:
+            files = json.loads(body)["files"]
+            return self._answer(
+                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
+        if "/commit/" in self.path:
+            return self._answer({"commitUrl": f"{endpoint}/org/merged/commit/{'a' * 40}", "commitOid": "a" * 40})
+        self._answer({"error": "not found"}, 404)
+
+    def do_GET(self):  # noqa: N802
+        self.requests.append(("GET", self.path, self.headers.get("Authorization"), b""))
+        self._answer({"error": "not found"}, 404)
+
+
+def test_an_export_is_pushed_to_the_hub_and_bad_pushes_are_refused_before_anything_is_written(campaign, tmp_path):
+    import base64
+
+    directory, first, _ = campaign
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = "hf_evomerge_test_token_not_to_be_seen"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "HF_TOKEN", "TRANSFORMERS_OFF"))}
+    env.update(
+        HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}", HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf")
+    )
+    export = lambda out, *extra, **more: subprocess.run(  # noqa: E731 -- online: no --offline
+        [sys.executable, "-m", "evomerge", "export", str(directory), "--trial", str(first), "--out", str(out), *extra],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**env, **more},
+    )  # fmt: skip
+    refusals = {
+        "no token": (export(tmp_path / "a", "--push-to-hub", "org/merged"), "no Hugging Face token found"),
+        "no name": (export(tmp_path / "b", "--push-to-hub", "merged", HF_TOKEN=token), "give the repository as"),
+        "offline": (export(tmp_path / "c", "--push-to-hub", "org/merged", HF_TOKEN=token, HF_HUB_OFFLINE="1"), "needs"),
+    }
+    for why, (result, words) in refusals.items():
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (why, result.stderr)
+        assert words in result.stderr, (why, result.stderr)
+    assert not any((tmp_path / d).exists() for d in "abc") and FakeHub.requests == []
+
+    out = tmp_path / "pushed"
+    result = export(out, "--push-to-hub", "org/merged", "--private", "--no-compare", "--quiet", HF_TOKEN=token)
+    server.shutdown()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"pushed to the hub: {env['HF_ENDPOINT']}/org/merged/commit/" in result.stdout
+    posts = [(path, auth, body) for method, path, auth, body in FakeHub.requests if method == "POST"]
+    assert list(dict.fromkeys(p for p, _, _ in posts)) == [  # the card's metadata is validated twice
+        "/api/repos/create",
+        "/api/validate-yaml",
+        "/api/models/org/merged/preupload/main",
+        "/api/models/org/merged/commit/main",
+    ]
+    assert all(auth == f"Bearer {token}" for _, auth, _ in posts)  # the token goes to the hub, and only there
+    created = json.loads(posts[0][2])
+    assert (created["organization"], created["name"], created["visibility"]) == ("org", "merged", "private")
+    sent = {}
+    for line in posts[-1][2].decode().splitlines():
+        entry = json.loads(line)
+        if entry["key"] == "file":
+            sent[entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
+    local = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert sent == local  # the whole export in one commit: weights, card, recipe, evomerge.json
+    assert {"README.md", "mergekit_config.yml", "evomerge.json", "model.safetensors"} <= set(sent)
+    assert "report_scores" in json.loads(sent["evomerge.json"]) and "(report split)" in sent["README.md"].decode()
+    assert token not in result.stdout + result.stderr and not any(token.encode() in data for data in local.values())
