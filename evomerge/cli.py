@@ -418,13 +418,9 @@ def _session_line(session: dict) -> str:
     return line
 
 
-def _kind(trial) -> str:
-    return trial.kind
-
-
 def _what(trial) -> str:
     """What was scored, in words: a hand baseline's or an expert's recipe, a seed's label."""
-    kind = _kind(trial)
+    kind = trial.kind
     if kind == "hand baseline":
         return f"baseline: {trial.baseline}"
     named = trial.baseline or trial.label
@@ -441,7 +437,7 @@ def _best_means(search, objectives) -> str | None:
     sign = 1.0 if directions == {"maximize"} else -1.0
     kinds = {"searched": [], "seed": [], "expert alone": [], "hand baseline": []}
     for t in search.finished:
-        kinds[_kind(t)].append(t)
+        kinds[t.kind].append(t)
     parts = []
     for kind, trials in kinds.items():
         if trials:
@@ -468,7 +464,7 @@ def cmd_pareto(args) -> int:
     baselines = [t for t in search.trials if t.baseline and not t.expert]
     on_front = {r["trial"] for r in rows}
     for title, kind in (("hand baselines:", "hand baseline"), ("experts alone:", "expert alone")):
-        listed = [t for t in search.trials if _kind(t) == kind]
+        listed = [t for t in search.trials if t.kind == kind]
         if listed:  # what the search added over the recipes a user tries first, and over each expert
             print(title)
         for t in listed:

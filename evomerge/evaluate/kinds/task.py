@@ -244,7 +244,7 @@ class TaskKind(ObjectiveKind):
         return out
 
     def score(self, model, timings, documents=None, log_samples=False):
-        from evomerge.evaluate.lmeval import pick_metric, resolve_metric
+        from evomerge.evaluate.lmeval import resolve_metric
 
         values, samples, per_document, timings["documents"] = {}, {} if log_samples else None, {}, 0
         for suite, objectives in self.suites:
@@ -253,8 +253,8 @@ class TaskKind(ObjectiveKind):
             timings["documents"] += sum(len(v) for v in suite.subset(documents).values())
             for o in objectives:
                 task = self.task_of[o.name]
-                values[o.name] = pick_metric(out["results"][task], o.metric, task)
-                key = resolve_metric(o.metric, out["results"][task], task)
+                key = resolve_metric(o.metric, out["results"][task], task)  # metric,filter
+                values[o.name] = float(out["results"][task][key])
                 per_document[o.name] = _per_document(out["samples"], suite.members(task), key)
             if log_samples:
                 samples.update({t: [_compact(r) for r in recs] for t, recs in out.get("samples", {}).items()})
