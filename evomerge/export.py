@@ -102,7 +102,7 @@ def compare_on_report(loaded: Loaded, search, trial, exported: dict, device: str
             scorer = scorer or CandidateScorer(
                 space.resident_models(exp.models), space.resident_base, loaded.checked.evaluator, split="report",
                 device=device, dtype=dtype, trust_remote_code=exp.trust_remote_code, allow_pickle=exp.allow_pickle,
-                resident=space.kind,
+                memory=exp.workers.memory, resident=space.kind,
             )  # fmt: skip
             score = scorer.score(other.recipe)
             if score.status != "done":
@@ -158,8 +158,11 @@ def _score_staged(staging: Path, record: dict, loaded: Loaded, trial, recipe, de
     exp = loaded.experiment
     scores, documents, per_document = score_model_dir(staging, loaded, device=device, dtype=dtype)
     record["report_scores"] = scores
-    if search is not None:
-        record["report_comparison"] = compare_on_report(loaded, search, trial, per_document, device, dtype)
+    if search is not None:  # the export stands whatever the comparison does: a failure is recorded, not raised
+        try:
+            record["report_comparison"] = compare_on_report(loaded, search, trial, per_document, device, dtype)
+        except Exception as e:  # out of memory holding the campaign's models, a candidate that fails, ...
+            record["report_comparison"] = {"error": first_line(e, with_type=True)}
     searched = loaded.state.get("documents") or {}  # what the campaign's workers scored
     record["documents"] = {
         task: {**searched.get(task, {}), **splits} for task, splits in {**searched, **documents}.items()

@@ -56,6 +56,8 @@ def paired(first: PerDocument, second: PerDocument, objectives: list[str]) -> di
 
 def line(comparison: dict) -> str:
     """The comparison in one line, as export prints it and ``make demo`` ends with."""
+    if "error" in comparison:
+        return f"report comparison not made: {comparison['error']} (the export is complete; --no-compare skips it)"
     export = comparison["export"]
     parts = [f"export {export['mean']:.4f} ± {export['se']:.4f}"]
     for key, title in (("best_baseline", "best hand baseline"), ("best_expert", "best expert alone")):

@@ -40,3 +40,10 @@ def test_the_printed_line():
         "report split, mean over 2 objectives ± standard error: export 0.6250 ± 0.1909; "
         "best hand baseline (ties density=0.5, trial 0) 0.3750 ± 0.1909, export +0.2500 = +1.4 SE"
     )
+
+
+def test_a_comparison_that_failed_says_so_in_its_line():
+    assert line({"error": "OutOfMemoryError: CUDA out of memory"}) == (
+        "report comparison not made: OutOfMemoryError: CUDA out of memory (the export is complete; "
+        "--no-compare skips it)"
+    )
