@@ -854,13 +854,17 @@ class CampaignRun:
         told = self.told()
         self.session0, self.reference = told, self.loaded.reference_point
         while not (budget.met(told) and not pool.in_flight):
-            for _ in range(min(pool.free, budget.room(told, pool.in_flight))):
+            for _ in range(min(pool.free, budget.room(told, pool.in_flight + search.parked))):
+                if not budget.room(told, pool.in_flight + search.parked):  # a repeat told, a twin parked
+                    break
                 if self.racer is not None:  # anchors fitted (or refitted) before the next candidate
                     self.racer.maybe_fit()
                 trial = search.ask()
                 original = search.repeat_of(trial)
                 if original is not None:  # a recipe scored in full already: its result, no documents
                     told += self._told(search.tell_repeat(trial, original))
+                    continue
+                if search.park(trial):  # the same recipe is being scored: its result, once in
                     continue
                 recipe = trial.recipe.model_dump(exclude_none=True)
                 documents = (self.racer or search).documents_for(trial)
@@ -889,9 +893,12 @@ class CampaignRun:
         }
         names = [o.name for o in loaded.objectives]
         values = [score.values[k] for k in names] if score.status == "done" else None
-        if score.per_document:  # before the result is told: a told trial always has its line
-            self.records.append(result.key, search.trials[result.key].rung, score.per_document)
-        trial = search.trials[result.key]
+        trial, per_document = search.trials[result.key], score.per_document
+        if self.racer is not None and self.racer.completes(trial) and values is not None:
+            pooled, per_document = self.racer.complete(trial, per_document)  # with its anchors' scores
+            values = [pooled[k] for k in names]
+        if per_document:  # before the result is told: a told trial always has its line
+            self.records.append(result.key, trial.rung, per_document)
         if self.racer is not None and trial.rung == 0 and values is not None:  # scored on its anchors
             estimate, _, promote = self.racer.judge(trial, score.per_document)
             trial = search.race(result.key, estimate, info, promote)
@@ -901,7 +908,8 @@ class CampaignRun:
             return 0
         self.stages.mark("first_result")
         self.stages.at["last_result"] = round(time.time() - self.stages.origin, 3)
-        return self._told(trial, score.samples)
+        told = self._told(trial, score.samples)
+        return told + sum(self._told(twin) for twin in search.release(trial))
 
     def _told(self, trial, samples: dict | None = None) -> int:
         """A trial's final result logged, the reference point fixed once the seeds are in; 1."""

@@ -76,15 +76,18 @@ def run_race(search, racer, records, n, crash_at=None):
         t = search.ask()
         if crash_at is not None and told() >= crash_at:
             return t
-        documents = search.documents_for(t)
+        documents = racer.documents_for(t)
         scores = answers(t, documents)
-        records.append(t.id, t.rung, scores)
         info = {"documents": sum(len(ids) for o in scores.values() for ids, _ in o.values())}
+        values = [sum(s) / len(s) for o in scores.values() for _, s in o.values()]
+        if racer.completes(t):  # the rest of its pools scored: joined with its anchors' scores
+            pooled, scores = racer.complete(t, scores)
+            values = [pooled["a"], pooled["b"]]
+        records.append(t.id, t.rung, scores)
         if t.rung == 0:
             estimate_, _, promote = racer.judge(t, scores)
             search.race(t.id, estimate_, info, promote)
         else:
-            values = [sum(s) / len(s) for o in scores.values() for _, s in o.values()]
             search.report(t.id, values, info)
     return search
 
@@ -117,15 +120,31 @@ def test_a_raced_search_stops_dominated_candidates_on_their_anchors_and_resumes_
     stopped_ = whole.stopped_early
     assert stopped_ and all(t.documents == 8 and t.values == t.estimate for t in stopped_)  # anchors only
     promoted = [t for t in raced if t.full]
-    assert promoted and all(t.documents == 8 + 80 and t.estimate is not None for t in promoted)
+    # a promoted candidate scores only the rest of its pools: its anchors' scores are re-used, and its
+    # result is what scoring the whole pools gives
+    assert promoted and all(t.documents == 8 + 72 and t.estimate is not None for t in promoted)
+    whole_pools = lambda t: [sum(s) / len(s) for o in answers(t, None).values() for _, s in o.values()]
+    assert all(t.values == pytest.approx(whole_pools(t), abs=1e-12) for t in promoted)
+    assert all(records.read()[(t.id, 1)]["a"]["ta"][0] == POOL for t in promoted)
     assert all(racer.checked(t) <= t.full for t in raced)  # the check sample is always scored in full
     assert [t.id for t in raced if racer.checked(t)][:3] == [t.id for t in raced[:3]]
     assert all(t.full for t in whole.front()) and {t.id for t in whole.finished}.isdisjoint(t.id for t in stopped_)
     # a task no searched objective reads is scored on the first anchors' count of its pool, not in full
     extra = Racer(whole, records, {**records.full_ids, "tc": list(range(100, 120))})
     assert extra.documents_for(stopped_[0]) == {**whole.anchor_documents(), "tc": [100, 101]}
-    # documents: 80 per full evaluation, 8 per anchor evaluation (a promoted candidate is scored again in full)
-    assert whole.documents == 80 * (40 - len(raced)) + 88 * len(promoted) + 8 * len(stopped_)
+    # documents: 80 per full evaluation, 8 per anchor evaluation (a promoted candidate 72 more)
+    assert whole.documents == 80 * (40 - len(raced)) + 80 * len(promoted) + 8 * len(stopped_)
+    # re-use only where full results are the mean of their per-document scores
+    assert racer.reuses()
+    tampered = DocumentRecords(tmp_path / "tampered", records.full_ids)
+    tampered.path.parent.mkdir()
+    for (trial, rung), scores in records.read().items():
+        if trial == 0:
+            ids, values = scores["b"]["tb"]
+            scores["b"]["tb"] = (ids, [1.0 - values[0], *values[1:]])
+        tampered.append(trial, rung, scores)
+    doubtful = Racer(whole, tampered, records.full_ids)
+    assert not doubtful.reuses() and doubtful.documents_for(promoted[0]) is None  # scored in full
     metrics = racer.metrics()
     assert metrics["anchors.checked"] >= 3 and {"anchors.mae.a", "anchors.spearman.b"} <= set(metrics)
     assert metrics["anchors.mae.a"] < 0.2

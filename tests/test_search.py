@@ -362,13 +362,10 @@ def test_multi_fidelity_search_fronts_full_results_and_resumes_exactly(tmp_path)
     assert final(resumed) == final(whole)
 
 
-def test_a_recipe_scored_already_is_not_scored_again(tmp_path):
-    """Recipes that merge alike (an excluded expert's genes differ, or numbers below the key's
-    precision) share one key; a trial whose recipe was scored in full is told that result, marked
-    as a repeat in the journal, at no document cost, and the optimizer is told it too. The journal
-    replays it; with multi-fidelity the repeat counts as a full evaluation."""
-    from evomerge.recipe import recipe_key
-    from evomerge.search.fidelity import Fidelity
+def select_points():
+    """A genome choosing 1-2 of three experts (TIES), and four points: ``first``; ``other_c``, which
+    differs only in the genes of expert c, left out; ``closer``, within the key's precision of
+    ``first``; ``other_a``, another weight for a."""
     from evomerge.search.space import SearchSpace
 
     space = SearchSpace.model_validate(
@@ -388,6 +385,38 @@ def test_a_recipe_scored_already_is_not_scored_again(tmp_path):
     other_c = [(0.95 if n == "weight[c]" else 0.35 if n == "density[c]" else point[n]) for n in names]
     closer = [v + 1e-9 if n == "weight[a]" else v for n, v in zip(names, first)]
     other_a = [0.4 if n == "weight[a]" else v for n, v in zip(names, first)]
+    return g, first, other_c, closer, other_a
+
+
+def test_a_recipe_asked_while_its_twin_is_scored_waits_for_that_result(tmp_path):
+    """A candidate whose recipe is being scored now is parked, not scored: told the twin's result
+    (a repeat, no documents) once the twin is scored in full; handed out again when the twin failed."""
+    g, first, other_c, _, other_a = select_points()
+    s = Search(g, "random", TWO, 0, tmp_path / "s")
+    for x in (first, other_c, other_a, other_a):
+        s.enqueue(x)
+    t0, t1, t2, t3 = (s.ask() for _ in range(4))
+    assert [s.park(t) for t in (t0, t1, t2, t3)] == [False, True, False, True] and s.parked == 2
+    s.tell(t0.id, [0.25, 0.5], {"documents": 40})
+    assert [(t.id, t.values, t.info, t.documents) for t in s.release(t0)] == [
+        (1, [0.25, 0.5], {"repeat_of": 0, "documents": 0}, 0)
+    ]
+    s.tell(t2.id, None, {"documents": 0})  # failed: says nothing final about its twin
+    assert s.release(t2) == [] and s.parked == 0
+    again = s.ask()
+    assert again is t3 and again.status == "running" and not s.park(again)  # scored itself now
+    assert s.documents == 40 and [t.id for t in s.repeats] == [1]
+
+
+def test_a_recipe_scored_already_is_not_scored_again(tmp_path):
+    """Recipes that merge alike (an excluded expert's genes differ, or numbers below the key's
+    precision) share one key; a trial whose recipe was scored in full is told that result, marked
+    as a repeat in the journal, at no document cost, and the optimizer is told it too. The journal
+    replays it; with multi-fidelity the repeat counts as a full evaluation."""
+    from evomerge.recipe import recipe_key
+    from evomerge.search.fidelity import Fidelity
+
+    g, first, other_c, closer, other_a = select_points()
     keys = [recipe_key(g.decode(x)) for x in (first, other_c, closer, other_a)]
     assert keys[0] == keys[1] == keys[2] != keys[3]  # c is left out: its genes do not change the merge
 

@@ -103,6 +103,12 @@ def estimate(
     return value, math.sqrt(variance)
 
 
+def pooled_mean(tasks: Mapping[str, tuple[Sequence[int], Sequence[float]]]) -> float:
+    """The mean score over every document of an objective's tasks (task -> (ids, scores))."""
+    total = sum(len(scores) for _, scores in tasks.values())
+    return sum(sum(scores) for _, scores in tasks.values()) / total if total else float("nan")
+
+
 def optimistic(values: Sequence[float], widths: Sequence[float], directions: Sequence[str]) -> list[float]:
     """The interval's corner that is best on every objective."""
     return [v + w if d == "maximize" else v - w for v, w, d in zip(values, widths, directions)]
@@ -144,6 +150,9 @@ class Racer:
         self.search, self.records, self.racing = search, records, search.racing
         self.pools = {t: list(ids) for t, ids in pools.items()}
         self.first_fit = max(self.racing.min_full, first_fit)
+        self.rest: set[int] = set()  # promoted trials sent to score the rest of their pools only
+        self.scores: dict[int, dict] = {}  # raced trial -> its anchor scores, until its full result
+        self._reuses: bool | None = None
 
     def _full(self) -> list:
         """The trials scored in full whose records can be fitted (a repeat has no records of its own)."""
@@ -182,15 +191,69 @@ class Racer:
         self.search.set_anchors(anchors, weights, len(full))
         return True
 
+    def _anchor_set(self) -> dict[str, list[int]]:
+        """Task -> the documents a raced trial's anchor evaluation scores: the anchors of its
+        searched objectives, and of a task no searched objective reads (the workers score every
+        objective of the evaluator) the first anchors' count of its pool, so that it costs what a
+        searched task's anchors cost."""
+        documents = self.search.anchor_documents()
+        for task, pool in self.pools.items():
+            documents.setdefault(task, pool[: self.racing.count(len(pool))])
+        return documents
+
     def documents_for(self, trial):
-        """``search.documents_for(trial)``, and for a raced trial's anchor evaluation also the tasks no
-        searched objective reads (the workers score every objective of the evaluator): the first
-        anchors' count of their pools, so that they cost what a searched task's anchors cost."""
+        """``search.documents_for(trial)``: a raced trial's anchors (``_anchor_set``); a promoted one,
+        where its anchor scores can be re-used (``reuses``), only the rest of each pool."""
         documents = self.search.documents_for(trial)
         if isinstance(documents, dict):
-            for task, pool in self.pools.items():
-                documents.setdefault(task, pool[: self.racing.count(len(pool))])
+            return self._anchor_set()
+        if documents is None and trial.top is not None and trial.rung == trial.top and trial.estimate is not None:
+            anchors = self._anchor_set()
+            rest = {t: sorted(set(pool) - set(anchors.get(t, ()))) for t, pool in self.pools.items()}
+            if all(rest.values()) and self.reuses():
+                self.rest.add(trial.id)
+                return rest
         return documents
+
+    def reuses(self) -> bool:
+        """Whether a promoted trial's anchor scores are re-used in its full evaluation: where every
+        result scored in full so far equals, on each objective, the mean of its per-document scores
+        over its tasks' pooled documents (a metric averaged over documents, tasks of one objective
+        weighed by their sizes); an objective aggregated otherwise is scored in full again. Decided
+        once, on the results in full at the first fit."""
+        if self._reuses is None:
+            records = self.records.read()
+            checked = 0
+            for t in self._full():
+                scored = records.get((t.id, t.rung))
+                if scored is None or any(o.name not in scored for o in self.search.objectives):
+                    continue
+                pooled = [pooled_mean(scored[o.name]) for o in self.search.objectives]
+                if any(abs(p - v) > 1e-9 for p, v in zip(pooled, t.values)):
+                    self._reuses = False
+                    return False
+                checked += 1
+            self._reuses = checked > 0
+        return self._reuses
+
+    def completes(self, trial) -> bool:
+        """Whether ``trial``'s evaluation in hand scored the rest of its pools only (``complete``)."""
+        return trial.id in self.rest and trial.rung == trial.top
+
+    def complete(self, trial, rest: Mapping) -> tuple[dict[str, float], dict]:
+        """A promoted trial's full result from the scores of the rest of its pools and those of its
+        anchor evaluation (objective -> task -> (ids, scores)): (objective -> value, the per-document
+        scores over the whole pools)."""
+        anchors = self.scores.get(trial.id) or self.records.read()[(trial.id, 0)]
+        whole: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+        for objective, tasks in rest.items():
+            for task, (ids, values) in tasks.items():
+                a_ids, a_values = anchors.get(objective, {}).get(task, ([], []))
+                pairs = sorted(zip([*ids, *a_ids], [*values, *a_values]))
+                whole.setdefault(objective, {})[task] = ([d for d, _ in pairs], [v for _, v in pairs])
+        self.scores.pop(trial.id, None)
+        self.rest.discard(trial.id)
+        return {objective: pooled_mean(tasks) for objective, tasks in whole.items()}, whole
 
     def checked(self, trial) -> bool:
         """Whether raced ``trial`` is in the check sample (scored in full whatever its estimate)."""
@@ -223,6 +286,8 @@ class Racer:
             widths.append(self.racing.z * (found[j]["rmse"] if measured else se))
         full = [t.values for t in self.search.finished]
         promote = self.checked(trial) or not stopped(values, widths, full, self.search.directions)
+        if promote:  # its anchor scores join the rest of its pools' (``complete``)
+            self.scores[trial.id] = per_document
         return values, widths, promote
 
 

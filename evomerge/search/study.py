@@ -139,6 +139,8 @@ class Search:
         self._lo, self._span = lo, [b - a for a, b in zip(lo, hi)]
         self.trials: list[Trial] = []
         self._scored: dict[str, int] = {}  # recipe key -> the first trial that scored it in full
+        self._flying: dict[str, int] = {}  # recipe key -> the trial scoring it now (``park``)
+        self._parked: dict[int, list[int]] = {}  # that trial -> the trials waiting for its result
         self._pending: list[int] = []
         self._seeds_left = 0  # enqueued points not asked yet: evaluated in full, never on a rung
         self._seed_labels: list[str | None] = []  # their labels, in the order they are asked
@@ -404,6 +406,37 @@ class Search:
         """Tell ``trial`` the result of ``original`` (the same recipe, scored in full), marked as a
         repeat in the journal (``info.repeat_of``), at full fidelity, with no documents scored."""
         return self.tell(trial.id, original.values, {"repeat_of": original.id, "documents": 0})
+
+    def park(self, trial: Trial) -> bool:
+        """Whether ``trial`` waits for a trial of the same recipe being scored now (``flying``):
+        parked, it is told that result once it is in (``release``). Otherwise ``trial`` is the one
+        scored and is recorded as flying."""
+        key = recipe_key(trial.recipe)
+        twin = self._flying.get(key)
+        if twin is not None and twin != trial.id:
+            self._parked.setdefault(twin, []).append(trial.id)
+            return True
+        self._flying[key] = trial.id
+        return False
+
+    def release(self, trial: Trial) -> list[Trial]:
+        """``trial``'s final result is in: the trials parked behind it told that result when it was
+        scored in full (returned), else handed out again by ``ask`` to be scored themselves (a
+        candidate stopped early or failed says nothing final about its twins)."""
+        if self._flying.get(recipe_key(trial.recipe)) == trial.id:
+            del self._flying[recipe_key(trial.recipe)]
+        told = []
+        for parked in self._parked.pop(trial.id, []):
+            if trial.status == "done" and trial.full:
+                told.append(self.tell_repeat(self.trials[parked], trial))
+            else:
+                self._pending.append(parked)
+        return told
+
+    @property
+    def parked(self) -> int:
+        """Trials waiting for a twin's result (not in flight, not told)."""
+        return sum(len(ids) for ids in self._parked.values())
 
     @property
     def repeats(self) -> list[Trial]:
