@@ -516,6 +516,13 @@ def test_a_tracking_server_killed_mid_campaign_never_holds_it_and_resume_logs_wh
     logged = candidate_runs(url, exp_id)
     assert sorted(logged) == list(range(6)) and all(len(rs) == 1 for rs in logged.values()), logged
     assert all(st != "RUNNING" for rs in logged.values() for _, st in rs)
+    names = {}
+    for r in runs(url, exp_id, "tags.`evomerge.role` = 'candidate'"):
+        tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
+        names[int(tags["evomerge.trial"])] = tags["mlflow.runName"]
+    for trial in campaign.open_campaign(directory, check=False).search().trials:  # resume's named as run's
+        what = f" ({trial.baseline or trial.label})" if trial.baseline or trial.label else ""
+        assert names[trial.id] == f"trial-{trial.id:05d} add={trial.values[0]:.3g} sort={trial.values[1]:.3g}{what}"
     (parent,) = runs(url, exp_id, "tags.`evomerge.role` = 'campaign'")
     assert parent["info"]["status"] == "FINISHED"
     assert "untracked" not in json.loads((directory / "campaign.json").read_text())
