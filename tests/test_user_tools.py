@@ -142,6 +142,13 @@ for (const cell of document.querySelectorAll('[role=row][row-index] [role=gridce
 return Object.keys(out).sort((a, b) => a - b).map(i => out[i]);
 """
 TRIAL = re.compile(r"trial-(\d{5})")
+#: whether the table's metric cells are laid out inside the window (not scrolled or squeezed away)
+METRICS_IN_SIGHT_JS = """
+const cells = [...document.querySelectorAll('[role=gridcell][col-id^="metrics."]')];
+return cells.length > 0 && cells.every(c => { const r = c.getBoundingClientRect();
+  return r.width > 30 && r.height > 10 && r.left >= 0
+    && r.right <= window.innerWidth && r.bottom <= window.innerHeight; });
+"""
 
 
 def body_text(browser) -> str:
@@ -197,6 +204,7 @@ def test_the_mlflow_ui_opens_on_the_front_and_its_plot(finished, mlflow_ui, brow
     matching(len(front))
     wait.until(lambda d: sorted(rows()) == front and all("metrics.`sort`" in r for r in rows().values()))
     assert model_training(browser) and "Sort: add" in body_text(browser)
+    assert browser.execute_script(METRICS_IN_SIGHT_JS)
     shown = rows()
     for tid in front:  # the UI rounds to a few digits
         assert [float(shown[tid][f"metrics.`{o}`"]) for o in ("add", "sort")] == pytest.approx(

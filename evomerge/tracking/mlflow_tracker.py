@@ -158,7 +158,7 @@ def front_view(objectives: Sequence[str], directions: Sequence[str]) -> str:
         "orderByAsc": directions[0] == "minimize",
         "selectedColumns": columns,
         "columnOrder": [name_column],
-        "columnWidths": {name_column: 360},
+        "columnWidths": {name_column: min(240 + 60 * len(objectives), 600)},  # px: ~9 characters an objective
         "runsHiddenMode": "SHOW_ALL",
     }
     now = int(time.time() * 1000)
