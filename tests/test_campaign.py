@@ -394,11 +394,18 @@ def test_campaign_tracks_runs_front_and_artifacts_on_a_real_mlflow_server(zoo, t
     pid = parent["info"]["run_id"]
     assert parent["info"]["status"] == "FINISHED"
     front_link = (
-        f"{mlflow_server}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
-        "&searchFilter=tags.pareto%20%3D%20%27true%27"
+        f"{mlflow_server}/#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey=pareto-front"
     )
     assert f"  front:      {front_link}\n" in result.stdout
-    assert f"/#/experiments/{exp_id}/runs/{pid}/artifactPath/front.png\n" in result.stdout
+    assert f"/#/experiments/{exp_id}/runs/{pid}/artifactPath/front.png?workflowType=machine_learning\n" in result.stdout
+    # the saved view the front's link opens: the front, the objectives as columns
+    view = json.loads({t["key"]: t["value"] for t in created["tags"]}["mlflow.sharedViewState.pareto-front"])
+    assert view["name"] == "Pareto front"
+    state = json.loads(view["state"])
+    assert state["searchFilter"] == "tags.pareto = 'true'" and state["selectedColumns"] == [
+        "metrics.`add`",
+        "metrics.`sort`",
+    ]
     note = {t["key"]: t["value"] for t in parent["data"]["tags"]}["mlflow.note.content"]
     assert f"get-artifact?path=front.png&run_uuid={pid}" in note
     params = {p["key"]: p["value"] for p in parent["data"]["params"]}
@@ -509,6 +516,13 @@ def test_a_tracking_server_killed_mid_campaign_never_holds_it_and_resume_logs_wh
     logged = candidate_runs(url, exp_id)
     assert sorted(logged) == list(range(6)) and all(len(rs) == 1 for rs in logged.values()), logged
     assert all(st != "RUNNING" for rs in logged.values() for _, st in rs)
+    names = {}
+    for r in runs(url, exp_id, "tags.`evomerge.role` = 'candidate'"):
+        tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
+        names[int(tags["evomerge.trial"])] = tags["mlflow.runName"]
+    for trial in campaign.open_campaign(directory, check=False).search().trials:  # resume's named as run's
+        what = f" ({trial.baseline or trial.label})" if trial.baseline or trial.label else ""
+        assert names[trial.id] == f"trial-{trial.id:05d} add={trial.values[0]:.3g} sort={trial.values[1]:.3g}{what}"
     (parent,) = runs(url, exp_id, "tags.`evomerge.role` = 'campaign'")
     assert parent["info"]["status"] == "FINISHED"
     assert "untracked" not in json.loads((directory / "campaign.json").read_text())
@@ -921,7 +935,8 @@ def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
     for t in search.trials:
         tags, metrics = children[t.id].data.tags, children[t.id].data.metrics
         assert tags.get("baseline") == ("true" if t.baseline else None)
-        assert tags["mlflow.runName"] == f"trial-{t.id:05d}" + (f" ({t.baseline})" if t.baseline else "")
+        values = "".join(f" {o}={v:.3g}" for o, v in zip(("add", "sort"), t.values if t.status == "done" else ()))
+        assert tags["mlflow.runName"] == f"trial-{t.id:05d}{values}" + (f" ({t.baseline})" if t.baseline else "")
         assert tags["rung"] == str(t.rung) and tags["full_fidelity"] == str(t.rung == 2).lower()
         assert metrics["documents"] == t.documents
         if tags["pareto"] == "true":

@@ -139,13 +139,34 @@ for (const cell of document.querySelectorAll('[role=row][row-index] [role=gridce
   const i = cell.closest('[role=row]').getAttribute('row-index');
   (out[i] = out[i] || {})[cell.getAttribute('col-id')] = cell.textContent.trim();
 }
-return Object.values(out);
+return Object.keys(out).sort((a, b) => a - b).map(i => out[i]);
+"""
+TRIAL = re.compile(r"trial-(\d{5})")
+#: whether the table's metric cells are laid out inside the window (not scrolled or squeezed away)
+METRICS_IN_SIGHT_JS = """
+const cells = [...document.querySelectorAll('[role=gridcell][col-id^="metrics."]')];
+return cells.length > 0 && cells.every(c => { const r = c.getBoundingClientRect();
+  return r.width > 30 && r.height > 10 && r.left >= 0
+    && r.right <= window.innerWidth && r.bottom <= window.innerHeight; });
 """
 
 
-def test_the_mlflow_ui_opens_on_the_front_and_its_plot(finished, mlflow_ui, browser):
+def body_text(browser) -> str:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
+
+    return browser.find_element(By.TAG_NAME, "body").text
+
+
+def model_training(browser) -> bool:
+    """Whether the page is MLflow's model-training side (its nav: Runs, Models, Model registry), not
+    the GenAI side (Overview, Evaluation runs, Judges, ...)."""
+    text = body_text(browser)
+    return "Model registry" in text and "Evaluation runs" not in text and "Judges" not in text
+
+
+def test_the_mlflow_ui_opens_on_the_front_and_its_plot(finished, mlflow_ui, browser):
+    """What a new browser (no saved settings) sees from each printed link, screenshots kept."""
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     loaded, search, _ = finished
@@ -156,74 +177,78 @@ def test_the_mlflow_ui_opens_on_the_front_and_its_plot(finished, mlflow_ui, brow
     wait = WebDriverWait(browser, 60)
 
     def matching(n):  # the table's own count of the runs it lists
-        return wait.until(lambda d: f"{n} matching runs" in d.find_element(By.TAG_NAME, "body").text)
+        return wait.until(lambda d: f"{n} matching runs" in body_text(d))
 
-    def rows():
-        return browser.execute_script(ROWS_JS)
+    def rows():  # {trial: {column id: text}} of the rows shown, top to bottom
+        return {
+            int(m[1]): r for r in browser.execute_script(ROWS_JS) if (m := TRIAL.search(r["attributes.`Run Name`"]))
+        }
 
-    # 1. the printed link: the runs table (not the GenAI overview), filtered to the front, flat rows
+    # 0. the runs table without evomerge's link, as MLflow first shows it: no metric column, but every
+    # candidate's name carries its values; the Views menu offers the front
+    browser.get(f"{url}/#/experiments/{loaded.state['experiment_id']}/runs?workflowType=machine_learning")
+    matching(len(search.trials) + 1)
+    wait.until(lambda d: len(rows()) == len(search.trials))
+    for tid, row in rows().items():
+        trial = search.trials[tid]
+        assert "metrics.`add`" not in row and not [k for k in row if k.startswith("metrics.")]
+        assert f"trial-{tid:05d} add={trial.values[0]:.3g} sort={trial.values[1]:.3g}" in row["attributes.`Run Name`"]
+    browser.save_screenshot(str(shots / "0-runs-as-mlflow-opens-them.png"))
+    next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Views").click()
+    wait.until(lambda d: d.find_element(By.XPATH, "//*[@role='menuitem'][contains(., 'Pareto front')]")).click()
+    matching(len(front))
+
+    # 1. the printed front link: the saved view "Pareto front" of the runs table, in the model-training
+    # pages: the front members only, their objectives as columns, best first in the first objective
     browser.get(links["front"])
     matching(len(front))
-    assert "/runs" in browser.current_url and "Overview" not in browser.find_element(By.TAG_NAME, "body").text
-    wait.until(lambda d: len(rows()) == len(front))
-    names = sorted(int(r["attributes.`Run Name`"][-5:]) for r in rows())
-    assert names == front
-    browser.save_screenshot(str(shots / "1-front-filtered.png"))
-
-    # the objectives as columns: Columns > Metrics > add, sort
-    next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Columns").click()
-    menu = wait.until(lambda d: d.find_element(By.XPATH, "//input[@placeholder='Search columns']/ancestor::div[3]"))
-    for name in ("add", "sort"):
-        menu.find_element(By.XPATH, f".//*[normalize-space(text())='{name}']").click()
-    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
-    wait.until(lambda d: all("metrics.`add`" in r and "metrics.`sort`" in r for r in rows()) and rows())
-    shown = {int(r["attributes.`Run Name`"][-5:]): (r["metrics.`add`"], r["metrics.`sort`"]) for r in rows()}
+    wait.until(lambda d: sorted(rows()) == front and all("metrics.`sort`" in r for r in rows().values()))
+    assert model_training(browser) and "Sort: add" in body_text(browser)
+    assert browser.execute_script(METRICS_IN_SIGHT_JS)
+    shown = rows()
     for tid in front:  # the UI rounds to a few digits
-        values = search.trials[tid].values
-        assert [float(v) for v in shown[tid]] == pytest.approx(values, abs=5e-3)
-    browser.save_screenshot(str(shots / "2-front-with-objectives.png"))
+        assert [float(shown[tid][f"metrics.`{o}`"]) for o in ("add", "sort")] == pytest.approx(
+            search.trials[tid].values, abs=5e-3
+        )
+        name = shown[tid]["attributes.`Run Name`"]  # the values are in the run name too
+        assert all(f"{o}={v:.3g}" in name for o, v in zip(("add", "sort"), search.trials[tid].values)), name
+    order = [float(r["metrics.`add`"]) for r in shown.values()]
+    assert order == sorted(order, reverse=True)
+    browser.save_screenshot(str(shots / "1-front.png"))
 
-    # 2. cleared, the table holds every candidate and the campaign run; typing the filter narrows it
-    box = wait.until(lambda d: d.find_element(By.XPATH, "//input[starts-with(@placeholder, 'metrics.')]"))
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(Keys.DELETE, Keys.ENTER)
-    matching(len(search.trials) + 1)
-    box.send_keys("tags.pareto = 'true'", Keys.ENTER)
-    matching(len(front))
-    browser.save_screenshot(str(shots / "3-filter-typed.png"))
-
-    # 3. the front plot: the printed link opens the campaign run's front.png, which renders
+    # 2. the printed front-plot link: the campaign run's front.png, rendered, in the model-training pages
     browser.get(links["front plot"])
     wait.until(
         lambda d: d.execute_script(
             "return [...document.images].some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 300)"
         )
     )
-    assert "front.png" in browser.find_element(By.TAG_NAME, "body").text
-    browser.save_screenshot(str(shots / "4-front-plot.png"))
+    assert "front.png" in body_text(browser) and model_training(browser)
+    browser.save_screenshot(str(shots / "2-front-plot.png"))
 
     # and from the runs table: one click on the campaign run shows the plot in its description
     run = loaded.state["parent_run_id"]
-    browser.get(f"{url}/#/experiments/{loaded.state['experiment_id']}/runs/{run}")
+    browser.get(f"{url}/#/experiments/{loaded.state['experiment_id']}/runs/{run}?workflowType=machine_learning")
     wait.until(
         lambda d: d.execute_script(
             "return [...document.images].some(i => i.src.includes('get-artifact?path=front.png') && i.complete "
             "&& i.naturalWidth > 300)"
         )
     )
-    browser.save_screenshot(str(shots / "5-campaign-run.png"))
+    assert model_training(browser)
+    browser.save_screenshot(str(shots / "3-campaign-run.png"))
 
-    # 4. the experts' kinship table, linked from the campaign run's description, reads as text
+    # 3. the experts' kinship table, linked from the campaign run's description, reads as text
     link = next(a for a in browser.find_elements(By.TAG_NAME, "a") if a.text.strip() == "kinship table")
-    assert link.get_attribute("href").endswith(f"/runs/{run}/artifactPath/kinship.txt")
+    assert f"/runs/{run}/artifactPath/kinship.txt?workflowType=machine_learning" in link.get_attribute("href")
     tabs = len(browser.window_handles)
     browser.execute_script("arguments[0].click()", link)  # under the collapsed description's fade
     wait.until(lambda d: len(d.window_handles) > tabs)  # MLflow opens description links in a new tab
     browser.switch_to.window(browser.window_handles[-1])
-    wait.until(lambda d: "cosine by layer group" in d.find_element(By.TAG_NAME, "body").text)
-    body = browser.find_element(By.TAG_NAME, "body").text
-    assert "expert-add ~ expert-sort" in body and "opposed: cosine < 0" in body
-    browser.save_screenshot(str(shots / "6-kinship.png"))
+    wait.until(lambda d: "cosine by layer group" in body_text(d))
+    body = body_text(browser)
+    assert "expert-add ~ expert-sort" in body and "opposed: cosine < 0" in body and model_training(browser)
+    browser.save_screenshot(str(shots / "4-kinship.png"))
 
 
 # -- Optuna --------------------------------------------------------------------------------------------

@@ -13,12 +13,16 @@ filters to the front by itself (``tags.pareto = 'true'``).
 
 What a user sees in the MLflow UI: the experiment is a model-training experiment (the
 ``mlflow.experimentKind`` tag; MLflow 3.17's UI reads the kind from its GenAI / Model training switch
-instead, so every link evomerge prints carries ``workflowType=machine_learning``). Candidate runs are
-flat, not nested under the campaign run, so that filtering on ``tags.pareto = 'true'`` lists the front
-members themselves, with their objectives as metric columns (nested children show as one collapsed
-parent row). They point at the campaign run with the ``evomerge.campaign_run`` tag; the experiment's
-description links to it, and the campaign run's description shows the front plot and links its
-``front.html``.
+instead, so every link evomerge prints or writes in a description carries
+``workflowType=machine_learning``). Candidate runs are flat, not nested under the campaign run, so that
+filtering on ``tags.pareto = 'true'`` lists the front members themselves (nested children show as one
+collapsed parent row). The UI shows a new browser only names, dates and durations until its Columns
+menu is used, so the objectives are where it shows them anyway: a candidate's run name carries its
+values (``trial-00042 add=0.51 sort=0.43``), and the experiment holds a saved view, "Pareto front"
+(MLflow's ``mlflow.sharedViewState.<id>`` experiment tag, opened by ``viewStateShareKey=<id>`` in the
+link or from the Views menu): the front, the objectives as columns, sorted by the first. Candidates
+point at the campaign run with the ``evomerge.campaign_run`` tag; the experiment's description links
+to it, and the campaign run's description shows the front plot and links its ``front.html``.
 
 Logging runs on a background thread: a sqlite-backed run costs ~50 ms, as much as a candidate's
 evaluation on the zoo, and must not hold up the search loop. Candidates are queued; ``close``
@@ -63,6 +67,11 @@ NOTE_TAG = "mlflow.note.content"  # a run's or experiment's description (markdow
 #: MLflow's own mark of an experiment's kind: the UI opens a model-training experiment on its runs.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 FRONT_FILTER = "tags.pareto = 'true'"
+#: The id of the experiment's saved view of the front (an experiment tag under MLflow's prefix).
+FRONT_VIEW = "pareto-front"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+#: Opens MLflow's model-training pages whatever its GenAI / Model training switch says (per browser).
+MODEL_TRAINING = "workflowType=machine_learning"
 #: Seconds between tries of a tracking store that failed, while the campaign goes on.
 RETRY_S = 60.0
 #: Seconds an HTTP tracking server is given to answer ``/health`` before it is tried again.
@@ -123,17 +132,49 @@ class GuardedClient:
 
 
 def ui_links(base: str, experiment_id: str, campaign_run: str | None = None) -> dict[str, str]:
-    """Addresses in the MLflow UI at ``base`` (e.g. ``http://127.0.0.1:5000``): the runs table, the
-    runs table filtered to the Pareto front, and the campaign run's artifacts (front.html, front.png).
-    Each opens the model-training view whatever the UI's GenAI / Model training switch says."""
-    from urllib.parse import quote
-
-    base = base.rstrip("/")
-    runs = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    links = {"runs": runs, "front": f"{runs}&searchFilter={quote(FRONT_FILTER)}"}
+    """Addresses in the MLflow UI at ``base`` (e.g. ``http://127.0.0.1:5000``, or ``""`` for links
+    within the UI): the runs table, the saved view of the front (``front``: its members, their
+    objectives as columns), and the campaign run's front.png (``plot``). Each opens the model-training
+    pages whatever the UI's GenAI / Model training switch says. The front's link carries no
+    ``searchFilter``: MLflow ignores a saved view when the address has a search field of its own."""
+    runs = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs" if base else f"#/experiments/{experiment_id}/runs"
+    links = {"runs": f"{runs}?{MODEL_TRAINING}", "front": f"{runs}?{MODEL_TRAINING}&viewStateShareKey={FRONT_VIEW}"}
     if campaign_run:
-        links["plot"] = f"{base}/#/experiments/{experiment_id}/runs/{campaign_run}/artifactPath/front.png"
+        links["plot"] = f"{runs}/{campaign_run}/artifactPath/front.png?{MODEL_TRAINING}"
     return links
+
+
+def front_view(objectives: Sequence[str], directions: Sequence[str]) -> str:
+    """The experiment tag's value that MLflow's UI (3.x) reads as a saved view named "Pareto front": the
+    runs filtered to the front, the objectives as the table's columns (and every front member in the
+    charts), sorted by the first objective, best first, the run name column wide enough for the values
+    it carries. A JSON envelope (name, times, state); the state is plain JSON, which the UI accepts as
+    well as its own compressed form."""
+    columns = [f"metrics.`{param_key(o)}`" for o in objectives]
+    name_column = "attributes.`Run Name`"
+    state = {
+        "searchFilter": FRONT_FILTER,
+        "orderByKey": columns[0],
+        "orderByAsc": directions[0] == "minimize",
+        "selectedColumns": columns,
+        "columnOrder": [name_column],
+        "columnWidths": {name_column: min(240 + 60 * len(objectives), 600)},  # px: ~9 characters an objective
+        "runsHiddenMode": "SHOW_ALL",
+    }
+    now = int(time.time() * 1000)
+    return json.dumps({"name": "Pareto front", "createdAt": now, "updatedAt": now, "state": json.dumps(state)})
+
+
+def run_name(trial, objectives: Sequence[str]) -> str:
+    """A candidate's run name: its trial number, its objective values if scored (3 significant digits,
+    as the table would round them) and what it is if a baseline or an expert alone, e.g.
+    ``trial-00042 add=0.51 sort=0.43`` or ``trial-00001 add=0.3 sort=0.65 (expert-add alone)``."""
+    name = f"trial-{trial.id:05d}"
+    if trial.status == "done":
+        name += "".join(f" {o}={v:.3g}" for o, v in zip(objectives, trial.values))
+    if named := trial.baseline or trial.label:
+        name += f" ({named})"
+    return name[:250]
 
 
 def param_key(name: str) -> str:
@@ -222,6 +263,9 @@ class Tracker:
         self.experiment_id = exp_id
         if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) is None:  # made by an earlier version
             self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+        if exp is None or VIEW_TAG_PREFIX + FRONT_VIEW not in exp.tags:  # an earlier version's has none
+            view = front_view(self.objectives, self.directions)
+            self.client.set_experiment_tag(exp_id, VIEW_TAG_PREFIX + FRONT_VIEW, view)
         if parent_run_id:
             self.client.update_run(parent_run_id, status="RUNNING")
             self.parent = parent_run_id
@@ -254,26 +298,30 @@ class Tracker:
         """The experiment's and the campaign run's descriptions, as the UI shows them (markdown): the
         plot and the interactive plot one click away from the experiment's page."""
         objectives = ", ".join(f"`{o}` ({d})" for o, d in zip(self.objectives, self.directions))
-        run = f"#/experiments/{self.experiment_id}/runs/{self.parent}"
-        plots = f"[plot]({run}/artifactPath/front.png) · [interactive plot]({run}/artifactPath/front.html)"
+        links = ui_links("", self.experiment_id, self.parent)
+        run = links["plot"].split("/artifactPath/")[0]
+        html = links["plot"].replace("front.png", "front.html")
+        plots = f"[plot]({links['plot']}) · [interactive plot]({html})"
         self.client.set_experiment_tag(
             self.experiment_id,
             NOTE_TAG,
-            f"**Pareto front**: {plots} · its members: filter the runs with `{FRONT_FILTER}`.\n\n"
-            f"evomerge campaign **{self.experiment_name}**: one run per candidate merge, with the objectives "
-            f"{objectives} as metrics (Columns > Metrics) and its recipe as params; the run "
-            f"[campaign {self.experiment_name}]({run}) holds the configuration and the front "
+            f"**Pareto front**: {plots} · its members: [the view Pareto front]({links['front']}) (Views), or "
+            f"filter the runs with `{FRONT_FILTER}`.\n\n"
+            f"evomerge campaign **{self.experiment_name}**: one run per candidate merge, named with its "
+            f"objectives {objectives} (metrics too: Columns > Metrics) and its recipe as params; the run "
+            f"[campaign {self.experiment_name}]({run}?{MODEL_TRAINING}) holds the configuration and the front "
             "(`front.png`, `front.html`, `front.json`).",
         )
         kinship = self.client.get_run(self.parent).data.tags.get(KINSHIP_TAG)
         if kinship is not None:  # logged (see log_kinship)
             verdict = "no pair flagged" if kinship == "none" else f"flagged: {kinship}"
-            kinship = f"\n\n**Experts**: [kinship table]({run}/artifactPath/kinship.txt) · {verdict}"
+            kinship = f"\n\n**Experts**: [kinship table]({run}/artifactPath/kinship.txt?{MODEL_TRAINING}) · {verdict}"
         self.client.set_tag(
             self.parent,
             NOTE_TAG,
-            f"**Pareto front** ({objectives}): {plots} · its members: the runs of this experiment with "
-            f"`{FRONT_FILTER}`.{kinship or ''}\n\n![Pareto front](get-artifact?path=front.png&run_uuid={self.parent})",
+            f"**Pareto front** ({objectives}): {plots} · its members: [the view Pareto front]({links['front']})"
+            f" of this experiment's runs (`{FRONT_FILTER}`).{kinship or ''}\n\n"
+            f"![Pareto front](get-artifact?path=front.png&run_uuid={self.parent})",
         )
 
     def _load_children(self) -> None:
@@ -442,9 +490,8 @@ class Tracker:
         tags = {
             CAMPAIGN_TAG: self.parent,
             ROLE_TAG: "candidate",
-            # a hand baseline says which in its name, so the runs table shows it without a tag column
-            "mlflow.runName": f"trial-{trial.id:05d}"
-            + (f" ({named})" if (named := trial.baseline or trial.label) else ""),
+            # its values and what it is in its name: the runs table shows them without a column
+            "mlflow.runName": run_name(trial, self.objectives),
             TRIAL_TAG: str(trial.id),
             "status": trial.status,
             "pareto": "false",
