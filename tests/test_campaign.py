@@ -509,10 +509,13 @@ def test_a_tracking_server_killed_mid_campaign_never_holds_it_and_resume_logs_wh
     mlflow_service.start()  # the same store: what reached MLflow before the kill is there
     exp_id = rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=t-dies")["experiment"]["experiment_id"]
     finished = {t for t, rs in candidate_runs(url, exp_id).items() if any(st != "RUNNING" for _, st in rs)}
-    assert sorted(set(range(6)) - finished) == missing  # the line names exactly what MLflow lacks
+    lacking = sorted(set(range(6)) - finished)
+    # the line names what MLflow lacks, and at most the one result whose last call the server took
+    # but never answered (killed in between): the controller cannot know that it arrived
+    assert set(lacking) <= set(missing) and len(missing) - len(lacking) <= 1, (lacking, missing)
     result = cli("resume", directory, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"MLflow: logged {len(missing)} result(s) it lacked (trials {id_ranges(missing)})" in result.stdout
+    assert f"MLflow: logged {len(lacking)} result(s) it lacked (trials {id_ranges(lacking)})" in result.stdout
     logged = candidate_runs(url, exp_id)
     assert sorted(logged) == list(range(6)) and all(len(rs) == 1 for rs in logged.values()), logged
     assert all(st != "RUNNING" for rs in logged.values() for _, st in rs)
