@@ -50,7 +50,7 @@ lint: $(TESTSTAMP)
 # print the front, export the knee of the front scored on the held-out report split.
 demo: $(STAMP)
 	$(EVOMERGE) zoo build --out $(ZOO)
-	$(EVOMERGE) zoo eval $(ZOO) --tasks evaluators/zoo --strict
+	$(EVOMERGE) zoo eval $(ZOO) --tasks evaluators/zoo --strict --limit 200
 	@if [ -f $(DEMO)/campaign.json ]; then $(EVOMERGE) resume $(DEMO); \
 	 else $(EVOMERGE) run experiments/demo.yaml --out $(DEMO); fi
 	$(EVOMERGE) pareto $(DEMO)

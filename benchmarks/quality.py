@@ -1,41 +1,47 @@
-"""Does the search beat the recipes a user writes by hand, and does multi-fidelity pay?
+"""Does the search beat the recipes a user writes by hand, at what cost in documents, and how well do
+anchor estimates and racing stand in for full evaluations?
 
-    .venv/bin/python benchmarks/quality.py [--problem three|select] [--seeds 5] [--budget 60] [--zoo .cache/zoo ...]
-        [--optimizers random,nsga2,cma] [--rungs 11,33] [--promote 0.33] [--tell-stopped rung|failed] [--threads N]
+    .venv/bin/python benchmarks/quality.py [--problem three|select] [--seeds 5] [--budget 40]
+        [--zoo .cache/zoo ...] [--modes full,raced,multi] [--optimizers nsga2,random,cma] [--limit N]
+        [--anchors 0.1] [--check 0.125] [--z 2] [--rungs 100,333] [--promote 0.33] [--threads N]
 
 RESULTS.md's run used two zoos: the default one and one of another architecture and seed, built
 first with ``.venv/bin/python -m evomerge zoo build --out .cache/zoo-qwen2-s1 --architecture qwen2
 --seed 1``.
 
 The zoo's three-expert problem: base + expert-add, expert-rev, expert-sort; objectives add, rev and
-sort (lm-eval, 100 documents per task, seeded subsets; search split), all maximized, hypervolume from
-(0, 0, 0). Search space: search_spaces/three_experts_ties_groups.yaml (TIES, weight and density per
-expert per group of two layers: 12 genes). Every run starts with the campaign's default seeds (the
-uniform average and each expert alone, scored in full) and stops once it has scored the same number
-of documents: ``--budget`` full evaluations' worth (300 documents each). Compared:
+sort (lm-eval; search split: the whole pool of 1,000 documents per task unless ``--limit``), all
+maximized, hypervolume from (0, 0, 0). Search space: search_spaces/three_experts_ties_groups.yaml
+(TIES, weight and density per expert per group of two layers: 12 genes). Every run starts with the
+uniform average and each expert alone as seeds (scored in full) and stops once it has scored
+``--budget`` full evaluations' worth of documents. A candidate whose recipe was scored already is
+told that result and costs nothing (the campaign's recipe cache). Modes, one optimizer each:
 
-- the hand baselines (``seeds.baselines``: task arithmetic at lambda 0.5/0.7/1.0, TIES at density
-  0.5/0.8, DARE-TIES at 0.5, the uniform average) and each expert alone;
-- random search, NSGA-II (population 12) and CMA-ES (the mean of the three scores), each with full
-  evaluations and with multi-fidelity (rungs of 11 and 33 documents per task, promote 1/3).
+- ``full``: every candidate scored on the whole search pool;
+- ``raced``: the product's racing (``evomerge.search.racing``, the campaign's defaults: anchors 1/10
+  of each pool, check share 1/8, z 2, first fit after 8 results in full, refit every 8) with the
+  per-document records in a temporary campaign directory: a new candidate is scored on its anchors
+  first and on the rest of the pools only when its interval leaves it possibly undominated;
+- ``multi``: multi-fidelity (``--rungs`` documents per task, promote ``--promote``).
 
-Reported per configuration, median over seeds (and the runs): the mean report score of the searched
-merge a user would export with equal weights (the front member, seeds excluded, with the best mean
-on the search split: the search split picks, the report split judges), the final
-hypervolume on the search split, documents scored until 95% of the run's own final hypervolume, and
-for multi-fidelity the documents until it reached the median final hypervolume of the same optimizer
-with full evaluations. One candidate at a time, in-process (the campaign's Search and CandidateScorer,
-no Ray or MLflow: the figures count documents, not seconds).
-
-``--tell-stopped failed`` (a what-if, not an option of the product): with multi-fidelity, a candidate
-stopped at a lower rung is told to the optimizer as a failure instead of its rung result.
-``--threads 1`` lets two runs (e.g. different ``--optimizers``) share two cores.
+Printed per zoo: each expert alone and each hand baseline (``seeds.baselines``: task arithmetic at
+lambda 0.5/0.7/1.0, TIES at density 0.5/0.8, DARE-TIES at 0.5, the uniform average) on the report
+split (the whole pool of 500 documents per task), mean over objectives with its standard error; and
+per mode, medians over the seeds (each run in brackets where it matters): the pick's mean report
+score (the searched front member, seeds excluded, with the best mean on the search split), its
+smallest paired margin over every hand baseline and every expert in standard errors
+(``evomerge.report.paired``: the same documents, so the SE of the difference), documents per
+candidate, candidates (scored in full), repeats, the final hypervolume on the search split, the
+documents until the run reached the median final hypervolume of ``full`` (and the share of
+``full``'s budget), and for ``raced`` the estimate's error on its check sample (candidates raced and
+also scored in full, never used to fit before their estimate): MAE and Spearman per objective,
+averaged. One candidate at a time, in-process (the campaign's Search, Racer and CandidateScorer, no
+Ray or MLflow): the figures count documents, not seconds.
 
 ``--problem select``: the default demo's problem, which experts to merge. The zoo's five experts (add,
-rev, sort, sub, mul), objectives add, rev, sort and sub (400 documents per full evaluation; the
-multiplication expert barely learns its skill and is there to be left out), space
-search_spaces/five_experts_select.yaml (2-3 experts per candidate, TIES | PCB | Consensus-TIES, a
-weight and a density per expert: 16 genes); the hand baselines merge all five.
+rev, sort, sub, mul), objectives add, rev, sort and sub, space search_spaces/five_experts_select.yaml
+(2-3 experts per candidate, TIES | PCB | Consensus-TIES, a weight and a density per expert: 16 genes);
+the hand baselines merge all five.
 """
 
 from __future__ import annotations
@@ -59,20 +65,21 @@ environment.configure()
 from evomerge.campaign import baseline_recipes  # noqa: E402
 from evomerge.evaluate.candidate import CandidateScorer  # noqa: E402
 from evomerge.evaluate.config import parse_evaluator  # noqa: E402
+from evomerge.experiment import RacingConfig  # noqa: E402
 from evomerge.objectives import Objective  # noqa: E402
 from evomerge.recipe import parse_recipe  # noqa: E402
+from evomerge.report import paired, summary  # noqa: E402
 from evomerge.search.fidelity import Fidelity  # noqa: E402
 from evomerge.search.pareto import hypervolume  # noqa: E402
+from evomerge.search.racing import Racer, Racing  # noqa: E402
+from evomerge.search.records import DocumentRecords  # noqa: E402
 from evomerge.search.space import Genome, load_space  # noqa: E402
 from evomerge.search.study import Search  # noqa: E402
-
-LIMIT = 100
 
 
 @dataclass(frozen=True)
 class Problem:
-    """Experts merged, one objective per skill in ``skills`` (lm-eval, ``LIMIT`` documents per task),
-    a search space."""
+    """Experts merged, one objective per skill in ``skills`` (lm-eval), a search space."""
 
     experts: tuple[str, ...]
     skills: tuple[tuple[str, str], ...]  # (skill, metric)
@@ -82,14 +89,10 @@ class Problem:
     def names(self) -> list[str]:
         return [n for n, _ in self.skills]
 
-    @property
-    def evaluator(self) -> dict:
+    def evaluator(self, limit: int | None) -> dict:
         objectives = [{"name": n, "task": f"zoo/zoo_{n}_{{split}}.yaml", "metric": m} for n, m in self.skills]
-        return {"limit": LIMIT, "seed": 0, "batch_size": 100, "objectives": objectives}
-
-    @property
-    def full_documents(self) -> int:
-        return LIMIT * len(self.skills)
+        out = {"seed": 0, "batch_size": 100, "report_limit": "all", "objectives": objectives}
+        return {**out, "limit": limit} if limit else out
 
 
 PROBLEMS = {
@@ -107,31 +110,6 @@ PROBLEMS = {
         "five_experts_select.yaml",
     ),
 }
-PROBLEM = PROBLEMS["three"]
-TELL_STOPPED = "rung"
-
-
-class StoppedToldAsFailed(Search):
-    """What-if (``--tell-stopped failed``, not an option of the product): a candidate stopped at a
-    lower rung is told to the optimizer as a failure (CMA-ES: worse than anything seen; Optuna: a
-    failed trial) instead of its rung's noisy result; the journal and the front are unchanged."""
-
-    def _apply_tell(self, trial_id, values, info):
-        trial = self.trials[trial_id]
-        stopped = values is not None and trial.rung is not None and trial.rung < self.fidelity.top
-        if not stopped or trial.unit is None:
-            return super()._apply_tell(trial_id, values, info)
-        unit, trial.unit = trial.unit, None  # told below instead
-        try:
-            out = super()._apply_tell(trial_id, values, info)
-        finally:
-            trial.unit = unit
-        self.optimizer.tell(unit, None)
-        return out
-
-
-FIDELITY = Fidelity((11, 33), 1 / 3)
-KEY = "best_report_mean"
 OPTIMIZERS = {
     "random": ("random", {}),
     "nsga2": ("nsga2", {"sampler_options": {"population_size": 12}}),
@@ -139,143 +117,194 @@ OPTIMIZERS = {
 }
 
 
+@dataclass
+class Settings:
+    problem: Problem
+    budget_docs: int
+    fidelity: Fidelity
+    racing: RacingConfig
+
+
 class Zoo:
     """The resident scorers of one zoo, one per split (loaded once, reused by every run)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        models = {"base": str(path / "base"), **{e: str(path / e) for e in PROBLEM.experts}}
-        evaluator = parse_evaluator(PROBLEM.evaluator, REPO / "evaluators" / "inline.yaml")
+    def __init__(self, path: Path, problem: Problem, limit: int | None):
+        self.path, self.problem = path, problem
+        models = {"base": str(path / "base"), **{e: str(path / e) for e in problem.experts}}
+        evaluator = parse_evaluator(problem.evaluator(limit), REPO / "evaluators" / "inline.yaml")
         self.scorers = {s: CandidateScorer(models, "base", evaluator, split=s) for s in ("search", "report")}
+        self.pools = {t: s["search"] for t, s in self.scorers["search"].documents().items() if "search" in s}
         self._report = {}
         self.layers = int(self.scorers["search"].model.config.num_hidden_layers)
 
-    def score(self, recipe, split="search", documents=None):
-        s = self.scorers[split].score(recipe, documents=documents)
-        values = [s.values[n] for n in PROBLEM.names] if s.status == "done" else None
-        return values, int(s.timings.get("documents", 0))
+    @property
+    def full_documents(self) -> int:
+        return sum(len(ids) for ids in self.pools.values())
 
-    def report_mean(self, recipe) -> float:
+    def score(self, recipe, documents=None):
+        s = self.scorers["search"].score(recipe, documents=documents)
+        values = {n: s.values[n] for n in self.problem.names} if s.status == "done" else None
+        return values, int(s.timings.get("documents", 0)), s.per_document
+
+    def report(self, recipe) -> dict:
+        """The recipe's per-document report scores (cached by recipe)."""
         key = recipe.model_dump_json()
         if key not in self._report:
-            values, _ = self.score(recipe, "report")
-            self._report[key] = statistics.fmean(values)
+            s = self.scorers["report"].score(recipe)
+            if s.status != "done":
+                raise RuntimeError(f"report scoring failed: {s.reason}")
+            self._report[key] = s.per_document
         return self._report[key]
 
 
-def search_run(zoo: Zoo, optimizer: str, multi: bool, seed: int, budget_docs: int) -> dict:
+def search_run(zoo: Zoo, settings: Settings, optimizer: str, mode: str, seed: int) -> dict:
+    problem = settings.problem
     name, options = OPTIMIZERS[optimizer]
-    genome = Genome(load_space(REPO / "search_spaces" / PROBLEM.space), zoo.layers, seed=seed)
-    objectives = [Objective(name=n) for n in PROBLEM.names]
-    m, k = len(PROBLEM.names), len(PROBLEM.experts)
+    genome = Genome(load_space(REPO / "search_spaces" / problem.space), zoo.layers, seed=seed)
+    objectives = [Objective(name=n) for n in problem.names]
+    m, seeds = len(problem.names), 1 + len(problem.experts)
+    r = settings.racing
+    racing = Racing(r.anchors, r.check, r.z, r.min_full, r.refit, seed) if mode == "raced" else None
     with tempfile.TemporaryDirectory() as tmp:
-        kind = StoppedToldAsFailed if multi and TELL_STOPPED == "failed" else Search
-        search = kind(genome, name, objectives, seed, tmp, options, fidelity=FIDELITY if multi else None)
-        for point in [genome.uniform_average(), *(genome.expert_alone(e) for e in PROBLEM.experts)]:
+        fidelity = settings.fidelity if mode == "multi" else None
+        search = Search(genome, name, objectives, seed, tmp, options, fidelity=fidelity, racing=racing)
+        records = DocumentRecords(tmp, zoo.pools)
+        racer = Racer(search, records, zoo.pools, first_fit=seeds) if racing else None
+        for point in [genome.uniform_average(), *(genome.expert_alone(e) for e in problem.experts)]:
             search.enqueue(point)
         curve = []  # (documents scored, hypervolume of the full-fidelity front)
-        while search.documents < budget_docs:
+        while search.documents < settings.budget_docs:
+            if racer is not None:
+                racer.maybe_fit()
             trial = search.ask()
-            values, docs = zoo.score(trial.recipe, documents=search.documents_for(trial))
-            search.report(trial.id, values, {"documents": docs})
+            original = search.repeat_of(trial)
+            if original is not None:
+                search.tell_repeat(trial, original)
+                continue
+            step(zoo, search, racer, records, trial)
             curve.append(
                 (search.documents, hypervolume([t.values for t in search.finished], ["maximize"] * m, [0.0] * m))
             )
         # the searched front member a user exports with equal weights: the best mean on the search
         # split (seeds excluded: those are the experts and their average), judged on the report split
-        searched = [t for t in search.front() if t.id >= 1 + k] or search.finished[1 + k :]
+        searched = [t for t in search.front() if t.id >= seeds] or search.finished[seeds:]
         pick = max(searched, key=lambda t: statistics.fmean(t.values))
-        best = zoo.report_mean(pick.recipe)
+        errors = racer.errors() if racer else []
         return {
-            "best_report_mean": best,
+            "pick": zoo.report(pick.recipe),
             "hypervolume": curve[-1][1],
             "curve": curve,
             "candidates": len(search.trials),
             "full": len(search.finished),
+            "repeats": len(search.repeats),
+            "documents_per_candidate": search.documents / max(1, len(search.trials)),
+            "mae": statistics.fmean(e["mae"] for e in errors) if errors and errors[0] else None,
+            "spearman": statistics.fmean(e["spearman"] for e in errors) if errors and "spearman" in errors[0] else None,
+            "checked": sum(t.full and racer.checked(t) for t in search.raced) if racer else 0,
         }
+
+
+def step(zoo: Zoo, search: Search, racer, records, trial) -> None:
+    """One evaluation of ``trial``, recorded and told as the campaign's controller does."""
+    documents = (racer or search).documents_for(trial)
+    values, docs, per_document = zoo.score(trial.recipe, documents=documents)
+    if racer is not None and racer.completes(trial) and values is not None:
+        values, per_document = racer.complete(trial, per_document)
+    if per_document:
+        records.append(trial.id, trial.rung, per_document)
+    ordered = [values[n] for n in zoo.problem.names] if values is not None else None
+    if racer is not None and trial.rung == 0 and ordered is not None:
+        estimate, _, promote = racer.judge(trial, per_document)
+        search.race(trial.id, estimate, {"documents": docs}, promote)
+    else:
+        search.report(trial.id, ordered, {"documents": docs})
 
 
 def documents_to(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((d for d, hv in curve if hv >= target - 1e-12), None)
 
 
+def hand_recipes(problem: Problem) -> dict:
+    experts = {
+        e: parse_recipe({"merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 1.0}}]})
+        for e in problem.experts
+    }
+    return {**experts, **dict(baseline_recipes("base", list(problem.experts), 0))}
+
+
+def print_zoo(zoo: Zoo, settings: Settings, optimizer: str, modes: list[str], n_seeds: int) -> None:
+    names = settings.problem.names
+    hands = {label: zoo.report(r) for label, r in hand_recipes(settings.problem).items()}
+    print("| recipe | mean report score ± SE |\n|---|---|")
+    for label, scores in hands.items():
+        s = summary(scores, names)
+        print(f"| {label} | {s['mean']:.4f} ± {s['se']:.4f} |")
+    results = {mode: [search_run(zoo, settings, optimizer, mode, s) for s in range(n_seeds)] for mode in modes}
+    print(
+        "\n| mode | pick's mean report score | smallest margin over every hand recipe (SE) | documents a "
+        "candidate | candidates (full) | repeats | final hv | documents to full's median hv | estimate MAE | "
+        "estimate Spearman |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    target = statistics.median(r["hypervolume"] for r in results.get("full", [])) if "full" in results else None
+    budget = settings.budget_docs
+    for mode, runs in results.items():
+        picks = [summary(r["pick"], names)["mean"] for r in runs]
+        margins = []
+        for r in runs:
+            each = {label: paired(r["pick"], scores, names)["margin_se"] for label, scores in hands.items()}
+            margins.append(min(each.items(), key=lambda kv: kv[1]))
+        med = lambda key, runs=runs: statistics.median(r[key] for r in runs)  # noqa: E731
+        reach = [documents_to(r["curve"], target) if target is not None else None for r in runs]
+        reach_s = statistics.median(d if d is not None else float("inf") for d in reach)
+        reach_text = f"{reach_s:.0f} ({reach_s / budget:.2f})" if reach_s != float("inf") else "not reached"
+        est = [r for r in runs if r["mae"] is not None]
+        mae = f"{statistics.median(r['mae'] for r in est):.4f}" if est else "-"
+        rho = f"{statistics.median(r['spearman'] for r in est if r['spearman'] is not None):.3f}" if est else "-"
+        print(
+            f"| {optimizer} {mode} | {statistics.median(picks):.4f} ({', '.join(f'{p:.3f}' for p in picks)}) | "
+            f"{statistics.median(m for _, m in margins):+.1f} ({', '.join(f'{m:+.1f} {lab}' for lab, m in margins)})"
+            f" | {med('documents_per_candidate'):.0f} | {med('candidates'):.0f} ({med('full'):.0f}) | "
+            f"{med('repeats'):.0f} | {med('hypervolume'):.4f} | {reach_text} | {mae} | {rho} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--budget", type=int, default=60, help="full evaluations' worth of documents per run")
+    parser.add_argument("--budget", type=int, default=40, help="full evaluations' worth of documents per run")
     parser.add_argument("--zoo", type=Path, nargs="+", default=[REPO / ".cache" / "zoo"])
-    parser.add_argument("--rungs", default="11,33", help="multi-fidelity rungs, documents per task")
-    parser.add_argument("--promote", type=float, default=1 / 3)
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--modes", default="full,raced", help="of full, raced, multi")
+    parser.add_argument("--optimizers", default="nsga2")
     parser.add_argument("--problem", choices=PROBLEMS, default="three")
-    parser.add_argument(
-        "--tell-stopped",
-        choices=["rung", "failed"],
-        default="rung",
-        help="multi-fidelity: tell the optimizer a stopped candidate's rung result (the product) or a failure",
-    )
+    parser.add_argument("--limit", type=int, help="search documents per task (default: the whole pool)")
+    parser.add_argument("--anchors", type=float, default=RacingConfig().anchors)
+    parser.add_argument("--check", type=float, default=RacingConfig().check)
+    parser.add_argument("--z", type=float, default=RacingConfig().z)
+    parser.add_argument("--rungs", default="100,333", help="multi-fidelity rungs, documents per task")
+    parser.add_argument("--promote", type=float, default=1 / 3)
     parser.add_argument("--threads", type=int, help="torch threads (default torch's; 1 to run several at once)")
     args = parser.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    global FIDELITY, PROBLEM, TELL_STOPPED
-    PROBLEM, TELL_STOPPED = PROBLEMS[args.problem], args.tell_stopped
-    FIDELITY = Fidelity(tuple(int(r) for r in args.rungs.split(",")), args.promote)
-    chosen = args.optimizers.split(",")
-    budget_docs = args.budget * PROBLEM.full_documents
+    problem = PROBLEMS[args.problem]
+    racing = RacingConfig(anchors=args.anchors, check=args.check, z=args.z)
+    fidelity = Fidelity(tuple(int(r) for r in args.rungs.split(",")), args.promote)
+    modes = args.modes.split(",")
     print(
-        f"machine: {platform.machine()}; problem {args.problem} ({', '.join(PROBLEM.experts)}; {PROBLEM.space}); "
-        f"seeds 0-{args.seeds - 1}; budget {budget_docs} documents per run; "
-        f"rungs {FIDELITY.rungs}, promote {FIDELITY.promote:.2f}, stopped candidates told as {TELL_STOPPED}"
+        f"machine: {platform.machine()}; problem {args.problem} ({', '.join(problem.experts)}; {problem.space}); "
+        f"seeds 0-{args.seeds - 1}; budget {args.budget} full evaluations' worth of documents per run; "
+        f"modes {modes}; racing {racing.model_dump()}; rungs {fidelity.rungs}, promote {fidelity.promote:.2f}"
     )
     for path in args.zoo:
         started = time.perf_counter()
-        zoo = Zoo(path)
-        print(f"\n## {path.name} ({zoo.scorers['search'].model.config.model_type}, {zoo.layers} layers)")
-        experts = {
-            e: zoo.report_mean(
-                parse_recipe({"merge_method": "linear", "models": [{"model": e, "parameters": {"weight": 1.0}}]})
-            )
-            for e in PROBLEM.experts
-        }
-        baselines = {label: zoo.report_mean(r) for label, r in baseline_recipes("base", list(PROBLEM.experts), 0)}
-        print("| recipe | mean report score |\n|---|---|")
-        for label, v in {**experts, **baselines}.items():
-            print(f"| {label} | {v:.3f} |")
-        best_expert, best_baseline = max(experts.values()), max(baselines.values())
-        results = {}
-        for optimizer in chosen:
-            for multi in (False, True):
-                results[optimizer, multi] = [
-                    search_run(zoo, optimizer, multi, s, budget_docs) for s in range(args.seeds)
-                ]
-        print(
-            "\n| search | best mean report score | final hypervolume | documents to 95% of own final | "
-            "documents to the full-evaluation median | candidates (full) |\n|---|---|---|---|---|---|"
-        )
-        for (optimizer, multi), runs in results.items():
-            med = lambda key, runs=runs: statistics.median(r[key] for r in runs)  # noqa: E731
-            own = [documents_to(r["curve"], 0.95 * r["hypervolume"]) for r in runs]
-            target = statistics.median(r["hypervolume"] for r in results[optimizer, False])
-            reach = [documents_to(r["curve"], target) for r in runs]
-            reach_s = statistics.median(d if d is not None else float("inf") for d in reach)
-            reach_text = (
-                f"{reach_s:.0f} ({reach_s / budget_docs:.2f} of budget)" if reach_s != float("inf") else "not reached"
-            )
-            print(
-                f"| {optimizer}{' + multi-fidelity' if multi else ''} | {med('best_report_mean'):.3f} "
-                f"({', '.join(f'{r[KEY]:.3f}' for r in runs)}) | {med('hypervolume'):.4f} | "
-                f"{statistics.median(own):.0f} | {reach_text if multi else '-'} | "
-                f"{med('candidates'):.0f} ({med('full'):.0f}) |"
-            )
-        best_search = max(statistics.median(r["best_report_mean"] for r in runs) for runs in results.values())
-        verdict = "beats both" if best_search > max(best_expert, best_baseline) else "does NOT beat both"
-        print(
-            f"\nbest expert {best_expert:.3f}, best hand baseline {best_baseline:.3f}, best search (median) "
-            f"{best_search:.3f}: {verdict}"
-        )
+        zoo = Zoo(path, problem, args.limit)
+        settings = Settings(problem, args.budget * zoo.full_documents, fidelity, racing)
+        pools = ", ".join(f"{t} {len(ids)}" for t, ids in zoo.pools.items())
+        print(f"\n## {path.name} ({zoo.scorers['search'].model.config.model_type}, {zoo.layers} layers; {pools})")
+        for optimizer in args.optimizers.split(","):
+            print_zoo(zoo, settings, optimizer, modes, args.seeds)
         print(f"({time.perf_counter() - started:.0f} s)")
 
 

@@ -73,7 +73,7 @@ def test_split_placeholder_and_missing_files(tmp_path):
 def test_seeded_subset_is_fixed_and_scores_only_those_documents(zoo):
     task = EVALUATORS / "zoo" / "zoo_sort_search.yaml"
     a = TaskSuite([task], limit=30, subset_seed=5)
-    assert a.samples == {"zoo_sort_search": sorted(random.Random("5:zoo_sort_search").sample(range(200), 30))}
+    assert a.samples == {"zoo_sort_search": sorted(random.Random("5:zoo_sort_search").sample(range(1000), 30))}
     assert TaskSuite([task], limit=30, subset_seed=5).samples == a.samples
     assert TaskSuite([task], limit=30, subset_seed=6).samples != a.samples
     model, tok = load_causal_lm(zoo / "expert-sort")
@@ -276,7 +276,7 @@ def test_metrics_are_named_as_lm_eval_names_them_with_their_filter(zoo, tmp_path
 def test_a_task_without_a_report_file_holds_its_report_documents_out(zoo, tmp_path):
     """One task file for both splits: search and report score disjoint seeded subsets of its
     documents, of the sizes asked for; sizes beyond the task are refused before compute."""
-    task = str(EVALUATORS / "zoo" / "zoo_add_search.yaml")  # 200 documents, no {split}
+    task = str(EVALUATORS / "zoo" / "zoo_add_search.yaml")  # 1,000 documents, no {split}
     objectives = [{"name": "add", "task": task, "search_docs": 20, "report_docs": 0.15}]
     ev = evaluator(tmp_path, objectives, limit=50)
     ev.check_sources("search")
@@ -291,9 +291,9 @@ def test_a_task_without_a_report_file_holds_its_report_documents_out(zoo, tmp_pa
     again = CandidateScorer(models(zoo), "base", evaluator(tmp_path, objectives, limit=50, seed=ev.seed))
     assert again.documents()["zoo_add_search"] == docs["search"]  # seeded: the same split every time
 
-    too_many = evaluator(tmp_path, [{**objectives[0], "search_docs": 150, "report_docs": 100}])
+    too_many = evaluator(tmp_path, [{**objectives[0], "search_docs": 600, "report_docs": 500}])
     with pytest.raises(
-        EvaluatorError, match=r"task zoo_add_search has 200 documents: search_docs \(150\) and report_docs \(100\)"
+        EvaluatorError, match=r"task zoo_add_search has 1000 documents: search_docs \(600\) and report_docs \(500\)"
     ):
         too_many.check_sources("search")
 

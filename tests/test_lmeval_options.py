@@ -120,9 +120,9 @@ def test_max_length_is_passed_to_the_model_wrapper(zoo):
 
 
 def test_limit_as_a_fraction(zoo, tmp_path):
-    task = TASKS / "zoo_sort_search.yaml"  # 200 documents
-    suite = TaskSuite([task], limit=0.1, subset_seed=5)
-    assert suite.samples == {"zoo_sort_search": sorted(random.Random("5:zoo_sort_search").sample(range(200), 20))}
+    task = TASKS / "zoo_sort_search.yaml"  # 1,000 documents
+    suite = TaskSuite([task], limit=0.02, subset_seed=5)
+    assert suite.samples == {"zoo_sort_search": sorted(random.Random("5:zoo_sort_search").sample(range(1000), 20))}
     assert TaskSuite([task], limit=0.001).subset() == {"zoo_sort_search": [0]}  # rounded up, at least one
     text = tmp_path / "t.txt"
     text.write_text("".join(f"line {i}\n" for i in range(30)))

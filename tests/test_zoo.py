@@ -13,7 +13,8 @@ from test_campaign import wait_for
 from transformers import AutoModelForCausalLM
 
 from evomerge.zoo.build import MANIFEST, build_zoo
-from evomerge.zoo.quality import MARGIN, evaluate_zoo
+from evomerge.zoo.quality import evaluate_zoo
+from evomerge.zoo.skills import SKILLS
 from evomerge.zoo.spec import PRESETS, ZooSpec
 
 #: A zoo small enough to build several times in a test (seconds), used where quality is irrelevant.
@@ -138,6 +139,6 @@ def test_zoo_demonstrates_merging(zoo):
     report = evaluate_zoo(zoo, TASKS_DIR, split="search", limit=100)
     base = report.scores["base"]
     for skill in report.skills:
-        assert report.scores[f"expert-{skill}"][skill] >= base[skill] + MARGIN, report.table()
+        assert report.scores[f"expert-{skill}"][skill] >= base[skill] + SKILLS[skill].min_gain, report.table()
     assert report.winning_pairs, report.table()
     assert report.ok, "\n".join(report.failures) + "\n" + report.table()

@@ -89,6 +89,10 @@ class EvaluatorConfig(BaseModel):
     #: Documents per task (a fixed seeded subset); text blocks for perplexity. None: all of them.
     #: A number below 1 is a fraction of each task's documents (of the text's blocks), rounded up.
     limit: int | float | None = Field(default=None, gt=0)
+    #: Documents per task (text blocks) on the report split, which scores the exported merge and what
+    #: it is compared with: a count, a fraction below 1, or ``all``. Default: as on the search split
+    #: (``limit`` and the objectives' own). Tasks without ``{split}`` use their ``report_docs`` instead.
+    report_limit: int | float | Literal["all"] | None = None
     #: Seed of the subsets (documents, text blocks) and of few-shot example draws.
     seed: int = 0
     batch_size: int = Field(default=64, ge=1)
@@ -104,6 +108,25 @@ class EvaluatorConfig(BaseModel):
         if isinstance(value, float) and not (value < 1 or value.is_integer()):
             raise ValueError("a number of documents (a whole number >= 1) or a fraction below 1")
         return int(value) if isinstance(value, float) and value >= 1 else value
+
+    @field_validator("report_limit")
+    @classmethod
+    def _report_limit(cls, value):
+        if isinstance(value, str) or value is None:
+            return value
+        if value <= 0 or not (value < 1 or float(value).is_integer()):
+            raise ValueError("a number of documents (a whole number >= 1), a fraction below 1, or 'all'")
+        return int(value) if value >= 1 else value
+
+    def limit_for(self, split: str) -> int | float | None:
+        """Documents per task scored on ``split`` (None: all of them)."""
+        if split == "report" and self.report_limit is not None:
+            return None if self.report_limit == "all" else self.report_limit
+        return self.limit
+
+    def own_limits_apply(self, split: str) -> bool:
+        """Whether objectives' own ``limit`` apply on ``split`` (``report_limit`` replaces them)."""
+        return not (split == "report" and self.report_limit is not None)
 
     @property
     def hflm_batch_size(self) -> int | str:

@@ -16,10 +16,8 @@ from evomerge.evaluate.lmeval import TaskSuite, wrap_model
 from evomerge.merge.apply import ResidentMerge
 from evomerge.recipe import parse_recipe
 from evomerge.zoo.build import load_manifest
+from evomerge.zoo.skills import SKILLS
 from evomerge.zoo.tasks import task_name
-
-#: An expert must beat the base on its skill by this much (absolute score, 0..1).
-MARGIN = 0.05
 
 
 @dataclass
@@ -117,13 +115,13 @@ def _score_models(model, states: dict, skill_names: list[str], merge_weight: flo
 
 
 def _judge(report: ZooReport) -> None:
-    """Record in ``report`` the experts that do not beat the base by ``MARGIN`` on their skill, the
+    """Record in ``report`` the experts that do not beat the base by their skill's ``min_gain``, the
     pairs whose merge beats both experts on the mean of their skills, and a failure if none does."""
     skill_names = report.skills
     base_row = report.scores["base"]
     for skill in skill_names:
         gain = report.scores[f"expert-{skill}"][skill] - base_row[skill]
-        if gain < MARGIN:
+        if gain < SKILLS[skill].min_gain:
             report.failures.append(f"expert-{skill} beats the base on {skill} by only {gain:+.3f}")
     for a, b in combinations(skill_names, 2):
         merged = _mean(report.scores[f"merge({a}+{b})"], (a, b))

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from evomerge.zoo.skills import GENERAL, SKILLS
+from evomerge.zoo.skills import DATA_VERSION, EVAL_SEED, GENERAL, SKILLS, SPLIT_SIZES
 
 
 class ZooSpec(BaseModel):
@@ -75,8 +75,10 @@ class ZooSpec(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of the spec: the zoo's cache key. The weights also depend on the machine that builds
-        them (``reproducible_on`` in the manifest, see ``evomerge.zoo.build``), which is not keyed on."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        them (``reproducible_on`` in the manifest, see ``evomerge.zoo.build``), which is not keyed on.
+        The evaluation pools are: training leaves out every held-out prompt."""
+        data = {"eval_seed": EVAL_SEED, "split_sizes": SPLIT_SIZES, "data_version": DATA_VERSION}
+        blob = json.dumps({**self.model_dump(mode="json"), "evaluation_data": data}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -45,7 +45,7 @@ class PerplexityKind(ObjectiveKind):
                 evaluator.resolve(o.perplexity, split),
                 tokenizer,
                 block_size=evaluator.block_size,
-                limit=evaluator.limit,
+                limit=evaluator.limit_for(split),
                 seed=evaluator.seed,
                 batch_size=evaluator.batch_size,
                 max_length=max_length,

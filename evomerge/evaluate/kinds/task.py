@@ -132,7 +132,7 @@ class _Plan:
         options = evaluator.lm_eval
         return TaskSuite(
             group["refs"],
-            limit=evaluator.limit if draw else None,
+            limit=evaluator.limit_for(split) if draw else None,
             subset_seed=evaluator.seed if draw else None,
             num_fewshot=group["shots"],
             fewshot_seed=evaluator.seed,
@@ -140,7 +140,7 @@ class _Plan:
             evaluate_kwargs=group["prompt"],
             held_out=group["held"] if draw else None,
             split=split,
-            limits=group["limits"] if draw else None,
+            limits=group["limits"] if draw and evaluator.own_limits_apply(split) else None,
             task_gen_kwargs=group["gen"],
             confirm_run_unsafe_code=group["confirmed"],
         )
