@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.chunks import block_for, blocks, f32
+from evomerge.merge.chunks import block_for, blocks
 from evomerge.merge.registry import MergeError, Sparsifier
 from evomerge.merge.stats import DeltaStats, della_rank
 
@@ -188,7 +188,7 @@ def masked(m: Mask, s: DeltaStats, a: int, b: int, out: torch.Tensor, tmp: torch
     """
     if m.mode == "none":
         return out.zero_()
-    d = f32(s.delta, a, b, out)
+    d = s.chunk(a, b, out)
     if m.mode == "all":
         return d if d is out else out.copy_(d)
     if m.mode == "top":  # |d| > lo (lo: just below the kept threshold)
