@@ -241,3 +241,42 @@ def test_relative_base_path_and_hub_id_name_the_base(lora_models, tmp_path):
     assert check_adapter(hub, specs, "org/base", lora_models / "base").targets
     with pytest.raises(AdapterError, match="another base"):
         check_adapter(hub, specs, str(lora_models / "base"), lora_models / "base")
+
+
+# --- a merge of LoRA experts written as a LoRA adapter ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method,shared,per_model",
+    [("task_arithmetic", {"lambda": 0.8}, {"weight": [0.3, 1.0]}), ("linear", {}, {"weight": 0.5})],
+    ids=["task_arithmetic", "linear"],
+)
+def test_adapter_export_loads_in_peft_and_equals_the_full_merge(lora_models, tmp_path, method, shared, per_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.adapter import write_adapter
+
+    lora = recipe(method, lora_models, "lora", shared, per_model)
+    merge_to_disk(lora, tmp_path / "full", progress=False)
+    write_adapter(lora, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 + 3  # the ranks concatenated: q_proj's, from "all" and "qv"
+    assert set(config["rank_pattern"].values()) == {4, 4 + 2}  # k, o, gate: "all" alone; v, up, down: two
+    base = AutoModelForCausalLM.from_pretrained(lora_models / "base")
+    merged = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload()
+    got = {n: p.detach() for n, p in merged.state_dict().items()}
+    assert_close(got, weights(tmp_path / "full"), atol=1e-5)
+
+
+def test_adapter_export_refuses_a_merge_that_is_not_low_rank(lora_models, tmp_path):
+    from evomerge.merge.adapter import write_adapter
+
+    ties = recipe("ties", lora_models, "lora", {}, {"weight": 0.5, "density": 0.5})
+    with pytest.raises(MergeError, match="ties is not low rank"):
+        write_adapter(ties, tmp_path / "adapter")
+    mixed = recipe("task_arithmetic", lora_models, "lora", {}, {"weight": 0.5}, names=("all",))
+    mixed.models.append(recipe("task_arithmetic", lora_models, "full", {}, {"weight": 0.5}, names=("qv",)).models[0])
+    with pytest.raises(MergeError, match="is a full checkpoint"):
+        write_adapter(mixed, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
