@@ -4,6 +4,7 @@ full model."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from test_campaign import cli, experiment, tells
@@ -23,6 +24,7 @@ def adapters(zoo, tmp_path_factory):
     configs = {
         "lora-all": LoraConfig(r=4, lora_alpha=0.05, target_modules="all-linear", init_lora_weights=False),
         "lora-attn": LoraConfig(r=2, lora_alpha=0.05, target_modules=["q_proj", "v_proj"], use_rslora=True),
+        "lora-mlp": LoraConfig(r=2, lora_alpha=0.05, target_modules=["up_proj", "down_proj"], init_lora_weights=False),
     }
     for i, (name, config) in enumerate(configs.items()):
         torch.manual_seed(i)
@@ -80,3 +82,18 @@ def test_a_bad_adapter_fails_the_campaign_in_one_line_before_any_compute(zoo, ad
     assert message in lines[0]
     assert not (tmp_path / "campaign").exists()
     shutil.rmtree(bad)
+
+
+def test_the_shipped_lora_experiment_is_valid(zoo, adapters):
+    """experiments/lora_experts.yaml, its zoo adapters (``zoo build --lora``) replaced by this test's."""
+    from conftest import REPO
+
+    from evomerge.experiment import check_experiment, load_experiment
+
+    path = REPO / "experiments" / "lora_experts.yaml"
+    exp = load_experiment(path)
+    mine = dict(zip(("lora-add", "lora-rev", "lora-sort"), ("lora-all", "lora-attn", "lora-mlp")))
+    models = {n: str(adapters / mine[Path(r).name]) if Path(r).name in mine else r for n, r in exp.models.items()}
+    models["base"] = str(zoo / "base")
+    checked = check_experiment(exp.model_copy(update={"models": models}), path, check_tracking=False)
+    assert checked.num_layers == 4 and checked.layer_counts["expert-add"] == 4

@@ -311,6 +311,7 @@ def build_lora_experts(out: str | os.PathLike, lora: LoraSpec, progress: Progres
         entry = {"name": path.name, "skill": skill, "path": path.name, "seed": seed, "final_loss": round(loss, 4)}
         entries.append({**entry, "trained_parameters": trained})
     record = {"fingerprint": key, "lora": lora.model_dump(mode="json"), "models": entries}
+    record["reproducible_on"] = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     record["build_seconds"] = round(time.time() - started, 1)
     (root / LORA_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
     return record
