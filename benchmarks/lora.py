@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from evomerge.merge.apply import ResidentMerge  # noqa: E402
-from evomerge.merge.chunks import CHUNK, CHUNK_CUDA  # noqa: E402
+from evomerge.merge.chunks import BLOCK, CHUNK, CHUNK_CUDA  # noqa: E402
 from evomerge.merge.memory import MemoryPolicy  # noqa: E402
 from evomerge.recipe import parse_recipe  # noqa: E402
 
@@ -65,8 +65,8 @@ def bytes_table(rank: int = 16) -> None:
     for name, size in (("LoRA factors, 16-bit:", 2), ("LoRA factors, float32:", 4)):
         held = size * factors
         print(f"{name:<34}{held / MIB:8.1f} MiB  ({held:,} B; {2 * params / held:.0f}x less)")
-    cpu, cuda = 4 * CHUNK / 1024, 4 * CHUNK_CUDA / MIB
-    print(f"transient per chunk (row block, float32): at most {cpu:.0f} KiB on CPU, {cuda:.0f} MiB on CUDA")
+    cpu, cuda = 4 * max(BLOCK, CHUNK) / MIB, 4 * max(BLOCK, CHUNK_CUDA) / MIB
+    print(f"transient of chunked reads (one row block, float32): about {cpu:.0f} MiB on CPU, {cuda:.0f} MiB on CUDA")
     print(
         f"transient for whole-tensor statistics: the largest adapted tensor's dense delta, 16-bit: "
         f"{2 * largest / MIB:.0f} MiB per expert, for the one tensor being merged"
@@ -155,6 +155,38 @@ def whole_candidate(zoo: Path, repeats: int) -> None:
         print(f"{kind:<6} total {statistics.median(totals[kind]):.3f}  scores {values[kind]}")
 
 
+def one_tensor(repeats: int, rank: int = 16, shape=(4096, 14336)) -> None:
+    """The merge of one 8B-shaped tensor (down_proj, 58.7M entries) over three experts: LoRA factors
+    (rank ``rank``, bfloat16) against bfloat16 task vectors, per method, cache none, median."""
+    from evomerge.merge.kernel import merge_tensor
+    from evomerge.merge.lowrank import LowRankDelta
+    from evomerge.merge.plan import RecipePlan
+    from evomerge.merge.registry import METHODS
+    from evomerge.merge.stats import DeltaStats
+
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+    draw = lambda *size: torch.randn(*size, generator=gen).to(torch.bfloat16)  # noqa: E731
+    factors = [(draw(rank, shape[1]), draw(shape[0], rank)) for _ in range(3)]
+    lowrank = [LowRankDelta(a, b * 1e-3, 2.0, shape, torch.bfloat16) for a, b in factors]
+    dense = [d.dense() for d in lowrank]
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    print(f"\n## one {shape[0]}x{shape[1]} tensor, three experts, rank {rank}, cache none (median of {repeats}, s)")
+    print(f"{'method':<16}{'LoRA':>9}{'dense':>9}{'ratio':>8}")
+    for method in ("task_arithmetic", "ties", "dare_ties"):
+        params = RecipePlan(recipe(method), 32).resolve("model.layers.3.mlp.down_proj.weight")
+        shared, per_model = params.shared, list(params.per_model)
+        times = {"lora": [], "dense": []}
+        for _ in range(repeats):
+            for kind, deltas in (("lora", lowrank), ("dense", dense)):
+                stats = [DeltaStats(d.to("cpu") if kind == "lora" else d, i + 1) for i, d in enumerate(deltas)]
+                started = time.perf_counter()
+                merge_tensor(METHODS[method], base, stats, shared, per_model, out)
+                times[kind].append(time.perf_counter() - started)
+        lora, full = statistics.median(times["lora"]), statistics.median(times["dense"])
+        print(f"{method:<16}{lora:9.3f}{full:9.3f}{lora / full:8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -165,6 +197,7 @@ def main() -> None:
     threads, day = torch.get_num_threads(), time.strftime("%Y-%m-%d")
     print(f"{platform.machine()}, {threads} threads, torch {torch.__version__}, {day}")
     bytes_table()
+    one_tensor(args.repeats)
     if args.zoo:
         timings(args.zoo, args.repeats)
         whole_candidate(args.zoo, max(1, args.repeats // 2))

@@ -280,3 +280,19 @@ def test_adapter_export_refuses_a_merge_that_is_not_low_rank(lora_models, tmp_pa
     with pytest.raises(MergeError, match="is a full checkpoint"):
         write_adapter(mixed, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_chunks_across_row_blocks_are_the_dense_delta_bit_for_bit():
+    """A tensor of several row blocks (about ``chunks.BLOCK`` entries each): ranges that cross a
+    block's end read the same bits as the whole tensor, which is B @ A * scaling rounded once."""
+    from evomerge.merge.chunks import BLOCK
+
+    gen = torch.Generator().manual_seed(1)
+    rows, cols = 2 * BLOCK // 1000 + 7, 1000  # three blocks of 1048 rows, the last one short
+    a, b = torch.randn(3, cols, generator=gen), torch.randn(rows, 3, generator=gen)
+    delta = LowRankDelta(a, b, 0.5, (rows, cols), torch.bfloat16)
+    dense = delta.dense()
+    assert torch.allclose(dense.float(), b @ a * 0.5, rtol=2**-8, atol=1e-6)  # bfloat16 rounding
+    flat, span = dense.reshape(-1).float(), (BLOCK // cols) * cols
+    for lo, hi in [(0, 10), (span - 5, span + 5), (span - 1, 2 * span + 3), (2 * span, rows * cols)]:
+        assert torch.equal(delta.chunk(lo, hi, torch.empty(hi - lo)), flat[lo:hi]), (lo, hi)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge.merge.chunks import chunk_for
+from evomerge.merge.chunks import block_for
 from evomerge.models.lora import LoraAdapter
 from evomerge.models.weights import SafetensorsFile
 
@@ -74,7 +74,7 @@ class LowRankDelta:
         return self.shape[-1]
 
     def _rows_per_block(self) -> int:
-        return max(1, chunk_for(self.device) // self._cols)
+        return max(1, block_for(self.device) // self._cols)  # whole rows, about a block: few, large matmuls
 
     def _rows(self, j: int) -> torch.Tensor:
         """Row block ``j`` (float32, flat), formed once per call in a row: ranges are read in order."""

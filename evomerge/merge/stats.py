@@ -216,9 +216,12 @@ class DeltaStats:
         if self.zero:
             return 0.0
         if "l1" not in self.scalars:
-            flat, total = self.delta.reshape(-1), torch.zeros((), dtype=torch.float64, device=self.delta.device)
-            for a, b in blocks(self.n, block_for(self.delta.device)):
-                total += flat[a:b].abs().sum(dtype=torch.float64)
+            dev = self.stored.device
+            total, size = torch.zeros((), dtype=torch.float64, device=dev), block_for(dev)
+            values = torch.empty(min(size, self.n), device=dev) if self.lowrank else None
+            for a, b in blocks(self.n, size):
+                part = self.stored.reshape(-1)[a:b] if values is None else self.chunk(a, b, values[: b - a])
+                total += part.abs().sum(dtype=torch.float64)
             self.scalars["l1"] = float(total)
         return self.scalars["l1"]
 
