@@ -296,3 +296,93 @@ def test_chunks_across_row_blocks_are_the_dense_delta_bit_for_bit():
     flat, span = dense.reshape(-1).float(), (BLOCK // cols) * cols
     for lo, hi in [(0, 10), (span - 5, span + 5), (span - 1, 2 * span + 3), (2 * span, rows * cols)]:
         assert torch.equal(delta.chunk(lo, hi, torch.empty(hi - lo)), flat[lo:hi]), (lo, hi)
+
+
+def test_fan_in_fan_out_adapters_of_a_conv1d_model(tmp_path):
+    """GPT-2 stores its linear weights transposed (Conv1D, ``fan_in_fan_out``): the delta is (B A)^T."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=2, n_head=2)).save_pretrained(
+        tmp_path / "base"
+    )
+    config = LoraConfig(
+        r=2, lora_alpha=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False
+    )
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config).save_pretrained(tmp_path / "lora-a")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    PeftModel.from_pretrained(base, tmp_path / "lora-a").merge_and_unload().save_pretrained(tmp_path / "full-a")
+    for kind in ("lora", "full"):
+        data = {
+            "merge_method": "task_arithmetic",
+            "base_model": str(tmp_path / "base"),
+            "models": [{"model": str(tmp_path / f"{kind}-a"), "parameters": {"weight": 0.8}}],
+            "dtype": "float32",
+        }
+        merge_to_disk(parse_recipe(data), tmp_path / f"out-{kind}", progress=False)
+    got, want = weights(tmp_path / "out-lora"), weights(tmp_path / "out-full")
+    assert_close(got, want)
+    name = "transformer.h.1.attn.c_attn.weight"
+    assert (got[name] - weights(tmp_path / "base")[name]).abs().max() > 1e-3
+
+
+def test_an_adapter_named_by_hub_id_is_read_from_the_local_hub_cache(lora_models, tmp_path):
+    """The base and an adapter as hub ids, found offline in a Hugging Face cache laid out as
+    huggingface_hub writes it; the adapter names its base by hub id. The merge equals the one over
+    the local directories."""
+    import os
+
+    from test_hub_cache import add_to_cache
+
+    home = tmp_path / "hf-home"
+    add_to_cache(home / "hub", "org/tiny-base", lora_models / "base", "1" * 40)
+    adapter = edited_adapter(
+        lora_models / "lora-qv", tmp_path / "adapter", {"base_model_name_or_path": "org/tiny-base"}
+    )
+    add_to_cache(home / "hub", "org/tiny-lora", adapter, "2" * 40)
+    data = {
+        "merge_method": "ties",
+        "base_model": "org/tiny-base",
+        "models": [{"model": "org/tiny-lora", "parameters": {"weight": 0.9, "density": 0.6}}],
+        "dtype": "float32",
+    }
+    (tmp_path / "recipe.yaml").write_text(json.dumps(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_OFFLINE"))}
+    cli = [sys.executable, "-m", "evomerge", "--offline", "merge", str(tmp_path / "recipe.yaml")]
+    result = subprocess.run(
+        [*cli, "--out", str(tmp_path / "hub")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "HF_HOME": str(home)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    local = {
+        **data,
+        "base_model": str(lora_models / "base"),
+        "models": [{**data["models"][0], "model": str(lora_models / "lora-qv")}],
+    }
+    merge_to_disk(parse_recipe(local), tmp_path / "local", progress=False)
+    for name, t in weights(tmp_path / "local").items():
+        assert torch.equal(weights(tmp_path / "hub")[name], t), name
+
+
+def test_zoo_build_lora_adds_adapters_and_leaves_the_zoo_as_it_was(tmp_path):
+    from evomerge.zoo.build import build_zoo
+    from evomerge.zoo.spec import PRESETS
+
+    zoo = tmp_path / "zoo"
+    manifest = build_zoo(zoo, PRESETS["micro"])
+    before = {p.relative_to(zoo): p.read_bytes() for p in zoo.rglob("*") if p.is_file()}
+    cli = [sys.executable, "-m", "evomerge", "zoo", "build", "--out", str(zoo), "--preset", "micro", "--lora"]
+    result = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = {p.relative_to(zoo): p.read_bytes() for p in zoo.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k in before} == before  # base, experts, manifest: untouched
+    specs = tensor_specs(str(zoo / "base"), True)
+    for skill in manifest["spec"]["experts"]:
+        adapter = check_adapter(zoo / f"lora-{skill}", specs, str(zoo / "base"), zoo / "base")
+        assert len(adapter.targets) == 7 * 2  # every linear module of both layers, the head left out
+    again = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert "LoRA experts in" in again.stderr and "are up to date" in again.stderr, again.stderr[-2000:]
