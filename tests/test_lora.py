@@ -386,3 +386,19 @@ def test_zoo_build_lora_adds_adapters_and_leaves_the_zoo_as_it_was(tmp_path):
         assert len(adapter.targets) == 7 * 2  # every linear module of both layers, the head left out
     again = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert "LoRA experts in" in again.stderr and "are up to date" in again.stderr, again.stderr[-2000:]
+
+
+def test_kinship_of_lora_experts_is_that_of_their_merged_checkpoints(lora_models):
+    from evomerge.models.kinship import kinship_of, stream_models
+
+    tables = {}
+    for kind in ("lora", "full"):
+        dirs = [lora_models / f"{kind}-{n}" for n in ADAPTERS]
+        layers, tensors = stream_models(lora_models / "base", dirs)
+        tables[kind] = kinship_of(list(ADAPTERS), layers, tensors)
+    for got, want in zip(tables["lora"].pairs, tables["full"].pairs):
+        assert (got["a"], got["b"]) == (want["a"], want["b"])
+        for metric in ("cosine", "pearson", "euclidean"):
+            assert got[metric] == pytest.approx(want[metric], rel=1e-4, abs=1e-6), metric
+        assert got["sign_conflict"] == pytest.approx(want["sign_conflict"], abs=1e-3)  # signs of float noise
+    assert any(abs(p["cosine"]) > 1e-3 for p in tables["lora"].pairs)  # the adapters overlap: not all zero
