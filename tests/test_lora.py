@@ -402,3 +402,23 @@ def test_kinship_of_lora_experts_is_that_of_their_merged_checkpoints(lora_models
             assert got[metric] == pytest.approx(want[metric], rel=1e-4, abs=1e-6), metric
         assert got["sign_conflict"] == pytest.approx(want["sign_conflict"], abs=1e-3)  # signs of float noise
     assert any(abs(p["cosine"]) > 1e-3 for p in tables["lora"].pairs)  # the adapters overlap: not all zero
+
+
+def test_start_up_memory_plan_counts_a_lora_expert_as_its_factors(lora_models):
+    """``plan_bytes`` (the workers' memory check, from headers) predicts what a worker then holds."""
+    from evomerge.evaluate.candidate import _lora_factors, _Tensors
+    from evomerge.merge.io import ModelSource
+    from evomerge.merge.shared import Inputs, plan_bytes
+
+    models = {"base": str(lora_models / "base"), "a": str(lora_models / "lora-all"), "b": str(lora_models / "full-qv")}
+    sizes = plan_bytes(Inputs(models, "base", None, MemoryPolicy()))
+    r = resident(lora_models, "lora", "none")  # for its model; the experts below are these two
+    params = r.params
+    experts = {
+        "a": _lora_factors(lora_models / "lora-all", params, models["base"], False),
+        "b": _Tensors(ModelSource(lora_models / "full-qv"), list(params)),
+    }
+    merge = ResidentMerge(r.model, {n: p.detach() for n, p in params.items()}, experts, memory=MemoryPolicy())
+    held = merge.expert_bytes()
+    assert held["a"] < held["b"] / 5
+    assert sizes["experts"] == held["a"] + held["b"]
