@@ -77,15 +77,14 @@ class LowRankDelta:
         return max(1, block_for(self.device) // self._cols)  # whole rows, about a block: few, large matmuls
 
     def _rows(self, j: int) -> torch.Tensor:
-        """Row block ``j`` (float32, flat), formed once per call in a row: ranges are read in order."""
+        """Row block ``j`` (flat, in ``dtype``: formed in float32 and rounded once, as a stored task
+        vector is), kept until another is asked for: ranges are read in order."""
         if self._block is not None and self._block[0] == j:
             return self._block[1]
         per = self._rows_per_block()
         b = self.b[j * per : (j + 1) * per]
-        rows = torch.matmul(b.float(), self.a.float()).mul_(self.scaling)
-        if self.dtype != torch.float32:
-            rows = rows.to(self.dtype).float()  # rounded once, as a stored task vector is
-        self._block = (j, rows.reshape(-1))
+        rows = torch.matmul(b.float().mul(self.scaling), self.a.float())  # scaling on B: rows x r, not rows x in
+        self._block = (j, rows.reshape(-1).to(self.dtype))  # chunk's copy into float32 is exact
         return self._block[1]
 
     def chunk(self, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
