@@ -41,6 +41,16 @@ def cmd_zoo_build(args) -> int:
     for m in manifest["models"]:
         print(f"{m['name']:<14} {args.out}/{m['path']}  ({m['parameters']:,} parameters)")
     print(f"content hash {manifest['content_hash'][:16]}")
+    if args.lora:
+        from evomerge.zoo.build import build_lora_experts
+        from evomerge.zoo.spec import LoraSpec
+
+        try:
+            lora = build_lora_experts(args.out, LoraSpec(), progress=_print)
+        except ImportError as e:
+            raise UserError(f"--lora trains adapters with peft, which is not installed ({e})") from None
+        for m in lora["models"]:
+            print(f"{m['name']:<14} {args.out}/{m['path']}  (LoRA adapter, {m['trained_parameters']:,} trained)")
     return 0
 
 
@@ -127,6 +137,11 @@ def cmd_merge(args) -> int:
 
     try:
         recipe = load_recipe(args.recipe)
+        if args.as_adapter:
+            from evomerge.merge.adapter import write_adapter
+
+            print(write_adapter(recipe, args.out, overwrite=args.force))
+            return 0
         out = merge_to_disk(
             recipe,
             args.out,
@@ -598,6 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--architecture", choices=["llama", "qwen2"])
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="also train a LoRA adapter per expert (peft), as DIR/lora-<skill>; the zoo itself is unchanged",
+    )
     p.set_defaults(func=cmd_zoo_build)
     p = zoo.add_parser("tasks", help="(re)write the zoo's lm-eval task files")
     p.add_argument("--out", type=Path, default=Path("evaluators/zoo"))
@@ -626,6 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default="2GB", help="largest output shard (default 2GB)")
     p.add_argument("--device", default="cpu", help="where to compute (cpu, cuda, cuda:1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--as-adapter",
+        action="store_true",
+        help="write a LoRA adapter (peft), not a model: linear or task_arithmetic over LoRA experts only",
+    )
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(

@@ -270,13 +270,21 @@ def check_experiment(
     for model in space.used_models:
         if model not in exp.models:
             fail("models", f"the search space uses model '{model}', which the experiment does not give")
+    adapters = {n: f for n, f in ((n, _adapter(r)) for n, r in exp.models.items()) if f is not None}
     configs = {}
     for name, ref in exp.models.items():
-        configs[name] = _model_config(ref, exp.allow_pickle, lambda msg, n=name: fail(f"models.{n}", msg))
+        if name not in adapters:  # a LoRA adapter has the base's config: checked against the base below
+            configs[name] = _model_config(ref, exp.allow_pickle, lambda msg, n=name: fail(f"models.{n}", msg))
     _check_custom_code(exp, configs, fail)
-    check_models = {"merge": _check_merge_models, "path": _check_path_models}[space.kind]
     warnings: list[str] = []
-    counts = check_models(exp, space, configs, fail, lambda field, msg: warnings.append(f"{source}: {field}: {msg}"))
+    warn = lambda field, msg: warnings.append(f"{source}: {field}: {msg}")  # noqa: E731
+    if space.kind == "path":
+        used = [m for m in space.models if m in adapters]
+        if used:
+            fail(f"models.{used[0]}", "a LoRA adapter cannot be a layer path's model (merge it into its base first)")
+        counts = _check_path_models(exp, space, configs, fail, warn)
+    else:
+        counts = _check_merge_models(exp, space, configs, fail, warn, adapters)
     _check_tasks_and_tracking(exp, evaluator, fail, check_tasks, check_tracking, exp.models[space.resident_base])
     return CheckedExperiment(exp, space, evaluator, counts, tuple(warnings))
 
@@ -343,12 +351,14 @@ def _check_search(exp: Experiment, evaluator, fail) -> None:
         _check_racing(exp, evaluator, fail)
 
 
-def _check_merge_models(exp: Experiment, space, configs: dict, fail, warn) -> dict[str, int]:
+def _check_merge_models(exp: Experiment, space, configs: dict, fail, warn, adapters: dict) -> dict[str, int]:
     """A parameter space's models: one architecture and vocabulary (soft differences warned), the
-    base's tensors in every expert, the workers fit, the genome and options build, the seed recipes
-    exist; returns every model's layer count."""
+    base's tensors in every expert, LoRA adapters (``adapters``: name -> folder) of the base, the
+    workers fit, the genome and options build, the seed recipes exist; returns every model's layer count."""
     from evomerge.models.compat import config_differences, tokenizer_differences
 
+    if space.base in adapters:
+        fail(f"models.{space.base}", "a LoRA adapter cannot be the base; give the model it adapts as the base")
     base = configs[space.base]
     base_dir = _local_dir(exp.models[space.base])
     for name, config in configs.items():
@@ -360,10 +370,12 @@ def _check_merge_models(exp: Experiment, space, configs: dict, fail, warn) -> di
             fail(f"models.{name}", f"incompatible with the base '{space.base}': {(hard + hard_tok)[0]}")
         for difference in soft + soft_tok:
             warn(f"models.{name}", f"{difference} (merged anyway: the merged model takes the base's)")
-    specs = _check_tensors(exp.models, space.base, fail)
+    specs = _check_tensors({n: r for n, r in exp.models.items() if n not in adapters}, space.base, fail)
+    lora = _check_adapters(exp, space.base, specs[space.base], adapters, fail)
     if exp.workers.address is None:  # a private pool: this host
-        _check_fits_host(exp, specs, space.base, fail)
+        _check_fits_host(exp, specs, space.base, fail, lora)
     counts = {name: _layer_count(name, c, fail) for name, c in configs.items()}
+    counts.update(dict.fromkeys(adapters, counts[space.base]))
     genome = _check_genome(exp, space, counts, fail)
     _check_seed_recipes(exp, genome, fail)
     return counts
@@ -513,6 +525,42 @@ def _check_tensors(models: dict[str, str], base: str, fail) -> dict:
     return specs
 
 
+def _adapter(ref: str) -> Path | None:
+    """``ref``'s folder when it is a LoRA adapter: a local directory, or a hub id found in the local
+    hub cache or, online, on the hub (its ``adapter_config.json`` and weights are fetched)."""
+    from evomerge.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_folder
+
+    found = adapter_folder(ref)
+    if found is not None or Path(ref).is_absolute():
+        return found
+    from huggingface_hub.constants import is_offline_mode
+
+    if is_offline_mode():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        hf_hub_download(ref, ADAPTER_CONFIG)
+        return Path(snapshot_download(ref, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"]))
+    except Exception:  # not an adapter repo (or unreachable): the model checks say which
+        return None
+
+
+def _check_adapters(exp: Experiment, base: str, base_specs: dict, adapters: dict, fail) -> dict[str, int]:
+    """Each LoRA adapter is a plain LoRA of the base (``evomerge.models.lora.check_adapter``); returns
+    the bytes of each one's factors, which a worker keeps."""
+    from evomerge.models.lora import AdapterError, check_adapter, lora_bytes
+
+    out = {}
+    for name, folder in adapters.items():
+        try:
+            check_adapter(folder, base_specs, exp.models[base], _local_dir(exp.models[base]))
+        except AdapterError as e:
+            fail(f"models.{name}", str(e))
+        out[name] = lora_bytes(folder)
+    return out
+
+
 def _check_fidelity(fidelity: FidelityConfig, evaluator, fail) -> None:
     if evaluator.limit is None:
         fail("fidelity", "multi-fidelity needs the evaluator's limit (documents per task at full fidelity)")
@@ -588,10 +636,10 @@ DTYPE_BYTES = {
 }
 
 
-def resident_estimate(exp: Experiment, specs: dict, base: str) -> dict[str, int]:
+def resident_estimate(exp: Experiment, specs: dict, base: str, lora: dict[str, int] | None = None) -> dict[str, int]:
     """Bytes one worker keeps resident, from the headers and ``workers.memory``: the model (in
-    ``workers.dtype`` or as saved), the base (in the model's dtype), the experts' task vectors, the
-    cache budget."""
+    ``workers.dtype`` or as saved), the base (in the model's dtype), the experts' task vectors (a LoRA
+    expert's, ``lora``: name -> bytes, its factors), the cache budget."""
     from math import prod
 
     from evomerge.merge.memory import DEFAULT_CACHE_BYTES
@@ -609,8 +657,10 @@ def resident_estimate(exp: Experiment, specs: dict, base: str) -> dict[str, int]
     tv_size = 4 if tv_dtype == "float32" else 2
     budget = DEFAULT_CACHE_BYTES if memory.cache_bytes is None else memory.cache_bytes
     # every statistic of every method is at most 40 B/param/expert (evomerge.merge.memory)
-    cache = 0 if memory.cache != "auto" else min(budget, 40 * numel * (len(specs) - 1))
-    return {"model": model, "base": model, "experts": (len(specs) - 1) * numel * tv_size, "cache": cache}
+    experts = len(specs) - 1 + len(lora or {})
+    cache = 0 if memory.cache != "auto" else min(budget, 40 * numel * experts)
+    dense = (len(specs) - 1) * numel * tv_size
+    return {"model": model, "base": model, "experts": dense + sum((lora or {}).values()), "cache": cache}
 
 
 #: Host memory of the processes beside their tensors: the controller and Ray's own processes, and
@@ -620,14 +670,14 @@ def resident_estimate(exp: Experiment, specs: dict, base: str) -> dict[str, int]
 PROCESS_BYTES, WORKER_PROCESS_BYTES = 2**29, 2**29
 
 
-def _check_fits_host(exp: Experiment, specs: dict, base: str, fail) -> None:
+def _check_fits_host(exp: Experiment, specs: dict, base: str, fail, lora: dict[str, int] | None = None) -> None:
     """Refuse a private pool whose resident tensors in host memory exceed this machine's available
     memory. CPU workers: per worker its model and cache, and the base and task vectors once when
     shared (``workers.memory.share``), else per worker too. GPU workers hold their models on the
     device, but the shared copy of the base and task vectors lives in host memory all the same."""
     import psutil
 
-    parts = resident_estimate(exp, specs, base)
+    parts = resident_estimate(exp, specs, base, lora)
     n, shared = exp.workers.count, exp.workers.memory.share
     inputs = parts["base"] + parts["experts"]
     processes = PROCESS_BYTES + n * WORKER_PROCESS_BYTES

@@ -36,13 +36,12 @@ class SharedStore:
             stream = task.remote(inputs)
             refs = list(stream)
             ray.get(stream.completed())  # raises if the task's process died
-            status, detail = ray.get(refs[-1])  # small: returned inline
+            status, detail, *held = ray.get(refs[-1])  # small: returned inline
             if status != "ok":
                 raise RuntimeError(detail)
             if len(detail) != len(refs) - 1:
                 raise RuntimeError(f"the shared copy holds {len(refs) - 1} tensors, the model has {len(detail)}")
-            experts = [n for n in inputs["models"] if n != inputs["base"]]
-            self.published = {"experts": experts, "refs": dict(zip(detail, refs))}
+            self.published = {"experts": held[0], "refs": dict(zip(detail, refs))}  # LoRA experts: none
             return len(detail)
         finally:
             self._settled.set()

@@ -138,7 +138,7 @@ class ScoringWorker:
             return None
         acc = Kinship(resident.experts, resident.num_layers)
         for name, row in resident.stats.items():
-            acc.add(name, [s.delta for s in row])
+            acc.add(name, [s.dense() for s in row])
         return acc.table().to_dict()
 
     def score(

@@ -262,6 +262,7 @@ def _resident_merge(
     from evomerge.merge.apply import ResidentMerge
     from evomerge.merge.io import ModelSource, resolve_model_dir
     from evomerge.merge.memory import trim_heap
+    from evomerge.models.lora import is_adapter_dir
 
     model, tokenizer = load(models[base])
     params = dict(model.named_parameters())
@@ -270,9 +271,26 @@ def _resident_merge(
     for name, ref in models.items():
         if name == base:
             continue
-        source = ModelSource(resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+        folder = resolve_model_dir(ref, allow_pickle=allow_pickle)
+        if is_adapter_dir(folder):  # a LoRA expert: its factors, checked against the base
+            experts[name] = _lora_factors(folder, params, models[base], allow_pickle)
+            continue
+        source = ModelSource(folder, allow_pickle=allow_pickle)
         have = set(source.names())
         experts[name] = _Tensors(source, [n for n in params if n in have])  # read one tensor at a time
     resident = ResidentMerge(model, base_state, experts, base_name=base, memory=memory, shared=shared)
     trim_heap()  # the experts' tensors read while the task vectors were made
     return resident, model, tokenizer
+
+
+def _lora_factors(folder, params: dict, base_ref: str, allow_pickle: bool):
+    """A LoRA expert's factors of the model's parameters, its adapter checked against the base (its
+    base named, its targets in the model, its shapes and ranks; ``evomerge.models.lora``)."""
+    from evomerge.merge.io import as_merge_error, resolve_model_dir
+    from evomerge.merge.lowrank import load_factors
+    from evomerge.models.lora import check_adapter
+
+    specs = {n: (tuple(p.shape), str(p.dtype)) for n, p in params.items()}
+    with as_merge_error():
+        adapter = check_adapter(folder, specs, base_ref, resolve_model_dir(base_ref, allow_pickle=allow_pickle))
+        return load_factors(adapter, {n: tuple(p.shape) for n, p in params.items()})

@@ -19,6 +19,8 @@ import torch
 
 from evomerge.merge.chunks import scratch_bytes, sum64
 from evomerge.merge.kernel import merge_tensor
+from evomerge.merge.lowrank import LoraFactors, LowRankDelta
+from evomerge.merge.lowrank import kept as lowrank_kept
 from evomerge.merge.memory import MemoryPolicy, place
 from evomerge.merge.plan import RecipePlan
 from evomerge.merge.registry import MergeError
@@ -34,18 +36,22 @@ def compute_tensor(
     plan: RecipePlan,
     name: str,
     base: torch.Tensor,
-    inputs: list[torch.Tensor] | None = None,
+    inputs: list[torch.Tensor | LowRankDelta] | None = None,
     stats: list[DeltaStats] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The merged tensor ``name`` from the plan's inputs, given either their tensors (``inputs``, in
-    ``plan.inputs`` order: nothing is kept) or their resident task-vector ``stats``. float32, or
-    ``out`` (any float dtype, each entry rounded once) when the method can write into it."""
+    ``plan.inputs`` order, a LoRA expert's as its ``LowRankDelta``: nothing is kept) or their resident
+    task-vector ``stats``. float32, or ``out`` (any float dtype, each entry rounded once) when the
+    method can write into it."""
     params = plan.resolve(name)
     if stats is None:
         base = base.float()
         seed = plan.recipe.evomerge.seed
-        stats = [DeltaStats(x.float() - base, field_seed(seed, name, i)) for i, x in enumerate(inputs)]
+        stats = [
+            DeltaStats(x if isinstance(x, LowRankDelta) else x.float() - base, field_seed(seed, name, i))
+            for i, x in enumerate(inputs)
+        ]
     return merge_tensor(plan.method, base, stats, params.shared, list(params.per_model), out, params.lines_scale)
 
 
@@ -101,7 +107,7 @@ class ResidentMerge:
         missing = [n for n in self.params if n not in base]
         if missing:
             raise MergeError(f"base state has no tensor '{missing[0]}' of the model")
-        base_home, expert_home = self.memory.homes(self.device)
+        self.homes = self.memory.homes(self.device)
         self.budget = self.memory.budget()
         self.experts = list(experts)
         self.base: dict[str, torch.Tensor] = {}
@@ -109,44 +115,57 @@ class ResidentMerge:
         self._field_keys: dict[str, tuple[int, int]] = {}
         self.shared_tensors = 0  # tensors whose base and task vectors are the shared copy's
         for name, param in self.params.items():
-            if shared is not None and self._fits(shared, name, param):
-                self.base[name] = place(shared.base[name], base_home, pin=False)
-                self.stats[name] = [
-                    DeltaStats(place(shared.deltas[e][name], expert_home, pin=False), 0, self.budget)
-                    for e in self.experts
-                ]
-                self.shared_tensors += 1
-                continue
+            self.stats[name] = self._row(name, param, base, experts, shared)
+
+    def _row(self, name: str, param: torch.Tensor, base, experts, shared: Fetched | None) -> list[DeltaStats]:
+        """Tensor ``name``'s base kept (``self.base``) and each expert's task vector, in ``experts`` order:
+        the shared copy's where it fits, a LoRA expert's factors (``LoraFactors``), else made here."""
+        base_home, expert_home = self.homes
+        lora = {e: state for e, state in experts.items() if isinstance(state, LoraFactors)}
+        if shared is not None and self._fits(shared, name, param, lora):
+            self.base[name] = place(shared.base[name], base_home, pin=False)
+            dense = {e: place(shared.deltas[e][name], expert_home, pin=False) for e in experts if e not in lora}
+            self.shared_tensors += 1
+        else:
             kept = place(base[name], base_home)
             self.base[name] = kept.clone() if kept.data_ptr() == param.data_ptr() else kept
-            tensors = []
-            for expert, state in experts.items():
-                if name not in state:
-                    raise MergeError(f"expert '{expert}' has no tensor '{name}'")
-                tensors.append(state[name])
-                if tensors[-1].shape != kept.shape:
-                    raise MergeError(
-                        f"expert '{expert}': tensor '{name}' has shape "
-                        f"{tuple(tensors[-1].shape)}, base has {tuple(kept.shape)}"
-                    )
-            dtype = self.memory.task_vector_dtype_for({t.dtype for t in tensors}, param.dtype)
-            base_f32 = kept.to(device=self.device, dtype=torch.float32)
-            self.stats[name] = [
-                DeltaStats(
-                    place((t.to(device=self.device, dtype=torch.float32) - base_f32).to(dtype), expert_home),
-                    0,
-                    self.budget,
-                )
-                for t in tensors
-            ]
+            dense = self._deltas(name, param, kept, {e: s for e, s in experts.items() if e not in lora})
+        row = []
+        for expert, state in experts.items():
+            if expert in lora:
+                factors, adapter_dtype = state.get(name), next((f.dtype for f in state.values()), param.dtype)
+                dtype = self.memory.task_vector_dtype_for({adapter_dtype}, param.dtype)
+                row.append(DeltaStats(lowrank_kept(factors, param.shape, dtype, expert_home), 0, self.budget))
+            else:
+                row.append(DeltaStats(dense[expert], 0, self.budget))
+        return row
 
-    def _fits(self, shared: Fetched, name: str, param: torch.Tensor) -> bool:
+    def _deltas(self, name: str, param: torch.Tensor, kept: torch.Tensor, experts) -> dict[str, torch.Tensor]:
+        """Full experts' task vectors of tensor ``name`` against the kept base, in the policy's dtype."""
+        tensors = {}
+        for expert, state in experts.items():
+            if name not in state:
+                raise MergeError(f"expert '{expert}' has no tensor '{name}'")
+            tensors[expert] = state[name]
+            if tensors[expert].shape != kept.shape:
+                raise MergeError(
+                    f"expert '{expert}': tensor '{name}' has shape "
+                    f"{tuple(tensors[expert].shape)}, base has {tuple(kept.shape)}"
+                )
+        dtype = self.memory.task_vector_dtype_for({t.dtype for t in tensors.values()}, param.dtype)
+        base_f32 = kept.to(device=self.device, dtype=torch.float32)
+        return {
+            e: place((t.to(device=self.device, dtype=torch.float32) - base_f32).to(dtype), self.homes[1])
+            for e, t in tensors.items()
+        }
+
+    def _fits(self, shared: Fetched, name: str, param: torch.Tensor, lora) -> bool:
         b = shared.base.get(name)
         return (
             b is not None
             and b.dtype == param.dtype
             and b.shape == param.shape
-            and all(name in shared.deltas.get(e, {}) for e in self.experts)
+            and all(name in shared.deltas.get(e, {}) for e in self.experts if e not in lora)
         )
 
     def _reseed(self, seed: int, order: list[str]) -> None:
@@ -212,13 +231,27 @@ class ResidentMerge:
             count("base", t)
         rows = [s for row in self.stats.values() for s in row]
         for s in rows:
-            count("task_vectors", s.delta)
+            for t in s.stored.tensors() if s.lowrank else [s.stored]:
+                count("task_vectors", t)
         for kind in CACHE_KINDS:
             for s in rows:
                 for t in s.held(kind):
                     count(kind, t)
         totals["scratch"] = scratch_bytes()
         return totals
+
+    def expert_bytes(self) -> dict[str, int]:
+        """Bytes each expert's task vectors hold (a LoRA expert's: its factors), storages counted once."""
+        out = {}
+        for i, expert in enumerate(self.experts):
+            seen = {}
+            for row in self.stats.values():
+                s = row[i]
+                for t in s.stored.tensors() if s.lowrank else [s.stored]:
+                    storage = t.untyped_storage()
+                    seen[(storage.device, storage.data_ptr())] = storage.nbytes()
+            out[expert] = sum(seen.values())
+        return out
 
     def clear_cache(self) -> None:
         """Forget every cached statistic (its bytes go back to the budget), e.g. when a search moves

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.chunks import block_for, blocks, f32
+from evomerge.merge.chunks import block_for, blocks
 from evomerge.merge.registry import MergeError, Sparsifier
 from evomerge.merge.stats import DeltaStats, della_rank
 
@@ -47,7 +47,7 @@ class DropKeys:
     """
 
     def __init__(self, s: DeltaStats, eps: float, lo: float, sorted_keys: bool):
-        self.s, self.eps, self.lo, self.device = s, eps, lo, s.delta.device
+        self.s, self.eps, self.lo, self.device = s, eps, lo, s.stored.device
         self.entry = s.sorted_keys(eps) if sorted_keys else s.cached_keys(eps)
         field_ = s.uniform_field() if self.entry is None else None
         rank = s.della_rank() if self.entry is None and eps else None
@@ -70,12 +70,12 @@ class DropKeys:
             k = int(torch.searchsorted(keys_sorted, at).item())
             return float(cum[k - 1]) if k > 0 else 0.0
         n, size, dev = self.s.n, block_for(self.device), self.device
-        flat = self.s.delta.reshape(-1)
         buf, total = torch.empty(min(size, n), device=dev), torch.zeros((), dtype=torch.float64, device=dev)
+        values = torch.empty(min(size, n), device=dev)
         bits = torch.empty((n + 7) // 8, dtype=torch.uint8, device=dev)
         for a, b in blocks(n, size):
             keep = self._keys(a, b, buf[: b - a], size) < self.lo
-            total += (flat[a:b].abs().float() * keep).sum(dtype=torch.float64)
+            total += (self.s.chunk(a, b, values[: b - a]).abs() * keep).sum(dtype=torch.float64)
             bits[a // 8 : (b + 7) // 8] = _pack(keep)
         self.bits = bits
         return float(total)
@@ -188,7 +188,7 @@ def masked(m: Mask, s: DeltaStats, a: int, b: int, out: torch.Tensor, tmp: torch
     """
     if m.mode == "none":
         return out.zero_()
-    d = f32(s.delta, a, b, out)
+    d = s.chunk(a, b, out)
     if m.mode == "all":
         return d if d is out else out.copy_(d)
     if m.mode == "top":  # |d| > lo (lo: just below the kept threshold)

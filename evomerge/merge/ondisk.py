@@ -9,7 +9,7 @@ nothing is written at the target unless the whole merge succeeds.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,12 +24,16 @@ from evomerge.merge.io import (
     ShardedWriter,
     StagedDirectory,
     TensorInfo,
+    as_merge_error,
     iter_with_progress,
     resolve_model_dir,
 )
+from evomerge.merge.lowrank import kept as lowrank_kept
+from evomerge.merge.lowrank import load_factors
 from evomerge.merge.plan import RecipePlan
 from evomerge.merge.registry import MergeError
 from evomerge.models.layout import num_layers
+from evomerge.models.lora import check_adapter, is_adapter_dir
 from evomerge.models.source import ModelLoadError
 from evomerge.recipe import Recipe
 
@@ -100,6 +104,8 @@ class _MergeInputs:
     out_infos: list[TensorInfo]
     plan: RecipePlan
     out_dtype: torch.dtype | None
+    #: LoRA experts' factors (ref -> ``LoraFactors``), checked against the base
+    factors: dict = field(default_factory=dict)
 
     @property
     def base(self) -> ModelSource:
@@ -112,10 +118,13 @@ def _check_merge(recipe: Recipe, allow_pickle: bool, trust_remote_code: bool = F
     refs = recipe.model_names()
     base_ref = recipe.base_model or refs[0]
     dirs = {ref: resolve_model_dir(ref, allow_pickle) for ref in refs}
-    sources = {ref: ModelSource(d, allow_pickle) for ref, d in dirs.items()}
+    if is_adapter_dir(dirs[base_ref]):
+        raise MergeError(f"{base_ref}: a LoRA adapter cannot be the base; name the model it adapts as base_model")
+    sources = {ref: ModelSource(d, allow_pickle) for ref, d in dirs.items() if not is_adapter_dir(d)}
     base = sources[base_ref]
     _refuse_custom_code(sources, dirs, trust_remote_code)
     infos = _check_compatible(base_ref, base, {r: s for r, s in sources.items() if r != base_ref})
+    factors = _lora_experts(base_ref, dirs, infos)
     plan = RecipePlan(recipe, num_layers_of(base.config))
     out_dtype = DTYPE_NAMES.get(recipe.out_dtype or recipe.dtype or "")
     if (recipe.out_dtype or recipe.dtype) and out_dtype is None:
@@ -129,7 +138,29 @@ def _check_merge(recipe: Recipe, allow_pickle: bool, trust_remote_code: bool = F
     tok_ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base") else base_ref
     if tok_ref not in dirs:
         dirs[tok_ref] = resolve_model_dir(tok_ref, allow_pickle)
-    return _MergeInputs(recipe, dirs, sources, base_ref, tok_ref, infos, out_infos, plan, out_dtype)
+    return _MergeInputs(recipe, dirs, sources, base_ref, tok_ref, infos, out_infos, plan, out_dtype, factors)
+
+
+def _lora_experts(base_ref: str, dirs: dict[str, Path], infos: list[TensorInfo]) -> dict:
+    """The LoRA adapters among the models, checked against the base and their factors loaded."""
+    specs = {i.name: (i.shape, str(i.dtype)) for i in infos}
+    shapes = {i.name: i.shape for i in infos if i.dtype.is_floating_point}
+    out = {}
+    for ref, folder in dirs.items():
+        if ref != base_ref and is_adapter_dir(folder):
+            with as_merge_error():
+                out[ref] = load_factors(check_adapter(folder, specs, base_ref, dirs[base_ref]), shapes)
+    return out
+
+
+def _input(m: _MergeInputs, ref: str, name: str, base_f: torch.Tensor, device: str):
+    """Input ``ref``'s tensor ``name`` for ``compute_tensor``: the base's, a full model's (float32 on
+    ``device``), or a LoRA expert's ``LowRankDelta`` (float32 factors there)."""
+    if ref == m.base_ref:
+        return base_f
+    if ref in m.factors:
+        return lowrank_kept(m.factors[ref].get(name), base_f.shape, torch.float32, base_f.device).to(base_f.device)
+    return m.sources[ref].tensor(name).to(device=device, dtype=torch.float32)
 
 
 def _write_merged(m: _MergeInputs, writer: ShardedWriter, device: str, progress: bool) -> None:
@@ -140,10 +171,7 @@ def _write_merged(m: _MergeInputs, writer: ShardedWriter, device: str, progress:
             writer.write(info.name, base_t)
             continue
         base_f = base_t.to(device=device, dtype=torch.float32)
-        tensors = [
-            base_f if r == m.base_ref else m.sources[r].tensor(info.name).to(device=device, dtype=torch.float32)
-            for r in m.plan.inputs
-        ]
+        tensors = [_input(m, r, info.name, base_f, device) for r in m.plan.inputs]
         merged = compute_tensor(m.plan, info.name, base_f, inputs=tensors)
         if not all_finite(merged):
             raise MergeError(f"merged tensor '{info.name}' contains NaN or inf; nothing was written")

@@ -30,6 +30,7 @@ from evomerge.merge.memory import MemoryPolicy, trim_heap
 from evomerge.merge.registry import MergeError
 from evomerge.models import weights
 from evomerge.models.config import parameter_names, read_config, saved_dtype
+from evomerge.models.lora import is_adapter_dir, lora_bytes
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -76,12 +77,23 @@ class Inputs:
         if isinstance(self.memory, dict):
             object.__setattr__(self, "memory", MemoryPolicy(**self.memory))  # frozen: set once, here
 
+    def adapters(self) -> dict[str, Path]:
+        """The LoRA experts' adapter folders (name -> folder): each worker keeps their factors itself
+        (tens of MB at 8B), so the shared copy holds none of them."""
+        dirs = {
+            n: resolve_model_dir(r, allow_pickle=self.allow_pickle) for n, r in self.models.items() if n != self.base
+        }
+        return {n: d for n, d in dirs.items() if is_adapter_dir(d)}
+
     @property
     def experts(self) -> list[str]:
-        return [n for n in self.models if n != self.base]
+        """The experts whose task vectors the shared copy holds: the full ones."""
+        adapters = self.adapters()
+        return [n for n in self.models if n != self.base and n not in adapters]
 
     def open(self) -> tuple[list[str], torch.dtype | None, dict[str, ModelSource]]:
-        """(parameter names, the model's dtype guess, name -> ModelSource); close the sources."""
+        """(parameter names, the model's dtype guess, name -> ModelSource of the base and the full
+        experts); close the sources."""
         base_dir = resolve_model_dir(self.models[self.base], allow_pickle=self.allow_pickle)
         if self.names is not None:
             names = list(self.names)
@@ -89,8 +101,8 @@ class Inputs:
             with as_merge_error():
                 names = parameter_names(base_dir, self.trust_remote_code)
         sources = {
-            n: ModelSource(resolve_model_dir(r, allow_pickle=self.allow_pickle), self.allow_pickle)
-            for n, r in self.models.items()
+            n: ModelSource(resolve_model_dir(self.models[n], allow_pickle=self.allow_pickle), self.allow_pickle)
+            for n in [self.base, *self.experts]
         }
         return names, model_dtype_guess(base_dir, self.dtype), sources
 
@@ -109,7 +121,9 @@ def stored_names(inputs: Inputs) -> tuple[str, ...] | None:
     (``evomerge.models.weights.stored_names``): the parameters and any buffer saved beside them, so
     that ``plan_bytes`` over them is at least the shared copy's size (tied weights are saved once).
     None for pickled checkpoints, which cannot be listed without loading them."""
-    dirs = {n: resolve_model_dir(r, allow_pickle=inputs.allow_pickle) for n, r in inputs.models.items()}
+    dirs = {
+        n: resolve_model_dir(inputs.models[n], allow_pickle=inputs.allow_pickle) for n in [inputs.base, *inputs.experts]
+    }
     with as_merge_error():
         return weights.stored_names(dirs, inputs.base, inputs.allow_pickle)
 
@@ -120,7 +134,8 @@ def plan_bytes(inputs: Inputs) -> dict[str, int]:
     worker holds."""
     names, model_dtype, sources = inputs.open()
     policy = inputs.memory
-    sizes = {"base": 0, "experts": 0}
+    # LoRA experts: their factors, kept in the adapter's dtype by each worker
+    sizes = {"base": 0, "experts": sum(lora_bytes(folder) for folder in inputs.adapters().values())}
     try:
         for name in names:
             info = sources[inputs.base].info(name)
@@ -170,7 +185,8 @@ def produce(inputs: Inputs):
 
 def produce_stream(fields: dict):
     """For a Ray generator task: ``produce``'s objects (``Inputs(**fields)``), then a small last item:
-    ("ok", the parameter names in the order of the objects) or ("error", the reason)."""
+    ("ok", the parameter names in the order of the objects, the experts whose task vectors they hold)
+    or ("error", the reason)."""
     names = []
     try:
         for name, payload in produce(Inputs(**fields)):
@@ -181,7 +197,7 @@ def produce_stream(fields: dict):
 
         yield ("error", first_line(e))
         return
-    yield ("ok", names)
+    yield ("ok", names, Inputs(**fields).experts)
 
 
 @dataclass

@@ -14,12 +14,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from evomerge.merge.chunks import block_for, blocks
+from evomerge.merge.chunks import block_for, blocks, f32
 from evomerge.merge.memory import CacheBudget, place
+
+if TYPE_CHECKING:
+    from evomerge.merge.lowrank import LowRankDelta
 
 
 def field_seed(seed: int, tensor_name: str, position: int) -> int:
@@ -117,7 +120,7 @@ class DeltaStats:
     otherwise each call recomputes what it needs, with the same result.
     """
 
-    delta: torch.Tensor
+    stored: torch.Tensor | LowRankDelta
     seed: int
     budget: CacheBudget | None = None
     #: where cached statistics live: the resident task vector's device
@@ -131,16 +134,49 @@ class DeltaStats:
 
     def __post_init__(self):
         if self.home is None:
-            self.home = self.delta.device
+            self.home = self.stored.device
+        self._dense: torch.Tensor | None = None
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """The task vector as a tensor: the stored one, or a LoRA expert's formed from its factors and
+        held by this object (one tensor's merge: see ``on``)."""
+        if isinstance(self.stored, torch.Tensor):
+            return self.stored
+        if self._dense is None:
+            self._dense = self.stored.dense()
+        return self._dense
+
+    @property
+    def lowrank(self) -> bool:
+        return not isinstance(self.stored, torch.Tensor)
+
+    @property
+    def zero(self) -> bool:
+        """A LoRA expert's delta of a tensor its adapter does not target (statistics are known: 0)."""
+        return self.lowrank and self.stored.is_zero
+
+    def dense(self) -> torch.Tensor:
+        """The task vector as a tensor, not held afterwards."""
+        return self.stored if isinstance(self.stored, torch.Tensor) else self.stored.dense()
+
+    def chunk(self, a: int, b: int, buf: torch.Tensor) -> torch.Tensor:
+        """Flat entries [a, b) as float32: a view of a float32 stored delta, else written into ``buf``
+        (a LoRA expert's formed from its factors, a row block at a time)."""
+        if self.lowrank and self._dense is None:
+            return self.stored.chunk(a, b, buf)
+        return f32(self.delta, a, b, buf)
 
     @property
     def n(self) -> int:
-        return self.delta.numel()
+        return self.stored.numel()
 
     def on(self, device: torch.device) -> DeltaStats:
         """This task vector for a merge on ``device``: the delta copied there (asynchronously from
-        pinned memory; no copy when it is there already), sharing the cache and scalars."""
-        return replace(self, delta=self.delta.to(device, non_blocking=True))
+        pinned memory; no copy when it is there already; a LoRA expert's factors, in float32),
+        sharing the cache and scalars. A LoRA expert's dense delta, when a statistic needs it, is
+        held by the copy: for the one tensor it merges."""
+        return replace(self, stored=self.stored.to(device, non_blocking=True))
 
     def reseed(self, seed: int) -> None:
         """Draw random masks from ``seed`` from now on (the cached field and drop keys go)."""
@@ -177,10 +213,15 @@ class DeltaStats:
 
     @property
     def l1(self) -> float:
+        if self.zero:
+            return 0.0
         if "l1" not in self.scalars:
-            flat, total = self.delta.reshape(-1), torch.zeros((), dtype=torch.float64, device=self.delta.device)
-            for a, b in blocks(self.n, block_for(self.delta.device)):
-                total += flat[a:b].abs().sum(dtype=torch.float64)
+            dev = self.stored.device
+            total, size = torch.zeros((), dtype=torch.float64, device=dev), block_for(dev)
+            values = torch.empty(min(size, self.n), device=dev) if self.lowrank else None
+            for a, b in blocks(self.n, size):
+                part = self.stored.reshape(-1)[a:b] if values is None else self.chunk(a, b, values[: b - a])
+                total += part.abs().sum(dtype=torch.float64)
             self.scalars["l1"] = float(total)
         return self.scalars["l1"]
 
@@ -189,13 +230,15 @@ class DeltaStats:
 
     def kth_largest(self, k: int) -> float:
         """The k-th largest |delta| (1 <= k <= n): a lookup in cached sorted magnitudes, else a selection."""
+        if self.zero:
+            return 0.0
         sorted_desc = self._sorted()
         return float(sorted_desc[k - 1]) if sorted_desc is not None else _kth_largest(self.delta, k)
 
     def top_sum(self, k: int) -> float:
         """Sum of the k largest magnitudes (L1 norm of a top-k mask): a lookup in cached prefix sums,
         else one pass: the sum above the k-th largest, plus as many of its ties as k still takes."""
-        if k <= 0:
+        if k <= 0 or self.zero:
             return 0.0
         sorted_desc = self._sorted()
         if sorted_desc is not None:

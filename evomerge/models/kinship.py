@@ -244,9 +244,10 @@ def stream_models(
             raise ModelLoadError(f"{d}: config.json is not valid JSON ({e})") from None
 
     base = source(base_dir)
-    experts = [source(d) for d in expert_dirs]
+    lora = _lora_experts(base, Path(base_dir), expert_dirs)
+    experts = [lora.get(i) or source(d) for i, d in enumerate(expert_dirs)]
     for src, d in zip(experts, expert_dirs):
-        missing = [n for n in base.names() if n not in src.names()]
+        missing = [] if isinstance(src, dict) else [n for n in base.names() if n not in src.names()]
         if missing:
             raise ModelLoadError(f"{d}: has no tensor '{missing[0]}' of the base")
     layers = num_layers(base.config)
@@ -259,19 +260,45 @@ def stream_models(
                 b = base.tensor(name)
                 row = []
                 for src, d in zip(experts, expert_dirs):
-                    t = src.tensor(name)
+                    t = _expert_tensor(src, name, b) if lora else src.tensor(name)
                     if tuple(t.shape) != tuple(b.shape):
                         raise ModelLoadError(
                             f"{d}: tensor '{name}' has shape {tuple(t.shape)}, base has {tuple(b.shape)}"
                         )
                     row.append(t)
-                yield name, row, b
+                yield (name, row, None) if lora else (name, row, b)
         finally:
             base.close()
             for src in experts:
-                src.close()
+                if not isinstance(src, dict):
+                    src.close()
 
     return layers, tensors()
+
+
+def _lora_experts(base: ModelSource, base_dir: Path, expert_dirs: list) -> dict:
+    """Position -> factors (``evomerge.merge.lowrank.LoraFactors``) of the experts that are LoRA
+    adapters, each checked against the base."""
+    from evomerge.models.lora import check_adapter, is_adapter_dir
+
+    found = {i: Path(d) for i, d in enumerate(expert_dirs) if is_adapter_dir(Path(d))}
+    if not found:
+        return {}
+    from evomerge.merge.lowrank import load_factors
+
+    infos = {n: base.info(n) for n in base.names()}
+    specs = {n: (i.shape, str(i.dtype)) for n, i in infos.items()}
+    shapes = {n: i.shape for n, i in infos.items()}
+    return {i: load_factors(check_adapter(d, specs, str(base_dir), base_dir), shapes) for i, d in found.items()}
+
+
+def _expert_tensor(src, name: str, base: torch.Tensor) -> torch.Tensor:
+    """An expert's task vector of tensor ``name`` in float32: a LoRA expert's formed from its factors
+    (zero where its adapter targets none), a full expert's its weights minus the base's."""
+    if isinstance(src, dict):
+        delta = src.get(name)
+        return torch.zeros(base.shape) if delta is None else delta.to("cpu").dense()
+    return src.tensor(name).float() - base.float()
 
 
 def kinship_of(

@@ -28,7 +28,7 @@ import torch
 
 from evomerge.staging import staging_dir, swap_into_place, sweep_stale_staging
 from evomerge.zoo import skills
-from evomerge.zoo.spec import ZooSpec
+from evomerge.zoo.spec import LoraSpec, ZooSpec
 from evomerge.zoo.tokenizer import train_tokenizer
 
 MANIFEST = "manifest.json"
@@ -266,3 +266,52 @@ def _manifest(root: Path, spec: ZooSpec, entries: list[dict], n_params: int) -> 
             "machine": platform.machine(),
         },
     }
+
+
+LORA_MANIFEST = "lora.json"
+
+
+def build_lora_experts(out: str | os.PathLike, lora: LoraSpec, progress: Progress = lambda _: None) -> dict:
+    """Train (or reuse) a LoRA adapter per expert skill of the zoo in ``out`` (needs peft): from its
+    base, on the full expert's batches (its seed), saved as ``out/lora-<skill>`` (adapter_config.json
+    naming ``../base``, adapter_model.safetensors); returns the manifest ``out/lora.json``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root, manifest = Path(out), load_manifest(Path(out))
+    spec = ZooSpec.model_validate(manifest["spec"])
+    key = lora.fingerprint(spec)
+    try:
+        cached = json.loads((root / LORA_MANIFEST).read_text())
+        if cached.get("fingerprint") == key and all((root / m["path"]).is_dir() for m in cached["models"]):
+            progress(f"LoRA experts in {root} are up to date ({key})")
+            return cached
+    except (OSError, ValueError):
+        pass
+    vocab = json.loads((root / "base" / "tokenizer.json").read_text())["model"]["vocab"]
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    entries, started = [], time.time()
+    for expert in (m for m in manifest["models"] if m["role"] == "expert"):
+        skill, seed, path = expert["skill"], expert["seed"], root / f"lora-{expert['skill']}"
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets, lora_dropout=0.0)
+        peft_model = get_peft_model(model, config)
+        steps = lora.steps or spec.expert_steps
+        mixture, batches = spec.expert_mixture(skill), random.Random(seed)
+        loss = train(peft_model, vocab, mixture, steps, lora.lr, spec.batch_size, batches, path.name, progress)
+        staged = staging_dir(path)
+        peft_model.save_pretrained(staged)
+        adapter_config = json.loads((staged / "adapter_config.json").read_text())
+        adapter_config["base_model_name_or_path"] = "../base"  # the zoo moves as one folder
+        (staged / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+        shutil.rmtree(path, ignore_errors=True)
+        staged.rename(path)
+        trained = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        entry = {"name": path.name, "skill": skill, "path": path.name, "seed": seed, "final_loss": round(loss, 4)}
+        entries.append({**entry, "trained_parameters": trained})
+    record = {"fingerprint": key, "lora": lora.model_dump(mode="json"), "models": entries}
+    record["reproducible_on"] = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    record["build_seconds"] = round(time.time() - started, 1)
+    (root / LORA_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    return record

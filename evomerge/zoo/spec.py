@@ -98,3 +98,25 @@ PRESETS: dict[str, ZooSpec] = {
         experts=("add", "rev"),
     ),
 }
+
+
+class LoraSpec(BaseModel):
+    """LoRA experts of a zoo (``evomerge zoo build --lora``): one adapter per expert skill, trained
+    with peft from the zoo's base on the same batches as the full expert of that skill (its seed),
+    saved beside it as ``lora-<skill>``. Apart from the zoo's spec: adding them changes neither the
+    base, the full experts, nor the zoo's fingerprint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    #: peft's ``target_modules``: every linear module but the output head
+    target_modules: str | tuple[str, ...] = "all-linear"
+    #: None: the zoo's ``expert_steps``
+    steps: int | None = Field(None, ge=1)
+    #: A LoRA learns with a larger rate than a full fine-tune (the zoo's experts: 1e-3)
+    lr: float = Field(5e-3, gt=0)
+
+    def fingerprint(self, zoo: ZooSpec) -> str:
+        blob = json.dumps({"zoo": zoo.fingerprint(), "lora": self.model_dump(mode="json")}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

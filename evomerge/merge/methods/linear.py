@@ -33,7 +33,7 @@ def linear(method, base, stats, shared, per_model):
         x = scratch("x", b - a, dev)
         base_chunk = f32(flat_base, a, b, scratch("base", b - a, dev))
         for s, w in zip(stats, weights):
-            torch.add(base_chunk, s.delta.reshape(-1)[a:b], out=x)  # the input's own weights, in float32
+            torch.add(base_chunk, s.chunk(a, b, x), out=x)  # the input's own weights, in float32
             acc.add_(x, alpha=w)
         return acc.div_(total) if normalize else acc
 

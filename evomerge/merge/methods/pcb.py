@@ -78,11 +78,11 @@ def _mix(stats, scores, cached, bounds, weights, kept, lam: float, dev, a: int, 
     """The balance-weighted mean of the kept entries on flat range [a, b), scaled by lambda."""
     import torch
 
-    from evomerge.merge.chunks import f32, scratch
+    from evomerge.merge.chunks import scratch
 
     L = b - a
     if cached:
-        ds = [f32(s.delta, a, b, scratch(f"pcbd{i}", L, dev)) for i, s in enumerate(stats)]
+        ds = [s.chunk(a, b, scratch(f"pcbd{i}", L, dev)) for i, s in enumerate(stats)]
         balances = [scratch(f"pcbs{i}", L, dev).copy_(k[0][a:b], non_blocking=True) for i, k in enumerate(cached)]
     else:
         balances, ds = scores(a, b)
@@ -109,10 +109,10 @@ def _clip_bounds(s, n: int) -> tuple[float, float]:
 
 def _balance(stats, bounds, dev, a: int, b: int):
     """(every input's balance on flat range [a, b), every input's delta there as float32)."""
-    from evomerge.merge.chunks import f32, scratch
+    from evomerge.merge.chunks import scratch
 
     L, n_models = b - a, len(stats)
-    ds = [f32(s.delta, a, b, scratch(f"pcbd{i}", L, dev)) for i, s in enumerate(stats)]
+    ds = [s.chunk(a, b, scratch(f"pcbd{i}", L, dev)) for i, s in enumerate(stats)]
     total = scratch("pcbsum", L, dev).zero_()
     for d in ds:
         total.add_(d)

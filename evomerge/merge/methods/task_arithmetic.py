@@ -105,11 +105,11 @@ def _consensus_mask(merged, stats, per_model, k: int, a: int, b: int, x, tmp) ->
     vector outweighs the rest of the merge there. ``x`` and ``tmp``: chunk-sized scratch."""
     import torch
 
-    from evomerge.merge.chunks import f32, scratch
+    from evomerge.merge.chunks import scratch
 
     count = scratch("count", b - a, merged.device).zero_()
     for s, p in zip(stats, per_model):
-        d = f32(s.delta, a, b, x)
+        d = s.chunk(a, b, x)
         torch.mul(d, float(p["weight"]), out=x)
         torch.sub(merged, x, out=tmp).abs_().mul_(float(p["tall_lambda"]))
         count.add_(torch.ge(x.abs_(), tmp, out=tmp))
