@@ -8,7 +8,7 @@ import torch
 from conftest import REPO
 
 from evomerge.evaluate.candidate import CandidateScorer
-from evomerge.evaluate.config import EvaluatorError, load_evaluator, parse_evaluator
+from evomerge.evaluate.config import SPLITS, EvaluatorError, load_evaluator, parse_evaluator
 from evomerge.evaluate.lmeval import HeldOut, TaskSuite, wrap_model
 from evomerge.evaluate.perplexity import PerplexityScorer
 from evomerge.models.loading import load_causal_lm
@@ -334,3 +334,22 @@ def test_an_out_of_memory_error_halves_the_batch_and_the_candidate_is_scored(zoo
     assert "batch_halvings" not in scorer.score(alone("expert-add")).timings  # kept for later candidates
     reference = CandidateScorer(models(zoo), "base", evaluator(tmp_path, objectives, limit=8, batch_size=2))
     assert halved.values == reference.score(alone("expert-add")).values
+
+
+def test_report_limit_sets_the_report_splits_documents(zoo, tmp_path):
+    """``report_limit`` scores that many documents per task on the report split (``all``: every one),
+    the search split keeps ``limit``; bad values are refused naming the field."""
+    objectives = [{"name": "add", "task": "zoo/zoo_add_{split}.yaml", "limit": 7}]
+    ev = evaluator(tmp_path, objectives, limit=10, report_limit=25)
+    assert (ev.limit_for("search"), ev.limit_for("report")) == (10, 25)
+    assert evaluator(tmp_path, objectives, limit=10, report_limit="all").limit_for("report") is None
+    assert evaluator(tmp_path, objectives, limit=10).limit_for("report") == 10  # default: as on the search split
+    scored = {
+        split: CandidateScorer(models(zoo), "base", ev, split=split).score(alone("expert-add")) for split in SPLITS
+    }
+    # the objective's own limit holds on the search split; report_limit replaces it on the report split
+    assert {s: r.timings["documents"] for s, r in scored.items()} == {"search": 7, "report": 25}
+    assert len(scored["report"].per_document["add"]["zoo_add_report"][0]) == 25
+    for bad in (0, 2.5, "some"):
+        with pytest.raises(EvaluatorError, match="report_limit"):
+            evaluator(tmp_path, objectives, report_limit=bad)
