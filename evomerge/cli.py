@@ -553,6 +553,7 @@ def cmd_export(args) -> int:
             device=device,
             dtype=args.dtype,
             search=None if args.no_compare else search,
+            as_adapter=args.as_adapter,
         )
     except _campaign_errors() as e:
         raise UserError(str(e)) from None
@@ -703,6 +704,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-eval", action="store_true", help="skip scoring on the report split")
+    p.add_argument(
+        "--as-adapter",
+        action="store_true",
+        help="also write the merge as one LoRA adapter in OUT/adapter (LoRA experts, linear or task_arithmetic)",
+    )
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the export to this hub repository")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument(

@@ -27,6 +27,10 @@ from evomerge.errors import first_line
 STOP_IN_MERGE = "EVOMERGE_EXPORT_STOP_IN_MERGE"
 
 
+#: Where ``export --as-adapter`` writes the merge as a LoRA adapter, inside the export.
+ADAPTER_DIR = "adapter"
+
+
 def located_recipe(recipe, models: dict[str, str]):
     """The recipe with model names replaced by their locations."""
     data = recipe.model_dump(exclude_none=True)
@@ -192,24 +196,40 @@ def export(
     device: str = "cpu",
     dtype: str | None = None,
     search=None,
+    as_adapter: bool = False,
 ) -> dict:
     """Export ``trial`` to ``out`` atomically (see the module docstring); returns what
     ``evomerge.json`` records, plus ``path`` (and ``registered`` with ``register``). The report
     split is scored on ``device`` in ``dtype`` (None: as saved); with the campaign's ``search``, the
-    best hand baseline and the best expert alone too (``report_comparison``)."""
+    best hand baseline and the best expert alone too (``report_comparison``). ``as_adapter``: the
+    merge also as one LoRA adapter in ``out/adapter`` (LoRA experts, linear or task arithmetic only:
+    checked before anything is written)."""
     from evomerge.staging import staging_dir, swap_into_place
 
     exp = loaded.experiment
     recipe = located_recipe(trial.recipe, exp.models)
+    if as_adapter:
+        from evomerge.merge.adapter import check_adapter
+        from evomerge.merge.registry import MergeError
+
+        try:
+            check_adapter(recipe)
+        except MergeError as e:
+            raise CampaignError(f"trial {trial.id}: {e}") from None
     staging = staging_dir(out)
     try:
         _merge_into(recipe, staging, out, force, exp, progress)
+        if as_adapter:
+            from evomerge.merge.adapter import write_adapter
+
+            write_adapter(recipe, staging / ADAPTER_DIR)
         record = {
             "campaign": str(loaded.directory),
             "trial": trial.id,
             "genome": trial.genome,
             "search_scores": dict(zip([o.name for o in loaded.objectives], trial.values or [])),
             "seed": exp.seed,
+            **({"adapter": ADAPTER_DIR} if as_adapter else {}),
         }
         if evaluate:
             _score_staged(staging, record, loaded, trial, recipe, device, dtype, search)

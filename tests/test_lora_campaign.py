@@ -60,6 +60,39 @@ def test_a_campaign_over_lora_experts_runs_and_exports_a_full_model(zoo, adapter
     recipe = (out / "mergekit_config.yml").read_text()
     assert str(adapters / "lora-all") in recipe  # the adapter, as the experiment named it
 
+    # --as-adapter: a pick that merges a full checkpoint is refused in one line, nothing written
+    refused = cli("export", tmp_path / "campaign", "--best", "--out", tmp_path / "x", "--as-adapter", cwd=tmp_path)
+    assert refused.returncode == 2 and "is a full checkpoint" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "x").exists()
+    # a task-arithmetic recipe over the LoRA expert: the full model and, beside it, the same merge as
+    # one adapter that peft loads onto the base
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.campaign import open_campaign
+    from evomerge.export import export
+    from evomerge.recipe import parse_recipe
+
+    loaded = open_campaign(tmp_path / "campaign", check=False)
+    trial = copy.copy(loaded.search().finished[0])
+    trial.recipe = parse_recipe(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "models": [{"model": "expert-add", "parameters": {"weight": 0.7}}],
+        }
+    )
+    record = export(loaded, trial, tmp_path / "ta", evaluate=False, progress=False, as_adapter=True)
+    loaded.release()
+    assert record["adapter"] == "adapter" and json.loads((tmp_path / "ta" / "evomerge.json").read_text())["adapter"]
+    merged = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(zoo / "base"), tmp_path / "ta" / "adapter"
+    )
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "ta").state_dict()
+    for name, value in merged.merge_and_unload().state_dict().items():
+        assert (value - expected[name]).abs().max() <= 1e-5, name
+
 
 BAD = {
     "another base": ({"base_model_name_or_path": "other-org/other-base"}, None, "an adapter of another base"),

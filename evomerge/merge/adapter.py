@@ -96,13 +96,20 @@ def adapter_config(base_ref: str, ranks: dict[str, int]) -> dict:
     }
 
 
+def check_adapter(recipe: Recipe):
+    """The checked merge inputs of ``recipe`` if it can be written as one LoRA adapter (linear or
+    task_arithmetic over LoRA experts of its base); MergeError otherwise."""
+    m = _check_merge(recipe, allow_pickle=False)
+    _check_low_rank(recipe, m)
+    return m
+
+
 def write_adapter(recipe: Recipe, out: str | Path, overwrite: bool = False) -> Path:
     """Write ``recipe`` (linear or task_arithmetic over LoRA experts of its base) as a LoRA adapter
     directory at ``out``; returns its path. Everything is checked before anything is written."""
     from safetensors.torch import save_file
 
-    m = _check_merge(recipe, allow_pickle=False)
-    _check_low_rank(recipe, m)
+    m = check_adapter(recipe)
     tensors, ranks = {}, {}
     for info in m.infos:
         if not info.dtype.is_floating_point:
