@@ -2,7 +2,7 @@
 anchor estimates and racing stand in for full evaluations?
 
     .venv/bin/python benchmarks/quality.py [--problem three|select] [--seeds 5] [--budget 40]
-        [--zoo .cache/zoo ...] [--modes full,raced,multi] [--optimizers nsga2,random,cma] [--limit N]
+        [--zoo .cache/zoo ...] [--modes full,raced,raced_mean,multi] [--optimizers nsga2,random,cma] [--limit N]
         [--anchors 0.1] [--check 0.125] [--z 2] [--rungs 100,333] [--promote 0.33] [--threads N]
 
 RESULTS.md's run used two zoos: the default one and one of another architecture and seed, built
@@ -22,6 +22,8 @@ told that result and costs nothing (the campaign's recipe cache). Modes, one opt
   of each pool, check share 1/8, z 2, first fit after 8 results in full, refit every 8) with the
   per-document records in a temporary campaign directory: a new candidate is scored on its anchors
   first and on the rest of the pools only when its interval leaves it possibly undominated;
+- ``raced_mean``: the same with ``rule: mean``: a candidate stops on its anchors when its estimated
+  mean over the objectives, plus its interval, stays behind the best mean scored in full;
 - ``multi``: multi-fidelity (``--rungs`` documents per task, promote ``--promote``).
 
 Printed per zoo: each expert alone and each hand baseline (``seeds.baselines``: task arithmetic at
@@ -164,7 +166,8 @@ def search_run(zoo: Zoo, settings: Settings, optimizer: str, mode: str, seed: in
     objectives = [Objective(name=n) for n in problem.names]
     m, seeds = len(problem.names), 1 + len(problem.experts)
     r = settings.racing
-    racing = Racing(r.anchors, r.check, r.z, r.min_full, r.refit, seed) if mode == "raced" else None
+    rule = {"raced": "dominance", "raced_mean": "mean"}.get(mode)
+    racing = Racing(r.anchors, r.check, r.z, r.min_full, r.refit, seed, rule) if rule else None
     with tempfile.TemporaryDirectory() as tmp:
         fidelity = settings.fidelity if mode == "multi" else None
         search = Search(genome, name, objectives, seed, tmp, options, fidelity=fidelity, racing=racing)
@@ -273,7 +276,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=40, help="full evaluations' worth of documents per run")
     parser.add_argument("--zoo", type=Path, nargs="+", default=[REPO / ".cache" / "zoo"])
-    parser.add_argument("--modes", default="full,raced", help="of full, raced, multi")
+    parser.add_argument("--modes", default="full,raced,raced_mean", help="of full, raced, raced_mean, multi")
     parser.add_argument("--optimizers", default="nsga2")
     parser.add_argument("--problem", choices=PROBLEMS, default="three")
     parser.add_argument("--limit", type=int, help="search documents per task (default: the whole pool)")

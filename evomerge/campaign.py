@@ -192,7 +192,7 @@ class Loaded:
             self.experiment.optimizer.options,
             writable=self.lock is not None,
             fidelity=Fidelity(tuple(f.rungs), f.promote) if f is not None else None,
-            racing=Racing(r.anchors, r.check, r.z, r.min_full, r.refit, self.experiment.seed) if r else None,
+            racing=Racing(r.anchors, r.check, r.z, r.min_full, r.refit, self.experiment.seed, r.rule) if r else None,
         )
 
     @property

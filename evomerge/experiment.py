@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -85,6 +85,10 @@ class RacingConfig(BaseModel):
     z: float = Field(default=2.0, gt=0)
     min_full: int = Field(default=8, ge=1)
     refit: int = Field(default=8, ge=1)
+    #: When a candidate stops on its anchors: ``dominance`` (a full result dominates its interval's
+    #: optimistic corner) or ``mean`` (its mean over the objectives, plus its interval, stays behind
+    #: the best mean in full: the pick of ``export --best``; objectives of one direction only).
+    rule: Literal["dominance", "mean"] = "dominance"
 
     @model_validator(mode="after")
     def _count(self):
@@ -599,6 +603,8 @@ def _check_racing(exp: Experiment, evaluator, fail) -> None:
     if racing.check == 0:
         fail("racing.check", "racing without any full-fidelity check: give a share above 0 (default 0.125)")
     wanted = exp.objectives or [o.name for o in evaluator.objectives]
+    if racing.rule == "mean" and len({o.direction for o in evaluator.objectives if o.name in wanted}) > 1:
+        fail("racing.rule", "the mean rule needs objectives of one direction (all maximized or all minimized)")
     for o in (o for o in evaluator.objectives if o.name in wanted):
         kind = kind_of(o)
         if not kind.subsets_documents:

@@ -198,6 +198,10 @@ BAD = {
         {"racing": {"anchors": 25}},
         "exp.yaml: racing.anchors: 25 anchor documents is not fewer than the 20 documents objective 'add' scores",
     ),
+    "racing's mean rule over objectives of both directions": (
+        {"racing": {"rule": "mean"}, "evaluator": "direction:minimize"},
+        "exp.yaml: racing.rule: the mean rule needs objectives of one direction (all maximized or all minimized)",
+    ),
     "racing on perplexity": (
         {"racing": {}, "evaluator": "perplexity:data/general_{split}.txt"},
         "exp.yaml: racing: objective 'sort' is a perplexity: it has no per-document scores to race on",
@@ -256,7 +260,7 @@ def test_bad_experiments_fail_in_one_line_before_any_compute(zoo, tmp_path, case
         }
     elif "models" in overrides:
         overrides["models"] = {m: str(zoo / m) for m in ("base", "expert-add", "expert-sort")} | overrides["models"]
-    if str(overrides.get("evaluator", "")).startswith(("metric:", "task:", "perplexity:")):
+    if str(overrides.get("evaluator", "")).startswith(("metric:", "task:", "perplexity:", "direction:")):
         kind, value = overrides["evaluator"].split(":")
         evaluator = write_evaluator(tmp_path, name="broken-evaluator.yaml")
         data = yaml.safe_load(evaluator.read_text())
@@ -1003,7 +1007,15 @@ def test_racing_on_anchor_documents_in_a_campaign(zoo, tmp_path):
     assert sorted(anchors) == ["zoo_add_search", "zoo_sort_search"] and all(len(a) == 4 for a in anchors.values())
     stopped = search.stopped_early
     assert stopped and all(t.documents == 2 * 4 and t.status == "done" for t in stopped)  # the anchors only
-    assert all(t.documents == 2 * 4 + 2 * 20 for t in raced if t.full)  # anchors, then in full again
+    # promoted: the anchors, then the rest of the pools only, a full evaluation's cost; its value is the
+    # mean over the whole pools, anchors' scores included, as recorded
+    assert all(t.documents == 2 * 20 for t in raced if t.full)
+    records = loaded.document_records().read()
+    for t in (t for t in raced if t.full):
+        whole = records[(t.id, 1)]
+        assert [len(whole[o.name][f"zoo_{o.name}_search"][0]) for o in loaded.objectives] == [20, 20]
+        means = [sum(whole[o.name][f"zoo_{o.name}_search"][1]) / 20 for o in loaded.objectives]
+        assert means == pytest.approx(t.values, abs=1e-12)
     records = loaded.document_records().read()
     for t in raced:
         assert {task: ids for task, (ids, _) in records[(t.id, 0)]["add"].items()} == {

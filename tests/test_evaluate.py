@@ -284,7 +284,7 @@ def test_a_task_without_a_report_file_holds_its_report_documents_out(zoo, tmp_pa
     docs = {s: scorer.documents()["zoo_add_search"] for s, scorer in scorers.items()}
     assert docs["search"] == docs["report"]  # each scorer knows both splits, the same way
     search, report = docs["search"]["search"], docs["search"]["report"]
-    assert (len(search), len(report)) == (20, 30) and not set(search) & set(report)
+    assert (len(search), len(report)) == (20, 150) and not set(search) & set(report)
     for s, scorer in scorers.items():  # and scores its own
         assert scorer.kinds["task"].suite.subset(None)["zoo_add_search"] == docs[s][s]
         assert scorer.score(alone("expert-add")).timings["documents"] == len(docs[s][s])

@@ -10,7 +10,7 @@ import pytest
 from test_search import TWO, bowl, genome
 
 from evomerge.search.journal import JOURNAL, JournalError
-from evomerge.search.racing import Racer, Racing, errors, estimate, refit_weights, stopped
+from evomerge.search.racing import Racer, Racing, behind, errors, estimate, refit_weights, stopped
 from evomerge.search.records import DocumentRecords
 from evomerge.search.study import Search
 
@@ -33,6 +33,12 @@ def test_the_estimate_its_error_and_the_stopping_rule_on_hand_values():
     mixed = ["maximize", "minimize"]  # the corner moves down on a minimized objective
     assert stopped([0.4, 0.9], [0.1, 0.2], [[0.6, 0.6]], mixed)
     assert not stopped([0.4, 0.9], [0.1, 0.4], [[0.6, 0.6]], mixed)
+
+    # the mean rule: behind when the mean's optimistic end is below the best mean in full (0.55)
+    assert behind([0.4, 0.5], 0.05, [[0.6, 0.5], [0.2, 0.2]], up)
+    assert not behind([0.4, 0.5], 0.11, [[0.6, 0.5]], up)
+    assert behind([0.7, 0.8], 0.05, [[0.6, 0.5]], ["minimize", "minimize"])  # minimized: 0.75 - 0.05 > 0.55
+    assert not behind([0.4, 0.5], 0.0, [], up)  # nothing in full yet
 
     found = errors([(0.1, 0.2), (0.5, 0.4), (0.3, 0.3), (0.9, 0.7)])
     assert found["mae"] == pytest.approx(0.1) and found["rmse"] == pytest.approx(math.sqrt(0.06 / 4))
@@ -92,8 +98,8 @@ def run_race(search, racer, records, n, crash_at=None):
     return search
 
 
-def make(directory):
-    racing = Racing(0.1, 0.2, 2.0, min_full=6, refit=5, seed=3)
+def make(directory, rule="dominance"):
+    racing = Racing(0.1, 0.2, 2.0, min_full=6, refit=5, seed=3, rule=rule)
     search = Search(genome(), "random", TWO, 5, directory, racing=racing)
     records = DocumentRecords(directory, {"ta": POOL, "tb": POOL})
     return search, Racer(search, records, records.full_ids, first_fit=2), records
@@ -184,3 +190,20 @@ def test_anchors_events_are_checked_on_replay(tmp_path):
     (plain / JOURNAL).write_text("\n".join(lines) + "\n")
     with pytest.raises(JournalError, match="written by a different search"):  # the header names racing
         Search(genome(), "random", TWO, 5, plain)
+
+
+def test_the_mean_rule_stops_what_cannot_reach_the_best_mean(tmp_path):
+    """``rule: mean`` stops a raced candidate whose estimated mean, plus its interval, stays behind
+    the best mean scored in full: every one it stopped was so when judged, none on the front."""
+    search, racer, records = make(tmp_path / "mean", rule="mean")
+    run_race(search, racer, records, 40)
+    stopped_ = search.stopped_early
+    assert stopped_ and all(not t.full for t in stopped_) and all(t.full for t in search.front())
+    best_when = lambda t: max(sum(f.values) / 2 for f in search.finished if f.id < t.id)  # noqa: E731
+    assert all(sum(t.estimate) / 2 < best_when(t) for t in stopped_)
+    header = json.loads((tmp_path / "mean" / JOURNAL).read_text().splitlines()[0])
+    assert header["racing"]["rule"] == "mean"
+    dominance, racer2, records2 = make(tmp_path / "dominance")
+    run_race(dominance, racer2, records2, 40)
+    assert "rule" not in json.loads((tmp_path / "dominance" / JOURNAL).read_text().splitlines()[0])["racing"]
+    assert len(stopped_) > len(dominance.stopped_early)  # the front is wide; the best mean is one point

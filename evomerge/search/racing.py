@@ -42,7 +42,9 @@ class Racing:
     """``anchors``: per task, a fraction (< 1) of its search pool or a count; ``check``: the share
     of raced candidates also scored in full; ``z``: the interval's half-width in errors;
     ``min_full``: candidates scored in full before the first fit; ``refit``: refit the weights
-    after this many more full results; ``seed``: the check draw's seed."""
+    after this many more full results; ``seed``: the check draw's seed; ``rule``: when a candidate
+    stops on its anchors (``dominance``: a full result dominates its interval's optimistic corner;
+    ``mean``: its mean over the objectives, plus its interval, stays behind the best mean in full)."""
 
     anchors: float
     check: float
@@ -50,6 +52,7 @@ class Racing:
     min_full: int
     refit: int
     seed: int
+    rule: str = "dominance"
 
     def count(self, pool: int) -> int:
         """Anchors for a task of ``pool`` documents (at most the pool)."""
@@ -121,6 +124,14 @@ def stopped(
     scored in full (``full``) dominates its optimistic corner."""
     corner, *others = _as_min([optimistic(values, widths, directions), *full], directions)
     return any(dominates(f, corner) for f in others)
+
+
+def behind(values: Sequence[float], width: float, full: Sequence[Sequence[float]], directions: Sequence[str]) -> bool:
+    """Whether a candidate estimated at ``values`` (objectives of one direction) is clearly behind on
+    their mean: its mean's optimistic end (``width`` from it) is worse than the best mean in ``full``."""
+    sign = 1.0 if directions[0] == "maximize" else -1.0
+    mean = lambda v: sign * sum(v) / len(v)  # noqa: E731
+    return bool(full) and mean(values) + width < max(mean(f) for f in full)
 
 
 def errors(pairs: Sequence[tuple[float, float]]) -> dict[str, float]:
@@ -265,6 +276,11 @@ class Racer:
         sample = [t for t in self.search.raced if t.status == "done" and t.full and t.estimate and self.checked(t)]
         return [errors([(t.estimate[j], t.values[j]) for t in sample]) for j in range(len(self.search.objectives))]
 
+    def mean_error(self) -> dict[str, float]:
+        """The error of the estimated mean over the objectives on the check sample (``errors``)."""
+        sample = [t for t in self.search.raced if t.status == "done" and t.full and t.estimate and self.checked(t)]
+        return errors([(sum(t.estimate) / len(t.estimate), sum(t.values) / len(t.values)) for t in sample])
+
     def metrics(self) -> dict[str, float]:
         """The check sample's size and each objective's MAE, RMSE and Spearman, for MLflow."""
         out = {}
@@ -279,13 +295,19 @@ class Racer:
         fitted = self.search.anchors
         pools = {t: len(ids) for t, ids in self.pools.items()}
         found, measured = self.errors(), self.metrics()["anchors.checked"] >= CHECK_FIRST
-        values, widths = [], []
-        for j, o in enumerate(self.search.objectives):
+        values, ses = [], []
+        for o in self.search.objectives:
             value, se = estimate(_pairs(fitted, o.name), pools, per_document, o.name)
             values.append(value)
-            widths.append(self.racing.z * (found[j]["rmse"] if measured else se))
+            ses.append(se)
+        widths = [self.racing.z * (f["rmse"] if measured else se) for f, se in zip(found, ses)]
         full = [t.values for t in self.search.finished]
-        promote = self.checked(trial) or not stopped(values, widths, full, self.search.directions)
+        if self.racing.rule == "mean":
+            error = self.mean_error()["rmse"] if measured else math.sqrt(sum(se * se for se in ses)) / len(ses)
+            out = behind(values, self.racing.z * error, full, self.search.directions)
+        else:
+            out = stopped(values, widths, full, self.search.directions)
+        promote = self.checked(trial) or not out
         if promote:  # its anchor scores join the rest of its pools' (``complete``)
             self.scores[trial.id] = per_document
         return values, widths, promote
