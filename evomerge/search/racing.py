@@ -54,6 +54,13 @@ class Racing:
     seed: int
     rule: str = "dominance"
 
+    def header(self) -> dict:
+        """What the journal's header records (a search resumed with other settings is refused)."""
+        out = {k: getattr(self, k) for k in ("anchors", "check", "z", "min_full", "refit")}
+        if self.rule != "dominance":  # journals written before the rule existed stay readable
+            out["rule"] = self.rule
+        return out
+
     def count(self, pool: int) -> int:
         """Anchors for a task of ``pool`` documents (at most the pool)."""
         k = math.ceil(self.anchors * pool) if self.anchors < 1 else int(self.anchors)

@@ -126,9 +126,7 @@ class Search:
         if fidelity is not None:
             self.header["fidelity"] = {"rungs": list(fidelity.rungs), "promote": fidelity.promote}
         if racing is not None:
-            self.header["racing"] = {k: getattr(racing, k) for k in ("anchors", "check", "z", "min_full", "refit")}
-            if racing.rule != "dominance":  # journals written before the rule existed stay readable
-                self.header["racing"]["rule"] = racing.rule
+            self.header["racing"] = racing.header()
         self.optimizer = make_optimizer(
             optimizer,
             genome.dimension,
