@@ -274,8 +274,10 @@ class Racer:
         return {objective: pooled_mean(tasks) for objective, tasks in whole.items()}, whole
 
     def checked(self, trial) -> bool:
-        """Whether raced ``trial`` is in the check sample (scored in full whatever its estimate)."""
-        before = sum(t.id < trial.id for t in self.search.raced)
+        """Whether raced ``trial`` is in the check sample (scored in full whatever its estimate). The
+        raced trials asked before it are counted as asked (a repeat, or one waiting for a twin,
+        included), so that the answer never changes once given."""
+        before = sum(t.top is not None and t.id < trial.id for t in self.search.trials)
         return self.racing.checked(trial.id, before)
 
     def errors(self) -> list[dict[str, float]]:
