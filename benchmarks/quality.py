@@ -73,7 +73,7 @@ from evomerge.recipe import parse_recipe  # noqa: E402
 from evomerge.report import paired, summary  # noqa: E402
 from evomerge.search.fidelity import Fidelity  # noqa: E402
 from evomerge.search.pareto import hypervolume  # noqa: E402
-from evomerge.search.racing import Racer, Racing  # noqa: E402
+from evomerge.search.racing import Racer, Racing, settle  # noqa: E402
 from evomerge.search.records import DocumentRecords  # noqa: E402
 from evomerge.search.space import Genome, load_space  # noqa: E402
 from evomerge.search.study import Search  # noqa: E402
@@ -209,18 +209,8 @@ def search_run(zoo: Zoo, settings: Settings, optimizer: str, mode: str, seed: in
 
 def step(zoo: Zoo, search: Search, racer, records, trial) -> None:
     """One evaluation of ``trial``, recorded and told as the campaign's controller does."""
-    documents = (racer or search).documents_for(trial)
-    values, docs, per_document = zoo.score(trial.recipe, documents=documents)
-    if racer is not None and racer.completes(trial) and values is not None:
-        values, per_document = racer.complete(trial, per_document)
-    if per_document:
-        records.append(trial.id, trial.rung, per_document)
-    ordered = [values[n] for n in zoo.problem.names] if values is not None else None
-    if racer is not None and trial.rung == 0 and ordered is not None:
-        estimate, _, promote = racer.judge(trial, per_document)
-        search.race(trial.id, estimate, {"documents": docs}, promote)
-    else:
-        search.report(trial.id, ordered, {"documents": docs})
+    values, docs, per_document = zoo.score(trial.recipe, documents=(racer or search).documents_for(trial))
+    settle(search, racer, records, trial, values, per_document, {"documents": docs})
 
 
 def documents_to(curve: list[tuple[int, float]], target: float) -> int | None:

@@ -882,7 +882,7 @@ class CampaignRun:
     def _record(self, result) -> int:
         """One worker's result told to the search and the tracker; 1 if it ended a trial, 0 if the
         trial goes on to its next rung."""
-        search, loaded, score = self.search, self.loaded, result.score
+        search, score = self.search, result.score
         info = {
             "timings": score.timings,
             "attempts": result.attempts,
@@ -891,19 +891,10 @@ class CampaignRun:
             "documents": int(score.timings.get("documents", 0)),
             **({"reason": score.reason} if score.reason else {}),
         }
-        names = [o.name for o in loaded.objectives]
-        values = [score.values[k] for k in names] if score.status == "done" else None
-        trial, per_document = search.trials[result.key], score.per_document
-        if self.racer is not None and self.racer.completes(trial) and values is not None:
-            pooled, per_document = self.racer.complete(trial, per_document)  # with its anchors' scores
-            values = [pooled[k] for k in names]
-        if per_document:  # before the result is told: a told trial always has its line
-            self.records.append(result.key, trial.rung, per_document)
-        if self.racer is not None and trial.rung == 0 and values is not None:  # scored on its anchors
-            estimate, _, promote = self.racer.judge(trial, score.per_document)
-            trial = search.race(result.key, estimate, info, promote)
-        else:
-            trial = search.report(result.key, values, info)
+        from evomerge.search.racing import settle
+
+        values = score.values if score.status == "done" else None
+        trial = settle(search, self.racer, self.records, search.trials[result.key], values, score.per_document, info)
         if trial is None:  # promoted to the next rung (or from racing's anchors to the full evaluation)
             return 0
         self.stages.mark("first_result")

@@ -698,7 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge a chosen candidate to disk, score it on the report split")
     p.add_argument("campaign", type=Path)
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--best", action="store_true", help="single objective: the best; several: the front's knee")
+    which.add_argument(
+        "--best",
+        action="store_true",
+        help="one objective: its best; several of one direction: the best mean (search split); mixed: the knee",
+    )
     which.add_argument("--trial", type=int, help="a trial by number")
     which.add_argument("--weights", help="objective=weight,... : the front member best under these weights")
     p.add_argument("--out", required=True, type=Path)

@@ -10,7 +10,7 @@ import pytest
 from test_search import TWO, bowl, genome
 
 from evomerge.search.journal import JOURNAL, JournalError
-from evomerge.search.racing import Racer, Racing, behind, errors, estimate, refit_weights, stopped
+from evomerge.search.racing import Racer, Racing, behind, errors, estimate, refit_weights, settle, stopped
 from evomerge.search.records import DocumentRecords
 from evomerge.search.study import Search
 
@@ -75,26 +75,17 @@ def answers(trial, documents):
 
 def run_race(search, racer, records, n, crash_at=None):
     """One worker, as the campaign's loop: fit when due, evaluate what ``ask`` hands out on its
-    documents, record them, judge a raced result; stop at n told (or return the trial in flight)."""
+    documents, record and tell them (``settle``); stop at n told (or return the trial in flight)."""
     told = lambda: sum(t.status != "running" for t in search.trials)
     while told() < n:
         racer.maybe_fit()
         t = search.ask()
         if crash_at is not None and told() >= crash_at:
             return t
-        documents = racer.documents_for(t)
-        scores = answers(t, documents)
+        scores = answers(t, racer.documents_for(t))
         info = {"documents": sum(len(ids) for o in scores.values() for ids, _ in o.values())}
-        values = [sum(s) / len(s) for o in scores.values() for _, s in o.values()]
-        if racer.completes(t):  # the rest of its pools scored: joined with its anchors' scores
-            pooled, scores = racer.complete(t, scores)
-            values = [pooled["a"], pooled["b"]]
-        records.append(t.id, t.rung, scores)
-        if t.rung == 0:
-            estimate_, _, promote = racer.judge(t, scores)
-            search.race(t.id, estimate_, info, promote)
-        else:
-            search.report(t.id, values, info)
+        values = {o: sum(s) / len(s) for o, tasks in scores.items() for _, s in tasks.values()}
+        settle(search, racer, records, t, values, scores, info)  # a promoted one's rest joined to its anchors
     return search
 
 

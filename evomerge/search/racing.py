@@ -329,3 +329,20 @@ def _pairs(fitted: dict, objective: str) -> dict[str, dict[str, tuple[list[int],
             task: (ids, fitted["weights"][objective][task]) for task, ids in fitted["anchors"][objective].items()
         }
     }
+
+
+def settle(search, racer: Racer | None, records, trial, values: Mapping[str, float] | None, per_document, info: dict):
+    """One evaluation's result of ``trial`` recorded and told, as the campaign's controller does it:
+    a promoted raced trial's rest of its pools joined with its anchors' scores (``Racer.complete``);
+    the per-document scores appended to ``records`` before anything is told; an anchor result
+    judged (``Search.race``), any other reported (``Search.report``). ``values``: objective name ->
+    value (None: failed). Returns what those return: the trial once its result is final, else None."""
+    if racer is not None and values is not None and racer.completes(trial):
+        values, per_document = racer.complete(trial, per_document)
+    if per_document:  # before the result is told: a told trial always has its line
+        records.append(trial.id, trial.rung, per_document)
+    ordered = [values[o.name] for o in search.objectives] if values is not None else None
+    if racer is not None and trial.rung == 0 and ordered is not None:  # scored on its anchors
+        estimate_, _, promote = racer.judge(trial, per_document)
+        return search.race(trial.id, estimate_, info, promote)
+    return search.report(trial.id, ordered, info)
