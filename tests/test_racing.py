@@ -141,7 +141,9 @@ def test_a_raced_search_stops_dominated_candidates_on_their_anchors_and_resumes_
             scores["b"]["tb"] = (ids, [1.0 - values[0], *values[1:]])
         tampered.append(trial, rung, scores)
     doubtful = Racer(whole, tampered, records.full_ids)
+    doubtful.scores[promoted[0].id] = {"a": {}}
     assert not doubtful.reuses() and doubtful.documents_for(promoted[0]) is None  # scored in full
+    assert promoted[0].id not in doubtful.scores  # its anchors' scores are not kept for nothing
     metrics = racer.metrics()
     assert metrics["anchors.checked"] >= 3 and {"anchors.mae.a", "anchors.spearman.b"} <= set(metrics)
     assert metrics["anchors.mae.a"] < 0.2

@@ -231,6 +231,7 @@ class Racer:
             if all(rest.values()) and self.reuses():
                 self.rest.add(trial.id)
                 return rest
+            self.scores.pop(trial.id, None)  # scored whole again: its anchors' scores are not needed
         return documents
 
     def reuses(self) -> bool:
