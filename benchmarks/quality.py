@@ -3,7 +3,8 @@ anchor estimates and racing stand in for full evaluations?
 
     .venv/bin/python benchmarks/quality.py [--problem three|select] [--seeds 5] [--budget 40]
         [--zoo .cache/zoo ...] [--modes full,raced,raced_mean,multi] [--optimizers nsga2,random,cma] [--limit N]
-        [--anchors 0.1] [--check 0.125] [--z 2] [--rungs 100,333] [--promote 0.33] [--threads N]
+        [--anchors 0.1] [--check 0.125] [--z 2] [--estimate neighbours|strata] [--rungs 100,333]
+        [--promote 0.33] [--threads N]
 
 RESULTS.md's run used two zoos: the default one and one of another architecture and seed, built
 first with ``.venv/bin/python -m evomerge zoo build --out .cache/zoo-qwen2-s1 --architecture qwen2
@@ -21,7 +22,8 @@ told that result and costs nothing (the campaign's recipe cache). Modes, one opt
 - ``raced``: the product's racing (``evomerge.search.racing``, the campaign's defaults: anchors 1/10
   of each pool, check share 1/8, z 2, first fit after 8 results in full, refit every 8) with the
   per-document records in a temporary campaign directory: a new candidate is scored on its anchors
-  first and on the rest of the pools only when its interval leaves it possibly undominated;
+  first and on the rest of the pools only when its interval leaves it possibly undominated; its
+  estimate ``--estimate`` (default the campaign's, ``neighbours``);
 - ``raced_mean``: the same with ``rule: mean``: a candidate stops on its anchors when its estimated
   mean over the objectives, plus its interval, stays behind the best mean scored in full;
 - ``multi``: multi-fidelity (``--rungs`` documents per task, promote ``--promote``).
@@ -167,7 +169,7 @@ def search_run(zoo: Zoo, settings: Settings, optimizer: str, mode: str, seed: in
     m, seeds = len(problem.names), 1 + len(problem.experts)
     r = settings.racing
     rule = {"raced": "dominance", "raced_mean": "mean"}.get(mode)
-    racing = Racing(r.anchors, r.check, r.z, r.min_full, r.refit, seed, rule) if rule else None
+    racing = Racing(r.anchors, r.check, r.z, r.min_full, r.refit, seed, rule, r.estimate) if rule else None
     with tempfile.TemporaryDirectory() as tmp:
         fidelity = settings.fidelity if mode == "multi" else None
         search = Search(genome, name, objectives, seed, tmp, options, fidelity=fidelity, racing=racing)
@@ -273,6 +275,7 @@ def main() -> None:
     parser.add_argument("--anchors", type=float, default=RacingConfig().anchors)
     parser.add_argument("--check", type=float, default=RacingConfig().check)
     parser.add_argument("--z", type=float, default=RacingConfig().z)
+    parser.add_argument("--estimate", choices=("neighbours", "strata"), default=RacingConfig().estimate)
     parser.add_argument("--rungs", default="100,333", help="multi-fidelity rungs, documents per task")
     parser.add_argument("--promote", type=float, default=1 / 3)
     parser.add_argument("--threads", type=int, help="torch threads (default torch's; 1 to run several at once)")
@@ -282,7 +285,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     problem = PROBLEMS[args.problem]
-    racing = RacingConfig(anchors=args.anchors, check=args.check, z=args.z)
+    racing = RacingConfig(anchors=args.anchors, check=args.check, z=args.z, estimate=args.estimate)
     fidelity = Fidelity(tuple(int(r) for r in args.rungs.split(",")), args.promote)
     modes = args.modes.split(",")
     print(

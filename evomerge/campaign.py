@@ -192,7 +192,18 @@ class Loaded:
             self.experiment.optimizer.options,
             writable=self.lock is not None,
             fidelity=Fidelity(tuple(f.rungs), f.promote) if f is not None else None,
-            racing=Racing(r.anchors, r.check, r.z, r.min_full, r.refit, self.experiment.seed, r.rule) if r else None,
+            racing=Racing(
+                r.anchors,
+                r.check,
+                r.z,
+                r.min_full,
+                r.refit,
+                self.experiment.seed,
+                r.rule,
+                racing_estimate(r, self.directory),
+            )
+            if r
+            else None,
         )
 
     @property
@@ -424,6 +435,23 @@ BASELINES = [
     ("dare_ties density=0.5", "dare_ties", {"density": 0.5}, {}),
     ("uniform average", "linear", {}, {}),
 ]
+
+
+def racing_estimate(racing, directory: Path) -> str:
+    """The estimate a campaign races with: the experiment's ``racing.estimate`` where it names one;
+    otherwise the default, except in a campaign whose journal was raced before the estimate was a
+    setting (its header's racing names none): that one resumes with the ``strata`` it was raced on."""
+    if "estimate" in racing.model_fields_set:
+        return racing.estimate
+    from evomerge.search.journal import JOURNAL
+
+    try:
+        with open(Path(directory) / JOURNAL, "rb") as f:
+            header = json.loads(f.readline())
+    except (OSError, ValueError):
+        return racing.estimate
+    raced = header.get("racing") if isinstance(header, dict) else None
+    return "strata" if isinstance(raced, dict) and "estimate" not in raced else racing.estimate
 
 
 def baseline_recipes(base: str, experts: list[str], seed: int) -> list[tuple[str, object]]:

@@ -89,6 +89,11 @@ class RacingConfig(BaseModel):
     #: optimistic corner) or ``mean`` (its mean over the objectives, plus its interval, stays behind
     #: the best mean in full: the pick of ``export --best``; objectives of one direction only).
     rule: Literal["dominance", "mean"] = "dominance"
+    #: How the anchors estimate a candidate: ``neighbours`` (the candidates scored in full that
+    #: agree most with it on the anchors predict its scores on the rest of the pool, and the
+    #: anchors correct that prediction) or ``strata`` (the anchors' weighted mean: a campaign begun
+    #: before ``neighbours`` existed resumes with it).
+    estimate: Literal["neighbours", "strata"] = "neighbours"
 
     @model_validator(mode="after")
     def _count(self):

@@ -5,7 +5,7 @@ per-document scores)."""
 import numpy as np
 import pytest
 
-from evomerge.search.anchors import DESIGNS, AnchorEstimator, score_matrix
+from evomerge.search.anchors import DESIGNS, AnchorEstimator, neighbour_estimate, score_matrix
 from evomerge.search.records import DocumentRecords
 
 # Four candidates x six documents: documents 0-2 passed by candidates 0 and 1 (document 2 once
@@ -45,6 +45,42 @@ def test_more_anchors_than_distinct_response_vectors_split_the_largest_group():
     e = AnchorEstimator(3, "cluster").fit(matrix)
     assert len(e.anchors) == 3 and sum(a in (4, 5) for a in e.anchors) == 1
     assert sorted(e.weights) == pytest.approx([2 / 6, 2 / 6, 2 / 6])
+
+
+# Three candidates scored in full on six documents; anchors at columns 0 and 3, half the pool each.
+REFERENCES = np.array(
+    [
+        [1, 1, 0, 0, 1, 0],
+        [1, 0, 0, 1, 1, 1],
+        [0, 0, 1, 1, 0, 1],
+    ]
+)
+
+
+def test_the_neighbours_estimate_on_hand_values():
+    est = lambda scores, n: neighbour_estimate(REFERENCES, [0, 3], [0.5, 0.5], scores, n)  # noqa: E731
+    # scores (1, 0) on the anchors: candidate 0 agrees on both, so it alone predicts 3/6, no residual
+    assert est([1.0, 0.0], 1) == pytest.approx(0.5)
+    # the two nearest (0, then 1 at distance 0.5) predict (1, .5, 0, .5, 1, .5): mean 3.5/6; the
+    # residual on anchor 3 is 0 - 0.5, weighted 0.5
+    assert est([1.0, 0.0], 2) == pytest.approx(3.5 / 6 - 0.25)
+    # (1, 1): candidate 1 is nearest (4/6); with two, candidate 0 wins the tie at 0.5 over candidate 2
+    assert est([1.0, 1.0], 1) == pytest.approx(4 / 6)
+    assert est([1.0, 1.0], 2) == pytest.approx(3.5 / 6 + 0.25)
+    # all three: the mean row (2/3, 1/3, 1/3, 2/3, 2/3, 2/3), residuals (1/3, -2/3)
+    assert est([1.0, 0.0], 5) == pytest.approx(10 / 18 - 1 / 6)
+    # without references: the strata's weighted mean; a candidate equal to a reference: exact
+    assert neighbour_estimate(np.zeros((0, 6)), [0, 3], [0.25, 0.75], [1.0, 0.0]) == 0.25
+    assert est([0.0, 1.0], 1) == pytest.approx(REFERENCES[2].mean())
+
+
+def test_the_neighbours_design_estimates_from_its_fitted_candidates():
+    e = AnchorEstimator(2, "neighbours", seed=0).fit(TWO_CLUSTERS, document_ids=[10, 11, 12, 13, 14, 15])
+    assert e.anchors == (10, 13) and e.weights.tolist() == [0.5, 0.5]  # the cluster design's anchors
+    # passing 10, failing 13: candidates 0 and 1 agree; with all four fitted candidates as
+    # neighbours the mean row is (.5, .5, .25, .5, .5, .25), residuals (.5, -.5): 2.5/6
+    assert e.estimate({10: 1.0, 13: 0.0}) == pytest.approx(2.5 / 6)
+    assert e.estimate({10: 1.0, 13: 0.0}) != AnchorEstimator(2, "cluster").fit(TWO_CLUSTERS).estimate({0: 1.0, 3: 0.0})
 
 
 @pytest.mark.parametrize("design", DESIGNS)

@@ -202,6 +202,10 @@ BAD = {
         {"racing": {"rule": "mean"}, "evaluator": "direction:minimize"},
         "exp.yaml: racing.rule: the mean rule needs objectives of one direction (all maximized or all minimized)",
     ),
+    "racing with an unknown estimate": (
+        {"racing": {"estimate": "median"}},
+        "exp.yaml: racing.estimate: Input should be 'neighbours' or 'strata'",
+    ),
     "racing on perplexity": (
         {"racing": {}, "evaluator": "perplexity:data/general_{split}.txt"},
         "exp.yaml: racing: objective 'sort' is a perplexity: it has no per-document scores to race on",

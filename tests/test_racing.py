@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_search import TWO, bowl, genome
 
+from evomerge.search.anchors import neighbour_estimate
 from evomerge.search.journal import JOURNAL, JournalError
 from evomerge.search.racing import Racer, Racing, behind, errors, estimate, refit_weights, settle, stopped
 from evomerge.search.records import DocumentRecords
@@ -24,6 +25,17 @@ def test_the_estimate_its_error_and_the_stopping_rule_on_hand_values():
     # two tasks of one objective weigh by their pools: 30 and 10 documents
     two = {"a": {"t": ([1], [1.0]), "u": ([3], [1.0])}}
     assert estimate(two, {"t": 30, "u": 10}, {"a": {"t": ([1], [1.0]), "u": ([3], [0.0])}}, "a")[0] == 0.75
+
+    # the neighbours estimate: three candidates scored in full on the pool 10..15, anchors 10 and 13
+    # at half the pool each; all three (fewer than NEIGHBOURS) predict the mean row (2/3, 1/3, 1/3,
+    # 2/3, 2/3, 2/3), and the residuals on the anchors (1/3, -2/3) correct it: 7/18; the standard
+    # error is the strata's bound at that mean
+    rows = np.array([[1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 1]])
+    half = {"a": {"t": ([10, 13], [0.5, 0.5])}}
+    anchored = {"a": {"t": ([10, 13], [1.0, 0.0])}}
+    value, se = estimate(half, {"t": 6}, anchored, "a", {"t": (list(range(10, 16)), rows)})
+    assert value == pytest.approx(7 / 18) and se == pytest.approx(math.sqrt(0.5 * 7 / 18 * 11 / 18))
+    assert estimate(half, {"t": 6}, anchored, "a", {})[0] == 0.5  # no references: the weighted mean
 
     full = [[0.6, 0.6]]
     up = ["maximize", "maximize"]
@@ -50,6 +62,9 @@ def test_the_estimate_its_error_and_the_stopping_rule_on_hand_values():
     assert refit_weights(matrix, [10, 11, 12, 13], [10, 12]) == [0.75, 0.25]
 
     racing = Racing(0.1, 0.25, 2.0, 4, 4, seed=7)
+    # the header names the estimate unless it is the strata's (what journals before it were raced on)
+    assert racing.header()["estimate"] == "neighbours"
+    assert "estimate" not in Racing(0.1, 0.25, 2.0, 4, 4, seed=7, estimate="strata").header()
     assert racing.count(40) == 4 and racing.count(5) == 1 and Racing(12, 0.1, 2, 4, 4, 0).count(8) == 8
     assert all(racing.checked(i, before) for i, before in ((30, 0), (31, 1), (32, 2)))  # the first 3
     drawn = [racing.checked(i, 3) for i in range(2000)]
@@ -147,7 +162,6 @@ def test_a_raced_search_stops_dominated_candidates_on_their_anchors_and_resumes_
     metrics = racer.metrics()
     assert metrics["anchors.checked"] >= 3 and {"anchors.mae.a", "anchors.spearman.b"} <= set(metrics)
     assert metrics["anchors.mae.a"] < 0.2
-
     part, racer2, records2 = make(tmp_path / "part")
     for point in (part.genome.uniform_average(), part.genome.expert_alone("expert-add")):
         part.enqueue(point)
@@ -160,6 +174,19 @@ def test_a_raced_search_stops_dominated_candidates_on_their_anchors_and_resumes_
     run_race(resumed, racer3, records3, 40)
     final = lambda s: [(t.id, t.unit, t.status, t.rung, t.values, t.estimate, t.documents) for t in s.trials]
     assert final(resumed) == final(whole)
+    # a raced trial's estimate: the neighbours estimate over every candidate scored in full so far
+    t = whole.ask()
+    scores = answers(t, racer.documents_for(t))
+    values, _, _ = racer.judge(t, scores)
+    references = racer.references()
+    in_full = [x for x in whole.finished if "repeat_of" not in x.info]
+    for j, (objective, task) in enumerate((("a", "ta"), ("b", "tb"))):
+        anchors, weights = (whole.anchors[key][objective][task] for key in ("anchors", "weights"))
+        pool, rows = references[objective][task]
+        assert pool == POOL and len(rows) == len(in_full)
+        y = dict(zip(*scores[objective][task]))
+        expected = neighbour_estimate(rows, [pool.index(a) for a in anchors], weights, [y[a] for a in anchors])
+        assert values[j] == pytest.approx(expected, abs=1e-12)
 
 
 def test_anchors_events_are_checked_on_replay(tmp_path):
@@ -200,3 +227,23 @@ def test_the_mean_rule_stops_what_cannot_reach_the_best_mean(tmp_path):
     run_race(dominance, racer2, records2, 40)
     assert "rule" not in json.loads((tmp_path / "dominance" / JOURNAL).read_text().splitlines()[0])["racing"]
     assert len(stopped_) > len(dominance.stopped_early)  # the front is wide; the best mean is one point
+
+
+def test_a_search_raced_before_the_estimate_was_a_setting_resumes_on_the_strata_estimate(tmp_path):
+    from evomerge.campaign import racing_estimate
+    from evomerge.experiment import RacingConfig
+
+    settings = {"anchors": 0.1, "check": 0.2, "z": 2.0, "min_full": 6, "refit": 5}
+    racing = lambda estimate: Racing(**settings, seed=3, estimate=estimate)  # noqa: E731
+    assert racing_estimate(RacingConfig(**settings), tmp_path) == "neighbours"  # a new campaign
+    Search(genome(), "random", TWO, 5, tmp_path, racing=racing("strata"))  # its header names no estimate
+    with pytest.raises(JournalError, match="different search"):
+        Search(genome(), "random", TWO, 5, tmp_path, racing=racing("neighbours"))
+    # the experiment (copied before the setting existed) names none: the journal's strata it is
+    resumed = racing_estimate(RacingConfig(**settings), tmp_path)
+    assert resumed == "strata" and Search(genome(), "random", TWO, 5, tmp_path, racing=racing(resumed))
+    # named in the experiment: as named (and that journal then refuses it, as above)
+    assert racing_estimate(RacingConfig(**settings, estimate="neighbours"), tmp_path) == "neighbours"
+    newer = tmp_path / "newer"
+    Search(genome(), "random", TWO, 5, newer, racing=racing("neighbours"))
+    assert racing_estimate(RacingConfig(**settings), newer) == "neighbours"

@@ -13,6 +13,14 @@ refit it as full results arrive (a fit costs milliseconds at the zoo's sizes). T
     matrix's columns, k clusters): the anchor of a cluster is its member nearest the centre, and the
     estimate is the cluster-size-weighted mean of the candidate's anchor scores (stratified sampling
     with the strata learnt from the candidates; the anchor points of tinyBenchmarks).
+``neighbours``
+    the cluster anchors and their strata, and a model-assisted (difference) estimate: the
+    candidate's per-document scores on the whole pool are predicted by the mean row of the
+    ``NEIGHBOURS`` fitted candidates that agree most with it on the anchors, and the estimate is
+    that prediction's mean over the pool plus the strata-weighted mean of what the prediction got
+    wrong on the anchors (:func:`neighbour_estimate`). A search's candidates are near one another,
+    so the nearest ones answer most documents alike and only the residual is left to the anchors:
+    on the zoo's 1,000-document pools it cuts the cluster design's error by about a tenth.
 ``irt``
     the cluster anchors, and a one-dimensional item response model (two-parameter logistic: document
     j is passed with probability sigmoid(a_j * ability + b_j)) fitted to the matrix; a new candidate's
@@ -29,7 +37,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-DESIGNS = ("uniform", "cluster", "irt")
+DESIGNS = ("uniform", "cluster", "neighbours", "irt")
+
+#: ``neighbours``: how many fitted candidates, the nearest on the anchors, predict a candidate's
+#: scores on the rest of the pool (3-5 measured alike on the zoo's pools; 1 is noisier).
+NEIGHBOURS = 5
 
 
 def _kmeans(points: np.ndarray, k: int, rng: np.random.Generator, restarts: int = 4, steps: int = 50):
@@ -143,6 +155,32 @@ def irt_ability(scores: np.ndarray, a: np.ndarray, b: np.ndarray, steps: int = 3
     return theta
 
 
+def neighbour_estimate(
+    references: np.ndarray,
+    columns: Sequence[int],
+    weights: Sequence[float],
+    scores: Sequence[float],
+    neighbours: int = NEIGHBOURS,
+) -> float:
+    """A candidate's mean over a task's pool from its ``scores`` on the anchors (the pool's
+    ``columns``, in anchor order, with their strata's ``weights``, summing to 1), assisted by
+    ``references`` (fitted candidates x the pool's documents, each scored in full).
+
+    The ``neighbours`` references whose anchor scores are nearest the candidate's (weighted
+    absolute difference; ties to the earlier reference) predict its score on every document by
+    their mean; the estimate is the prediction's mean over the pool plus the weighted mean of the
+    candidate's residuals on the anchors. Exact when the prediction is; the strata's weighted
+    mean when there are no references."""
+    y, w = np.asarray(scores, dtype=float), np.asarray(weights, dtype=float)
+    rows = np.asarray(references, dtype=float)
+    if rows.size == 0:
+        return float(w @ y)
+    cols = np.asarray(columns, dtype=int)
+    distance = np.abs(rows[:, cols] - y[None]) @ w
+    prediction = rows[np.argsort(distance, kind="stable")[:neighbours]].mean(0)
+    return float(prediction.mean() + w @ (y - prediction[cols]))
+
+
 class AnchorEstimator:
     """Choose k anchor documents of one task's pool and estimate full-pool means from them.
 
@@ -160,6 +198,7 @@ class AnchorEstimator:
         self.anchors: tuple = ()  #: the anchor documents' ids, in pool order
         self.weights = np.zeros(0)  #: each anchor's share of the pool (sums to 1)
         self._irt = None
+        self._references = None  # neighbours: (the fitted matrix, the anchors' columns)
 
     def fit(self, matrix: Sequence[Sequence[float]], document_ids: Sequence | None = None) -> AnchorEstimator:
         """Choose the anchors from ``matrix`` (candidates x documents: each row one candidate scored in
@@ -190,6 +229,7 @@ class AnchorEstimator:
         self.anchors = tuple(ids[i] for i in anchors)
         self.weights = weights
         self._irt = None
+        self._references = (y, anchors) if self.design == "neighbours" and self.k < pool else None
         if self.design == "irt" and self.k < pool:
             a, b = fit_irt(np.clip(y, 0.0, 1.0))
             rest = np.setdiff1d(np.arange(pool), anchors)
@@ -211,6 +251,8 @@ class AnchorEstimator:
                 + (f"; not anchors {other[:5]}" if other else "")
             )
         y = np.array([float(scores[d]) for d in self.anchors])
+        if self._references is not None:
+            return neighbour_estimate(self._references[0], self._references[1], self.weights, y)
         if self._irt is None:
             return float(self.weights @ y)
         a_anchor, b_anchor, a_rest, b_rest = self._irt

@@ -4,8 +4,12 @@ in full only when the estimate cannot tell that it is dominated.
 The anchors come from :class:`evomerge.search.anchors.AnchorEstimator` (the cluster design) fitted
 on the per-document scores of the candidates scored in full so far. The rule, stated once:
 
-* each objective's estimate is the anchors' weighted mean per task (each anchor weighs its
-  stratum's share of the task's pool), tasks of one objective weighed by their pool sizes;
+* each objective's estimate per task is, with ``estimate: neighbours`` (the default), the
+  model-assisted estimate of :func:`evomerge.search.anchors.neighbour_estimate`: the candidates
+  scored in full that agree most with it on the anchors predict its score on every document, and
+  the anchors correct that prediction by their strata-weighted residual; with ``estimate: strata``
+  the anchors' weighted mean (each anchor weighs its stratum's share of the task's pool); tasks of
+  one objective weighed by their pool sizes;
 * its interval is ``estimate +- z * rmse``, ``rmse`` the estimate's root mean squared error on the
   check sample so far (raced candidates also scored in full, drawn at random); until that sample
   holds ``CHECK_FIRST`` candidates, ``z * se`` instead, ``se = sqrt(sum w^2 p (1 - p))`` the standard
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evomerge.search.anchors import AnchorEstimator
+from evomerge.search.anchors import AnchorEstimator, neighbour_estimate
 from evomerge.search.pareto import _as_min, dominates
 
 #: Raced candidates scored in full whatever their estimate, before the random check share applies:
@@ -44,7 +48,9 @@ class Racing:
     ``min_full``: candidates scored in full before the first fit; ``refit``: refit the weights
     after this many more full results; ``seed``: the check draw's seed; ``rule``: when a candidate
     stops on its anchors (``dominance``: a full result dominates its interval's optimistic corner;
-    ``mean``: its mean over the objectives, plus its interval, stays behind the best mean in full)."""
+    ``mean``: its mean over the objectives, plus its interval, stays behind the best mean in full);
+    ``estimate``: ``neighbours`` (the candidates scored in full nearest on the anchors predict the
+    rest of the pool) or ``strata`` (the anchors' weighted mean)."""
 
     anchors: float
     check: float
@@ -53,12 +59,15 @@ class Racing:
     refit: int
     seed: int
     rule: str = "dominance"
+    estimate: str = "neighbours"
 
     def header(self) -> dict:
         """What the journal's header records (a search resumed with other settings is refused)."""
         out = {k: getattr(self, k) for k in ("anchors", "check", "z", "min_full", "refit")}
         if self.rule != "dominance":  # journals written before the rule existed stay readable
             out["rule"] = self.rule
+        if self.estimate != "strata":  # journals written before the neighbours estimate: strata
+            out["estimate"] = self.estimate
         return out
 
     def count(self, pool: int) -> int:
@@ -94,10 +103,14 @@ def estimate(
     pools: Mapping[str, int],
     scored: Mapping[str, Mapping[str, tuple[list[int], list[float]]]],
     objective: str,
+    references: Mapping[str, tuple[Sequence[int], np.ndarray]] | None = None,
 ) -> tuple[float, float]:
     """(estimate, standard error) of ``objective`` from a candidate's anchor scores ``scored``
     (objective -> task -> (ids, scores)); ``fitted``: objective -> task -> (anchor ids, weights);
-    ``pools``: task -> its pool size."""
+    ``pools``: task -> its pool size; ``references``: task -> (its pool's ids, the per-document
+    scores of the candidates scored in full, candidates x those ids), for the neighbours estimate
+    (without them, or for a task they lack, the strata's weighted mean). The standard error is the
+    strata's bound either way (wider than the neighbours estimate's error: the start of the rule)."""
     total = sum(pools[t] for t in fitted[objective])
     value, variance = 0.0, 0.0
     for task, (anchors, weights) in fitted[objective].items():
@@ -106,7 +119,12 @@ def estimate(
         y = np.array([by_id[a] for a in anchors], dtype=float)
         w = np.asarray(weights, dtype=float)
         share = pools[task] / total
-        mean = float(w @ y)
+        if references and task in references:
+            pool, rows = references[task]
+            position = {d: i for i, d in enumerate(pool)}
+            mean = neighbour_estimate(rows, [position[a] for a in anchors], w, y)
+        else:
+            mean = float(w @ y)
         p = min(max(mean, 0.0), 1.0)
         value += share * mean
         variance += share**2 * float((w**2).sum()) * p * (1 - p)
@@ -171,6 +189,7 @@ class Racer:
         self.rest: set[int] = set()  # promoted trials sent to score the rest of their pools only
         self.scores: dict[int, dict] = {}  # raced trial -> its anchor scores, until its full result
         self._reuses: bool | None = None
+        self._references: tuple[int, dict] = (-1, {})  # (full results read, objective -> task -> rows)
 
     def _full(self) -> list:
         """The trials scored in full whose records can be fitted (a repeat has no records of its own)."""
@@ -208,6 +227,23 @@ class Racer:
                 anchors.setdefault(o.name, {})[task], weights.setdefault(o.name, {})[task] = a, w
         self.search.set_anchors(anchors, weights, len(full))
         return True
+
+    def references(self) -> dict[str, dict[str, tuple[list[int], np.ndarray]]]:
+        """For the neighbours estimate: objective -> task -> (the pool's ids, the per-document
+        scores of every candidate scored in full so far); read again only when that set grew."""
+        full = self._full()
+        if self._references[0] != len(full):
+            from evomerge.search.anchors import score_matrix
+
+            ids = {t.id for t in full}
+            records = {key: rows for key, rows in self.records.read().items() if key[0] in ids}
+            out: dict[str, dict] = {}
+            for objective, tasks in self.search.anchors["anchors"].items():
+                for task in tasks:
+                    _, pool, matrix = score_matrix(records, objective, task, self.pools.get(task))
+                    out.setdefault(objective, {})[task] = (pool, matrix)
+            self._references = (len(full), out)
+        return self._references[1]
 
     def _anchor_set(self) -> dict[str, list[int]]:
         """Task -> the documents a raced trial's anchor evaluation scores: the anchors of its
@@ -305,9 +341,10 @@ class Racer:
         fitted = self.search.anchors
         pools = {t: len(ids) for t, ids in self.pools.items()}
         found, measured = self.errors(), self.metrics()["anchors.checked"] >= CHECK_FIRST
+        references = self.references() if self.racing.estimate == "neighbours" else {}
         values, ses = [], []
         for o in self.search.objectives:
-            value, se = estimate(_pairs(fitted, o.name), pools, per_document, o.name)
+            value, se = estimate(_pairs(fitted, o.name), pools, per_document, o.name, references.get(o.name))
             values.append(value)
             ses.append(se)
         widths = [self.racing.z * (f["rmse"] if measured else se) for f, se in zip(found, ses)]
