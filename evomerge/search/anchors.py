@@ -51,10 +51,11 @@ def _kmeans(points: np.ndarray, k: int, rng: np.random.Generator, restarts: int 
     sq = (points**2).sum(1)
     for _ in range(restarts):
         centres = [points[rng.integers(len(points))]]
+        d = ((points - centres[0]) ** 2).sum(1)  # each point's squared distance to its nearest centre
         for _ in range(1, k):
-            d = np.min(((points[:, None, :] - np.array(centres)[None]) ** 2).sum(-1), axis=1)
             p = d / d.sum() if d.sum() > 0 else np.full(len(points), 1 / len(points))
             centres.append(points[rng.choice(len(points), p=p)])
+            d = np.minimum(d, ((points - centres[-1]) ** 2).sum(1))
         c = np.array(centres, dtype=float)
         labels = None
         for _ in range(steps):
