@@ -1,10 +1,10 @@
 """Anchor-document estimates on real per-document records: error against the full score, per design.
 
-    .venv/bin/python benchmarks/anchors.py --campaign runs/anchors-200
+    .venv/bin/python benchmarks/anchors.py --campaign runs/anchors-1000 --limit 1000 --ks 25 50 100 --refit 16
 
 Reads (or first runs, when the directory does not exist yet) a campaign on the zoo: the demo's
 experiment (experiments/demo.yaml: five experts, four task objectives, 160 candidates) with the
-evaluator's ``limit`` raised to ``--limit`` documents per task (the zoo has 200 search documents per
+evaluator's ``limit`` set to ``--limit`` documents per task (the zoo has 1,000 search documents per
 skill; the demo scores 100). Running it needs the zoo (``make demo`` builds it in .cache/zoo, or
 ``--zoo``) and takes minutes.
 

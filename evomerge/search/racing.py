@@ -230,7 +230,8 @@ class Racer:
 
     def references(self) -> dict[str, dict[str, tuple[list[int], np.ndarray]]]:
         """For the neighbours estimate: objective -> task -> (the pool's ids, the per-document
-        scores of every candidate scored in full so far); read again only when that set grew."""
+        scores of every candidate scored in full so far, float32: 4 bytes a document a candidate);
+        read again only when that set grew."""
         full = self._full()
         if self._references[0] != len(full):
             from evomerge.search.anchors import score_matrix
@@ -241,7 +242,7 @@ class Racer:
             for objective, tasks in self.search.anchors["anchors"].items():
                 for task in tasks:
                     _, pool, matrix = score_matrix(records, objective, task, self.pools.get(task))
-                    out.setdefault(objective, {})[task] = (pool, matrix)
+                    out.setdefault(objective, {})[task] = (pool, matrix.astype(np.float32))
             self._references = (len(full), out)
         return self._references[1]
 
