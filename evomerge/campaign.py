@@ -673,6 +673,8 @@ def open_tracker(loaded: Loaded, search, tracker):
     with every candidate told before an interruption but never logged queued for logging."""
     exp = loaded.experiment
     params = flatten({"experiment": exp.model_dump(exclude={"output_dir"})})
+    if exp.racing is not None:  # the estimate it races with (a campaign raced before the setting: strata)
+        params["experiment.racing.estimate"] = racing_estimate(exp.racing, loaded.directory)
     params.update({f"versions.{k}": v for k, v in loaded.state["versions"].items()})
     parent = tracker.open(
         loaded.state.get("parent_run_id"),

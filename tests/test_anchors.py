@@ -69,6 +69,11 @@ def test_the_neighbours_estimate_on_hand_values():
     assert est([1.0, 1.0], 2) == pytest.approx(3.5 / 6 + 0.25)
     # all three: the mean row (2/3, 1/3, 1/3, 2/3, 2/3, 2/3), residuals (1/3, -2/3)
     assert est([1.0, 0.0], 5) == pytest.approx(10 / 18 - 1 / 6)
+    # of seven references the five nearest (0-4; 5 and 6 disagree on both anchors) predict: the mean
+    # row (1, .8, .4, .4), 0.65, and the residual .2 on the second anchor, weighted .5
+    seven = np.array([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1], [1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]])
+    assert neighbour_estimate(seven, [0, 1], [0.5, 0.5], [1.0, 1.0]) == pytest.approx(0.65 + 0.1)
+    assert neighbour_estimate(seven, [0, 1], [0.5, 0.5], [1.0, 1.0], neighbours=7) == pytest.approx(15 / 28 + 5 / 14)
     # without references: the strata's weighted mean; a candidate equal to a reference: exact
     assert neighbour_estimate(np.zeros((0, 6)), [0, 3], [0.25, 0.75], [1.0, 0.0]) == 0.25
     assert est([0.0, 1.0], 1) == pytest.approx(REFERENCES[2].mean())
@@ -81,6 +86,16 @@ def test_the_neighbours_design_estimates_from_its_fitted_candidates():
     # neighbours the mean row is (.5, .5, .25, .5, .5, .25), residuals (.5, -.5): 2.5/6
     assert e.estimate({10: 1.0, 13: 0.0}) == pytest.approx(2.5 / 6)
     assert e.estimate({10: 1.0, 13: 0.0}) != AnchorEstimator(2, "cluster").fit(TWO_CLUSTERS).estimate({0: 1.0, 3: 0.0})
+
+
+def test_cluster_anchors_of_one_seeded_matrix_are_pinned():
+    """The anchors the k-means++ start chose when it recomputed every point's distance to every
+    centre; keeping each point's distance to its nearest centre must choose the same."""
+    rng = np.random.default_rng(11)
+    matrix = (rng.random((30, 200)) < rng.random(200)[None]).astype(float)
+    e = AnchorEstimator(12, "cluster", seed=5).fit(matrix)
+    assert e.anchors == (0, 3, 12, 18, 37, 40, 54, 61, 84, 113, 138, 174)
+    assert [round(w * 200) for w in e.weights] == [9, 10, 46, 8, 15, 13, 4, 61, 9, 8, 10, 7]
 
 
 @pytest.mark.parametrize("design", DESIGNS)

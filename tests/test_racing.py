@@ -104,8 +104,8 @@ def run_race(search, racer, records, n, crash_at=None):
     return search
 
 
-def make(directory, rule="dominance"):
-    racing = Racing(0.1, 0.2, 2.0, min_full=6, refit=5, seed=3, rule=rule)
+def make(directory, rule="dominance", estimate="neighbours"):
+    racing = Racing(0.1, 0.2, 2.0, min_full=6, refit=5, seed=3, rule=rule, estimate=estimate)
     search = Search(genome(), "random", TWO, 5, directory, racing=racing)
     records = DocumentRecords(directory, {"ta": POOL, "tb": POOL})
     return search, Racer(search, records, records.full_ids, first_fit=2), records
@@ -189,6 +189,22 @@ def test_a_raced_search_stops_dominated_candidates_on_their_anchors_and_resumes_
         assert values[j] == pytest.approx(expected, abs=1e-12)
 
 
+def test_the_strata_estimate_is_the_anchors_weighted_mean_and_reads_no_references(tmp_path):
+    search, racer, records = make(tmp_path, estimate="strata")
+    run_race(search, racer, records, 20)
+    t = search.ask()
+    scores = answers(t, racer.documents_for(t))
+    values, _, _ = racer.judge(t, scores)
+    for j, (objective, task) in enumerate((("a", "ta"), ("b", "tb"))):
+        anchors, weights = (search.anchors[key][objective][task] for key in ("anchors", "weights"))
+        y = dict(zip(*scores[objective][task]))
+        assert values[j] == pytest.approx(sum(w * y[a] for a, w in zip(anchors, weights)), abs=1e-12)
+    assert racer._references == (-1, {})  # never read
+    # a records file without the full rows (lost): the neighbours estimate falls back to the strata's
+    lost = Racer(search, DocumentRecords(tmp_path / "elsewhere", records.full_ids), records.full_ids)
+    assert lost.references() == {}
+
+
 def test_anchors_events_are_checked_on_replay(tmp_path):
     search, racer, records = make(tmp_path)
     run_race(search, racer, records, 12)
@@ -244,6 +260,12 @@ def test_a_search_raced_before_the_estimate_was_a_setting_resumes_on_the_strata_
     assert resumed == "strata" and Search(genome(), "random", TWO, 5, tmp_path, racing=racing(resumed))
     # named in the experiment: as named (and that journal then refuses it, as above)
     assert racing_estimate(RacingConfig(**settings, estimate="neighbours"), tmp_path) == "neighbours"
+    # a journal that is empty, not a header, or a header without racing: the default
+    for first in ("", "[1]\n", '{"event": "header"}\n', "{not json\n"):
+        odd = tmp_path / f"odd{len(first)}"
+        odd.mkdir()
+        (odd / JOURNAL).write_text(first)
+        assert racing_estimate(RacingConfig(**settings), odd) == "neighbours"
     newer = tmp_path / "newer"
     Search(genome(), "random", TWO, 5, newer, racing=racing("neighbours"))
     assert racing_estimate(RacingConfig(**settings), newer) == "neighbours"

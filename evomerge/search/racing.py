@@ -231,7 +231,8 @@ class Racer:
     def references(self) -> dict[str, dict[str, tuple[list[int], np.ndarray]]]:
         """For the neighbours estimate: objective -> task -> (the pool's ids, the per-document
         scores of every candidate scored in full so far, float32: 4 bytes a document a candidate);
-        read again only when that set grew."""
+        read again only when that set grew. A task whose full rows the records lack (a records file
+        lost or cut) has none: its estimate falls back to the strata's weighted mean."""
         full = self._full()
         if self._references[0] != len(full):
             from evomerge.search.anchors import score_matrix
@@ -241,8 +242,12 @@ class Racer:
             out: dict[str, dict] = {}
             for objective, tasks in self.search.anchors["anchors"].items():
                 for task in tasks:
-                    _, pool, matrix = score_matrix(records, objective, task, self.pools.get(task))
-                    out.setdefault(objective, {})[task] = (pool, matrix.astype(np.float32))
+                    try:
+                        _, pool, matrix = score_matrix(records, objective, task, self.pools.get(task))
+                    except ValueError:  # no per-document rows for it at all
+                        continue
+                    if len(matrix):
+                        out.setdefault(objective, {})[task] = (pool, matrix.astype(np.float32))
             self._references = (len(full), out)
         return self._references[1]
 
