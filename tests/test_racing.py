@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_search import TWO, bowl, genome
 
-from evomerge.search.anchors import neighbour_estimate
+from evomerge.search.anchors import neighbour_estimate, score_matrix
 from evomerge.search.journal import JOURNAL, JournalError
 from evomerge.search.racing import Racer, Racing, behind, errors, estimate, refit_weights, settle, stopped
 from evomerge.search.records import DocumentRecords
@@ -180,6 +180,11 @@ def test_a_raced_search_stops_dominated_candidates_on_their_anchors_and_resumes_
     values, _, _ = racer.judge(t, scores)
     references = racer.references()
     in_full = [x for x in whole.finished if "repeat_of" not in x.info]
+    # read incrementally through the run, they equal the matrices read from the records at once
+    every = {k: v for k, v in records.read().items() if k[0] in {x.id for x in in_full}}
+    for objective, task in (("a", "ta"), ("b", "tb")):
+        _, _, matrix = score_matrix(every, objective, task, POOL)
+        assert np.array_equal(references[objective][task][1], matrix.astype(np.float32))
     for j, (objective, task) in enumerate((("a", "ta"), ("b", "tb"))):
         anchors, weights = (whole.anchors[key][objective][task] for key in ("anchors", "weights"))
         pool, rows = references[objective][task]

@@ -461,9 +461,31 @@ def test_per_document_records_round_trip(tmp_path):
         (0, None): {"acc": {"t": ([1, 4, 7], [0.0, 0.0, 1.0])}},  # the last line of a trial wins
         (1, 0): {"acc": {"t": ([4], [1.0])}},
     }
+    # read incrementally: whole lines only, each once; the cut line waits
+    first, offset = DocumentRecords(tmp_path, full).read_new(0)
+    assert first == DocumentRecords(tmp_path, full).read() and offset == sum(len(line) + 1 for line in lines)
+    assert DocumentRecords(tmp_path, full).read_new(offset) == ({}, offset)
+    # a resumed campaign's next line drops the cut one first, so the two never run together
+    records.append(2, None, {"acc": {"t": ([1, 4, 7], [1.0, 1.0, 1.0])}})
+    assert (tmp_path / RECORDS).read_text().splitlines()[-2:] == [
+        lines[-1],
+        json.dumps(
+            {"id": 2, "rung": None, "scores": {"acc": {"t": {"ids": None, "values": "111"}}}}, separators=(",", ":")
+        ),
+    ]
+    after, end = records.read_new(offset)
+    assert (
+        after == {(2, None): {"acc": {"t": ([1, 4, 7], [1.0, 1.0, 1.0])}}}
+        and end == (tmp_path / RECORDS).stat().st_size
+    )
+    (tmp_path / RECORDS).write_text('{"id": 3, "ru')  # only a cut line: dropped whole
+    records.append(3, None, {"acc": {"t": ([1, 4, 7], [0.0, 1.0, 0.0])}})
+    assert list(records.read()) == [(3, None)]
     (tmp_path / RECORDS).write_text(lines[0] + "\n[1, 2]\n" + lines[1] + "\n")
     with pytest.raises(ValueError, match=rf"{RECORDS}:2: not a per-document record"):
         DocumentRecords(tmp_path, full).read()
+    with pytest.raises(ValueError, match=rf"{RECORDS}: not a per-document record after byte 0"):
+        DocumentRecords(tmp_path, full).read_new(0)
 
 
 # -- a journal line that is JSON but not an event: one line naming the line, never a traceback -------

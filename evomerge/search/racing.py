@@ -190,6 +190,8 @@ class Racer:
         self.scores: dict[int, dict] = {}  # raced trial -> its anchor scores, until its full result
         self._reuses: bool | None = None
         self._references: tuple[int, dict] = (-1, {})  # (full results read, objective -> task -> rows)
+        self._rows: dict[tuple[str, str], dict[int, np.ndarray]] = {}  # whole-pool rows read so far
+        self._offset = 0  # of the records file: each line is parsed once
 
     def _full(self) -> list:
         """The trials scored in full whose records can be fitted (a repeat has no records of its own)."""
@@ -230,24 +232,26 @@ class Racer:
 
     def references(self) -> dict[str, dict[str, tuple[list[int], np.ndarray]]]:
         """For the neighbours estimate: objective -> task -> (the pool's ids, the per-document
-        scores of every candidate scored in full so far, float32: 4 bytes a document a candidate);
-        read again only when that set grew. A task whose full rows the records lack (a records file
-        lost or cut) has none: its estimate falls back to the strata's weighted mean."""
+        scores of every candidate scored in full so far, in trial order, float32: 4 bytes a document
+        a candidate); the records' new lines are read when that set grew, each line once. A task
+        whose full rows the records lack (a records file lost or cut) has none: its estimate falls
+        back to the strata's weighted mean."""
         full = self._full()
         if self._references[0] != len(full):
-            from evomerge.search.anchors import score_matrix
-
-            ids = {t.id for t in full}
-            records = {key: rows for key, rows in self.records.read().items() if key[0] in ids}
+            new, self._offset = self.records.read_new(self._offset)
+            for (trial, _rung), scored in new.items():
+                for objective, tasks in scored.items():
+                    for task, (ids, values) in tasks.items():
+                        if ids == self.pools.get(task):  # a whole pool (the last line of a trial wins)
+                            self._rows.setdefault((objective, task), {})[trial] = np.asarray(values, np.float32)
+            ids = sorted(t.id for t in full)
             out: dict[str, dict] = {}
             for objective, tasks in self.search.anchors["anchors"].items():
                 for task in tasks:
-                    try:
-                        _, pool, matrix = score_matrix(records, objective, task, self.pools.get(task))
-                    except ValueError:  # no per-document rows for it at all
-                        continue
-                    if len(matrix):
-                        out.setdefault(objective, {})[task] = (pool, matrix.astype(np.float32))
+                    rows = self._rows.get((objective, task), {})
+                    found = [rows[i] for i in ids if i in rows]
+                    if found:
+                        out.setdefault(objective, {})[task] = (self.pools[task], np.stack(found))
             self._references = (len(full), out)
         return self._references[1]
 

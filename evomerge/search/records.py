@@ -43,6 +43,9 @@ class DocumentRecords:
         self.full_ids = full_ids or {}
 
     def append(self, trial_id: int, rung: int | None, scores: PerDocument) -> None:
+        """Append one evaluation's line (fsynced). A last line cut short by an interruption is
+        dropped first, so that it never runs into this one."""
+        self._mend()
         line = {"id": trial_id, "rung": rung, "scores": {}}
         for objective, tasks in scores.items():
             line["scores"][objective] = {
@@ -54,6 +57,40 @@ class DocumentRecords:
             f.flush()
             os.fsync(f.fileno())
 
+    def _mend(self) -> None:
+        """Cut a last line that an interruption left without its newline."""
+        try:
+            with open(self.path, "rb+") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size == 0:
+                    return
+                f.seek(size - 1)
+                if f.read(1) == b"\n":
+                    return
+                end = size
+                while end > 0:  # back, a block at a time, to the last newline (or the start)
+                    start = max(0, end - (1 << 16))
+                    f.seek(start)
+                    cut = f.read(end - start).rfind(b"\n")
+                    if cut >= 0:
+                        f.truncate(start + cut + 1)
+                        return
+                    end = start
+                f.truncate(0)
+        except FileNotFoundError:
+            return
+
+    def _parse(self, text: str) -> tuple[tuple[int, int | None], PerDocument]:
+        line = json.loads(text)
+        scores = {
+            objective: {
+                task: (self.full_ids[task] if rec["ids"] is None else rec["ids"], _decode(rec["values"]))
+                for task, rec in tasks.items()
+            }
+            for objective, tasks in line["scores"].items()
+        }
+        return (int(line["id"]), line["rung"]), scores
+
     def read(self) -> dict[tuple[int, int | None], PerDocument]:
         """(trial id, rung) -> objective -> task -> (ids, scores); the last line of each wins. A last
         line cut short by an interruption is left out."""
@@ -63,17 +100,30 @@ class DocumentRecords:
         lines = self.path.read_text().splitlines()
         for n, text in enumerate(lines, 1):
             try:
-                line = json.loads(text)
-                scores = {
-                    objective: {
-                        task: (self.full_ids[task] if rec["ids"] is None else rec["ids"], _decode(rec["values"]))
-                        for task, rec in tasks.items()
-                    }
-                    for objective, tasks in line["scores"].items()
-                }
+                key, scores = self._parse(text)
             except (ValueError, KeyError, TypeError, AttributeError):
                 if n == len(lines):
                     break
                 raise ValueError(f"{self.path}:{n}: not a per-document record") from None
-            out[(int(line["id"]), line["rung"])] = scores
+            out[key] = scores
         return out
+
+    def read_new(self, offset: int) -> tuple[dict[tuple[int, int | None], PerDocument], int]:
+        """The lines ended with a newline from byte ``offset`` on, as ``read`` gives them, and the
+        offset after the last of them: a reader that keeps the offset parses each line once (a line
+        not yet ended waits for the next call)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return {}, offset
+        end = data.rfind(b"\n") + 1
+        out = {}
+        for text in data[:end].decode().splitlines():
+            try:
+                key, scores = self._parse(text)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ValueError(f"{self.path}: not a per-document record after byte {offset}") from None
+            out[key] = scores
+        return out, offset + end
