@@ -439,19 +439,14 @@ BASELINES = [
 
 def racing_estimate(racing, directory: Path) -> str:
     """The estimate a campaign races with: the experiment's ``racing.estimate`` where it names one;
-    otherwise the default, except in a campaign whose journal was raced before the estimate was a
-    setting (its header's racing names none): that one resumes with the ``strata`` it was raced on."""
+    otherwise the one its journal was raced with (a campaign raced before the estimate was a setting
+    resumes on ``strata``), or the default for a new campaign."""
     if "estimate" in racing.model_fields_set:
         return racing.estimate
-    from evomerge.search.journal import JOURNAL
+    from evomerge.search.journal import JOURNAL, Journal
+    from evomerge.search.racing import Racing
 
-    try:
-        with open(Path(directory) / JOURNAL, "rb") as f:
-            header = json.loads(f.readline())
-    except (OSError, ValueError):
-        return racing.estimate
-    raced = header.get("racing") if isinstance(header, dict) else None
-    return "strata" if isinstance(raced, dict) and "estimate" not in raced else racing.estimate
+    return Racing.raced_with(Journal(Path(directory) / JOURNAL).header()) or racing.estimate
 
 
 def baseline_recipes(base: str, experts: list[str], seed: int) -> list[tuple[str, object]]:

@@ -125,6 +125,16 @@ class Journal:
         self.path = path
         self._whole = 0  # bytes of the whole lines ``read`` found
 
+    def header(self) -> dict | None:
+        """The first event as written (a search's header), or None where there is no readable one:
+        no file, an empty one, a first line that is not a JSON object."""
+        try:
+            with open(self.path, "rb") as f:
+                first = json.loads(f.readline())
+        except (OSError, ValueError, RecursionError):
+            return None
+        return first if isinstance(first, dict) else None
+
     @property
     def written(self) -> bool:
         """Whether the file holds anything (a header at least)."""

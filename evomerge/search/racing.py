@@ -70,6 +70,13 @@ class Racing:
             out["estimate"] = self.estimate
         return out
 
+    @staticmethod
+    def raced_with(header: dict | None) -> str | None:
+        """The estimate a journal's header says its search raced with (``header``: its first event;
+        None: not raced): a racing header without one was written before ``neighbours`` existed."""
+        racing = header.get("racing") if header else None
+        return racing.get("estimate", "strata") if isinstance(racing, dict) else None
+
     def count(self, pool: int) -> int:
         """Anchors for a task of ``pool`` documents (at most the pool)."""
         k = math.ceil(self.anchors * pool) if self.anchors < 1 else int(self.anchors)
@@ -232,8 +239,9 @@ class Racer:
 
     def references(self) -> dict[str, dict[str, tuple[list[int], np.ndarray]]]:
         """For the neighbours estimate: objective -> task -> (the pool's ids, the per-document
-        scores of every candidate scored in full so far, in trial order, float32: 4 bytes a document
-        a candidate); the records' new lines are read when that set grew, each line once. A task
+        scores of every candidate scored in full so far, in trial order, float32; kept twice, as rows
+        and stacked: 8 bytes a document a candidate); the records' new lines are read when that set
+        grew, each line once. A task
         whose full rows the records lack (a records file lost or cut) has none: its estimate falls
         back to the strata's weighted mean."""
         full = self._full()
