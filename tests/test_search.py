@@ -466,6 +466,7 @@ def test_per_document_records_round_trip(tmp_path):
     assert first == DocumentRecords(tmp_path, full).read() and offset == sum(len(line) + 1 for line in lines)
     assert DocumentRecords(tmp_path, full).read_new(offset) == ({}, offset)
     # a resumed campaign's next line drops the cut one first, so the two never run together
+    records = DocumentRecords(tmp_path, full)  # the resumed process's
     records.append(2, None, {"acc": {"t": ([1, 4, 7], [1.0, 1.0, 1.0])}})
     assert (tmp_path / RECORDS).read_text().splitlines()[-2:] == [
         lines[-1],
@@ -478,9 +479,13 @@ def test_per_document_records_round_trip(tmp_path):
         after == {(2, None): {"acc": {"t": ([1, 4, 7], [1.0, 1.0, 1.0])}}}
         and end == (tmp_path / RECORDS).stat().st_size
     )
-    (tmp_path / RECORDS).write_text('{"id": 3, "ru')  # only a cut line: dropped whole
-    records.append(3, None, {"acc": {"t": ([1, 4, 7], [0.0, 1.0, 0.0])}})
-    assert list(records.read()) == [(3, None)]
+    (tmp_path / RECORDS).write_text('{"id": 3, "ru')  # only a cut line: dropped whole (by the next process)
+    DocumentRecords(tmp_path, full).append(3, None, {"acc": {"t": ([1, 4, 7], [0.0, 1.0, 0.0])}})
+    assert list(DocumentRecords(tmp_path, full).read()) == [(3, None)]
+    # a whole last line cut only before its newline is kept, as read() keeps it
+    (tmp_path / RECORDS).write_text(lines[0] + "\n" + lines[1])
+    DocumentRecords(tmp_path, full).append(3, None, {"acc": {"t": ([1, 4, 7], [0.0, 1.0, 0.0])}})
+    assert list(DocumentRecords(tmp_path, full).read()) == [(0, None), (1, 0), (3, None)]
     (tmp_path / RECORDS).write_text(lines[0] + "\n[1, 2]\n" + lines[1] + "\n")
     with pytest.raises(ValueError, match=rf"{RECORDS}:2: not a per-document record"):
         DocumentRecords(tmp_path, full).read()

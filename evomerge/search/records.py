@@ -41,11 +41,14 @@ class DocumentRecords:
     def __init__(self, directory: str | Path, full_ids: dict[str, list[int]] | None = None):
         self.path = Path(directory) / RECORDS
         self.full_ids = full_ids or {}
+        self._mended = False  # the file's end checked (once: only an earlier process can have torn it)
 
     def append(self, trial_id: int, rung: int | None, scores: PerDocument) -> None:
         """Append one evaluation's line (fsynced). A last line cut short by an interruption is
         dropped first, so that it never runs into this one."""
-        self._mend()
+        if not self._mended:
+            self._mend()
+            self._mended = True
         line = {"id": trial_id, "rung": rung, "scores": {}}
         for objective, tasks in scores.items():
             line["scores"][objective] = {
@@ -58,25 +61,28 @@ class DocumentRecords:
             os.fsync(f.fileno())
 
     def _mend(self) -> None:
-        """Cut a last line that an interruption left without its newline."""
+        """End the file with its last whole line, as ``read`` sees it: a last line that parses but
+        lacks its newline gets one; one that an interruption cut short is cut off."""
         try:
             with open(self.path, "rb+") as f:
                 size = f.seek(0, os.SEEK_END)
-                if size == 0:
-                    return
-                f.seek(size - 1)
-                if f.read(1) == b"\n":
-                    return
                 end = size
                 while end > 0:  # back, a block at a time, to the last newline (or the start)
                     start = max(0, end - (1 << 16))
                     f.seek(start)
                     cut = f.read(end - start).rfind(b"\n")
                     if cut >= 0:
-                        f.truncate(start + cut + 1)
-                        return
+                        end = start + cut + 1
+                        break
                     end = start
-                f.truncate(0)
+                if end == size:
+                    return
+                f.seek(end)
+                try:
+                    self._parse(f.read().decode())
+                    f.write(b"\n")
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    f.truncate(end)
         except FileNotFoundError:
             return
 
