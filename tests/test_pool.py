@@ -1,6 +1,7 @@
 """The Ray worker pool, for real: a private local Ray, two workers, a worker SIGKILLed mid-evaluation,
 a Ray node killed under the pool, signal handlers, loopback-only sockets."""
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -249,13 +250,16 @@ def test_a_lost_connection_to_a_joined_cluster_raises_pool_error(zoo, tmp_path, 
     )
     markers = tmp_path / "started"
     markers.mkdir()
-    pool = None
+    pool = worker = None
     try:
         address, gcs = head.stdout.readline().split()
         pool = WorkerPool(spec(zoo, threads=1, started_dir=str(markers)), workers=1, address=address, max_retries=0)
         pool.start()
         pool.submit("doomed", recipe(1.0, 0.0))
-        started_worker(markers)
+        # frozen mid-candidate: on a loaded machine its result could otherwise reach the driver before
+        # the lost connection is noticed
+        worker = psutil.Process(started_worker(markers))
+        worker.suspend()
         os.kill(int(gcs), signal.SIGKILL)
         killed, returned = time.monotonic(), []
         with pytest.raises(PoolError, match=r"^lost the connection to the Ray cluster: "):
@@ -265,6 +269,9 @@ def test_a_lost_connection_to_a_joined_cluster_raises_pool_error(zoo, tmp_path, 
         assert not returned and pool.in_flight == 1
     finally:
         began = time.monotonic()
+        if worker is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
         if pool is not None:
             pool.shutdown()
         head.kill()
