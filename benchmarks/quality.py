@@ -168,13 +168,13 @@ def search_run(zoo: Zoo, settings: Settings, optimizer: str, mode: str, seed: in
     objectives = [Objective(name=n) for n in problem.names]
     m, seeds = len(problem.names), 1 + len(problem.experts)
     r = settings.racing
-    rule = {"raced": "dominance", "raced_mean": "mean"}.get(mode)
-    racing = Racing(r.anchors, r.check, r.z, r.min_full, r.refit, seed, rule, r.estimate) if rule else None
+    rule = {"raced": "dominance", "raced_mean": "mean", "raced_hv": "hypervolume"}.get(mode)
+    racing = Racing(r.anchors, r.check, r.z, r.min_full, r.refit, seed, rule, r.estimate, r.gain) if rule else None
     with tempfile.TemporaryDirectory() as tmp:
         fidelity = settings.fidelity if mode == "multi" else None
         search = Search(genome, name, objectives, seed, tmp, options, fidelity=fidelity, racing=racing)
         records = DocumentRecords(tmp, zoo.pools)
-        racer = Racer(search, records, zoo.pools, first_fit=seeds) if racing else None
+        racer = Racer(search, records, zoo.pools, first_fit=seeds, reference=[0.0] * m) if racing else None
         for point in [genome.uniform_average(), *(genome.expert_alone(e) for e in problem.experts)]:
             search.enqueue(point)
         curve = []  # (documents scored, hypervolume of the full-fidelity front)
@@ -206,7 +206,26 @@ def search_run(zoo: Zoo, settings: Settings, optimizer: str, mode: str, seed: in
             "mae": statistics.fmean(e["mae"] for e in errors) if errors and errors[0] else None,
             "spearman": statistics.fmean(e["spearman"] for e in errors) if errors and "spearman" in errors[0] else None,
             "checked": sum(t.full and racer.checked(t) for t in search.raced) if racer else 0,
+            "least": least_documents([t.values for t in search.finished], m, settings.racing.anchors),
         }
+
+
+def least_documents(values: list[list[float]], m: int, anchors: float) -> dict:
+    """What any racing rule that puts only results in full on the front needs, on this run's own
+    candidates (``values``, all scored in full): the front's members (all of them for the whole
+    hypervolume; for 99% of it, as few as a greedy pick by hypervolume gain finds), and the share of
+    the run's documents that scoring those in full and every other candidate on ``anchors`` of its
+    pools costs."""
+    ref, whole = [0.0] * m, hypervolume(values, ["maximize"] * m, [0.0] * m)
+    front = [v for v in values if not any(all(a >= b for a, b in zip(u, v)) and u != v for u in values)]
+    chosen: list[list[float]] = []
+    while hypervolume(chosen, ["maximize"] * m, ref) < 0.99 * whole - 1e-12:
+        rest = [v for v in front if v not in chosen]
+        chosen.append(max(rest, key=lambda v: hypervolume([*chosen, v], ["maximize"] * m, ref)))
+    n = len(values)
+    share = lambda k: (k + (n - k) * anchors) / n  # noqa: E731
+    k = len(chosen)
+    return {"front": len(front), "n": n, "for_99": k, "docs_99": share(k), "docs_all": share(len(front))}
 
 
 def step(zoo: Zoo, search: Search, racer, records, trial) -> None:
@@ -260,6 +279,14 @@ def print_zoo(zoo: Zoo, settings: Settings, optimizer: str, modes: list[str], n_
             f"{statistics.median(m for _, m in margins):+.1f} ({', '.join(f'{m:+.1f} {lab}' for lab, m in margins)})"
             f" | {med('documents_per_candidate'):.0f} | {med('candidates'):.0f} ({med('full'):.0f}) | "
             f"{med('repeats'):.0f} | {med('hypervolume'):.4f} | {reach_text} | {mae} | {rho} |"
+        )
+    if "full" in results:
+        least = lambda key: statistics.median(r["least"][key] for r in results["full"])  # noqa: E731
+        print(
+            f"\nfull's runs (medians): {least('front'):.0f} of {least('n'):.0f} candidates on the front; a rule that "
+            f"scores front members in full and the rest on their anchors needs at least {least('docs_all'):.2f} "
+            f"of the documents for the whole hypervolume ({least('for_99'):.0f} members, {least('docs_99'):.2f} of "
+            "the documents, for 99% of it: greedy by hypervolume gain), on the same candidates"
         )
 
 

@@ -201,6 +201,7 @@ class Loaded:
                 self.experiment.seed,
                 r.rule,
                 racing_estimate(r, self.directory),
+                r.gain,
             )
             if r
             else None,
@@ -835,7 +836,8 @@ class CampaignRun:
         if self.search.racing is not None:
             from evomerge.search.racing import Racer
 
-            self.racer = Racer(self.search, self.records, self.records.full_ids, first_fit=self.n_seeds)
+            pools, seeds = self.records.full_ids, self.n_seeds
+            self.racer = Racer(self.search, self.records, pools, first_fit=seeds, reference=lambda: self.reference)
         nodes = len({w["node_id"] for w in workers})
         self.display.update(f"{len(workers)} worker(s) ready on {nodes} Ray node(s)", force=True)
         self.tracker = open_tracker(loaded, self.search, self.preparing.result())

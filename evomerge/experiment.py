@@ -86,19 +86,25 @@ class RacingConfig(BaseModel):
     min_full: int = Field(default=8, ge=1)
     refit: int = Field(default=8, ge=1)
     #: When a candidate stops on its anchors: ``dominance`` (a full result dominates its interval's
-    #: optimistic corner) or ``mean`` (its mean over the objectives, plus its interval, stays behind
-    #: the best mean in full: the pick of ``export --best``; objectives of one direction only).
-    rule: Literal["dominance", "mean"] = "dominance"
+    #: optimistic corner), ``mean`` (its mean over the objectives, plus its interval, stays behind
+    #: the best mean in full: the pick of ``export --best``; objectives of one direction only) or
+    #: ``hypervolume`` (its interval's optimistic corner would add less than ``gain`` of the
+    #: hypervolume of the results in full, from the campaign's reference point).
+    rule: Literal["dominance", "mean", "hypervolume"] = "dominance"
     #: How the anchors estimate a candidate: ``neighbours`` (the candidates scored in full that
     #: agree most with it on the anchors predict its scores on the rest of the pool, and the
     #: anchors correct that prediction) or ``strata`` (the anchors' weighted mean: a campaign begun
     #: before ``neighbours`` existed resumes with it).
     estimate: Literal["neighbours", "strata"] = "neighbours"
+    #: ``rule: hypervolume``'s least share of the front's hypervolume a candidate must be able to add.
+    gain: float = Field(default=0.05, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _count(self):
         if self.anchors >= 1 and self.anchors != int(self.anchors):
             raise ValueError(f"anchors is a fraction below 1 or a whole number of documents, got {self.anchors}")
+        if "gain" in self.model_fields_set and self.rule != "hypervolume":
+            raise ValueError(f"gain applies to rule: hypervolume only (this rule is {self.rule})")
         return self
 
 

@@ -206,6 +206,10 @@ BAD = {
         {"racing": {"estimate": "median"}},
         "exp.yaml: racing.estimate: Input should be 'neighbours' or 'strata'",
     ),
+    "racing's gain without the hypervolume rule": (
+        {"racing": {"gain": 0.1}},
+        "exp.yaml: racing: gain applies to rule: hypervolume only (this rule is dominance)",
+    ),
     "racing on perplexity": (
         {"racing": {}, "evaluator": "perplexity:data/general_{split}.txt"},
         "exp.yaml: racing: objective 'sort' is a perplexity: it has no per-document scores to race on",

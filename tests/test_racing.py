@@ -11,7 +11,7 @@ from test_search import TWO, bowl, genome
 
 from evomerge.search.anchors import neighbour_estimate, score_matrix
 from evomerge.search.journal import JOURNAL, JournalError
-from evomerge.search.racing import Racer, Racing, behind, errors, estimate, refit_weights, settle, stopped
+from evomerge.search.racing import Racer, Racing, behind, errors, estimate, gain, refit_weights, settle, stopped
 from evomerge.search.records import DocumentRecords
 from evomerge.search.study import Search
 
@@ -51,6 +51,19 @@ def test_the_estimate_its_error_and_the_stopping_rule_on_hand_values():
     assert not behind([0.4, 0.5], 0.11, [[0.6, 0.5]], up)
     assert behind([0.7, 0.8], 0.05, [[0.6, 0.5]], ["minimize", "minimize"])  # minimized: 0.75 - 0.05 > 0.55
     assert not behind([0.4, 0.5], 0.0, [], up)  # nothing in full yet
+
+    # the hypervolume rule: the share of the front's volume (0.5 x 0.5 = 0.25 from the origin) that
+    # the optimistic corner adds: (0.6, 0.3) adds 0.1 x 0.3 = 0.03, a share of 0.12; (0.52, 0.3) adds
+    # 0.006, 0.024; a dominated corner nothing; nothing in full yet: infinite; at the reference: 0
+    origin = [0.0, 0.0]
+    assert gain([0.55, 0.25], [0.05, 0.05], full_half := [[0.5, 0.5]], up, origin) == pytest.approx(0.12)
+    assert gain([0.5, 0.25], [0.02, 0.05], full_half, up, origin) == pytest.approx(0.024)
+    assert gain([0.3, 0.3], [0.1, 0.1], full_half, up, origin) == 0.0
+    assert (
+        gain([0.3, 0.3], [0.0, 0.0], [], up, origin) == math.inf and gain([0.0, 0.3], [0.0, 0.0], [], up, origin) == 0
+    )
+    # a minimized objective: reference (0, 1), the front's box 0.5 x (1 - 0.5); the corner (0.6, 0.7)
+    assert gain([0.55, 0.75], [0.05, 0.05], full_half, mixed, [0.0, 1.0]) == pytest.approx(0.03 / 0.25)
 
     found = errors([(0.1, 0.2), (0.5, 0.4), (0.3, 0.3), (0.9, 0.7)])
     assert found["mae"] == pytest.approx(0.1) and found["rmse"] == pytest.approx(math.sqrt(0.06 / 4))
@@ -248,6 +261,29 @@ def test_the_mean_rule_stops_what_cannot_reach_the_best_mean(tmp_path):
     run_race(dominance, racer2, records2, 40)
     assert "rule" not in json.loads((tmp_path / "dominance" / JOURNAL).read_text().splitlines()[0])["racing"]
     assert len(stopped_) > len(dominance.stopped_early)  # the front is wide; the best mean is one point
+
+
+def test_the_hypervolume_rule_stops_what_adds_too_little_to_the_front(tmp_path):
+    """``rule: hypervolume`` stops a raced candidate whose estimate could add less than ``gain`` of
+    the hypervolume of the results in full (reference: their worst on each objective), also where no
+    full result dominates it; none it stopped is on the front; the header names rule and gain."""
+    search, racer, records = make(tmp_path / "hv", rule="hypervolume")
+    run_race(search, racer, records, 40)
+    stopped_ = search.stopped_early
+    assert stopped_ and all(t.full for t in search.front())
+    up = search.directions
+    for t in stopped_:
+        before = [f.values for f in search.finished if f.id < t.id]
+        worst = [min(v[j] for v in before) for j in range(2)]
+        assert gain(t.estimate, [0.0, 0.0], before, up, worst) < 0.05  # so too with its interval's widths
+    dominance, racer2, records2 = make(tmp_path / "dominance")
+    run_race(dominance, racer2, records2, 40)
+    assert len(stopped_) > len(dominance.stopped_early)  # 12 against 7: small gains stop too
+    header = json.loads((tmp_path / "hv" / JOURNAL).read_text().splitlines()[0])
+    assert header["racing"]["rule"] == "hypervolume" and header["racing"]["gain"] == 0.05
+    # a racer given the reference point uses it: from the origin, every estimate adds to the volume
+    assert racer._reference([[0.2, 0.4], [0.3, 0.1]]) == [0.2, 0.1]
+    assert Racer(search, records, records.full_ids, reference=lambda: [0.0, 0.0])._reference([[0.2, 0.4]]) == [0, 0]
 
 
 def test_a_search_raced_before_the_estimate_was_a_setting_resumes_on_the_strata_estimate(tmp_path):

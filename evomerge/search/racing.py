@@ -16,8 +16,10 @@ on the per-document scores of the candidates scored in full so far. The rule, st
   error of a weighted mean of independent scores in [0, 1] with mean p (a bound far wider than the
   measured error, since the anchors' strata answer alike: a safe start, not the rule);
 * the candidate is stopped (its estimate told as its final result, never on the front) when a
-  candidate scored in full dominates the interval's optimistic corner; otherwise, and whenever the
-  check draw picks it, it is scored again in full.
+  candidate scored in full dominates the interval's optimistic corner (``rule: dominance``); when its
+  mean over the objectives, plus its interval, stays behind the best mean in full (``rule: mean``); or
+  when that optimistic corner would add less than ``gain`` of the hypervolume of the results in full
+  (``rule: hypervolume``). Otherwise, and whenever the check draw picks it, it is scored again in full.
 
 Anchors are chosen once, at the first fit; later refits keep them (candidates raced on other anchors
 would not be comparable) and re-learn their weights: each document of the pool goes to the anchor
@@ -28,13 +30,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from evomerge.search.anchors import AnchorEstimator, neighbour_estimate
-from evomerge.search.pareto import _as_min, dominates
+from evomerge.search.pareto import _as_min, dominates, hypervolume
 
 #: Raced candidates scored in full whatever their estimate, before the random check share applies:
 #: the interval's measured error needs a few points from the start.
@@ -48,9 +50,11 @@ class Racing:
     ``min_full``: candidates scored in full before the first fit; ``refit``: refit the weights
     after this many more full results; ``seed``: the check draw's seed; ``rule``: when a candidate
     stops on its anchors (``dominance``: a full result dominates its interval's optimistic corner;
-    ``mean``: its mean over the objectives, plus its interval, stays behind the best mean in full);
+    ``mean``: its mean over the objectives, plus its interval, stays behind the best mean in full;
+    ``hypervolume``: its optimistic corner would add less than ``gain`` of the front's hypervolume);
     ``estimate``: ``neighbours`` (the candidates scored in full nearest on the anchors predict the
-    rest of the pool) or ``strata`` (the anchors' weighted mean)."""
+    rest of the pool) or ``strata`` (the anchors' weighted mean); ``gain``: the hypervolume rule's
+    least share."""
 
     anchors: float
     check: float
@@ -60,6 +64,7 @@ class Racing:
     seed: int
     rule: str = "dominance"
     estimate: str = "neighbours"
+    gain: float = 0.05
 
     def header(self) -> dict:
         """What the journal's header records (a search resumed with other settings is refused)."""
@@ -68,6 +73,8 @@ class Racing:
             out["rule"] = self.rule
         if self.estimate != "strata":  # journals written before the neighbours estimate: strata
             out["estimate"] = self.estimate
+        if self.rule == "hypervolume":
+            out["gain"] = self.gain
         return out
 
     @staticmethod
@@ -166,6 +173,21 @@ def behind(values: Sequence[float], width: float, full: Sequence[Sequence[float]
     return bool(full) and mean(values) + width < max(mean(f) for f in full)
 
 
+def gain(
+    values: Sequence[float],
+    widths: Sequence[float],
+    full: Sequence[Sequence[float]],
+    directions: Sequence[str],
+    reference: Sequence[float],
+) -> float:
+    """The share of the hypervolume of the results in ``full`` (from ``reference``) that a candidate
+    estimated at ``values`` +- ``widths`` would add at its interval's optimistic corner: 0 where the
+    corner is dominated or not beyond the reference, infinite where ``full`` has no volume yet."""
+    before = hypervolume(full, directions, reference)
+    after = hypervolume([*full, optimistic(values, widths, directions)], directions, reference)
+    return (after - before) / before if before > 0 else (math.inf if after > 0 else 0.0)
+
+
 def errors(pairs: Sequence[tuple[float, float]]) -> dict[str, float]:
     """``mae``, ``rmse`` and (from 3 pairs on) ``spearman`` of (estimate, full score) pairs."""
     if not pairs:
@@ -187,10 +209,20 @@ class Racer:
     estimate's error on the check sample. Every decision goes through the search's journal (the
     ``anchors`` event, ``promote`` or ``tell``), so a resumed campaign replays it exactly.
     ``pools``: task -> its search documents; ``first_fit``: full results needed before the first fit
-    (at least ``racing.min_full``)."""
+    (at least ``racing.min_full``); ``reference``: the hypervolume's reference point for ``rule:
+    hypervolume`` (or a function giving it, None while unknown: then the worst result in full on each
+    objective)."""
 
-    def __init__(self, search, records, pools: Mapping[str, Sequence[int]], first_fit: int = 0):
+    def __init__(
+        self,
+        search,
+        records,
+        pools: Mapping[str, Sequence[int]],
+        first_fit: int = 0,
+        reference: Sequence[float] | Callable[[], Sequence[float] | None] | None = None,
+    ):
         self.search, self.records, self.racing = search, records, search.racing
+        self.reference = reference
         self.pools = {t: list(ids) for t, ids in pools.items()}
         self.first_fit = max(self.racing.min_full, first_fit)
         self.rest: set[int] = set()  # promoted trials sent to score the rest of their pools only
@@ -366,16 +398,26 @@ class Racer:
             values.append(value)
             ses.append(se)
         widths = [self.racing.z * (f["rmse"] if measured else se) for f, se in zip(found, ses)]
-        full = [t.values for t in self.search.finished]
+        full, directions = [t.values for t in self.search.finished], self.search.directions
         if self.racing.rule == "mean":
             error = self.mean_error()["rmse"] if measured else math.sqrt(sum(se * se for se in ses)) / len(ses)
-            out = behind(values, self.racing.z * error, full, self.search.directions)
+            out = behind(values, self.racing.z * error, full, directions)
+        elif self.racing.rule == "hypervolume":
+            out = gain(values, widths, full, directions, self._reference(full)) < self.racing.gain
         else:
-            out = stopped(values, widths, full, self.search.directions)
+            out = stopped(values, widths, full, directions)
         promote = self.checked(trial) or not out
         if promote:  # its anchor scores join the rest of its pools' (``complete``)
             self.scores[trial.id] = per_document
         return values, widths, promote
+
+    def _reference(self, full: Sequence[Sequence[float]]) -> list[float]:
+        """The hypervolume rule's reference point: ``reference``'s, else the worst of ``full``."""
+        given = self.reference() if callable(self.reference) else self.reference
+        if given is not None:
+            return list(given)
+        pick = [min if d == "maximize" else max for d in self.search.directions]
+        return [f(v[j] for v in full) for j, f in enumerate(pick)]
 
 
 def _pairs(fitted: dict, objective: str) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
