@@ -987,20 +987,22 @@ def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
 
 
 def test_racing_on_anchor_documents_in_a_campaign(zoo, tmp_path):
-    """After the hand baselines (in full), candidates are raced on 4 anchor documents per task: the
-    stopped ones cost only those, the rest are scored in full again; the front holds full results
-    only; MLflow gets the estimate's error on the check sample. SIGKILLed once racing has begun and
+    """After the hand baselines (in full), candidates are raced on 4 anchor documents per task (the
+    hypervolume rule, from the experiment's reference point): the stopped ones cost only
+    those, the rest are scored in full again; the front holds full results only; MLflow gets the
+    estimate's error on the check sample. SIGKILLed once racing has begun and
     resumed, it ends with exactly its budget, each candidate told once and scored as often as its
     decisions say (that it equals its uninterrupted self is tested on the search: test_racing.py)."""
     from mlflow import MlflowClient
 
     from evomerge import campaign
+    from evomerge.search import racing
 
     path = experiment(
         tmp_path,
         zoo,
         seeds={"uniform_average": False, "experts_alone": False, "baselines": True},
-        racing={"anchors": 0.2, "check": 0.2, "z": 1.0, "min_full": 7, "refit": 4},
+        racing={"anchors": 0.2, "check": 0.2, "z": 1.0, "min_full": 7, "refit": 4, "rule": "hypervolume"},
         budget={"max_evaluations": 16},
         optimizer={"name": "random", "options": {}},
     )
@@ -1036,11 +1038,20 @@ def test_racing_on_anchor_documents_in_a_campaign(zoo, tmp_path):
     assert search.front() and all(t.full for t in search.front())
     assert f"{len(raced)} raced on anchor documents, {len(stopped)} stopped on their anchor documents" in result.stdout
 
+    # the hypervolume rule, from the experiment's reference point
+    reference = loaded.reference_point
+    assert reference == [0.0, 0.0]
+    for t in stopped:
+        before = [f.values for f in search.finished if f.id < t.id]
+        assert racing.gain(t.estimate, [0.0, 0.0], before, search.directions, reference) < 0.05
+
     client = MlflowClient(tracking_uri=loaded.tracking()[0])
     parent = client.get_run(loaded.state["parent_run_id"])
     assert {"anchors.mae.add", "anchors.rmse.sort", "anchors.spearman.add", "anchors.checked"} <= set(
         parent.data.metrics
     )
+    assert parent.data.params["experiment.racing.rule"] == "hypervolume"
+    assert parent.data.params["experiment.racing.gain"] == "0.05"
     exp = client.get_experiment_by_name("t-campaign")
     for r in client.search_runs([exp.experiment_id], "tags.`evomerge.trial` != ''"):
         t = search.trials[int(r.data.tags["evomerge.trial"])]
