@@ -2,9 +2,9 @@
 anchor estimates and racing stand in for full evaluations?
 
     .venv/bin/python benchmarks/quality.py [--problem three|select] [--seeds 5] [--budget 40]
-        [--zoo .cache/zoo ...] [--modes full,raced,raced_mean,multi] [--optimizers nsga2,random,cma] [--limit N]
-        [--anchors 0.1] [--check 0.125] [--z 2] [--estimate neighbours|strata] [--rungs 100,333]
-        [--promote 0.33] [--threads N]
+        [--zoo .cache/zoo ...] [--modes full,raced,raced_mean,raced_hv,multi] [--optimizers nsga2,random,cma]
+        [--limit N] [--anchors 0.1] [--check 0.125] [--z 2] [--estimate neighbours|strata] [--gain 0.05]
+        [--rungs 100,333] [--promote 0.33] [--threads N]
 
 RESULTS.md's run used two zoos: the default one and one of another architecture and seed, built
 first with ``.venv/bin/python -m evomerge zoo build --out .cache/zoo-qwen2-s1 --architecture qwen2
@@ -26,6 +26,9 @@ told that result and costs nothing (the campaign's recipe cache). Modes, one opt
   estimate ``--estimate`` (default the campaign's, ``neighbours``);
 - ``raced_mean``: the same with ``rule: mean``: a candidate stops on its anchors when its estimated
   mean over the objectives, plus its interval, stays behind the best mean scored in full;
+- ``raced_hv``: the same with ``rule: hypervolume``: a candidate stops on its anchors when its
+  interval's optimistic corner would add less than ``--gain`` of the hypervolume of the results in
+  full (from (0, 0, 0), the reference of the printed hypervolumes);
 - ``multi``: multi-fidelity (``--rungs`` documents per task, promote ``--promote``).
 
 Printed per zoo: each expert alone and each hand baseline (``seeds.baselines``: task arithmetic at
@@ -39,8 +42,12 @@ candidate, candidates (scored in full), repeats, the final hypervolume on the se
 documents until the run reached the median final hypervolume of ``full`` (and the share of
 ``full``'s budget), and for ``raced`` the estimate's error on its check sample (candidates raced and
 also scored in full, never used to fit before their estimate): MAE and Spearman per objective,
-averaged. One candidate at a time, in-process (the campaign's Search, Racer and CandidateScorer, no
-Ray or MLflow): the figures count documents, not seconds.
+averaged. After ``full``'s rows, what any rule that puts only results in full on the front needs on
+``full``'s own candidates (repeats left out): how many of them are on the front, and the least
+share of the documents that scoring the front members in full (all of them for the whole
+hypervolume; as few as a greedy pick by hypervolume gain finds for 99% of it) and every other
+candidate on its anchors costs. One candidate at a time, in-process (the campaign's Search, Racer
+and CandidateScorer, no Ray or MLflow): the figures count documents, not seconds.
 
 ``--problem select``: the default demo's problem, which experts to merge. The zoo's five experts (add,
 rev, sort, sub, mul), objectives add, rev, sort and sub, space search_spaces/five_experts_select.yaml
@@ -75,7 +82,7 @@ from evomerge.recipe import parse_recipe  # noqa: E402
 from evomerge.report import paired, summary  # noqa: E402
 from evomerge.search.fidelity import Fidelity  # noqa: E402
 from evomerge.search.pareto import hypervolume  # noqa: E402
-from evomerge.search.racing import Racer, Racing, settle  # noqa: E402
+from evomerge.search.racing import GAIN, Racer, Racing, settle  # noqa: E402
 from evomerge.search.records import DocumentRecords  # noqa: E402
 from evomerge.search.space import Genome, load_space  # noqa: E402
 from evomerge.search.study import Search  # noqa: E402
@@ -127,6 +134,7 @@ class Settings:
     budget_docs: int
     fidelity: Fidelity
     racing: RacingConfig
+    gain: float = GAIN
 
 
 class Zoo:
@@ -169,7 +177,9 @@ def search_run(zoo: Zoo, settings: Settings, optimizer: str, mode: str, seed: in
     m, seeds = len(problem.names), 1 + len(problem.experts)
     r = settings.racing
     rule = {"raced": "dominance", "raced_mean": "mean", "raced_hv": "hypervolume"}.get(mode)
-    racing = Racing(r.anchors, r.check, r.z, r.min_full, r.refit, seed, rule, r.estimate, r.gain) if rule else None
+    racing = None
+    if rule:
+        racing = Racing(r.anchors, r.check, r.z, r.min_full, r.refit, seed, rule, r.estimate, settings.gain)
     with tempfile.TemporaryDirectory() as tmp:
         fidelity = settings.fidelity if mode == "multi" else None
         search = Search(genome, name, objectives, seed, tmp, options, fidelity=fidelity, racing=racing)
@@ -195,6 +205,8 @@ def search_run(zoo: Zoo, settings: Settings, optimizer: str, mode: str, seed: in
         searched = [t for t in search.front() if t.id >= seeds] or search.finished[seeds:]
         pick = max(searched, key=lambda t: statistics.fmean(t.values))
         errors = racer.errors() if racer else []
+        counts = Racing(r.anchors, r.check, r.z, r.min_full, r.refit, seed).count
+        share = sum(counts(len(p)) for p in zoo.pools.values()) / zoo.full_documents  # anchors' documents
         return {
             "pick": zoo.report(pick.recipe),
             "hypervolume": curve[-1][1],
@@ -206,7 +218,7 @@ def search_run(zoo: Zoo, settings: Settings, optimizer: str, mode: str, seed: in
             "mae": statistics.fmean(e["mae"] for e in errors) if errors and errors[0] else None,
             "spearman": statistics.fmean(e["spearman"] for e in errors) if errors and "spearman" in errors[0] else None,
             "checked": sum(t.full and racer.checked(t) for t in search.raced) if racer else 0,
-            "least": least_documents([t.values for t in search.finished], m, settings.racing.anchors),
+            "least": least_documents([t.values for t in search.finished if "repeat_of" not in t.info], m, share),
         }
 
 
@@ -217,7 +229,8 @@ def least_documents(values: list[list[float]], m: int, anchors: float) -> dict:
     the run's documents that scoring those in full and every other candidate on ``anchors`` of its
     pools costs."""
     ref, whole = [0.0] * m, hypervolume(values, ["maximize"] * m, [0.0] * m)
-    front = [v for v in values if not any(all(a >= b for a, b in zip(u, v)) and u != v for u in values)]
+    points = [list(v) for v in dict.fromkeys(map(tuple, values))]  # candidates of equal scores: one point
+    front = [v for v in points if not any(all(a >= b for a, b in zip(u, v)) and u != v for u in points)]
     chosen: list[list[float]] = []
     while hypervolume(chosen, ["maximize"] * m, ref) < 0.99 * whole - 1e-12:
         rest = [v for v in front if v not in chosen]
@@ -295,7 +308,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=40, help="full evaluations' worth of documents per run")
     parser.add_argument("--zoo", type=Path, nargs="+", default=[REPO / ".cache" / "zoo"])
-    parser.add_argument("--modes", default="full,raced,raced_mean", help="of full, raced, raced_mean, multi")
+    parser.add_argument("--modes", default="full,raced,raced_mean", help="of full, raced, raced_mean, raced_hv, multi")
     parser.add_argument("--optimizers", default="nsga2")
     parser.add_argument("--problem", choices=PROBLEMS, default="three")
     parser.add_argument("--limit", type=int, help="search documents per task (default: the whole pool)")
@@ -303,6 +316,7 @@ def main() -> None:
     parser.add_argument("--check", type=float, default=RacingConfig().check)
     parser.add_argument("--z", type=float, default=RacingConfig().z)
     parser.add_argument("--estimate", choices=("neighbours", "strata"), default=RacingConfig().estimate)
+    parser.add_argument("--gain", type=float, default=GAIN, help="raced_hv: the hypervolume rule's least share")
     parser.add_argument("--rungs", default="100,333", help="multi-fidelity rungs, documents per task")
     parser.add_argument("--promote", type=float, default=1 / 3)
     parser.add_argument("--threads", type=int, help="torch threads (default torch's; 1 to run several at once)")
@@ -323,7 +337,7 @@ def main() -> None:
     for path in args.zoo:
         started = time.perf_counter()
         zoo = Zoo(path, problem, args.limit)
-        settings = Settings(problem, args.budget * zoo.full_documents, fidelity, racing)
+        settings = Settings(problem, args.budget * zoo.full_documents, fidelity, racing, args.gain)
         pools = ", ".join(f"{t} {len(ids)}" for t, ids in zoo.pools.items())
         print(f"\n## {path.name} ({zoo.scorers['search'].model.config.model_type}, {zoo.layers} layers; {pools})")
         for optimizer in args.optimizers.split(","):

@@ -178,7 +178,7 @@ class Loaded:
     def search(self):
         """The search replayed from the journal; writable only while this process holds the lock."""
         from evomerge.search.fidelity import Fidelity
-        from evomerge.search.racing import Racing
+        from evomerge.search.racing import GAIN, Racing
         from evomerge.search.study import Search
 
         genome = self.checked.genome()
@@ -201,7 +201,7 @@ class Loaded:
                 self.experiment.seed,
                 r.rule,
                 racing_estimate(r, self.directory),
-                r.gain,
+                GAIN if r.gain is None else r.gain,
             )
             if r
             else None,
@@ -671,6 +671,10 @@ def open_tracker(loaded: Loaded, search, tracker):
     params = flatten({"experiment": exp.model_dump(exclude={"output_dir"})})
     if exp.racing is not None:  # the estimate it races with (a campaign raced before the setting: strata)
         params["experiment.racing.estimate"] = racing_estimate(exp.racing, loaded.directory)
+        if exp.racing.rule == "hypervolume":  # the gain it races with
+            from evomerge.search.racing import GAIN
+
+            params["experiment.racing.gain"] = str(GAIN if exp.racing.gain is None else exp.racing.gain)
     params.update({f"versions.{k}": v for k, v in loaded.state["versions"].items()})
     parent = tracker.open(
         loaded.state.get("parent_run_id"),
@@ -880,6 +884,7 @@ class CampaignRun:
         log_samples = self.loaded.experiment.tracking.log_samples
         told = self.told()
         self.session0, self.reference = told, self.loaded.reference_point
+        self._fix_reference()  # a campaign killed before it saved the reference fixes the same one now
         while not (budget.met(told) and not pool.in_flight):
             for _ in range(min(pool.free, budget.room(told, pool.in_flight + search.parked))):
                 if not budget.room(told, pool.in_flight + search.parked):  # a repeat told, a twin parked
@@ -929,15 +934,22 @@ class CampaignRun:
         told = self._told(trial, score.samples)
         return told + sum(self._told(twin) for twin in search.release(trial))
 
+    def _fix_reference(self) -> None:
+        """Fix the hypervolume reference (where the experiment gives none) once the first ``n_seeds``
+        results in full are told: their worst on each objective, taken in the journal's order, so that
+        a resumed campaign fixes the one its uninterrupted self would have."""
+        n = max(1, self.n_seeds)
+        if self.reference is None and len(self.search.full_order) >= n:
+            self.reference = self.loaded.state["reference_point"] = worst(self.search, self.search.directions, n)
+            self.loaded.save_state()
+
     def _told(self, trial, samples: dict | None = None) -> int:
         """A trial's final result logged, the reference point fixed once the seeds are in; 1."""
-        search, loaded = self.search, self.loaded
+        search = self.search
         self.tracker.candidate(trial, [g.name for g in search.genome.genes], samples=samples)
         if self.racer is not None and trial.estimate is not None and trial.full and self.racer.checked(trial):
             self.tracker.metrics(self.racer.metrics(), sum(t.status != "running" for t in search.trials))
-        if self.reference is None and len(search.finished) >= max(1, self.n_seeds):
-            self.reference = loaded.state["reference_point"] = worst(search, search.directions)
-            loaded.save_state()
+        self._fix_reference()
         if self.on_result:
             self.on_result(trial)
         return 1
@@ -958,8 +970,9 @@ def record_session(loaded: Loaded, stages: Stages, status: RunStatus, display: D
         display.update(f"warning: the session's stages not recorded: {first_line(e)}", force=True)
 
 
-def worst(search, directions) -> list[float]:
-    values = [t.values for t in search.finished]
+def worst(search, directions, n: int) -> list[float]:
+    """The worst of the first ``n`` results in full on each objective, in the journal's order."""
+    values = [search.trials[i].values for i in search.full_order[:n]]
     return [(min if d == "maximize" else max)(v[j] for v in values) for j, d in enumerate(directions)]
 
 

@@ -96,14 +96,15 @@ class RacingConfig(BaseModel):
     #: anchors correct that prediction) or ``strata`` (the anchors' weighted mean: a campaign begun
     #: before ``neighbours`` existed resumes with it).
     estimate: Literal["neighbours", "strata"] = "neighbours"
-    #: ``rule: hypervolume``'s least share of the front's hypervolume a candidate must be able to add.
-    gain: float = Field(default=0.05, gt=0, lt=1)
+    #: ``rule: hypervolume``'s least share of the front's hypervolume a candidate must be able to add
+    #: (None: :data:`GAIN`); refused with another rule.
+    gain: float | None = Field(default=None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _count(self):
         if self.anchors >= 1 and self.anchors != int(self.anchors):
             raise ValueError(f"anchors is a fraction below 1 or a whole number of documents, got {self.anchors}")
-        if "gain" in self.model_fields_set and self.rule != "hypervolume":
+        if self.gain is not None and self.rule != "hypervolume":
             raise ValueError(f"gain applies to rule: hypervolume only (this rule is {self.rule})")
         return self
 

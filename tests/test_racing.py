@@ -265,12 +265,12 @@ def test_the_mean_rule_stops_what_cannot_reach_the_best_mean(tmp_path):
 
 def test_the_hypervolume_rule_stops_what_adds_too_little_to_the_front(tmp_path):
     """``rule: hypervolume`` stops a raced candidate whose estimate could add less than ``gain`` of
-    the hypervolume of the results in full (reference: their worst on each objective), also where no
-    full result dominates it; none it stopped is on the front; the header names rule and gain."""
+    the hypervolume of the results in full (reference: their worst on each objective), so it stops
+    more than the dominance rule on the same problem; the header names rule and gain."""
     search, racer, records = make(tmp_path / "hv", rule="hypervolume")
     run_race(search, racer, records, 40)
     stopped_ = search.stopped_early
-    assert stopped_ and all(t.full for t in search.front())
+    assert stopped_
     up = search.directions
     for t in stopped_:
         before = [f.values for f in search.finished if f.id < t.id]
@@ -278,12 +278,22 @@ def test_the_hypervolume_rule_stops_what_adds_too_little_to_the_front(tmp_path):
         assert gain(t.estimate, [0.0, 0.0], before, up, worst) < 0.05  # so too with its interval's widths
     dominance, racer2, records2 = make(tmp_path / "dominance")
     run_race(dominance, racer2, records2, 40)
-    assert len(stopped_) > len(dominance.stopped_early)  # 12 against 7: small gains stop too
+    assert len(stopped_) > len(dominance.stopped_early)  # small gains stop too, not only dominated corners
     header = json.loads((tmp_path / "hv" / JOURNAL).read_text().splitlines()[0])
     assert header["racing"]["rule"] == "hypervolume" and header["racing"]["gain"] == 0.05
-    # a racer given the reference point uses it: from the origin, every estimate adds to the volume
+    # the reference: the worst in full on each objective, or the one the racer is given
     assert racer._reference([[0.2, 0.4], [0.3, 0.1]]) == [0.2, 0.1]
     assert Racer(search, records, records.full_ids, reference=lambda: [0.0, 0.0])._reference([[0.2, 0.4]]) == [0, 0]
+
+
+def test_gain_is_a_setting_of_the_hypervolume_rule_only_and_survives_the_experiment_copy():
+    from evomerge.experiment import RacingConfig
+
+    for rule in ("dominance", "mean", "hypervolume"):  # a campaign re-reads the copy model_dump wrote
+        assert RacingConfig.model_validate(RacingConfig(rule=rule).model_dump()).gain is None
+    assert RacingConfig.model_validate(RacingConfig(rule="hypervolume", gain=0.1).model_dump()).gain == 0.1
+    with pytest.raises(ValueError, match=r"gain applies to rule: hypervolume only \(this rule is mean\)"):
+        RacingConfig(rule="mean", gain=0.1)
 
 
 def test_a_search_raced_before_the_estimate_was_a_setting_resumes_on_the_strata_estimate(tmp_path):
@@ -310,3 +320,21 @@ def test_a_search_raced_before_the_estimate_was_a_setting_resumes_on_the_strata_
     newer = tmp_path / "newer"
     Search(genome(), "random", TWO, 5, newer, racing=racing("neighbours"))
     assert racing_estimate(RacingConfig(**settings), newer) == "neighbours"
+
+
+def test_the_reference_point_is_fixed_from_the_first_results_in_full_in_the_journals_order(tmp_path):
+    """The campaign's hypervolume reference (which the hypervolume rule races from) is the worst of
+    the first n results in full in the order they were told, read back alike from the journal: a
+    campaign killed before it saved the reference fixes the same one when resumed."""
+    from evomerge.campaign import worst
+
+    search = Search(genome(), "random", TWO, 5, tmp_path)
+    a, b, c = search.ask(), search.ask(), search.ask()
+    search.tell(c.id, [0.1, 0.2])
+    search.tell(a.id, None)  # failed: not a result in full
+    search.tell(b.id, [0.3, 0.05])
+    assert search.full_order == [c.id, b.id]
+    replayed = Search(genome(), "random", TWO, 5, tmp_path)
+    assert replayed.full_order == [c.id, b.id]
+    assert worst(replayed, replayed.directions, 1) == [0.1, 0.2]
+    assert worst(replayed, replayed.directions, 2) == [0.1, 0.05]

@@ -1,5 +1,5 @@
 """Racing on anchor documents: a candidate is scored on a few anchor documents per task first, and
-in full only when the estimate cannot tell that it is dominated.
+in full only when the estimate cannot tell that it does not matter (by the rule below).
 
 The anchors come from :class:`evomerge.search.anchors.AnchorEstimator` (the cluster design) fitted
 on the per-document scores of the candidates scored in full so far. The rule, stated once:
@@ -38,6 +38,9 @@ import numpy as np
 from evomerge.search.anchors import AnchorEstimator, neighbour_estimate
 from evomerge.search.pareto import _as_min, dominates, hypervolume
 
+#: ``rule: hypervolume``'s least share of the front's hypervolume, where the experiment gives none.
+GAIN = 0.05
+
 #: Raced candidates scored in full whatever their estimate, before the random check share applies:
 #: the interval's measured error needs a few points from the start.
 CHECK_FIRST = 3
@@ -64,7 +67,7 @@ class Racing:
     seed: int
     rule: str = "dominance"
     estimate: str = "neighbours"
-    gain: float = 0.05
+    gain: float = GAIN
 
     def header(self) -> dict:
         """What the journal's header records (a search resumed with other settings is refused)."""

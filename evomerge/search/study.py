@@ -139,6 +139,7 @@ class Search:
         self._lo, self._span = lo, [b - a for a, b in zip(lo, hi)]
         self.trials: list[Trial] = []
         self._scored: dict[str, int] = {}  # recipe key -> the first trial that scored it in full
+        self.full_order: list[int] = []  # the trials whose results in full were told, in the journal's order
         self._flying: dict[str, int] = {}  # recipe key -> the trial scoring it now (``park``)
         self._parked: dict[int, list[int]] = {}  # that trial -> the trials waiting for its result
         self._pending: list[int] = []
@@ -393,6 +394,7 @@ class Search:
             self.optimizer.tell(trial.unit, None if failed else values)
         if not failed and trial.full:
             self._scored.setdefault(recipe_key(trial.recipe), trial.id)
+            self.full_order.append(trial.id)
         return trial
 
     # -- repeats ----------------------------------------------------------------------------------
