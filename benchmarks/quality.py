@@ -20,13 +20,14 @@ told that result and costs nothing (the campaign's recipe cache). Modes, one opt
 
 - ``full``: every candidate scored on the whole search pool;
 - ``raced``: the product's racing (``evomerge.search.racing``, the campaign's defaults: anchors 1/10
-  of each pool, check share 1/8, z 2, first fit after 8 results in full, refit every 8) with the
-  per-document records in a temporary campaign directory: a new candidate is scored on its anchors
-  first and on the rest of the pools only when its interval leaves it possibly undominated; its
-  estimate ``--estimate`` (default the campaign's, ``neighbours``);
+  of each pool, check share 1/8, z 2, first fit after 8 results in full, refit every 8) with
+  ``rule: dominance`` and the per-document records in a temporary campaign directory: a new
+  candidate is scored on its anchors first and on the rest of the pools only when its interval
+  leaves it possibly undominated; its estimate ``--estimate`` (default the campaign's,
+  ``neighbours``);
 - ``raced_mean``: the same with ``rule: mean``: a candidate stops on its anchors when its estimated
   mean over the objectives, plus its interval, stays behind the best mean scored in full;
-- ``raced_hv``: the same with ``rule: hypervolume``: a candidate stops on its anchors when its
+- ``raced_hv``: the same with ``rule: hypervolume`` (the campaign's default): a candidate stops on its anchors when its
   interval's optimistic corner would add less than ``--gain`` of the hypervolume of the results in
   full (from (0, 0, 0), the reference of the printed hypervolumes);
 - ``multi``: multi-fidelity (``--rungs`` documents per task, promote ``--promote``).
@@ -284,6 +285,7 @@ def print_zoo(zoo: Zoo, settings: Settings, optimizer: str, modes: list[str], n_
         reach = [documents_to(r["curve"], target) if target is not None else None for r in runs]
         reach_s = statistics.median(d if d is not None else float("inf") for d in reach)
         reach_text = f"{reach_s:.0f} ({reach_s / budget:.2f})" if reach_s != float("inf") else "not reached"
+        reach_text += " [" + ", ".join(f"{d / budget:.2f}" if d is not None else "-" for d in reach) + "]"
         est = [r for r in runs if r["mae"] is not None]
         mae = f"{statistics.median(r['mae'] for r in est):.4f}" if est else "-"
         rho = f"{statistics.median(r['spearman'] for r in est if r['spearman'] is not None):.3f}" if est else "-"

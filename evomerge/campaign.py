@@ -199,7 +199,7 @@ class Loaded:
                 r.min_full,
                 r.refit,
                 self.experiment.seed,
-                r.rule,
+                racing_rule(r, self.directory),
                 racing_estimate(r, self.directory),
                 GAIN if r.gain is None else r.gain,
             )
@@ -450,6 +450,18 @@ def racing_estimate(racing, directory: Path) -> str:
     return Racing.raced_with(Journal(Path(directory) / JOURNAL).header()) or racing.estimate
 
 
+def racing_rule(racing, directory: Path) -> str:
+    """The rule a campaign races with: the experiment's ``racing.rule`` where it names one; otherwise
+    the one its journal was raced with (a campaign raced before ``hypervolume`` became the default
+    resumes on ``dominance``), or the default for a new campaign."""
+    if "rule" in racing.model_fields_set:
+        return racing.rule
+    from evomerge.search.journal import JOURNAL, Journal
+    from evomerge.search.racing import Racing
+
+    return Racing.rule_raced_with(Journal(Path(directory) / JOURNAL).header()) or racing.rule
+
+
 def baseline_recipes(base: str, experts: list[str], seed: int) -> list[tuple[str, object]]:
     """The hand baselines over ``experts`` as (label, Recipe); the uniform average is the experts'
     linear merge at equal weights (the base is not one of its inputs)."""
@@ -671,7 +683,8 @@ def open_tracker(loaded: Loaded, search, tracker):
     params = flatten({"experiment": exp.model_dump(exclude={"output_dir"})})
     if exp.racing is not None:  # the estimate it races with (a campaign raced before the setting: strata)
         params["experiment.racing.estimate"] = racing_estimate(exp.racing, loaded.directory)
-        if exp.racing.rule == "hypervolume":  # the gain it races with
+        params["experiment.racing.rule"] = rule = racing_rule(exp.racing, loaded.directory)
+        if rule == "hypervolume":  # the gain it races with
             from evomerge.search.racing import GAIN
 
             params["experiment.racing.gain"] = str(GAIN if exp.racing.gain is None else exp.racing.gain)

@@ -75,9 +75,9 @@ class RacingConfig(BaseModel):
     """Racing on anchor documents: once ``min_full`` candidates are scored in full, anchor
     documents are chosen per task (``anchors``: a fraction below 1 of each task's search pool, or a
     count) and each new candidate is scored on them first; it is scored in full only when its
-    interval (estimate +- ``z`` errors) leaves it possibly undominated, or when the check draw
-    (``check``: the share of raced candidates also scored in full) picks it. The weights are refitted
-    after every ``refit`` more full results (the anchors stay)."""
+    interval (estimate +- ``z`` errors) leaves it possibly worth it by ``rule``, or when the check
+    draw (``check``: the share of raced candidates also scored in full) picks it. The weights are
+    refitted after every ``refit`` more full results (the anchors stay)."""
 
     model_config = ConfigDict(extra="forbid")
     anchors: float = Field(default=0.1, gt=0)
@@ -89,8 +89,10 @@ class RacingConfig(BaseModel):
     #: optimistic corner), ``mean`` (its mean over the objectives, plus its interval, stays behind
     #: the best mean in full: the pick of ``export --best``; objectives of one direction only) or
     #: ``hypervolume`` (its interval's optimistic corner would add less than ``gain`` of the
-    #: hypervolume of the results in full, from the campaign's reference point).
-    rule: Literal["dominance", "mean", "hypervolume"] = "dominance"
+    #: hypervolume of the results in full, from the campaign's reference point; the default: with
+    #: three or more objectives nearly every candidate is undominated, and ``dominance`` stops almost
+    #: nothing; a campaign raced before this default resumes on the rule its journal names).
+    rule: Literal["dominance", "mean", "hypervolume"] = "hypervolume"
     #: How the anchors estimate a candidate: ``neighbours`` (the candidates scored in full that
     #: agree most with it on the anchors predict its scores on the rest of the pool, and the
     #: anchors correct that prediction) or ``strata`` (the anchors' weighted mean: a campaign begun

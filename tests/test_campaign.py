@@ -988,7 +988,7 @@ def test_baselines_and_multi_fidelity_in_a_campaign(zoo, tmp_path):
 
 def test_racing_on_anchor_documents_in_a_campaign(zoo, tmp_path):
     """After the hand baselines (in full), candidates are raced on 4 anchor documents per task (the
-    hypervolume rule, from the experiment's reference point): the stopped ones cost only
+    default rule, hypervolume, from the experiment's reference point): the stopped ones cost only
     those, the rest are scored in full again; the front holds full results only; MLflow gets the
     estimate's error on the check sample. SIGKILLed once racing has begun and
     resumed, it ends with exactly its budget, each candidate told once and scored as often as its
@@ -1002,7 +1002,7 @@ def test_racing_on_anchor_documents_in_a_campaign(zoo, tmp_path):
         tmp_path,
         zoo,
         seeds={"uniform_average": False, "experts_alone": False, "baselines": True},
-        racing={"anchors": 0.2, "check": 0.2, "z": 1.0, "min_full": 7, "refit": 4, "rule": "hypervolume"},
+        racing={"anchors": 0.2, "check": 0.2, "z": 1.0, "min_full": 7, "refit": 4},  # the default rule
         budget={"max_evaluations": 16},
         optimizer={"name": "random", "options": {}},
     )

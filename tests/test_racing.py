@@ -322,6 +322,29 @@ def test_a_search_raced_before_the_estimate_was_a_setting_resumes_on_the_strata_
     assert racing_estimate(RacingConfig(**settings), newer) == "neighbours"
 
 
+def test_a_search_raced_before_hypervolume_was_the_default_rule_resumes_on_dominance(tmp_path):
+    from evomerge.campaign import racing_rule
+    from evomerge.experiment import RacingConfig
+
+    settings = {"anchors": 0.1, "check": 0.2, "z": 2.0, "min_full": 6, "refit": 5}
+    racing = lambda rule: Racing(**settings, seed=3, rule=rule)  # noqa: E731
+    assert racing_rule(RacingConfig(**settings), tmp_path) == "hypervolume"  # a new campaign: the default
+    Search(genome(), "random", TWO, 5, tmp_path, racing=racing("dominance"))  # its header names no rule
+    with pytest.raises(JournalError, match="different search"):
+        Search(genome(), "random", TWO, 5, tmp_path, racing=racing("hypervolume"))
+    # the experiment (copied before the setting existed) names none: the journal's dominance it is
+    resumed = racing_rule(RacingConfig(**settings), tmp_path)
+    assert resumed == "dominance" and Search(genome(), "random", TWO, 5, tmp_path, racing=racing(resumed))
+    # named in the experiment: as named; a journal raced on the mean rule says so
+    assert racing_rule(RacingConfig(**settings, rule="hypervolume"), tmp_path) == "hypervolume"
+    Search(genome(), "random", TWO, 5, tmp_path / "mean", racing=racing("mean"))
+    assert racing_rule(RacingConfig(**settings), tmp_path / "mean") == "mean"
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / JOURNAL).write_text('{"event": "header"}\n')  # a header without racing: the default
+    assert racing_rule(RacingConfig(**settings), odd) == "hypervolume"
+
+
 def test_the_reference_point_is_fixed_from_the_first_results_in_full_in_the_journals_order(tmp_path):
     """The campaign's hypervolume reference (which the hypervolume rule races from) is the worst of
     the first n results in full in the order they were told, read back alike from the journal: a

@@ -81,6 +81,13 @@ class Racing:
         return out
 
     @staticmethod
+    def rule_raced_with(header: dict | None) -> str | None:
+        """The rule a journal's header says its search raced with (None: not raced): a racing header
+        without one raced on ``dominance`` (its default until ``hypervolume`` became it)."""
+        racing = header.get("racing") if header else None
+        return racing.get("rule", "dominance") if isinstance(racing, dict) else None
+
+    @staticmethod
     def raced_with(header: dict | None) -> str | None:
         """The estimate a journal's header says its search raced with (``header``: its first event;
         None: not raced): a racing header without one was written before ``neighbours`` existed."""
