@@ -207,7 +207,7 @@ BAD = {
         "exp.yaml: racing.estimate: Input should be 'neighbours' or 'strata'",
     ),
     "racing's gain without the hypervolume rule": (
-        {"racing": {"gain": 0.1}},
+        {"racing": {"rule": "dominance", "gain": 0.1}},
         "exp.yaml: racing: gain applies to rule: hypervolume only (this rule is dominance)",
     ),
     "racing on perplexity": (

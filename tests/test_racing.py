@@ -296,53 +296,40 @@ def test_gain_is_a_setting_of_the_hypervolume_rule_only_and_survives_the_experim
         RacingConfig(rule="mean", gain=0.1)
 
 
-def test_a_search_raced_before_the_estimate_was_a_setting_resumes_on_the_strata_estimate(tmp_path):
-    from evomerge.campaign import racing_estimate
+@pytest.mark.parametrize(
+    "key, default, before",
+    [("estimate", "neighbours", "strata"), ("rule", "hypervolume", "dominance")],
+)
+def test_a_search_raced_before_a_default_changed_resumes_on_what_its_journal_raced_with(tmp_path, key, default, before):
+    """``estimate`` (strata before neighbours existed) and ``rule`` (dominance before hypervolume was
+    the default): where the experiment names none, a campaign races as its journal's header says."""
+    from evomerge import campaign
     from evomerge.experiment import RacingConfig
 
+    resolve = getattr(campaign, f"racing_{key}")
     settings = {"anchors": 0.1, "check": 0.2, "z": 2.0, "min_full": 6, "refit": 5}
-    racing = lambda estimate: Racing(**settings, seed=3, estimate=estimate)  # noqa: E731
-    assert racing_estimate(RacingConfig(**settings), tmp_path) == "neighbours"  # a new campaign
-    Search(genome(), "random", TWO, 5, tmp_path, racing=racing("strata"))  # its header names no estimate
+    racing = lambda value: Racing(**settings, seed=3, **{key: value})  # noqa: E731
+    assert resolve(RacingConfig(**settings), tmp_path) == default  # a new campaign
+    Search(genome(), "random", TWO, 5, tmp_path, racing=racing(before))  # its header names none
     with pytest.raises(JournalError, match="different search"):
-        Search(genome(), "random", TWO, 5, tmp_path, racing=racing("neighbours"))
-    # the experiment (copied before the setting existed) names none: the journal's strata it is
-    resumed = racing_estimate(RacingConfig(**settings), tmp_path)
-    assert resumed == "strata" and Search(genome(), "random", TWO, 5, tmp_path, racing=racing(resumed))
+        Search(genome(), "random", TWO, 5, tmp_path, racing=racing(default))
+    # the experiment (copied before the setting existed) names none: the journal's it is
+    resumed = resolve(RacingConfig(**settings), tmp_path)
+    assert resumed == before and Search(genome(), "random", TWO, 5, tmp_path, racing=racing(resumed))
     # named in the experiment: as named (and that journal then refuses it, as above)
-    assert racing_estimate(RacingConfig(**settings, estimate="neighbours"), tmp_path) == "neighbours"
+    assert resolve(RacingConfig(**settings, **{key: default}), tmp_path) == default
     # a journal that is empty, not a header, or a header without racing: the default
     for first in ("", "[1]\n", '{"event": "header"}\n', "{not json\n"):
         odd = tmp_path / f"odd{len(first)}"
         odd.mkdir()
         (odd / JOURNAL).write_text(first)
-        assert racing_estimate(RacingConfig(**settings), odd) == "neighbours"
+        assert resolve(RacingConfig(**settings), odd) == default
     newer = tmp_path / "newer"
-    Search(genome(), "random", TWO, 5, newer, racing=racing("neighbours"))
-    assert racing_estimate(RacingConfig(**settings), newer) == "neighbours"
-
-
-def test_a_search_raced_before_hypervolume_was_the_default_rule_resumes_on_dominance(tmp_path):
-    from evomerge.campaign import racing_rule
-    from evomerge.experiment import RacingConfig
-
-    settings = {"anchors": 0.1, "check": 0.2, "z": 2.0, "min_full": 6, "refit": 5}
-    racing = lambda rule: Racing(**settings, seed=3, rule=rule)  # noqa: E731
-    assert racing_rule(RacingConfig(**settings), tmp_path) == "hypervolume"  # a new campaign: the default
-    Search(genome(), "random", TWO, 5, tmp_path, racing=racing("dominance"))  # its header names no rule
-    with pytest.raises(JournalError, match="different search"):
-        Search(genome(), "random", TWO, 5, tmp_path, racing=racing("hypervolume"))
-    # the experiment (copied before the setting existed) names none: the journal's dominance it is
-    resumed = racing_rule(RacingConfig(**settings), tmp_path)
-    assert resumed == "dominance" and Search(genome(), "random", TWO, 5, tmp_path, racing=racing(resumed))
-    # named in the experiment: as named; a journal raced on the mean rule says so
-    assert racing_rule(RacingConfig(**settings, rule="hypervolume"), tmp_path) == "hypervolume"
-    Search(genome(), "random", TWO, 5, tmp_path / "mean", racing=racing("mean"))
-    assert racing_rule(RacingConfig(**settings), tmp_path / "mean") == "mean"
-    odd = tmp_path / "odd"
-    odd.mkdir()
-    (odd / JOURNAL).write_text('{"event": "header"}\n')  # a header without racing: the default
-    assert racing_rule(RacingConfig(**settings), odd) == "hypervolume"
+    Search(genome(), "random", TWO, 5, newer, racing=racing(default))
+    assert resolve(RacingConfig(**settings), newer) == default
+    if key == "rule":  # a journal raced on the mean rule says so
+        Search(genome(), "random", TWO, 5, tmp_path / "mean", racing=racing("mean"))
+        assert resolve(RacingConfig(**settings), tmp_path / "mean") == "mean"
 
 
 def test_the_reference_point_is_fixed_from_the_first_results_in_full_in_the_journals_order(tmp_path):
