@@ -199,8 +199,8 @@ class Loaded:
                 r.min_full,
                 r.refit,
                 self.experiment.seed,
-                racing_rule(r, self.directory),
-                racing_estimate(r, self.directory),
+                raced_setting(r, self.directory, "rule"),
+                raced_setting(r, self.directory, "estimate"),
                 GAIN if r.gain is None else r.gain,
             )
             if r
@@ -438,28 +438,17 @@ BASELINES = [
 ]
 
 
-def racing_estimate(racing, directory: Path) -> str:
-    """The estimate a campaign races with: the experiment's ``racing.estimate`` where it names one;
-    otherwise the one its journal was raced with (a campaign raced before the estimate was a setting
-    resumes on ``strata``), or the default for a new campaign."""
-    if "estimate" in racing.model_fields_set:
-        return racing.estimate
+def raced_setting(racing, directory: Path, key: str) -> str:
+    """The ``rule`` or ``estimate`` a campaign races with: the experiment's where it names one;
+    otherwise the one its journal was raced with (a campaign raced before ``hypervolume`` and
+    ``neighbours`` became the defaults resumes on ``dominance`` and ``strata``), or the default for
+    a new campaign."""
+    if key in racing.model_fields_set:
+        return getattr(racing, key)
     from evomerge.search.journal import JOURNAL, Journal
     from evomerge.search.racing import Racing
 
-    return Racing.raced_with(Journal(Path(directory) / JOURNAL).header()) or racing.estimate
-
-
-def racing_rule(racing, directory: Path) -> str:
-    """The rule a campaign races with: the experiment's ``racing.rule`` where it names one; otherwise
-    the one its journal was raced with (a campaign raced before ``hypervolume`` became the default
-    resumes on ``dominance``), or the default for a new campaign."""
-    if "rule" in racing.model_fields_set:
-        return racing.rule
-    from evomerge.search.journal import JOURNAL, Journal
-    from evomerge.search.racing import Racing
-
-    return Racing.rule_raced_with(Journal(Path(directory) / JOURNAL).header()) or racing.rule
+    return Racing.raced_with(Journal(Path(directory) / JOURNAL).header(), key) or getattr(racing, key)
 
 
 def baseline_recipes(base: str, experts: list[str], seed: int) -> list[tuple[str, object]]:
@@ -681,9 +670,9 @@ def open_tracker(loaded: Loaded, search, tracker):
     with every candidate told before an interruption but never logged queued for logging."""
     exp = loaded.experiment
     params = flatten({"experiment": exp.model_dump(exclude={"output_dir"})})
-    if exp.racing is not None:  # the estimate it races with (a campaign raced before the setting: strata)
-        params["experiment.racing.estimate"] = racing_estimate(exp.racing, loaded.directory)
-        params["experiment.racing.rule"] = rule = racing_rule(exp.racing, loaded.directory)
+    if exp.racing is not None:  # what it races with, its journal's where the experiment names none
+        params["experiment.racing.estimate"] = raced_setting(exp.racing, loaded.directory, "estimate")
+        params["experiment.racing.rule"] = rule = raced_setting(exp.racing, loaded.directory, "rule")
         if rule == "hypervolume":  # the gain it races with
             from evomerge.search.racing import GAIN
 

@@ -11,7 +11,18 @@ from test_search import TWO, bowl, genome
 
 from evomerge.search.anchors import neighbour_estimate, score_matrix
 from evomerge.search.journal import JOURNAL, JournalError
-from evomerge.search.racing import Racer, Racing, behind, errors, estimate, gain, refit_weights, settle, stopped
+from evomerge.search.racing import (
+    Racer,
+    Racing,
+    behind,
+    errors,
+    estimate,
+    fit_anchors,
+    gain,
+    refit_weights,
+    settle,
+    stopped,
+)
 from evomerge.search.records import DocumentRecords
 from evomerge.search.study import Search
 
@@ -135,6 +146,13 @@ def test_a_raced_search_stops_dominated_candidates_on_their_anchors_and_resumes_
     assert all(e["anchors"] == fits[0]["anchors"] for e in fits)  # anchors fixed, weights refitted
     assert fits[0]["weights"] != fits[-1]["weights"]
     assert {t: len(ids) for t, ids in fits[0]["anchors"]["a"].items()} == {"ta": 4}
+    # the fit on the racer's rows (read once each) is the cluster design on the records' matrix
+    first = {t.id for t in whole.trials[:6]}  # the results in full at the first fit
+    fitted_on = {key: rows for key, rows in records.read().items() if key[0] in first}
+    for objective, tasks in fits[0]["anchors"].items():
+        for task, ids in tasks.items():
+            _, pool, matrix = score_matrix(fitted_on, objective, task, POOL)
+            assert len(matrix) == 6 and fit_anchors(matrix, pool, 4, 3)[0] == ids
     assert sorted(e["id"] for e in events if e["event"] == "tell") == list(range(40))
 
     first_raced = next(i for i, e in enumerate(events) if e["event"] == "anchors")
@@ -306,7 +324,7 @@ def test_a_search_raced_before_a_default_changed_resumes_on_what_its_journal_rac
     from evomerge import campaign
     from evomerge.experiment import RacingConfig
 
-    resolve = getattr(campaign, f"racing_{key}")
+    resolve = lambda racing, directory: campaign.raced_setting(racing, directory, key)  # noqa: E731
     settings = {"anchors": 0.1, "check": 0.2, "z": 2.0, "min_full": 6, "refit": 5}
     racing = lambda value: Racing(**settings, seed=3, **{key: value})  # noqa: E731
     assert resolve(RacingConfig(**settings), tmp_path) == default  # a new campaign

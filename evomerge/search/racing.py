@@ -41,6 +41,9 @@ from evomerge.search.pareto import _as_min, dominates, hypervolume
 #: ``rule: hypervolume``'s least share of the front's hypervolume, where the experiment gives none.
 GAIN = 0.05
 
+#: The values ``Racing.header`` leaves out (journals written before those settings existed raced so).
+UNWRITTEN = {"rule": "dominance", "estimate": "strata"}
+
 #: Raced candidates scored in full whatever their estimate, before the random check share applies:
 #: the interval's measured error needs a few points from the start.
 CHECK_FIRST = 3
@@ -72,27 +75,20 @@ class Racing:
     def header(self) -> dict:
         """What the journal's header records (a search resumed with other settings is refused)."""
         out = {k: getattr(self, k) for k in ("anchors", "check", "z", "min_full", "refit")}
-        if self.rule != "dominance":  # journals written before the rule existed stay readable
-            out["rule"] = self.rule
-        if self.estimate != "strata":  # journals written before the neighbours estimate: strata
-            out["estimate"] = self.estimate
+        for key, unwritten in UNWRITTEN.items():  # journals written before these settings stay readable
+            if getattr(self, key) != unwritten:
+                out[key] = getattr(self, key)
         if self.rule == "hypervolume":
             out["gain"] = self.gain
         return out
 
     @staticmethod
-    def rule_raced_with(header: dict | None) -> str | None:
-        """The rule a journal's header says its search raced with (None: not raced): a racing header
-        without one raced on ``dominance`` (its default until ``hypervolume`` became it)."""
+    def raced_with(header: dict | None, key: str) -> str | None:
+        """The ``rule`` or ``estimate`` a journal's header says its search raced with (``header``: its
+        first event; None: not raced). A racing header without one was written when that setting's
+        value was the one ``header()`` leaves out (:data:`UNWRITTEN`)."""
         racing = header.get("racing") if header else None
-        return racing.get("rule", "dominance") if isinstance(racing, dict) else None
-
-    @staticmethod
-    def raced_with(header: dict | None) -> str | None:
-        """The estimate a journal's header says its search raced with (``header``: its first event;
-        None: not raced): a racing header without one was written before ``neighbours`` existed."""
-        racing = header.get("racing") if header else None
-        return racing.get("estimate", "strata") if isinstance(racing, dict) else None
+        return racing.get(key, UNWRITTEN[key]) if isinstance(racing, dict) else None
 
     def count(self, pool: int) -> int:
         """Anchors for a task of ``pool`` documents (at most the pool)."""
@@ -252,32 +248,40 @@ class Racer:
         return n >= self.first_fit if fitted is None else n >= fitted["fitted"] + self.racing.refit
 
     def maybe_fit(self) -> bool:
-        """Fit (or refit the weights) when due; whether it did."""
+        """Fit (or refit the weights) when due, on the whole-pool rows of the results in full (read
+        from the records' new lines only, as ``references`` reads them); whether it did."""
         if not self.fit_due():
             return False
-        from evomerge.search.anchors import score_matrix
-
+        self._sync()
         full = self._full()
-        ids = {t.id for t in full}
-        records = {key: rows for key, rows in self.records.read().items() if key[0] in ids}
-        tasks: dict[str, set[str]] = {}
-        for rows in records.values():
-            for objective, by_task in rows.items():
-                tasks.setdefault(objective, set()).update(by_task)
+        ids = sorted(t.id for t in full)
         previous = self.search.anchors
         anchors, weights = {}, {}
         for o in self.search.objectives:
-            for task in sorted(tasks.get(o.name, ())):
-                _, pool, matrix = score_matrix(records, o.name, task, self.pools.get(task))
+            for task in sorted(t for objective, t in self._rows if objective == o.name):
+                rows = self._rows[(o.name, task)]
+                found = [rows[i] for i in ids if i in rows]
+                if not found:
+                    continue
+                pool, matrix = self.pools[task], np.stack(found).astype(float)
                 if previous is None:
-                    k = self.racing.count(len(pool))
-                    a, w = fit_anchors(matrix, pool, k, self.racing.seed)
+                    a, w = fit_anchors(matrix, pool, self.racing.count(len(pool)), self.racing.seed)
                 else:
                     a = previous["anchors"][o.name][task]
                     w = refit_weights(matrix, pool, a)
                 anchors.setdefault(o.name, {})[task], weights.setdefault(o.name, {})[task] = a, w
         self.search.set_anchors(anchors, weights, len(full))
         return True
+
+    def _sync(self) -> None:
+        """The records' lines written since the last call, parsed once each: every whole-pool row
+        kept in ``_rows`` (float32; the last line of a trial wins)."""
+        new, self._offset = self.records.read_new(self._offset)
+        for (trial, _rung), scored in new.items():
+            for objective, tasks in scored.items():
+                for task, (ids, values) in tasks.items():
+                    if ids == self.pools.get(task):
+                        self._rows.setdefault((objective, task), {})[trial] = np.asarray(values, np.float32)
 
     def references(self) -> dict[str, dict[str, tuple[list[int], np.ndarray]]]:
         """For the neighbours estimate: objective -> task -> (the pool's ids, the per-document
@@ -288,12 +292,7 @@ class Racer:
         back to the strata's weighted mean."""
         full = self._full()
         if self._references[0] != len(full):
-            new, self._offset = self.records.read_new(self._offset)
-            for (trial, _rung), scored in new.items():
-                for objective, tasks in scored.items():
-                    for task, (ids, values) in tasks.items():
-                        if ids == self.pools.get(task):  # a whole pool (the last line of a trial wins)
-                            self._rows.setdefault((objective, task), {})[trial] = np.asarray(values, np.float32)
+            self._sync()
             ids = sorted(t.id for t in full)
             out: dict[str, dict] = {}
             for objective, tasks in self.search.anchors["anchors"].items():
