@@ -16,6 +16,10 @@ TASKS_DIR = REPO / "evaluators" / "zoo"
 #: Where the session's zoo is cached: the same place `make demo` builds it, so either pays once.
 ZOO_DIR = Path(os.environ.get("EVOMERGE_TEST_ZOO", REPO / ".cache" / "zoo"))
 
+#: The parameter-names cache of every campaign the tests start (their subprocesses inherit it): in
+#: the checkout, not the user's home.
+os.environ.setdefault("EVOMERGE_CACHE", str(REPO / ".cache" / "evomerge"))
+
 environment.configure(offline=True)
 
 

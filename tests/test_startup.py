@@ -104,6 +104,52 @@ def test_a_pool_sizes_pickled_checkpoints_exactly_before_ray_starts(zoo, tmp_pat
     assert pool._inputs.names == exact.names
 
 
+def test_parameter_names_are_kept_per_config_and_transformers_and_read_without_it(zoo, tmp_path, monkeypatch):
+    """The names cache: the list built from the config the first time, read back in a process
+    that then imports neither transformers nor torch; another config is another entry; a damaged
+    entry or an unwritable cache only costs a build; a config naming its own code is not kept."""
+    import json
+    import subprocess
+    import sys
+
+    from evomerge.models.config import _built_names, parameter_names
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EVOMERGE_CACHE", str(cache))
+    built = _built_names(zoo / "base", False)
+    assert "model.embed_tokens.weight" in built and len(built) == len(set(built))
+    assert parameter_names(zoo / "base") == built
+    [entry] = (cache / "parameter-names").iterdir()
+    assert json.loads(entry.read_text()) == built
+    read = (
+        "import json, sys; from evomerge.models.config import parameter_names; "
+        f"names = parameter_names({str(zoo / 'base')!r}); "
+        "print(json.dumps([names, 'transformers' in sys.modules, 'torch' in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout) == [built, False, False]
+    # one layer fewer: another entry, with that layer's names gone
+    smaller = tmp_path / "smaller"
+    smaller.mkdir()
+    config = json.loads((zoo / "base" / "config.json").read_text())
+    last = config["num_hidden_layers"] - 1
+    (smaller / "config.json").write_text(json.dumps({**config, "num_hidden_layers": last}))
+    names = parameter_names(smaller)
+    assert names == [n for n in built if not n.startswith(f"model.layers.{last}.")] != built
+    assert len(list((cache / "parameter-names").iterdir())) == 2
+    entry.write_text('["model.embed_tokens.weight", 3')  # cut short: built again, and kept whole
+    assert parameter_names(zoo / "base") == built and json.loads(entry.read_text()) == built
+    entry.write_text('["model.embed_tokens.weight", 3]')  # not a list of names
+    assert parameter_names(zoo / "base") == built
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "x.Y"}}))
+    assert parameter_names(custom) == built
+    assert len(list((cache / "parameter-names").iterdir())) == 2  # its code could change: not kept
+    monkeypatch.setenv("EVOMERGE_CACHE", str(entry))  # a file where the folder should be
+    assert parameter_names(smaller) == names
+
+
 def _state(model_dir):
     from safetensors.torch import load_file
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from evomerge.models.source import ModelLoadError
+
+#: the cached names' format: a new one never reads an older one's files
+NAMES_FORMAT = b"parameter-names-1"
 
 
 def read_config(model_dir: Path) -> dict:
@@ -21,7 +28,78 @@ def saved_dtype(config: dict) -> str | None:
 
 
 def parameter_names(model_dir: Path, trust_remote_code: bool = False) -> list[str]:
-    """The model's parameter names (tied weights once), from its config on the meta device: no weights."""
+    """The model's parameter names (tied weights once), from its config on the meta device: no weights.
+
+    Kept in the names cache (``names_cache_dir``) under the config's bytes and the installed
+    transformers' version, which are all the list depends on: a later campaign over the same
+    architecture reads it without importing transformers (seconds of a controller's start). A model
+    whose config names its own code (``auto_map``, or ``trust_remote_code``) is built each time:
+    its code can change under the same config."""
+    key = _names_key(Path(model_dir), trust_remote_code)
+    names = _cached_names(key)
+    if names is None:
+        names = _built_names(Path(model_dir), trust_remote_code)
+        _keep_names(key, names)
+    return names
+
+
+def names_cache_dir() -> Path:
+    """Where parameter names are cached: ``$EVOMERGE_CACHE``, else ``$XDG_CACHE_HOME/evomerge``,
+    else ``~/.cache/evomerge``."""
+    if os.environ.get("EVOMERGE_CACHE"):
+        return Path(os.environ["EVOMERGE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "evomerge"
+
+
+def _names_key(model_dir: Path, trust_remote_code: bool) -> str | None:
+    """The cache key of ``model_dir``'s parameter names, or None when they must be built each time
+    (custom code, or a config or transformers that cannot be read: building says why)."""
+    import importlib.metadata
+
+    try:
+        raw = (model_dir / "config.json").read_bytes()
+        if trust_remote_code or "auto_map" in json.loads(raw):
+            return None
+        version = importlib.metadata.version("transformers")
+    except (OSError, ValueError, TypeError, importlib.metadata.PackageNotFoundError):
+        return None
+    return hashlib.sha256(b"%s\0%s\0" % (NAMES_FORMAT, version.encode()) + raw).hexdigest()
+
+
+def _cached_names(key: str | None) -> list[str] | None:
+    """The names kept under ``key``, or None (none kept, or a file that is not a list of names)."""
+    if key is None:
+        return None
+    try:
+        names = json.loads((names_cache_dir() / "parameter-names" / f"{key}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    valid = isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+    return names if valid else None
+
+
+def _keep_names(key: str | None, names: list[str]) -> None:
+    """Write ``names`` under ``key`` whole or not at all (a temporary file renamed over); a cache
+    that cannot be written (a read-only home) is only a slower next start."""
+    if key is None:
+        return
+    folder = names_cache_dir() / "parameter-names"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(names, f)
+        os.replace(temporary, folder / f"{key}.json")
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+
+
+def _built_names(model_dir: Path, trust_remote_code: bool) -> list[str]:
+    """The parameter names of the model that ``model_dir``'s config builds on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
