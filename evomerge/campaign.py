@@ -178,7 +178,7 @@ class Loaded:
     def search(self):
         """The search replayed from the journal; writable only while this process holds the lock."""
         from evomerge.search.fidelity import Fidelity
-        from evomerge.search.racing import GAIN, Racing
+        from evomerge.search.racing import Racing
         from evomerge.search.study import Search
 
         genome = self.checked.genome()
@@ -201,7 +201,7 @@ class Loaded:
                 self.experiment.seed,
                 raced_setting(r, self.directory, "rule"),
                 raced_setting(r, self.directory, "estimate"),
-                GAIN if r.gain is None else r.gain,
+                racing_gain(r),
             )
             if r
             else None,
@@ -451,6 +451,14 @@ def raced_setting(racing, directory: Path, key: str) -> str:
     return Racing.raced_with(Journal(Path(directory) / JOURNAL).header(), key) or getattr(racing, key)
 
 
+def racing_gain(racing) -> float:
+    """The least share of the front's hypervolume the hypervolume rule races with: the experiment's
+    ``racing.gain``, else :data:`evomerge.search.racing.GAIN`."""
+    from evomerge.search.racing import GAIN
+
+    return GAIN if racing.gain is None else racing.gain
+
+
 def baseline_recipes(base: str, experts: list[str], seed: int) -> list[tuple[str, object]]:
     """The hand baselines over ``experts`` as (label, Recipe); the uniform average is the experts'
     linear merge at equal weights (the base is not one of its inputs)."""
@@ -674,9 +682,7 @@ def open_tracker(loaded: Loaded, search, tracker):
         params["experiment.racing.estimate"] = raced_setting(exp.racing, loaded.directory, "estimate")
         params["experiment.racing.rule"] = rule = raced_setting(exp.racing, loaded.directory, "rule")
         if rule == "hypervolume":  # the gain it races with
-            from evomerge.search.racing import GAIN
-
-            params["experiment.racing.gain"] = str(GAIN if exp.racing.gain is None else exp.racing.gain)
+            params["experiment.racing.gain"] = str(racing_gain(exp.racing))
     params.update({f"versions.{k}": v for k, v in loaded.state["versions"].items()})
     parent = tracker.open(
         loaded.state.get("parent_run_id"),
